@@ -1,0 +1,205 @@
+"""``synthetic``: a procedurally generated shape-classification dataset with ground truth
+for explanations. No files, no downloads; the same seed always gives the same images.
+
+Each image shows exactly one *class object* (its class is the label and only its shape tells
+it: colour, size, position and a small rotation are random) on a textured background, among
+*distractor objects* (shapes of no class: bars, elongated ellipses, frames) and small clutter
+(dots, short strokes). The class object is drawn last, so its mask and box are exact. A
+heatmap on the class object is right; on a distractor or the background it is wrong.
+
+Images are made in chunks of :data:`CHUNK` from a generator seeded by (seed, split, chunk),
+so image ``i`` of a split does not depend on how many images the split has.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+CLASS_SHAPES = ("circle", "square", "triangle", "plus", "ring", "diamond", "star", "hexagon",
+                "crescent", "cross", "semicircle", "tee")
+DISTRACTOR_SHAPES = ("bar", "ellipse", "frame")
+SPLITS = {"train": 0, "val": 1, "test": 2}
+CHUNK = 256
+
+
+def _sdf(shape: str, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Signed distance (approximately; negative inside) of ``shape`` in object coordinates
+    where the shape fills about [-1, 1]^2."""
+    r = torch.sqrt(u * u + v * v)
+    if shape == "circle":
+        return r - 0.9
+    if shape == "square":
+        return torch.maximum(u.abs(), v.abs()) - 0.78
+    if shape == "triangle":  # equilateral, flat side up (image y grows down), centroid at 0
+        d = None
+        for ang in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6):
+            e = u * math.cos(ang) + v * math.sin(ang) - 0.5
+            d = e if d is None else torch.maximum(d, e)
+        return d
+    if shape in ("plus", "cross"):
+        if shape == "cross":
+            u, v = (u - v) / math.sqrt(2), (u + v) / math.sqrt(2)
+        a = torch.maximum(u.abs() - 0.28, v.abs() - 0.95)
+        b = torch.maximum(u.abs() - 0.95, v.abs() - 0.28)
+        return torch.minimum(a, b)
+    if shape == "ring":
+        return (r - 0.68).abs() - 0.24
+    if shape == "diamond":
+        return (u.abs() + v.abs() - 1.0) / math.sqrt(2)
+    if shape == "star":
+        a = torch.atan2(v, u) + math.pi / 2
+        spikes = torch.cos(5 * a).clamp_min(0) ** 2
+        return (r - (0.42 + 0.56 * spikes)) * 0.7
+    if shape == "hexagon":
+        d = None
+        for ang in (0.0, math.pi / 3, 2 * math.pi / 3):
+            e = (u * math.cos(ang) + v * math.sin(ang)).abs() - 0.8
+            d = e if d is None else torch.maximum(d, e)
+        return d
+    if shape == "crescent":
+        inner = torch.sqrt((u - 0.45) ** 2 + (v + 0.1) ** 2) - 0.72
+        return torch.maximum(r - 0.92, -inner)
+    if shape == "semicircle":
+        return torch.maximum(torch.sqrt(u * u + (v - 0.35) ** 2) - 0.95, v - 0.35)
+    if shape == "tee":
+        top = torch.maximum(u.abs() - 0.95, (v + 0.65).abs() - 0.25)
+        stem = torch.maximum(u.abs() - 0.25, (v - 0.1).abs() - 0.8)
+        return torch.minimum(top, stem)
+    if shape == "bar":
+        return torch.maximum(u.abs() - 1.0, v.abs() - 0.2)
+    if shape == "ellipse":
+        return (torch.sqrt(u * u + (2.6 * v) ** 2) - 0.95) / 2.6
+    if shape == "frame":
+        box = torch.maximum(u.abs(), v.abs() * 1.6)
+        return (box - 0.8).abs() - 0.12
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def _rand(gen: torch.Generator, *shape, lo=0.0, hi=1.0) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(*shape, generator=gen)
+
+
+def _draw(canvas, shape_ids, names, cx, cy, half, angle, color, S, gen):
+    """Composite one object per image onto ``canvas`` [N,3,S,S]; returns the coverage [N,S,S].
+
+    Objects of each shape are evaluated together (vectorised over the images that have it).
+    """
+    n = canvas.shape[0]
+    coords = torch.arange(S, dtype=torch.float32) + 0.5
+    cover = torch.zeros(n, S, S)
+    for sid, name in enumerate(names):
+        idx = (shape_ids == sid).nonzero().flatten()
+        if idx.numel() == 0:
+            continue
+        dx = coords[None, None, :] - cx[idx, None, None]
+        dy = coords[None, :, None] - cy[idx, None, None]
+        c, s = torch.cos(angle[idx])[:, None, None], torch.sin(angle[idx])[:, None, None]
+        u = (c * dx + s * dy) / half[idx, None, None]
+        v = (-s * dx + c * dy) / half[idx, None, None]
+        d = _sdf(name, u, v) * half[idx, None, None]  # back to pixels: one-pixel soft edge
+        cover[idx] = (0.5 - d).clamp(0, 1)
+    shade = 1 + 0.08 * torch.randn(n, 1, S, S, generator=gen)
+    fill = (color[:, :, None, None] * shade).clamp(0, 1)
+    canvas.mul_(1 - cover[:, None]).add_(cover[:, None] * fill)
+    return cover
+
+
+def _background(n: int, S: int, gen: torch.Generator) -> torch.Tensor:
+    """Textured backgrounds [n,3,S,S]: two colours mixed by oriented stripes and a smooth
+    random field, plus grain."""
+    c1 = _rand(gen, n, 3, 1, 1)
+    c2 = _rand(gen, n, 3, 1, 1)
+    yy, xx = torch.meshgrid(torch.arange(S, dtype=torch.float32), torch.arange(S, dtype=torch.float32),
+                            indexing="ij")
+    theta = _rand(gen, n, 1, 1, hi=math.pi)
+    freq = _rand(gen, n, 1, 1, lo=0.05, hi=0.6)
+    phase = _rand(gen, n, 1, 1, hi=2 * math.pi)
+    stripes = 0.5 + 0.5 * torch.sin(freq * (xx * torch.cos(theta) + yy * torch.sin(theta)) + phase)
+    field = torch.nn.functional.interpolate(torch.rand(n, 1, 5, 5, generator=gen), size=(S, S),
+                                            mode="bicubic", align_corners=False)[:, 0]
+    mix = _rand(gen, n, 1, 1)
+    t = (mix * stripes + (1 - mix) * field).clamp(0, 1)[:, None]
+    bg = c1 * (1 - t) + c2 * t
+    return (bg + 0.04 * torch.randn(n, 3, S, S, generator=gen)).clamp(0, 1)
+
+
+def _contrasting(bg_mean: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random colours at least 0.35 (max channel difference) away from ``bg_mean`` [n,3]."""
+    col = _rand(gen, *bg_mean.shape)
+    far = (col - bg_mean).abs().amax(1) >= 0.35
+    flipped = torch.where(bg_mean > 0.5, col * 0.45, 0.55 + col * 0.45)
+    return torch.where(far[:, None], col, flipped)
+
+
+def generate_chunk(seed: int, split: str, chunk: int, *, num_classes: int = 10, image_size: int = 64,
+                   n: int = CHUNK):
+    """``n`` images of one chunk: uint8 images [n,3,S,S], labels [n], boxes [n,4] as
+    (x0, y0, x1, y1) pixel edges, object masks [n,S,S] bool."""
+    if not 2 <= num_classes <= len(CLASS_SHAPES):
+        raise ValueError(f"num_classes must be in [2, {len(CLASS_SHAPES)}], got {num_classes}")
+    if image_size < 24:
+        raise ValueError(f"image_size must be >= 24 pixels, got {image_size}")
+    S = image_size
+    gen = torch.Generator().manual_seed((seed * 7919 + SPLITS[split]) * 1_000_003 + chunk)
+    canvas = _background(n, S, gen)
+    bg_mean = canvas.mean((2, 3))
+    # clutter: small dots and strokes
+    for _ in range(int(torch.randint(4, 9, (1,), generator=gen))):
+        kind = torch.randint(0, 2, (n,), generator=gen)
+        half = _rand(gen, n, lo=0.025, hi=0.05) * S
+        _draw(canvas, kind, ("circle", "bar"), _rand(gen, n, hi=S), _rand(gen, n, hi=S), half,
+              _rand(gen, n, hi=math.pi), _rand(gen, n, 3), S, gen)
+    # distractor objects of no class
+    for _ in range(int(torch.randint(2, 4, (1,), generator=gen))):
+        kind = torch.randint(0, len(DISTRACTOR_SHAPES), (n,), generator=gen)
+        half = _rand(gen, n, lo=0.09, hi=0.2) * S
+        _draw(canvas, kind, DISTRACTOR_SHAPES, _rand(gen, n, lo=0.1, hi=0.9) * S,
+              _rand(gen, n, lo=0.1, hi=0.9) * S, half, _rand(gen, n, hi=math.pi),
+              _contrasting(bg_mean, gen), S, gen)
+    # the class object, on top
+    labels = torch.randint(0, num_classes, (n,), generator=gen)
+    half = _rand(gen, n, lo=0.14, hi=0.28) * S
+    cx = half + _rand(gen, n) * (S - 2 * half)
+    cy = half + _rand(gen, n) * (S - 2 * half)
+    angle = _rand(gen, n, lo=-0.3, hi=0.3)
+    cover = _draw(canvas, labels, CLASS_SHAPES[:num_classes], cx, cy, half, angle,
+                  _contrasting(bg_mean, gen), S, gen)
+    masks = cover > 0.5
+    rows, cols = masks.any(2), masks.any(1)
+    ar = torch.arange(S)
+    y0 = torch.where(rows, ar, S).amin(1)
+    y1 = torch.where(rows, ar + 1, 0).amax(1)
+    x0 = torch.where(cols, ar, S).amin(1)
+    x1 = torch.where(cols, ar + 1, 0).amax(1)
+    boxes = torch.stack([x0, y0, x1, y1], 1).float()
+    images = (canvas * 255).round().to(torch.uint8)
+    return images, labels, boxes, masks
+
+
+class SyntheticShapes(torch.utils.data.Dataset):
+    """One split of the synthetic dataset, held in memory.
+
+    ``dataset[i]`` is ``(image uint8 [3,S,S], label)``; ``boxes`` [N,1,4] (x0, y0, x1, y1)
+    and ``masks`` [N,S,S] are the ground truth of the explanation metrics.
+    """
+
+    def __init__(self, split: str = "train", size: int = 5000, *, seed: int = 0, num_classes: int = 10,
+                 image_size: int = 64):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
+        if size < 1:
+            raise ValueError(f"a split needs at least one image, got size={size}")
+        parts = [generate_chunk(seed, split, c, num_classes=num_classes, image_size=image_size)
+                 for c in range(math.ceil(size / CHUNK))]
+        images, labels, boxes, masks = (torch.cat(p)[:size] for p in zip(*parts))
+        self.images, self.labels, self.masks = images, labels, masks
+        self.boxes = boxes[:, None]
+        self.classes = list(CLASS_SHAPES[:num_classes])
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def __getitem__(self, i: int):
+        return self.images[i], self.labels[i]

@@ -1,0 +1,66 @@
+"""The CGC loss: the heatmap of an augmented image must match the augmented heatmap of the
+original image better than it matches the other images' heatmaps (InfoNCE), or simply match
+it (the MSE ablation)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import ops
+from .transforms import identity_theta
+
+KINDS = ("infonce", "mse")
+HEATMAP_EPS = 1e-8  # the recipe's guard: an all-zero heatmap still has a direction
+
+
+class CGCLoss(nn.Module):
+    """Contrastive Grad-CAM consistency between ``cam_orig`` and ``cam_aug`` [B,h,w].
+
+    ``theta`` [B,2,3] is the crop/flip map that made the augmented image from the original
+    (:mod:`cgc.transforms`). Both heatmaps are resized to ``heatmap_size`` (the anchor ``q``
+    with an identity warp, the positive ``p`` with ``theta``: crop, resize and flip of the
+    original heatmap), sum-normalised with a small epsilon, flattened and compared:
+
+    - ``kind="infonce"``: :func:`cgc.ops.info_nce` with ``temperature``; the negatives of
+      ``q_b`` are the other augmented heatmaps of the batch (needs B >= 2);
+    - ``kind="mse"``: mean over the batch of ``||q_b/|q_b| - p_b/|p_b| ||^2`` (= 2 - 2 cos),
+      no negatives.
+    """
+
+    def __init__(self, temperature: float = 0.5, heatmap_size: int | tuple[int, int] = 224,
+                 kind: str = "infonce", backend: str | None = None):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+        self.heatmap_size = heatmap_size
+        self.kind = kind
+        self.backend = backend
+
+    def pair(self, cam_orig: torch.Tensor, cam_aug: torch.Tensor, theta: torch.Tensor):
+        """The flattened anchors ``q`` (augmented view) and positives ``p`` [B, S*S]."""
+        if cam_orig.dim() != 3 or cam_orig.shape != cam_aug.shape:
+            raise ValueError(f"cam_orig and cam_aug must both be [B,h,w], got "
+                             f"{tuple(cam_orig.shape)} and {tuple(cam_aug.shape)}")
+        b = cam_orig.shape[0]
+        ident = identity_theta(b, cam_aug.device, theta.dtype)
+        q = ops.affine_warp(cam_aug[:, None], ident, self.heatmap_size, padding_mode="border",
+                            backend=self.backend).flatten(1)
+        p = ops.affine_warp(cam_orig[:, None], theta, self.heatmap_size, padding_mode="border",
+                            backend=self.backend).flatten(1)
+        q = q / (q.sum(1, keepdim=True) + HEATMAP_EPS) + HEATMAP_EPS
+        p = p / (p.sum(1, keepdim=True) + HEATMAP_EPS) + HEATMAP_EPS
+        return q, p
+
+    def forward(self, cam_orig: torch.Tensor, cam_aug: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        q, p = self.pair(cam_orig, cam_aug, theta)
+        if self.kind == "infonce":
+            return ops.info_nce(q, p, self.temperature, backend=self.backend)
+        qn = q / q.norm(dim=1, keepdim=True)
+        pn = p / p.norm(dim=1, keepdim=True)
+        return (qn - pn).pow(2).sum(1).mean()
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, temperature={self.temperature}, heatmap_size={self.heatmap_size}"

@@ -1,0 +1,152 @@
+"""Model factory: a compact CNN that trains on a CPU in minutes, or any torchvision classifier
+by name, with the classifier head sized for the dataset and optional weights.
+
+Order matters and is fixed here: build -> load ImageNet/local weights -> replace the head for
+the dataset's classes. The training script builds the optimizer and restores checkpoints only
+after :func:`build_model` returns, so the new head is trained and a resumed head is kept (the
+reference script got both wrong).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+COMPACT = "compact"
+
+
+def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+
+class CompactCNN(nn.Module):
+    """Six 3x3 conv-BN-ReLU layers (stride 8 overall), global average pooling, linear head.
+
+    ``features`` is the last convolutional stage (the Grad-CAM layer): at 64 px input it is an
+    8x8 map, so heatmaps have enough resolution to be right or wrong about a small object.
+    Global pooling + linear head make pooled and element-wise Grad-CAM coincide, as for ResNet.
+    """
+
+    def __init__(self, num_classes: int = 10, width: int = 32):
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(_conv_bn(3, w // 2), _conv_bn(w // 2, w, 2))
+        self.stage2 = nn.Sequential(_conv_bn(w, 2 * w, 2), _conv_bn(2 * w, 2 * w))
+        self.features = nn.Sequential(_conv_bn(2 * w, 4 * w, 2), _conv_bn(4 * w, 4 * w))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4 * w, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(self.stage2(self.stem(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def list_architectures() -> list[str]:
+    """Names accepted by :func:`build_model`."""
+    import torchvision
+
+    return [COMPACT] + sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def classifier_head(model: nn.Module) -> tuple[str, nn.Module]:
+    """``(dotted name, module)`` of the final classification layer: the last ``nn.Linear``
+    (or 1x1 ``nn.Conv2d`` for SqueezeNet-style heads) in module order."""
+    head = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1)
+                                             and name.startswith("classifier")):
+            head = (name, module)
+    if head is None:
+        raise ValueError(f"cannot find a classifier head (nn.Linear) in {type(model).__name__}")
+    return head
+
+
+def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
+    """Swap the classifier head for a freshly initialised one with ``num_classes`` outputs
+    (kept when it already has that many)."""
+    name, old = classifier_head(model)
+    out = old.out_features if isinstance(old, nn.Linear) else old.out_channels
+    if out == num_classes:
+        return model
+    if isinstance(old, nn.Linear):
+        new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+    else:
+        new = nn.Conv2d(old.in_channels, num_classes, 1)
+    new = new.to(device=old.weight.device, dtype=old.weight.dtype)
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)
+    return model
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a local file: a plain state dict, or a cgc checkpoint (its
+    ``model``), or a ``{"state_dict": ...}`` wrapper; loaded with ``weights_only=True``.
+    A ``module.`` prefix (DataParallel) is stripped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same to the user
+        raise ValueError(f"cannot read weights from {path}: {err}") from err
+    for key in ("model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def build_model(arch: str, num_classes: int, *, pretrained: bool = False,
+                weights: str | Path | None = None) -> nn.Module:
+    """A classifier with ``num_classes`` outputs.
+
+    ``arch`` is ``compact`` or any torchvision classification model name. ``pretrained``
+    loads torchvision's default weights (downloaded by torchvision; needs the internet or a
+    filled cache). ``weights`` loads a local state dict, whose head may have the
+    architecture's original class count (then it is replaced) or ``num_classes``.
+    """
+    if pretrained and weights:
+        raise ValueError("use either --pretrained or --weights, not both")
+    if arch == COMPACT:
+        if pretrained:
+            raise ValueError("the compact model has no pretrained weights; use --weights PATH")
+        model: nn.Module = CompactCNN(num_classes)
+    else:
+        import torchvision
+
+        if arch not in torchvision.models.list_models(module=torchvision.models):
+            raise ValueError(f"unknown architecture {arch!r}; choose one of {list_architectures()}")
+        tv_weights = None
+        if pretrained:
+            tv_weights = torchvision.models.get_model_weights(arch).DEFAULT
+            try:
+                model = torchvision.models.get_model(arch, weights=tv_weights)
+            except Exception as err:  # noqa: BLE001 - network/cache failures come in many types
+                raise RuntimeError(
+                    f"could not fetch torchvision's pretrained weights for {arch} ({err}). Download "
+                    f"them where the internet works ({tv_weights.url}) and pass --weights PATH") from err
+        else:
+            model = torchvision.models.get_model(arch)
+    if weights is not None:
+        state = load_state_dict_file(weights)
+        head_name, _ = classifier_head(model)
+        head_w = state.get(f"{head_name}.weight")
+        if head_w is not None and head_w.shape[0] == num_classes:
+            replace_head(model, num_classes)
+        _load(model, state, weights)
+    return replace_head(model, num_classes)
+
+
+def _load(model: nn.Module, state: dict, source) -> None:
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(f"weights in {source} do not fit {type(model).__name__}: {err}") from err
+    if missing or unexpected:
+        raise ValueError(f"weights in {source} do not fit {type(model).__name__}: "
+                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                         f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")

@@ -1,0 +1,191 @@
+"""The three differentiable primitives of CGC and the choice of backend that computes them.
+
+``gradcam``, ``affine_warp`` and ``info_nce`` validate their inputs here, once, and hand them
+to a backend (contracts: ``shared/docs/DESIGN.md``):
+
+- ``reference``: pure PyTorch (:mod:`cgc.ops.reference`), always available, the test oracle;
+- ``native``: the compiled extension ``cgc._C`` (:mod:`cgc.ops.native`), when it is built;
+- ``triton``: Triton kernels (:mod:`cgc.ops.triton`), on CUDA tensors or under
+  ``TRITON_INTERPRET=1``.
+
+``backend=None`` reads ``CGC_BACKEND`` (default ``auto``). ``auto`` picks the fastest
+available backend for the op and device (see :func:`auto_order`) and falls back to the
+reference, so a package without its extension still works.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import os
+from types import ModuleType
+from typing import Sequence
+
+import torch
+
+from . import reference
+
+BACKENDS = ("reference", "native", "triton")
+PADDING_MODES = ("zeros", "border")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend was asked for by name but cannot run here (not built, no device, ...)."""
+
+
+def _module(name: str) -> ModuleType:
+    if name == "reference":
+        return reference
+    try:
+        mod = importlib.import_module(f"cgc.ops.{name}")
+    except ImportError as err:
+        raise BackendUnavailable(f"backend {name!r} is not available: {err}") from err
+    why = mod.unavailable_reason()
+    if why:
+        raise BackendUnavailable(f"backend {name!r} is not available: {why}")
+    return mod
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that can run in this process."""
+    names = []
+    for name in BACKENDS:
+        try:
+            _module(name)
+        except BackendUnavailable:
+            continue
+        names.append(name)
+    return names
+
+
+def auto_order(op: str, device: torch.device) -> Sequence[str]:
+    """Preference of ``auto`` for one op on one device, fastest first (measured in
+    ``benchmarks/``; the reference is last so that it is always the fallback)."""
+    if device.type == "cuda":
+        return ("native", "triton", "reference")
+    return ("native", "reference")
+
+
+def _resolve(backend: str | None, op: str, device: torch.device) -> ModuleType:
+    name = backend if backend is not None else os.environ.get("CGC_BACKEND", "auto")
+    if name == "auto":
+        for candidate in auto_order(op, device):
+            try:
+                mod = _module(candidate)
+            except BackendUnavailable:
+                continue
+            if mod is reference or mod.supports(device):
+                return mod
+        return reference
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + BACKENDS}")
+    mod = _module(name)
+    if mod is not reference and not mod.supports(device):
+        raise BackendUnavailable(f"backend {name!r} cannot run {op} on device {device}")
+    return mod
+
+
+# ----------------------------------------------------------------------------- validation
+def _tensor(x, name: str, dims: int, op: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != dims:
+        raise ValueError(f"{op}: {name} must be {dims}-D, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a floating-point tensor, got {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"{op}: {name} is empty (shape {tuple(x.shape)}); an empty batch has "
+                         "nothing to compute")
+    return x
+
+
+def _same(a: torch.Tensor, b: torch.Tensor, names: str, op: str, dtype: bool = True) -> None:
+    if a.device != b.device:
+        raise ValueError(f"{op}: {names} are on different devices ({a.device} vs {b.device})")
+    if dtype and a.dtype != b.dtype:
+        raise TypeError(f"{op}: {names} have different dtypes ({a.dtype} vs {b.dtype})")
+
+
+def _size(size, op: str) -> tuple[int, int]:
+    if isinstance(size, int):
+        size = (size, size)
+    try:
+        h, w = (int(s) for s in size)
+    except (TypeError, ValueError):
+        raise ValueError(f"{op}: size must be an int or a pair (h, w), got {size!r}") from None
+    if h <= 0 or w <= 0:
+        raise ValueError(f"{op}: size must be positive, got {(h, w)}")
+    return h, w
+
+
+# ----------------------------------------------------------------------------- public ops
+def gradcam(activations: torch.Tensor, gradients: torch.Tensor, *, pool: bool = True,
+            backend: str | None = None) -> torch.Tensor:
+    """Grad-CAM map ``relu(sum_k w_k * A_k)`` of activations ``A`` [B,K,H,W] -> [B,H,W].
+
+    ``gradients`` is either ``d score / d A`` [B,K,H,W] (weights ``w`` = its spatial mean when
+    ``pool``, classic Grad-CAM; the gradients themselves when not, the element-wise variant
+    of the CGC recipe) or ready channel weights [B,K]. Differentiable in both inputs.
+    """
+    op = "gradcam"
+    _tensor(activations, "activations", 4, op)
+    if not isinstance(gradients, torch.Tensor) or gradients.dim() not in (2, 4):
+        raise ValueError(f"{op}: gradients must be a [B,K,H,W] or [B,K] tensor, got "
+                         f"{getattr(gradients, 'shape', type(gradients).__name__)}")
+    _tensor(gradients, "gradients", gradients.dim(), op)
+    expect = activations.shape if gradients.dim() == 4 else activations.shape[:2]
+    if gradients.shape != expect:
+        raise ValueError(f"{op}: gradients shape {tuple(gradients.shape)} does not match "
+                         f"activations {tuple(activations.shape)} (expected {tuple(expect)})")
+    _same(activations, gradients, "activations and gradients", op)
+    return _resolve(backend, op, activations.device).gradcam(activations, gradients, bool(pool))
+
+
+def affine_warp(input: torch.Tensor, theta: torch.Tensor, size, *, padding_mode: str = "zeros",
+                backend: str | None = None) -> torch.Tensor:
+    """Bilinearly resample ``input`` [B,C,H,W] on the affine grid ``theta`` [B,2,3] of an
+    output of ``size`` (int or (h, w)); equals ``F.grid_sample(input, F.affine_grid(theta,
+    (B,C,h,w), align_corners=False), align_corners=False, padding_mode=padding_mode)``.
+
+    ``theta`` maps output to input coordinates, both normalised to [-1, 1]; it is data
+    (not differentiated). Identity theta with ``padding_mode="border"`` is bilinear resizing.
+    """
+    op = "affine_warp"
+    _tensor(input, "input", 4, op)
+    if not isinstance(theta, torch.Tensor) or theta.dim() != 3 or theta.shape[1:] != (2, 3):
+        raise ValueError(f"{op}: theta must be a [B,2,3] tensor, got "
+                         f"{tuple(theta.shape) if isinstance(theta, torch.Tensor) else type(theta).__name__}")
+    _tensor(theta, "theta", 3, op)
+    if theta.shape[0] != input.shape[0]:
+        raise ValueError(f"{op}: theta has {theta.shape[0]} rows for a batch of {input.shape[0]}")
+    _same(input, theta, "input and theta", op, dtype=False)
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"{op}: padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+    h, w = _size(size, op)
+    return _resolve(backend, op, input.device).affine_warp(input, theta.detach(), (h, w), padding_mode)
+
+
+def info_nce(anchors: torch.Tensor, positives: torch.Tensor, temperature: float = 0.5, *,
+             reduction: str = "mean", backend: str | None = None) -> torch.Tensor:
+    """InfoNCE of anchors [B,D] against their positives [B,D], the other anchors being the
+    negatives; rows are L2-normalised first. Needs B >= 2 (one negative at least)."""
+    op = "info_nce"
+    _tensor(anchors, "anchors", 2, op)
+    _tensor(positives, "positives", 2, op)
+    if anchors.shape != positives.shape:
+        raise ValueError(f"{op}: anchors {tuple(anchors.shape)} and positives "
+                         f"{tuple(positives.shape)} must have the same shape")
+    if anchors.shape[0] < 2:
+        raise ValueError(f"{op}: needs a batch of at least 2 (the other rows are the negatives), "
+                         f"got B={anchors.shape[0]}")
+    _same(anchors, positives, "anchors and positives", op)
+    t = float(temperature)
+    if not (t > 0 and math.isfinite(t)):
+        raise ValueError(f"{op}: temperature must be a finite number > 0, got {temperature!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return _resolve(backend, op, anchors.device).info_nce(anchors, positives, t, reduction)
+
+
+__all__ = ["gradcam", "affine_warp", "info_nce", "available_backends", "auto_order",
+           "BackendUnavailable", "BACKENDS"]

@@ -1,0 +1,301 @@
+"""``python -m cgc.train``: train a classifier with the CGC loss (or the CE / MSE baselines).
+
+One step, following METHOD.md and DESIGN.md: the loader gives the original view ``x``; on the
+device a random crop/flip ``theta`` makes ``x_aug`` and an independent one makes ``x_ce``.
+The three views go through the model in one batch; CE on all three; Grad-CAM (target = class
+predicted on ``x``) of ``x`` and ``x_aug`` with ``create_graph=True``; ``lambda * CGC`` of the
+two heatmaps. Every epoch: validation top-1/top-5, a JSONL log line, atomic checkpoints
+(``last.pt``, ``best.pt``). At the end: ``metrics.json``, a table, overlay and curve PNGs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint, data, metrics, transforms, viz
+from .cam import GradCAM, resize_heatmaps
+from .losses import CGCLoss
+from .models import build_model
+from .progress import Progress
+
+LOSSES = ("cgc", "mse", "ce")
+SCHEDULES = ("cosine", "step", "constant")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m cgc.train", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="synthetic", choices=data.DATASETS)
+    g.add_argument("--image-size", type=int, default=None, help="input size (default: the dataset's, 64 for synthetic)")
+    g.add_argument("--train-size", type=int, default=6000, help="synthetic: training images")
+    g.add_argument("--val-size", type=int, default=1000, help="synthetic: validation images")
+    g.add_argument("--num-classes", type=int, default=10, help="synthetic: number of classes (2-12)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="loader worker processes (default: 0 for in-memory datasets, else 4)")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default="compact", help="'compact' or a torchvision model name (resnet18, ...)")
+    g.add_argument("--pretrained", action="store_true", help="torchvision's ImageNet weights (needs internet)")
+    g.add_argument("--weights", default=None, help="local state dict to start from")
+    g.add_argument("--target-layer", default=None, help="Grad-CAM layer (dotted name; default: last conv stage)")
+    g.add_argument("--cam-weighting", default="elementwise", choices=("elementwise", "pooled"),
+                   help="gradient x activation element-wise (the CGC recipe) or classic pooled weights")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=8)
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--lr", type=float, default=0.05)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--schedule", default="cosine", choices=SCHEDULES,
+                   help="cosine: per step to 0; step: x lr-gamma every lr-step epochs")
+    g.add_argument("--lr-step", type=int, default=30)
+    g.add_argument("--lr-gamma", type=float, default=0.1)
+    g.add_argument("--warmup-epochs", type=float, default=0.5)
+    g = p.add_argument_group("CGC")
+    g.add_argument("--loss", default="cgc", choices=LOSSES,
+                   help="cgc: CE + lambda*InfoNCE; mse: CE + lambda*MSE (no negatives); ce: CE only")
+    g.add_argument("--lambda", dest="lam", type=float, default=0.5, help="weight of the CGC term")
+    g.add_argument("--temperature", type=float, default=0.5)
+    g.add_argument("--heatmap-size", type=int, default=None, help="heatmap resolution (default: image size)")
+    g.add_argument("--crop-scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
+                   help="area range of the x_aug crop")
+    g.add_argument("--ce-crop-scale", type=float, nargs=2, default=(0.25, 1.0), metavar=("MIN", "MAX"),
+                   help="area range of the x_ce crop")
+    g.add_argument("--backend", default=None, help="ops backend (default: $CGC_BACKEND or auto)")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    g.add_argument("--out", default="runs/cgc", help="output folder")
+    g.add_argument("--resume", default=None, help="checkpoint file or run folder to continue from")
+    g.add_argument("--overlays", type=int, default=16, help="val images in the overlay PNG")
+    args = p.parse_args(argv)
+    for name in ("epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.loss != "ce" and args.batch_size < 2:
+        p.error("--batch-size must be >= 2 for the CGC loss (the other images are the negatives)")
+    if not args.lr > 0 or not args.temperature > 0:
+        p.error("--lr and --temperature must be > 0")
+    return args
+
+
+def lr_at(args, epoch: int, step: int, steps_per_epoch: int) -> float:
+    """Learning rate at a step: linear warm-up, then the schedule; a pure function of the
+    position, so a resumed run follows exactly the same schedule."""
+    t = epoch + step / steps_per_epoch
+    if t < args.warmup_epochs:
+        return args.lr * (t + 1 / steps_per_epoch) / args.warmup_epochs
+    if args.schedule == "cosine":
+        span = max(args.epochs - args.warmup_epochs, 1e-8)
+        return 0.5 * args.lr * (1 + math.cos(math.pi * min((t - args.warmup_epochs) / span, 1.0)))
+    if args.schedule == "step":
+        return args.lr * args.lr_gamma ** (epoch // args.lr_step)
+    return args.lr
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {name} but no CUDA device is visible")
+    return dev
+
+
+def make_loader(dataset, args, bundle, *, shuffle: bool, epoch: int = 0):
+    """Batches of ``(uint8 images, labels)``; the shuffle order depends only on (seed, epoch)."""
+    workers = args.workers if args.workers is not None else (0 if bundle.in_memory else 4)
+    gen = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, shuffle=shuffle, generator=gen if shuffle else None,
+        num_workers=workers, pin_memory=torch.cuda.is_available(), drop_last=shuffle,
+        persistent_workers=False)
+
+
+def train_step(model, cam: GradCAM, loss_fn: CGCLoss | None, x: torch.Tensor, y: torch.Tensor, args):
+    """Losses of one batch (three views; CE on each; lambda * CGC between x and x_aug)."""
+    B, _, H, W = x.shape
+    aug = transforms.random_crop_flip(B, H, W, scale=tuple(args.crop_scale), device=x.device)
+    ce_view = transforms.random_crop_flip(B, H, W, scale=tuple(args.ce_crop_scale), device=x.device)
+    theta = aug.theta()
+    x_aug = transforms.apply(x, theta, backend=args.backend)
+    x_ce = transforms.apply(x, ce_view.theta(), backend=args.backend)
+    logits, acts = cam.forward(torch.cat([x_ce, x, x_aug]))
+    ce = sum(F.cross_entropy(logits[k * B:(k + 1) * B], y) for k in range(3))
+    out = {"ce": ce}
+    total = ce
+    if loss_fn is not None:
+        target = logits[B:2 * B].detach().argmax(1)
+        cams = cam.heatmaps(logits, acts, target.repeat(2), rows=slice(B, 3 * B), create_graph=True)
+        cgc = loss_fn(cams[:B], cams[B:], theta)
+        out["cgc"] = cgc
+        total = total + args.lam * cgc
+    out["loss"] = total
+    out["top1"] = (logits[B:2 * B].detach().argmax(1) == y).float().mean()
+    return out
+
+
+@torch.no_grad()
+def validate(model, loader, device) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (%) in eval mode."""
+    counts, n = {1: 0, 5: 0}, 0
+    with metrics.eval_mode(model):
+        for x, y in loader:
+            x, y = data.normalize(x.to(device, non_blocking=True)), y.to(device)
+            for k, c in metrics.topk_correct(model(x), y).items():
+                counts[k] += c
+            n += y.shape[0]
+    return {"val_top1": 100 * counts[1] / n, "val_top5": 100 * counts[5] / n}
+
+
+def explanation_metrics(model, cam: GradCAM, dataset, device, args, batch_size: int = 128) -> dict:
+    """Content heatmap (ground-truth class, energy in the boxes) and consistency under random
+    crops/flips (fixed seed, the training crop distribution), means over ``dataset``."""
+    gen = torch.Generator().manual_seed(12345)
+    ch, cos, iou = [], [], []
+    with metrics.eval_mode(model):
+        for images, labels, boxes in data.annotated_batches(dataset, batch_size):
+            x = data.normalize(images.to(device))
+            size = tuple(x.shape[-2:])
+            out = cam(x, labels.to(device))
+            hm = resize_heatmaps(out.cams, size)
+            ch.append(metrics.content_heatmap(hm, metrics.box_region(boxes.to(device), size)))
+            tf = transforms.random_crop_flip(x.shape[0], *size, scale=tuple(args.crop_scale), generator=gen)
+            c, i = metrics.consistency(cam, x, tf.theta().to(device))
+            cos.append(c)
+            iou.append(i)
+    return {"content_heatmap": torch.cat(ch).mean().item(), "consistency": torch.cat(cos).mean().item(),
+            "consistency_iou": torch.cat(iou).mean().item()}
+
+
+def save_overlays(path, model, cam, dataset, device, n: int, classes) -> None:
+    """PNG of the first ``n`` val images: image and Grad-CAM of the predicted class."""
+    images, labels, boxes = next(data.annotated_batches(dataset, n))
+    with metrics.eval_mode(model):
+        x = data.normalize(images.to(device))
+        out = cam(x)
+        hm = resize_heatmaps(out.cams, tuple(x.shape[-2:])).cpu()
+    pred = out.targets.cpu()
+    captions = [f"{classes[int(l)]} -> {classes[int(p)]}" for l, p in zip(labels, pred)]
+    viz.save_overlay_grid(path, images.float() / 255, [hm], ["Grad-CAM (predicted class)"],
+                          boxes=boxes, captions=captions)
+
+
+def print_table(rows: dict[str, float], stream=sys.stdout) -> None:
+    width = max(len(k) for k in rows)
+    line = "+" + "-" * (width + 2) + "+" + "-" * 12 + "+"
+    print(line, file=stream)
+    for k, v in rows.items():
+        print(f"| {k:<{width}} | {v:>10.3f} |", file=stream)
+    print(line, file=stream)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+
+    bundle = data.build(args.dataset, seed=args.seed, image_size=args.image_size,
+                        train_size=args.train_size, val_size=args.val_size, num_classes=args.num_classes)
+    model = build_model(args.arch, len(bundle.classes), pretrained=args.pretrained,
+                        weights=args.weights).to(device)
+    # optimizer and checkpoint only after the head has the dataset's class count
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, momentum=args.momentum)
+    start_epoch, best, history = 0, -1.0, []
+    if args.resume:
+        ckpt = checkpoint.load(args.resume)
+        if ckpt["args"]["arch"] != args.arch or ckpt["args"]["dataset"] != args.dataset:
+            raise SystemExit(f"error: {args.resume} is a {ckpt['args']['arch']} on {ckpt['args']['dataset']}, "
+                             f"not a {args.arch} on {args.dataset}")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        checkpoint.set_rng_state(ckpt["rng"])
+        start_epoch, best, history = ckpt["epoch"], ckpt["best_top1"], list(ckpt["history"])
+        print(f"resumed from {args.resume} after epoch {start_epoch}", file=sys.stderr)
+
+    heatmap_size = args.heatmap_size or bundle.image_size
+    loss_fn = None if args.loss == "ce" else CGCLoss(
+        args.temperature, heatmap_size, kind="infonce" if args.loss == "cgc" else "mse", backend=args.backend)
+    cam = GradCAM(model, args.target_layer, pool=args.cam_weighting == "pooled", backend=args.backend)
+    val_loader = make_loader(bundle.val, args, bundle, shuffle=False)
+    log_path = out / "log.jsonl"
+    print(f"cgc.train: {args.arch} on {args.dataset} ({len(bundle.train)} train / {len(bundle.val)} val, "
+          f"{len(bundle.classes)} classes, {bundle.image_size}px), loss={args.loss}, device={device}, "
+          f"Grad-CAM layer '{cam.target_layer}'", file=sys.stderr)
+
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        loader = make_loader(bundle.train, args, bundle, shuffle=True, epoch=epoch)
+        sums: dict[str, torch.Tensor] = {}
+        t0 = time.time()
+        bar = Progress(loader, f"epoch {epoch + 1}/{args.epochs}")
+        for step, (x, y) in enumerate(bar):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(args, epoch, step, len(loader))
+            x, y = data.normalize(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+            losses = train_step(model, cam, loss_fn, x, y, args)
+            opt.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            opt.step()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0) + v.detach()
+            if bar.tty or step % 10 == 0 or step == len(loader) - 1:
+                running = {k: float(v) / (step + 1) for k, v in sums.items()}
+                if not math.isfinite(running["loss"]):
+                    raise SystemExit(f"error: the loss became {running['loss']} in epoch {epoch + 1}, step "
+                                     f"{step}; nothing was saved for this epoch (last good checkpoint: "
+                                     f"{out / 'last.pt'}). Lower --lr or --lambda.")
+                bar.set(**{k: v for k, v in running.items() if k != "top1"})
+        record = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "time_s": round(time.time() - t0, 2)}
+        record.update({f"train_{k}": float(v) / len(loader) for k, v in sums.items()})
+        record["train_top1"] *= 100
+        record.update(validate(model, val_loader, device))
+        history.append(record)
+        with open(log_path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        improved = record["val_top1"] > best
+        best = max(best, record["val_top1"])
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+                 "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+                 "classes": bundle.classes, "target_layer": cam.target_layer,
+                 "rng": checkpoint.rng_state(), "best_top1": best, "history": history}
+        checkpoint.save_atomic(state, out / "last.pt")
+        if improved:
+            checkpoint.save_atomic(state, out / "best.pt")
+        print(f"epoch {epoch + 1}: loss {record['train_loss']:.4f}, val top-1 {record['val_top1']:.2f} %, "
+              f"top-5 {record['val_top5']:.2f} % ({record['time_s']:.0f} s)", file=sys.stderr)
+
+    results = {k: history[-1][k] for k in ("val_top1", "val_top5")}
+    results["best_val_top1"] = best
+    if hasattr(bundle.val, "boxes"):
+        results.update(explanation_metrics(model, cam, bundle.val, device, args))
+        save_overlays(out / "overlays.png", model, cam, bundle.val, device, args.overlays, bundle.classes)
+    if history:
+        viz.plot_curves(out / "curves.png", {
+            "training loss": {k.removeprefix("train_"): [(r["epoch"], r[k]) for r in history]
+                              for k in ("train_loss", "train_ce", "train_cgc") if k in history[0]},
+            "accuracy (%)": {k: [(r["epoch"], r[k]) for r in history] for k in ("train_top1", "val_top1")}})
+    results.update({"loss": args.loss, "arch": args.arch, "dataset": args.dataset, "epochs": args.epochs})
+    (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    cam.close()
+    print_table({k: v for k, v in results.items() if isinstance(v, float)})
+    print(f"wrote {out}/metrics.json, log.jsonl, last.pt, best.pt, overlays.png, curves.png", file=sys.stderr)
+    return results
+
+
+if __name__ == "__main__":
+    main()
