@@ -84,6 +84,7 @@ class GradCAM:
 
     def __init__(self, model: nn.Module, target_layer: str | None = None, *, pool: bool = True,
                  backend: str | None = None):
+        self._handle = None
         self.model = model
         self.target_layer = target_layer or find_target_layer(model)
         self.pool = pool

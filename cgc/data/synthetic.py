@@ -106,14 +106,15 @@ def _draw(canvas, shape_ids, names, cx, cy, half, angle, color, S, gen):
 
 
 def _background(n: int, S: int, gen: torch.Generator) -> torch.Tensor:
-    """Textured backgrounds [n,3,S,S]: two colours mixed by oriented stripes and a smooth
-    random field, plus grain."""
+    """Textured backgrounds [n,3,S,S]: a colour and a nearby second colour mixed by oriented
+    stripes and a smooth random field, plus grain. Kept at moderate contrast so that objects
+    stand out by luminance while the texture still produces edges everywhere."""
     c1 = _rand(gen, n, 3, 1, 1)
-    c2 = _rand(gen, n, 3, 1, 1)
+    c2 = (c1 + 0.3 * torch.randn(n, 3, 1, 1, generator=gen)).clamp(0, 1)
     yy, xx = torch.meshgrid(torch.arange(S, dtype=torch.float32), torch.arange(S, dtype=torch.float32),
                             indexing="ij")
     theta = _rand(gen, n, 1, 1, hi=math.pi)
-    freq = _rand(gen, n, 1, 1, lo=0.05, hi=0.6)
+    freq = _rand(gen, n, 1, 1, lo=0.1, hi=0.8)
     phase = _rand(gen, n, 1, 1, hi=2 * math.pi)
     stripes = 0.5 + 0.5 * torch.sin(freq * (xx * torch.cos(theta) + yy * torch.sin(theta)) + phase)
     field = torch.nn.functional.interpolate(torch.rand(n, 1, 5, 5, generator=gen), size=(S, S),
@@ -121,21 +122,31 @@ def _background(n: int, S: int, gen: torch.Generator) -> torch.Tensor:
     mix = _rand(gen, n, 1, 1)
     t = (mix * stripes + (1 - mix) * field).clamp(0, 1)[:, None]
     bg = c1 * (1 - t) + c2 * t
-    return (bg + 0.04 * torch.randn(n, 3, S, S, generator=gen)).clamp(0, 1)
+    return (bg + 0.03 * torch.randn(n, 3, S, S, generator=gen)).clamp(0, 1)
+
+
+LUMA = torch.tensor([0.299, 0.587, 0.114])
 
 
 def _contrasting(bg_mean: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random colours at least 0.35 (max channel difference) away from ``bg_mean`` [n,3]."""
-    col = _rand(gen, *bg_mean.shape)
-    far = (col - bg_mean).abs().amax(1) >= 0.35
-    flipped = torch.where(bg_mean > 0.5, col * 0.45, 0.55 + col * 0.45)
-    return torch.where(far[:, None], col, flipped)
+    """Random hues [n,3] whose luminance is far from the background's: dark (0.05-0.3) on a
+    light background, light (0.7-0.95) on a dark one."""
+    n = bg_mean.shape[0]
+    col = _rand(gen, n, 3, lo=0.05)
+    bg_luma = bg_mean @ LUMA
+    target = torch.where(bg_luma > 0.5, _rand(gen, n, lo=0.05, hi=0.3), _rand(gen, n, lo=0.7, hi=0.95))
+    # scale the colour towards the target luminance: darken multiplicatively, lighten towards white
+    luma = col @ LUMA
+    dark = col * (target / luma)[:, None]
+    light = 1 - (1 - col) * ((1 - target) / (1 - luma).clamp_min(1e-3))[:, None]
+    return torch.where((target < luma)[:, None], dark, light).clamp(0, 1)
 
 
 def generate_chunk(seed: int, split: str, chunk: int, *, num_classes: int = 10, image_size: int = 64,
-                   n: int = CHUNK):
+                   distractors: tuple[int, int] = (2, 3), clutter: tuple[int, int] = (4, 8), n: int = CHUNK):
     """``n`` images of one chunk: uint8 images [n,3,S,S], labels [n], boxes [n,4] as
-    (x0, y0, x1, y1) pixel edges, object masks [n,S,S] bool."""
+    (x0, y0, x1, y1) pixel edges, object masks [n,S,S] bool. ``distractors`` and ``clutter``
+    are the (min, max) counts of distractor objects and clutter marks per chunk."""
     if not 2 <= num_classes <= len(CLASS_SHAPES):
         raise ValueError(f"num_classes must be in [2, {len(CLASS_SHAPES)}], got {num_classes}")
     if image_size < 24:
@@ -145,13 +156,13 @@ def generate_chunk(seed: int, split: str, chunk: int, *, num_classes: int = 10, 
     canvas = _background(n, S, gen)
     bg_mean = canvas.mean((2, 3))
     # clutter: small dots and strokes
-    for _ in range(int(torch.randint(4, 9, (1,), generator=gen))):
+    for _ in range(int(torch.randint(clutter[0], clutter[1] + 1, (1,), generator=gen))):
         kind = torch.randint(0, 2, (n,), generator=gen)
         half = _rand(gen, n, lo=0.025, hi=0.05) * S
         _draw(canvas, kind, ("circle", "bar"), _rand(gen, n, hi=S), _rand(gen, n, hi=S), half,
               _rand(gen, n, hi=math.pi), _rand(gen, n, 3), S, gen)
     # distractor objects of no class
-    for _ in range(int(torch.randint(2, 4, (1,), generator=gen))):
+    for _ in range(int(torch.randint(distractors[0], distractors[1] + 1, (1,), generator=gen))):
         kind = torch.randint(0, len(DISTRACTOR_SHAPES), (n,), generator=gen)
         half = _rand(gen, n, lo=0.09, hi=0.2) * S
         _draw(canvas, kind, DISTRACTOR_SHAPES, _rand(gen, n, lo=0.1, hi=0.9) * S,

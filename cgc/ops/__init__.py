@@ -58,11 +58,22 @@ def available_backends() -> list[str]:
     return names
 
 
+# Which of the two GPU backends ``auto`` tries first, per op. DEFAULT PENDING GPU MEASUREMENTS:
+# no GPU has timed these kernels yet; benchmarks/gpu_check.sh measures native and Triton
+# forward+backward at the benchmark sizes, and this table is to follow its RESULTS.md (the
+# faster one first). Until then: native for the two memory-bound gathers/reductions, whose
+# hand-written CUDA kernels read each byte once; Triton for info_nce, whose Gram matrix runs
+# on tensor cores through tl.dot with the D axis split over the whole GPU.
+CUDA_FIRST = {"gradcam": "native", "affine_warp": "native", "info_nce": "triton"}
+
+
 def auto_order(op: str, device: torch.device) -> Sequence[str]:
     """Preference of ``auto`` for one op on one device, fastest first (measured in
-    ``benchmarks/``; the reference is last so that it is always the fallback)."""
+    ``benchmarks/``; the reference is last so that it is always the fallback). Triton runs on
+    CPU tensors only in its interpreter, which is for tests, so the CPU order omits it."""
     if device.type == "cuda":
-        return ("native", "triton", "reference")
+        first = CUDA_FIRST[op]
+        return (first, "triton" if first == "native" else "native", "reference")
     return ("native", "reference")
 
 

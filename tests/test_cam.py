@@ -1,0 +1,180 @@
+"""cgc.GradCAM: exact on a hand-checkable net, pooled == element-wise where theory says so,
+differentiable for training, and harmless to the model it explains."""
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from cgc import CGCLoss, GradCAM, find_target_layer, resize_heatmaps, transforms
+from cgc.models import CompactCNN
+
+
+class TinyNet(nn.Module):
+    """conv -> ReLU -> conv (target) -> ReLU -> spatial sum weighted by a fixed map -> linear.
+
+    The weighted spatial sum makes d logit / d A vary over space, so pooled and element-wise
+    Grad-CAM differ here (unlike after global average pooling).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 3, 3, padding=1)
+        self.conv2 = nn.Conv2d(3, 4, 3, padding=1)
+        self.spatial = nn.Parameter(torch.randn(5, 6))
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        a = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc((a * self.spatial).sum((2, 3)))
+
+
+def hand_gradcam(net: TinyNet, x, target, pool):
+    """Grad-CAM of A = relu(conv2(...)) by the chain rule written out:
+    d logit_c / d A[k,h,w] = W_c[k] * S[h,w]."""
+    with torch.no_grad():
+        A = torch.relu(net.conv2(torch.relu(net.conv1(x))))
+        grad = net.fc.weight[target][:, :, None, None] * net.spatial
+        w = grad.mean((2, 3), keepdim=True) if pool else grad
+        return torch.relu((w * A).sum(1))
+
+
+@pytest.mark.parametrize("pool", [True, False])
+def test_gradcam_equals_hand_computation(pool):
+    net = TinyNet().double()
+    x = torch.randn(3, 2, 5, 6, dtype=torch.float64)
+    target = torch.tensor([0, 2, 1])
+    with GradCAM(net, "conv2", pool=pool) as cam:
+        out = cam(x, target)
+    # hook is on conv2 (pre-ReLU output z): Grad-CAM of z, with d logit/dz = relu'(z) W S
+    with torch.no_grad():
+        z = net.conv2(torch.relu(net.conv1(x)))
+        grad = (z > 0).double() * net.fc.weight[target][:, :, None, None] * net.spatial
+        w = grad.mean((2, 3), keepdim=True) if pool else grad
+        expected = torch.relu((w * z).sum(1))
+    assert torch.allclose(out.cams, expected, atol=1e-12)
+    assert torch.equal(out.targets, target)
+    # the same net with the ReLU'd activations as target: compare to the written-out chain rule
+    net2 = nn.Sequential()
+    net2.add_module("body", nn.Sequential(net.conv1, nn.ReLU(), net.conv2, nn.ReLU()))
+    head = _Head(net)
+    net2.add_module("head", head)
+    with GradCAM(net2, "body", pool=pool) as cam:
+        out2 = cam(x, target)
+    assert torch.allclose(out2.cams, hand_gradcam(net, x, target, pool), atol=1e-12)
+
+
+class _Head(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, a):
+        return self.net.fc((a * self.net.spatial).sum((2, 3)))
+
+
+def test_pooled_equals_elementwise_at_resnet_last_stage():
+    model = torchvision.models.resnet18(num_classes=7).double().eval()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with GradCAM(model, pool=True) as pooled, GradCAM(model, pool=False) as elementwise:
+        assert pooled.target_layer == "layer4"
+        a, b = pooled(x), elementwise(x)
+    assert torch.equal(a.targets, b.targets)
+    assert torch.allclose(a.cams, b.cams, rtol=1e-10, atol=1e-12)
+    assert a.cams.abs().sum() > 0
+
+
+def test_default_target_targets_and_shapes():
+    model = CompactCNN(5).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with GradCAM(model) as cam:
+        out = cam(x)
+        assert cam.target_layer == "features"
+        assert out.cams.shape == (4, 4, 4) and out.logits.shape == (4, 5)
+        assert torch.equal(out.targets, out.logits.argmax(1))
+        assert not out.cams.requires_grad
+        single = cam(x, 3)
+        assert torch.equal(single.targets, torch.full((4,), 3))
+        with pytest.raises(ValueError, match="class ids"):
+            cam(x, torch.tensor([0, 1, 2, 9]))
+        with pytest.raises(ValueError, match="targets must be"):
+            cam(x, torch.tensor([0, 1]))
+        with pytest.raises(ValueError, match="non-empty image batch"):
+            cam(torch.randn(0, 3, 32, 32))
+
+
+@pytest.mark.parametrize("arch,layer", [("resnet18", "layer4"), ("vgg11", "features"),
+                                         ("densenet121", "features"), ("mobilenet_v3_small", "features"),
+                                         ("efficientnet_b0", "features"), ("convnext_tiny", "features")])
+def test_find_target_layer_for_torchvision_families(arch, layer):
+    model = torchvision.models.get_model(arch)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    assert find_target_layer(model) == layer
+    assert model.training  # untouched: the search runs on a meta-device copy
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+def test_unknown_layer_error():
+    with pytest.raises(ValueError, match="no module 'layer9'"):
+        GradCAM(torchvision.models.resnet18(), "layer9")
+
+
+def test_mode_hooks_and_memory_are_left_alone():
+    model = CompactCNN(4)
+    model.train()
+    layer = model.features
+    x = torch.randn(3, 3, 32, 32)
+    cam = GradCAM(model)
+    assert len(layer._forward_hooks) == 1
+    cam(x)  # warm-up: lazy allocations of the first call are not growth
+    gc.collect()
+    live = sum(type(o) in (torch.Tensor, nn.Parameter) for o in gc.get_objects())
+    for _ in range(5):
+        out = cam(x, create_graph=False)
+        del out
+        out = cam(x, create_graph=True)
+        out.cams.sum().backward()
+        del out
+    gc.collect()
+    assert sum(type(o) in (torch.Tensor, nn.Parameter) for o in gc.get_objects()) <= live + 2
+    assert model.training and all(m.training for m in model.modules())
+    model.eval()
+    cam(x)
+    assert not any(m.training for m in model.modules())
+    cam.close()
+    assert len(layer._forward_hooks) == 0
+    with pytest.raises(RuntimeError, match="closed"):
+        cam(x)
+    with GradCAM(model):
+        assert len(layer._forward_hooks) == 1
+    assert len(layer._forward_hooks) == 0
+
+
+def test_cgc_term_alone_trains_the_classifier_head():
+    """Second order: the heatmap depends on the head's weights through d logit / d A."""
+    torch.manual_seed(0)
+    model = CompactCNN(6)
+    x = torch.randn(4, 3, 32, 32)
+    tf = transforms.random_crop_flip(4, 32, 32)
+    theta = tf.theta()
+    x_aug = transforms.apply(x, theta)
+    with GradCAM(model, pool=False) as cam:
+        logits, acts = cam.forward(torch.cat([x, x_aug]))
+        target = logits[:4].detach().argmax(1).repeat(2)
+        cams = cam.heatmaps(logits, acts, target, create_graph=True)
+    loss = CGCLoss(heatmap_size=32)(cams[:4], cams[4:], theta)
+    model.zero_grad()
+    loss.backward()
+    assert model.fc.weight.grad is not None and model.fc.weight.grad.abs().sum() > 0
+    assert model.stem[0][0].weight.grad.abs().sum() > 0
+
+
+def test_resize_heatmaps_is_bilinear():
+    h = torch.rand(2, 7, 7, dtype=torch.float64)
+    ref = torch.nn.functional.interpolate(h[:, None], (224, 224), mode="bilinear", align_corners=False)[:, 0]
+    assert torch.allclose(resize_heatmaps(h, 224), ref, atol=1e-12)

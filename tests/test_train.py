@@ -1,0 +1,95 @@
+"""python -m cgc.train end to end at toy sizes: outputs, exact resume, clear failures."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cgc import checkpoint, train
+
+TOY = ["--train-size", "96", "--val-size", "40", "--batch-size", "16", "--image-size", "32",
+       "--num-classes", "4", "--overlays", "4"]
+
+
+def test_run_writes_everything(tmp_path):
+    out = tmp_path / "run"
+    results = train.main(TOY + ["--epochs", "1", "--out", str(out)])
+    for name in ("metrics.json", "log.jsonl", "last.pt", "best.pt", "overlays.png", "curves.png"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("val_top1", "val_top5", "content_heatmap", "consistency", "consistency_iou"):
+        assert key in metrics and isinstance(metrics[key], float)
+    assert 0 <= metrics["content_heatmap"] <= 100 and -1 <= metrics["consistency"] <= 1
+    assert results["val_top1"] == metrics["val_top1"]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 1 and {"train_ce", "train_cgc", "val_top1", "lr"} <= set(log[0])
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["args"]["loss"] == "cgc" and ckpt["target_layer"] == "features"
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_baselines_run(tmp_path, loss):
+    results = train.main(TOY + ["--epochs", "1", "--loss", loss, "--out", str(tmp_path)])
+    log = json.loads((tmp_path / "log.jsonl").read_text())
+    assert ("train_cgc" in log) == (loss != "ce")
+    assert results["loss"] == loss
+
+
+def test_resume_after_interruption_is_exact(tmp_path, monkeypatch):
+    args = TOY + ["--epochs", "2"]
+    train.main(args + ["--out", str(tmp_path / "full")])
+
+    real_save = checkpoint.save_atomic
+
+    def save_then_die(state, path):
+        real_save(state, path)
+        if path.name == "last.pt" and state["epoch"] == 1:
+            raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
+
+    monkeypatch.setattr(checkpoint, "save_atomic", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args + ["--out", str(tmp_path / "cut")])
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["epoch"] == 1
+    train.main(args + ["--out", str(tmp_path / "cut"), "--resume", str(tmp_path / "cut")])
+
+    full = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert resumed["epoch"] == 2
+    for key, value in full["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    for a, b in zip(full["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    assert full["history"][-1]["train_loss"] == resumed["history"][-1]["train_loss"]
+
+
+def test_nan_loss_stops_with_a_clear_error(tmp_path, monkeypatch):
+    real_step = train.train_step
+
+    def poisoned(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(train, "train_step", poisoned)
+    with pytest.raises(SystemExit, match="loss became nan"):
+        train.main(TOY + ["--epochs", "1", "--out", str(tmp_path)])
+    assert not (tmp_path / "last.pt").exists()
+
+
+def test_resume_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        train.main(TOY + ["--epochs", "1", "--out", str(tmp_path), "--resume", str(tmp_path / "x.pt")])
+    train.main(TOY + ["--epochs", "1", "--out", str(tmp_path / "a")])
+    with pytest.raises(SystemExit, match="not a resnet18"):
+        train.main(TOY + ["--epochs", "1", "--arch", "resnet18", "--out", str(tmp_path / "b"),
+                          "--resume", str(tmp_path / "a")])
+
+
+def test_cli_rejects_bad_arguments():
+    for bad in (["--batch-size", "1"], ["--epochs", "0"], ["--temperature", "0"], ["--loss", "l1"]):
+        proc = subprocess.run([sys.executable, "-m", "cgc.train", *bad], capture_output=True, text=True)
+        assert proc.returncode == 2 and "error" in proc.stderr, bad
