@@ -33,17 +33,23 @@ class BackendUnavailable(RuntimeError):
     """A backend was asked for by name but cannot run here (not built, no device, ...)."""
 
 
+_LOADED: dict[str, ModuleType | BackendUnavailable] = {"reference": reference}
+
+
 def _module(name: str) -> ModuleType:
-    if name == "reference":
-        return reference
-    try:
-        mod = importlib.import_module(f"cgc.ops.{name}")
-    except ImportError as err:
-        raise BackendUnavailable(f"backend {name!r} is not available: {err}") from err
-    why = mod.unavailable_reason()
-    if why:
-        raise BackendUnavailable(f"backend {name!r} is not available: {why}")
-    return mod
+    """The backend module ``name``, imported once; raises :class:`BackendUnavailable` with the
+    reason when it cannot run here. The cache keeps imports out of ``torch.compile`` traces."""
+    if name not in _LOADED:
+        try:
+            mod = importlib.import_module(f"cgc.ops.{name}")
+            why = mod.unavailable_reason()
+            _LOADED[name] = BackendUnavailable(f"backend {name!r} is not available: {why}") if why else mod
+        except ImportError as err:
+            _LOADED[name] = BackendUnavailable(f"backend {name!r} is not available: {err}")
+    found = _LOADED[name]
+    if isinstance(found, BackendUnavailable):
+        raise found
+    return found
 
 
 def available_backends() -> list[str]:
@@ -58,22 +64,24 @@ def available_backends() -> list[str]:
     return names
 
 
-# Which of the two GPU backends ``auto`` tries first, per op. DEFAULT PENDING GPU MEASUREMENTS:
-# no GPU has timed these kernels yet; benchmarks/gpu_check.sh measures native and Triton
-# forward+backward at the benchmark sizes, and this table is to follow its RESULTS.md (the
-# faster one first). Until then: native for the two memory-bound gathers/reductions, whose
-# hand-written CUDA kernels read each byte once; Triton for info_nce, whose Gram matrix runs
-# on tensor cores through tl.dot with the D axis split over the whole GPU.
-CUDA_FIRST = {"gradcam": "native", "affine_warp": "native", "info_nce": "triton"}
+# ``auto``'s order on CUDA tensors, per op, fastest first, from the H100 forward+backward timings
+# in benchmarks/RESULTS.md (torch 2.11): native beats Triton on every op and beats the eager
+# reference for affine_warp (6x) and info_nce (2.2x); for gradcam at the benchmark sizes the
+# eager reference wins (0.2 ms vs native 0.3-0.5 ms, Triton 0.7-1.0 ms) because the op is bound
+# by host overhead and the custom ops' Python autograd costs more than eager's C++ autograd.
+CUDA_ORDER = {
+    "gradcam": ("reference", "native", "triton"),
+    "affine_warp": ("native", "triton", "reference"),
+    "info_nce": ("native", "triton", "reference"),
+}
 
 
 def auto_order(op: str, device: torch.device) -> Sequence[str]:
     """Preference of ``auto`` for one op on one device, fastest first (measured in
-    ``benchmarks/``; the reference is last so that it is always the fallback). Triton runs on
-    CPU tensors only in its interpreter, which is for tests, so the CPU order omits it."""
+    ``benchmarks/``). Triton runs on CPU tensors only in its interpreter, which is for tests,
+    so the CPU order omits it; on CPU native is faster than the reference for every op."""
     if device.type == "cuda":
-        first = CUDA_FIRST[op]
-        return (first, "triton" if first == "native" else "native", "reference")
+        return CUDA_ORDER[op]
     return ("native", "reference")
 
 

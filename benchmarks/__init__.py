@@ -1,0 +1,1 @@
+"""pytest-benchmark suites of the CGC ops (run: ``pytest benchmarks/ --benchmark-only``)."""

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# One-call GPU check, run from the repository root on a machine with a GPU, nvcc and torch:
+# builds cgc._C (CPU + CUDA), runs the test suite (CUDA cases included), the CUDA benchmarks
+# (with the device's copy bandwidth and matmul rate), and writes a markdown report to
+# $OUT/gpu_results.md (logs beside it). Needs no network. Usage: OUT=/some/dir benchmarks/gpu_check.sh
+set -uo pipefail
+OUT=${OUT:-$PWD/gpu_check_out}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+REPORT="$OUT/gpu_results.md"
+export CGC_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+# with a GPU visible torch builds for its architecture only (the fastest build)
+section() { printf '\n## %s\n\n' "$1" >> "$REPORT"; }
+
+{
+  echo "# cgc GPU check"
+  echo
+  echo "- date: $(date -u +%FT%TZ), commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  "$PY" -c "import torch, platform; print(f'- torch {torch.__version__} (CUDA {torch.version.cuda}), Python {platform.python_version()}, GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else None}')"
+  echo "- nvcc: $("$CUDA_HOME/bin/nvcc" --version | tail -1)"
+} > "$REPORT" 2>&1
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+
+section "Build"
+start=$(date +%s)
+# --use-pep517: an older pip's legacy `setup.py develop` re-runs pip with build isolation
+# (which needs the network); build_ext --inplace is the fallback without pip
+if "$PY" -m pip install --no-build-isolation --no-deps --use-pep517 -e . > "$OUT/build.log" 2>&1 ||
+   "$PY" setup.py build_ext --inplace >> "$OUT/build.log" 2>&1; then
+  echo "pip install -e . with CGC_CUDA=1: OK in $(( $(date +%s) - start )) s" >> "$REPORT"
+else
+  echo "BUILD FAILED after $(( $(date +%s) - start )) s; last lines:" >> "$REPORT"
+  { echo '```'; tail -40 "$OUT/build.log"; echo '```'; } >> "$REPORT"
+  cat "$REPORT"
+  exit 1
+fi
+"$PY" -c "import torch, cgc.ops.native as n; assert n.supports(torch.device('cuda')), 'no CUDA kernels'" >> "$REPORT" 2>&1
+
+section "Tests (CUDA cases of tests/test_ops.py and tests/test_native.py; CI runs the CPU ones)"
+PYTHONUNBUFFERED=1 timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_native.py -rfs \
+  -k cuda --tb=short > "$OUT/tests.log" 2>&1
+echo "exit status $?" >> "$REPORT"
+{ echo '```'; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -30; echo '```'; } >> "$REPORT"
+
+section "Benchmarks (CUDA)"
+CGC_BENCH_ROUNDS=${CGC_BENCH_ROUNDS:-20} CGC_BENCH_TABLE="$OUT/bench_table.md" timeout 300 "$PY" -m pytest benchmarks/ --benchmark-only -q -k cuda \
+  --benchmark-json="$OUT/bench.json" > "$OUT/bench.log" 2>&1
+echo "exit status $?" >> "$REPORT"
+if [ -f "$OUT/bench_table.md" ]; then cat "$OUT/bench_table.md" >> "$REPORT"; else tail -30 "$OUT/bench.log" >> "$REPORT"; fi
+
+cat "$REPORT"

@@ -1,0 +1,147 @@
+"""Affine bilinear warp kernels: ``F.grid_sample(x, F.affine_grid(theta, ...))`` with
+``align_corners=False`` and zeros/border padding, without materialising the sampling grid.
+
+Each program takes one batch row and a block of output pixels, computes their source
+coordinates from ``theta`` in registers (float64 for float64 inputs, else float32, as the
+reference does) and loops over the channels, which share the coordinates. The backward
+scatters ``gout * weight`` into the four source corners with atomic adds into a gradient
+buffer of the accumulation dtype (float32 atomics also for 16-bit inputs), cast at the end.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import acc_dtype, autotune, launch, plane_offset, tl_dtype
+
+_CONFIGS = [
+    triton.Config({"BLOCK": 256}, num_warps=4),
+    triton.Config({"BLOCK": 512}, num_warps=4),
+    triton.Config({"BLOCK": 1024}, num_warps=8),
+    triton.Config({"BLOCK": 128}, num_warps=2),
+]
+
+
+@triton.jit
+def _corners(theta_ptr, b, ps, w_out, h_out, H, W, BORDER: tl.constexpr, ACC: tl.constexpr):
+    """Top-left source corner (x0, y0) and fractional offsets (fx, fy) of output pixels
+    ``ps`` of batch row ``b``: the output pixel centre in normalised coordinates, mapped by
+    ``theta`` and un-normalised to the input grid (pixel centres at integers)."""
+    t = theta_ptr + b.to(tl.int64) * 6
+    t00 = tl.load(t + 0)
+    t01 = tl.load(t + 1)
+    t02 = tl.load(t + 2)
+    t10 = tl.load(t + 3)
+    t11 = tl.load(t + 4)
+    t12 = tl.load(t + 5)
+    xs = (2.0 * (ps % w_out).to(ACC) + 1.0) / w_out - 1.0
+    ys = (2.0 * (ps // w_out).to(ACC) + 1.0) / h_out - 1.0
+    x = ((t00 * xs + t01 * ys + t02 + 1.0) * W - 1.0) / 2.0
+    y = ((t10 * xs + t11 * ys + t12 + 1.0) * H - 1.0) / 2.0
+    if BORDER:
+        x = tl.minimum(tl.maximum(x, 0.0), W - 1.0)
+        y = tl.minimum(tl.maximum(y, 0.0), H - 1.0)
+    x0f = tl.floor(x)
+    y0f = tl.floor(y)
+    # far-away samples are clamped to just outside the image before the integer cast: they
+    # stay outside (weight 0) and the cast cannot overflow
+    x0 = tl.minimum(tl.maximum(x0f, -2.0), W * 1.0).to(tl.int32)
+    y0 = tl.minimum(tl.maximum(y0f, -2.0), H * 1.0).to(tl.int32)
+    return x0, y0, x - x0f, y - y0f
+
+
+@autotune(_CONFIGS, key=["HW_OUT", "C"])
+@triton.jit
+def _warp_fwd_kernel(x_ptr, theta_ptr, out_ptr, C, H, W, h_out, w_out, HW_OUT,
+                     sxb, sxc, sxh, sxw, BORDER: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """``out[b, c, p] = sum over the 4 corners of weight * x[b, c, corner]`` (contiguous out)."""
+    b = tl.program_id(0)
+    ps = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    pmask = ps < HW_OUT
+    x0, y0, fx, fy = _corners(theta_ptr, b, ps, w_out, h_out, H, W, BORDER, ACC)
+    x1 = x0 + 1
+    y1 = y0 + 1
+    in_x0 = (x0 >= 0) & (x0 < W)
+    in_x1 = (x1 >= 0) & (x1 < W)
+    in_y0 = (y0 >= 0) & (y0 < H)
+    in_y1 = (y1 >= 0) & (y1 < H)
+    m00 = pmask & in_y0 & in_x0
+    m01 = pmask & in_y0 & in_x1
+    m10 = pmask & in_y1 & in_x0
+    m11 = pmask & in_y1 & in_x1
+    w00 = (1.0 - fy) * (1.0 - fx)
+    w01 = (1.0 - fy) * fx
+    w10 = fy * (1.0 - fx)
+    w11 = fy * fx
+    r0 = y0.to(tl.int64) * sxh
+    r1 = y1.to(tl.int64) * sxh
+    c0 = x0.to(tl.int64) * sxw
+    c1 = x1.to(tl.int64) * sxw
+    for c in range(0, C):
+        base = b.to(tl.int64) * sxb + (b * 0 + c).to(tl.int64) * sxc
+        v = w00 * tl.load(x_ptr + base + r0 + c0, mask=m00, other=0.0).to(ACC)
+        v += w01 * tl.load(x_ptr + base + r0 + c1, mask=m01, other=0.0).to(ACC)
+        v += w10 * tl.load(x_ptr + base + r1 + c0, mask=m10, other=0.0).to(ACC)
+        v += w11 * tl.load(x_ptr + base + r1 + c1, mask=m11, other=0.0).to(ACC)
+        dst = (b.to(tl.int64) * C + c) * HW_OUT + ps
+        tl.store(out_ptr + dst, v.to(out_ptr.dtype.element_ty), mask=pmask)
+
+
+@autotune(_CONFIGS, key=["HW_OUT", "C"], reset_to_zero=["gin_ptr"])
+@triton.jit
+def _warp_bwd_kernel(gout_ptr, theta_ptr, gin_ptr, C, H, W, h_out, w_out, HW_OUT,
+                     sgb, sgc, sgh, sgw, BORDER: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """``gin[b, c, corner] += weight * gout[b, c, p]`` by atomic adds (``gin`` contiguous,
+    zero-initialised, accumulation dtype)."""
+    b = tl.program_id(0)
+    ps = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    pmask = ps < HW_OUT
+    x0, y0, fx, fy = _corners(theta_ptr, b, ps, w_out, h_out, H, W, BORDER, ACC)
+    x1 = x0 + 1
+    y1 = y0 + 1
+    in_x0 = (x0 >= 0) & (x0 < W)
+    in_x1 = (x1 >= 0) & (x1 < W)
+    in_y0 = (y0 >= 0) & (y0 < H)
+    in_y1 = (y1 >= 0) & (y1 < H)
+    g_sp = gout_ptr + plane_offset(b, ps // w_out, ps % w_out, sgb, sgh, sgw)
+    for c in range(0, C):
+        g = tl.load(g_sp + (b * 0 + c).to(tl.int64) * sgc, mask=pmask, other=0.0).to(ACC)
+        base = (b.to(tl.int64) * C + c) * H * W
+        r0 = base + y0.to(tl.int64) * W
+        r1 = base + y1.to(tl.int64) * W
+        tl.atomic_add(gin_ptr + r0 + x0, g * (1.0 - fy) * (1.0 - fx), mask=pmask & in_y0 & in_x0)
+        tl.atomic_add(gin_ptr + r0 + x1, g * (1.0 - fy) * fx, mask=pmask & in_y0 & in_x1)
+        tl.atomic_add(gin_ptr + r1 + x0, g * fy * (1.0 - fx), mask=pmask & in_y1 & in_x0)
+        tl.atomic_add(gin_ptr + r1 + x1, g * fy * fx, mask=pmask & in_y1 & in_x1)
+
+
+def _theta(theta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """theta as a contiguous [B, 6] tensor of the coordinate dtype (float64 for float64
+    inputs, else float32, like the reference)."""
+    return theta.to(acc_dtype(dtype)).reshape(theta.shape[0], 6).contiguous()
+
+
+def warp_forward(input: torch.Tensor, theta: torch.Tensor, h_out: int, w_out: int,
+                 border: bool) -> torch.Tensor:
+    """Warped ``input`` [B,C,H,W] -> [B,C,h_out,w_out] in the input dtype."""
+    B, C, H, W = input.shape
+    out = torch.empty((B, C, h_out, w_out), dtype=input.dtype, device=input.device)
+    hw = h_out * w_out
+    launch(_warp_fwd_kernel)[lambda meta: (B, triton.cdiv(hw, meta["BLOCK"]))](
+        input, _theta(theta, input.dtype), out, C, H, W, h_out, w_out, hw, *input.stride(),
+        BORDER=border, ACC=tl_dtype(acc_dtype(input.dtype)))
+    return out
+
+
+def warp_backward(grad_out: torch.Tensor, theta: torch.Tensor, H: int, W: int, border: bool,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """Gradient [B,C,H,W] (in ``dtype``) of :func:`warp_forward` for ``grad_out`` [B,C,h,w]."""
+    B, C, h_out, w_out = grad_out.shape
+    acc = acc_dtype(dtype)
+    grad_in = torch.zeros((B, C, H, W), dtype=acc, device=grad_out.device)
+    hw = h_out * w_out
+    launch(_warp_bwd_kernel)[lambda meta: (B, triton.cdiv(hw, meta["BLOCK"]))](
+        grad_out, _theta(theta, dtype), grad_in, C, H, W, h_out, w_out, hw, *grad_out.stride(),
+        BORDER=border, ACC=tl_dtype(acc))
+    return grad_in.to(dtype)

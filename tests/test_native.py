@@ -1,0 +1,283 @@
+"""Native-backend specifics (``cgc._C``, ``cgc.ops.native``): operator registration checked by
+``torch.library.opcheck``, ``torch.compile(fullgraph=True)`` of a CGC step, the separable fast
+path of the CPU warp, higher-order gradients, large rows, direct-call errors, and ``import cgc``
+without the extension. The numerical comparison against the reference for every backend lives
+in ``test_ops.py``. CUDA cases skip without a GPU.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import cgc
+from cgc import ops, transforms
+from cgc.ops import reference
+
+native = pytest.importorskip("cgc.ops.native")
+pytestmark = pytest.mark.skipif(native.unavailable_reason() is not None,
+                                reason=str(native.unavailable_reason()))
+
+DEVICES = [pytest.param("cpu"),
+           pytest.param("cuda", marks=pytest.mark.skipif(not native.supports(torch.device("cuda"))
+                                                         if torch.cuda.is_available() else True,
+                                                         reason="no GPU or no CUDA kernels"))]
+C = torch.ops.cgc
+
+
+def rel_err(out, ref):
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def randn(*shape, device="cpu", dtype=torch.float64, grad=False):
+    return torch.randn(shape, dtype=dtype, device=device).requires_grad_(grad)
+
+
+def crop_thetas(b, device="cpu", generator=None):
+    """The CGC crop/flip maps (axis-aligned: the CPU warp's separable path)."""
+    return transforms.random_crop_flip(b, 224, 224, generator=generator, device=device).theta()
+
+
+# ------------------------------------------------------------------------------- opcheck
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_gradcam(device, dtype):
+    for pool, gshape in ((True, (3, 5, 4, 6)), (False, (3, 5, 4, 6)), (True, (3, 5))):
+        A = randn(3, 5, 4, 6, device=device, dtype=dtype, grad=True)
+        G = randn(*gshape, device=device, dtype=dtype, grad=True)
+        torch.library.opcheck(C.gradcam_fwd, (A, G, pool))
+        out = C.gradcam_fwd(A.detach(), G.detach(), pool)
+        go = randn(3, 4, 6, device=device, dtype=dtype, grad=True)
+        torch.library.opcheck(C.gradcam_bwd, (go, out, A, G, pool))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_affine_warp(device, dtype):
+    theta = torch.cat([crop_thetas(2, device), torch.eye(2, 3, device=device)[None] + 0.3])
+    for mode in (0, 1):
+        x = randn(3, 2, 7, 5, device=device, dtype=dtype, grad=True)
+        torch.library.opcheck(C.affine_warp_fwd, (x, theta, 9, 11, mode))
+        go = randn(3, 2, 9, 11, device=device, dtype=dtype, grad=True)
+        torch.library.opcheck(C.affine_warp_bwd, (go, theta, 7, 5, mode))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_info_nce(device, dtype):
+    for reduction in (0, 1, 2):
+        a = randn(5, 33, device=device, dtype=dtype, grad=True)
+        p = randn(5, 33, device=device, dtype=dtype, grad=True)
+        torch.library.opcheck(C.info_nce_fwd, (a, p, 0.3, reduction))
+        _, logits, stats = C.info_nce_fwd(a.detach(), p.detach(), 0.3, reduction)
+        gl = randn(*((5,) if reduction == 0 else ()), device=device, dtype=dtype)
+        # differentiable once: its backward op is checked without inputs that need grad
+        torch.library.opcheck(C.info_nce_bwd, (gl, a.detach(), p.detach(), logits, stats, 0.3, reduction))
+
+
+# ------------------------------------------------------------------------------- torch.compile
+def cgc_step(A, G, theta, be):
+    """gradcam -> both warps -> info_nce of backend module ``be``, as CGCLoss does. The backend
+    functions are called directly: the public ``cgc.ops`` functions choose their backend with
+    ``importlib``, which dynamo does not trace."""
+    b = A.shape[0] // 2
+    cams = be.gradcam(A, G, False)
+    ident = transforms.identity_theta(b, A.device)
+    q = be.affine_warp(cams[b:, None], ident, (16, 16), "border").flatten(1)
+    p = be.affine_warp(cams[:b, None], theta, (16, 16), "border").flatten(1)
+    return be.info_nce(q + 1e-8, p + 1e-8, 0.5, "mean")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph_cgc_step(device):
+    torch._dynamo.reset()
+    A0 = randn(8, 6, 7, 7, dtype=torch.float32, device=device)
+    G0 = randn(8, 6, 7, 7, dtype=torch.float32, device=device)
+    theta = crop_thetas(4, device)
+    results = []
+    for fn in (cgc_step, torch.compile(cgc_step, fullgraph=True)):
+        A, G = A0.clone().requires_grad_(), G0.clone().requires_grad_()
+        loss = fn(A, G, theta, native)
+        loss.backward()
+        results.append((loss.detach(), A.grad, G.grad))
+    for eager, compiled in zip(*results):
+        assert rel_err(compiled, eager) < 1e-5
+    A, G = A0.double().cpu().requires_grad_(), G0.double().cpu().requires_grad_()
+    ref = cgc_step(A, G, theta.cpu(), reference)
+    ref.backward()
+    for got, want in zip(results[0], (ref, A.grad, G.grad)):
+        assert rel_err(got, want) < 1e-5
+
+
+# ------------------------------------------------------------------------------- warp paths
+@pytest.mark.parametrize("mode", ["zeros", "border"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_cpu_separable_warp(mode, dtype):
+    """Crop/flip/resize maps take the CPU's two-pass path; a batch mixes it with the general
+    path, and crops reach outside the image."""
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    gen = torch.Generator().manual_seed(0)
+    for (B, Cc, H, W), size in [((6, 1, 7, 7), (224, 224)), ((4, 3, 40, 30), (17, 23)), ((3, 2, 50, 60), (7, 5)),
+                                ((2, 1, 1, 1), (3, 4))]:
+        theta = crop_thetas(B, generator=gen)
+        theta[0] = torch.tensor([[-1.3, 0.0, 0.4], [0.0, 1.5, -0.5]])  # flipped, partly outside
+        theta[-1, 0, 1] = 0.2  # sheared: general path in the same batch
+        x64 = randn(B, Cc, H, W, grad=True)
+        ref = reference.affine_warp(x64, theta.double(), size, mode)
+        x = x64.detach().to(dtype).requires_grad_()
+        out = ops.affine_warp(x, theta, size, padding_mode=mode, backend="native")
+        assert rel_err(out, ref) < tol
+        go = torch.randn_like(ref)
+        (want,) = torch.autograd.grad(ref, x64, go)
+        (got,) = torch.autograd.grad(out, x, go.to(dtype))
+        assert rel_err(got, want) < tol
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_higher_order_gradients(device):
+    """gradcam and affine_warp are differentiable twice (the CGC loss differentiates gradients)."""
+    A, G = randn(2, 3, 3, 4, device=device, grad=True), randn(2, 3, 3, 4, device=device, grad=True)
+    W = randn(2, 3, device=device, grad=True)
+    for pool in (True, False):
+        assert torch.autograd.gradgradcheck(lambda a, g: ops.gradcam(a, g, pool=pool, backend="native"), (A, G))
+    assert torch.autograd.gradgradcheck(lambda a, w: ops.gradcam(a, w, backend="native"), (A, W))
+    x = randn(2, 2, 5, 4, device=device, grad=True)
+    theta = torch.cat([crop_thetas(1, device), torch.eye(2, 3, device=device)[None] + 0.2])
+    assert torch.autograd.gradgradcheck(lambda t: ops.affine_warp(t, theta, (6, 3), backend="native"), (x,))
+
+
+def test_info_nce_double_backward_raises():
+    a, p = randn(3, 4, grad=True), randn(3, 4, grad=True)
+    (ga,) = torch.autograd.grad(ops.info_nce(a, p, 0.5, backend="native"), a, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        ga.sum().backward()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_info_nce_large_d(device):
+    """Rows of 2^21 elements (float32 sums over long rows stay exact in double)."""
+    a64, p64 = randn(3, 1 << 21, grad=True), randn(3, 1 << 21, grad=True)
+    p64.data[1] = 0.5 * a64.data[1] + 0.1 * p64.data[1]  # one strong positive
+    ref = reference.info_nce(a64, p64, 0.2, "none")
+    a = a64.detach().float().to(device).requires_grad_()
+    p = p64.detach().float().to(device).requires_grad_()
+    out = ops.info_nce(a, p, 0.2, reduction="none", backend="native")
+    assert rel_err(out, ref) < 1e-5
+    go = torch.randn(3, dtype=torch.float64)
+    want = torch.autograd.grad(ref, (a64, p64), go)
+    got = torch.autograd.grad(out, (a, p), go.float().to(device))
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-5
+
+
+def test_zero_rows_stay_finite():
+    """An all-zero heatmap row (norm clamped) gives finite values, like the reference."""
+    a64, p64 = randn(4, 9, grad=True), randn(4, 9, grad=True)
+    a64.data[2] = 0
+    p64.data[0] = 0
+    ref = reference.info_nce(a64, p64, 0.5)
+    want = torch.autograd.grad(ref, (a64, p64))
+    a, p = a64.detach().requires_grad_(), p64.detach().requires_grad_()
+    out = ops.info_nce(a, p, 0.5, backend="native")
+    got = torch.autograd.grad(out, (a, p))
+    assert rel_err(out, ref) < 1e-12
+    for g, w in zip(got, want):
+        assert torch.isfinite(g).all() and rel_err(g, w) < 1e-10
+
+
+# ------------------------------------------------------------------------------- errors
+def test_direct_call_errors():
+    """The ops check their arguments themselves when called through torch.ops.cgc."""
+    A = torch.randn(2, 3, 4, 4)
+    with pytest.raises(RuntimeError, match=r"activations must be \[B,K,H,W\]"):
+        C.gradcam_fwd(A[0], A[0], True)
+    with pytest.raises(RuntimeError, match="do not match"):
+        C.gradcam_fwd(A, torch.randn(2, 3, 4, 5), False)
+    with pytest.raises(RuntimeError, match="different dtypes"):
+        C.gradcam_fwd(A, A.double(), False)
+    with pytest.raises(RuntimeError, match="grad_out must be"):
+        C.gradcam_bwd(torch.randn(2, 4, 5), torch.randn(2, 4, 4), A, A, True)
+    x = torch.randn(2, 1, 7, 7)
+    with pytest.raises(RuntimeError, match="padding_mode"):
+        C.affine_warp_fwd(x, torch.randn(2, 2, 3), 5, 5, 2)
+    with pytest.raises(RuntimeError, match="theta must be"):
+        C.affine_warp_fwd(x, torch.randn(3, 2, 3), 5, 5, 0)
+    with pytest.raises(RuntimeError, match="sizes must be positive"):
+        C.affine_warp_fwd(x, torch.randn(2, 2, 3), 0, 5, 0)
+    with pytest.raises(RuntimeError, match="non-empty"):
+        C.affine_warp_fwd(torch.randn(0, 1, 7, 7), torch.randn(0, 2, 3), 5, 5, 0)
+    a = torch.randn(4, 10)
+    with pytest.raises(RuntimeError, match="at least 2"):
+        C.info_nce_fwd(a[:1], a[:1], 0.5, 1)
+    with pytest.raises(RuntimeError, match="temperature"):
+        C.info_nce_fwd(a, a, -1.0, 1)
+    with pytest.raises(RuntimeError, match="reduction"):
+        C.info_nce_fwd(a, a, 0.5, 7)
+    _, logits, stats = C.info_nce_fwd(a, a, 0.5, 1)
+    with pytest.raises(RuntimeError, match="float64 tensors of info_nce_fwd"):
+        C.info_nce_bwd(torch.tensor(1.0), a, a, logits.float(), stats, 0.5, 1)
+    with pytest.raises(RuntimeError, match="grad_loss has"):
+        C.info_nce_bwd(torch.ones(4), a, a, logits, stats, 0.5, 1)
+
+
+# ------------------------------------------------------------------------------- without _C
+def test_backend_unavailable_without_extension(monkeypatch):
+    """With cgc._C missing, naming the native backend fails clearly and auto falls back."""
+    import cgc.ops as ops_pkg
+
+    monkeypatch.setitem(sys.modules, "cgc._C", None)  # makes `from cgc import _C` fail
+    monkeypatch.delattr(cgc, "_C", raising=False)
+    monkeypatch.delitem(sys.modules, "cgc.ops.native")
+    monkeypatch.setattr(ops_pkg, "native", native, raising=False)  # restored after the test
+    monkeypatch.setattr(ops_pkg, "_LOADED", {"reference": reference})  # forget loaded backends
+    with pytest.raises(ops.BackendUnavailable, match=r"cgc\._C is not built.*pip install"):
+        ops._module("native")
+    assert "native" not in ops.available_backends()
+    a = torch.randn(3, 5)
+    assert torch.equal(ops.info_nce(a, a, 0.5), reference.info_nce(a, a, 0.5))
+    with pytest.raises(ops.BackendUnavailable):
+        ops.info_nce(a, a, 0.5, backend="native")
+
+
+def test_import_cgc_without_extension():
+    """A fresh interpreter where cgc._C cannot be imported still runs the package."""
+    code = ("import sys; sys.modules['cgc._C'] = None\n"
+            "import torch, cgc\n"
+            "from cgc import ops\n"
+            "assert 'native' not in ops.available_backends(), ops.available_backends()\n"
+            "a = torch.randn(3, 4)\n"
+            "print(float(ops.info_nce(a, a, 0.5)))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+# ------------------------------------------------------------------------------- training
+@pytest.mark.parametrize("device", DEVICES)
+def test_cgc_loss_matches_reference_backend(device):
+    """GradCAM + CGCLoss of a small CNN: loss and parameter gradients agree across backends."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 16, 3, stride=2, padding=1), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 5))
+    net = net.double().to(device)
+    x = torch.randn(6, 3, 32, 32, dtype=torch.float64, device=device)
+    theta = transforms.random_crop_flip(6, 32, 32, device=device).theta()
+    grads = {}
+    for backend in ("reference", "native"):
+        net.zero_grad()
+        with cgc.GradCAM(net, "2", pool=False, backend=backend) as cam:
+            x_aug = transforms.apply(x, theta, backend=backend)
+            logits, acts = cam.forward(torch.cat([x, x_aug]))
+            target = logits[:6].detach().argmax(1).repeat(2)
+            cams = cam.heatmaps(logits, acts, target, create_graph=True)
+            loss = cgc.CGCLoss(0.5, 24, backend=backend)(cams[:6], cams[6:], theta)
+        loss.backward()
+        # the CGC term does not depend on the head's bias: no gradient there
+        grads[backend] = (loss.detach(), [p.grad for p in net.parameters() if p.grad is not None])
+    assert rel_err(grads["native"][0], grads["reference"][0]) < 1e-10
+    assert len(grads["native"][1]) == len(grads["reference"][1]) == 5
+    for g, w in zip(grads["native"][1], grads["reference"][1]):
+        assert rel_err(g, w) < 1e-8
