@@ -16,25 +16,28 @@ from torch import nn
 COMPACT = "compact"
 
 
-def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout),
+def _conv_bn(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout),
                          nn.ReLU(inplace=True))
 
 
 class CompactCNN(nn.Module):
-    """Six 3x3 conv-BN-ReLU layers (stride 8 overall), global average pooling, linear head.
+    """Four 3x3 conv-BN-ReLU layers with 2x2 max-pooling after the first three (stride 8),
+    global average pooling, a linear head.
 
     ``features`` is the last convolutional stage (the Grad-CAM layer): at 64 px input it is an
     8x8 map, so heatmaps have enough resolution to be right or wrong about a small object.
+    Max-pooling (rather than strided convolutions) lets small objects win early in training:
+    on the synthetic dataset it leaves the initial accuracy plateau several times sooner.
     Global pooling + linear head make pooled and element-wise Grad-CAM coincide, as for ResNet.
     """
 
-    def __init__(self, num_classes: int = 10, width: int = 32):
+    def __init__(self, num_classes: int = 10, width: int = 16):
         super().__init__()
         w = width
-        self.stem = nn.Sequential(_conv_bn(3, w // 2), _conv_bn(w // 2, w, 2))
-        self.stage2 = nn.Sequential(_conv_bn(w, 2 * w, 2), _conv_bn(2 * w, 2 * w))
-        self.features = nn.Sequential(_conv_bn(2 * w, 4 * w, 2), _conv_bn(4 * w, 4 * w))
+        self.stem = nn.Sequential(_conv_bn(3, w), nn.MaxPool2d(2))
+        self.stage2 = nn.Sequential(_conv_bn(w, 2 * w), nn.MaxPool2d(2))
+        self.features = nn.Sequential(_conv_bn(2 * w, 4 * w), nn.MaxPool2d(2), _conv_bn(4 * w, 4 * w))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(4 * w, num_classes)
 

@@ -1,4 +1,4 @@
-"""Pictures: heatmap overlays and training curves as PNG, drawn with PIL only."""
+"""Pictures: heatmap overlays and training/metric curves as PNG, drawn with PIL only."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,6 +6,10 @@ from typing import Sequence
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from . import data
+from .cam import resize_heatmaps
+from .metrics import eval_batches, eval_mode
 
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
            (140, 86, 75), (227, 119, 194), (127, 127, 127)]
@@ -69,7 +73,7 @@ def save_overlay_grid(path: str | Path, images: torch.Tensor, heatmaps: Sequence
 
 
 def plot_curves(path: str | Path, panels: dict[str, dict[str, Sequence[tuple[float, float]]]],
-                size: tuple[int, int] = (420, 300)) -> Path:
+                size: tuple[int, int] = (420, 300), xlabel: str = "epoch") -> Path:
     """Line charts side by side: ``panels[title][series] = [(x, y), ...]`` -> PNG."""
     font = ImageFont.load_default()
     pw, ph = size
@@ -105,7 +109,7 @@ def plot_curves(path: str | Path, panels: dict[str, dict[str, Sequence[tuple[flo
         for xv in (xmin, xmax):
             xp, _ = to_px(xv, ymin)
             draw.text((xp - 6, bottom + 4), f"{xv:g}", fill="black", font=font)
-        draw.text((ox + pw // 2 - 15, ph - 14), "epoch", fill="black", font=font)
+        draw.text((ox + pw // 2 - 3 * len(xlabel), ph - 14), xlabel, fill="black", font=font)
         for k, (name, s) in enumerate(series.items()):
             color = PALETTE[k % len(PALETTE)]
             xy = [to_px(x, y) for x, y in s]
@@ -117,3 +121,21 @@ def plot_curves(path: str | Path, panels: dict[str, dict[str, Sequence[tuple[flo
     path = Path(path)
     canvas.save(path)
     return path
+
+
+def save_overlays(path: str | Path, cams: Sequence, titles: Sequence[str], dataset, device, n: int,
+                  classes: Sequence[str]) -> Path:
+    """PNG of the first ``n`` images of ``dataset``: the image, then for each
+    :class:`cgc.GradCAM` in ``cams`` (one per model) the heatmap of the class that model
+    predicts, ground-truth boxes outlined if any; captions ``label -> each model's class``."""
+    images, labels, boxes = next(eval_batches(dataset, n, n))
+    x = data.normalize(images.to(device))
+    heatmaps, preds = [], []
+    for cam in cams:
+        with eval_mode(cam.model):
+            out = cam(x)
+        heatmaps.append(resize_heatmaps(out.cams, tuple(x.shape[-2:])).cpu())
+        preds.append(out.targets.cpu())
+    captions = [f"{classes[int(label)]} -> " + " / ".join(classes[int(p[i])] for p in preds)
+                for i, label in enumerate(labels)]
+    return save_overlay_grid(path, images.float() / 255, heatmaps, titles, boxes=boxes, captions=captions)

@@ -1,22 +1,49 @@
 """Datasets by name. Every dataset yields ``(image uint8 [3,S,S], label)`` pairs of one
 fixed size ``S``; normalisation and the augmented views are made on the device.
 
-Datasets with ground truth for explanations also expose ``boxes`` [N,nb,4] (x0, y0, x1, y1
-in pixels, empty boxes padded with zeros) and optionally ``masks`` [N,S,S].
+File datasets (``folder``, ``imagenet``, ``cub``, ``cars``, ``flowers``, ``aircraft``) decode
+and resize in loader workers; their training split yields ``(x_orig, label, x_ce)`` with the
+cross-entropy view cut from the decoded image (see :mod:`cgc.data.files`), and a sample whose
+file cannot be decoded comes with the label :data:`UNREADABLE` (see :func:`drop_unreadable`).
+
+A dataset with ground truth for explanations has a ``boxes`` attribute; read it with
+:func:`annotated_batches`, which gives the boxes [B,nb,4] as (x0, y0, x1, y1) in pixels of the
+image as fed to the model (empty boxes padded with zeros). The built-in dataset also has
+``masks`` [N,S,S].
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from . import finegrained, folders
+from .files import NO_LABEL, UNREADABLE, ImageFiles, LayoutError, UnreadableImage, drop_unreadable
+from .subsets import limit, write_file_list
 from .synthetic import SyntheticShapes
+from .unlabeled import CyclingSampler, unlabeled_images
 
-DATASETS = ("synthetic",)
+#: dataset name -> (function reading a root into a Listing, the layout it expects)
+FILE_DATASETS = {
+    "folder": (folders.folder, folders.FOLDER_LAYOUT),
+    "imagenet": (folders.imagenet, folders.IMAGENET_LAYOUT),
+    "cub": (finegrained.cub, finegrained.CUB_LAYOUT),
+    "cars": (finegrained.cars, finegrained.CARS_LAYOUT),
+    "flowers": (finegrained.flowers, finegrained.FLOWERS_LAYOUT),
+    "aircraft": (finegrained.aircraft, finegrained.AIRCRAFT_LAYOUT),
+}
+DATASETS = ("synthetic", *FILE_DATASETS)
+#: input size of the file datasets unless --image-size says otherwise
+FILE_IMAGE_SIZE = 224
 
 #: normalisation of torchvision's ImageNet models, used for every dataset
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
+
+__all__ = ["DATASETS", "FILE_DATASETS", "DataBundle", "build", "normalize", "denormalize",
+           "annotated_batches", "ImageFiles", "LayoutError", "UnreadableImage", "NO_LABEL", "UNREADABLE",
+           "drop_unreadable", "limit", "write_file_list", "unlabeled_images", "CyclingSampler"]
 
 
 @dataclass
@@ -31,15 +58,37 @@ class DataBundle:
 
 
 def build(name: str, *, seed: int = 0, image_size: int | None = None, train_size: int = 6000,
-          val_size: int = 1000, num_classes: int = 10) -> DataBundle:
-    """The train and val splits of dataset ``name``."""
+          val_size: int = 1000, num_classes: int = 10, root: str | Path | None = None, strict: bool = False,
+          ce_crop_scale: tuple[float, float] = (0.08, 1.0)) -> DataBundle:
+    """The train and val splits of dataset ``name``.
+
+    ``train_size``, ``val_size`` and ``num_classes`` shape the synthetic dataset; ``root`` is
+    the folder of a file dataset, ``strict`` makes an unreadable image an error, and
+    ``ce_crop_scale`` is the area range of a file dataset's x_ce crop.
+    """
     if name == "synthetic":
         size = image_size or 64
         kw = dict(seed=seed, num_classes=num_classes, image_size=size)
         train = SyntheticShapes("train", train_size, **kw)
         val = SyntheticShapes("val", val_size, **kw)
         return DataBundle(train, val, train.classes, size, in_memory=True)
-    raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+    if name not in FILE_DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+    read, layout = FILE_DATASETS[name]
+    if root is None:
+        raise LayoutError(f"{name}: give the dataset folder with --data ROOT; expected layout:\n{layout}")
+    root = Path(root)
+    if not root.is_dir():
+        raise LayoutError(f"{name}: {root} is not a folder; expected layout:\n{layout}")
+    listing = read(root)
+    if not listing.train or not listing.val:
+        raise LayoutError(f"{name}: {root} has {len(listing.train)} training and {len(listing.val)} val "
+                          f"images; both splits need some; expected layout:\n{layout}")
+    size = image_size or FILE_IMAGE_SIZE
+    kw = dict(image_size=size, strict=strict)
+    train = ImageFiles(listing.root, listing.train, listing.classes, train=True, ce_scale=ce_crop_scale, **kw)
+    val = ImageFiles(listing.root, listing.val, listing.classes, boxes=listing.val_boxes, **kw)
+    return DataBundle(train, val, listing.classes, size, in_memory=False)
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
@@ -56,10 +105,19 @@ def denormalize(images: torch.Tensor) -> torch.Tensor:
     return (images * std + mean).clamp(0, 1)
 
 
-def annotated_batches(dataset, batch_size: int):
-    """``(images uint8, labels, boxes)`` batches of a dataset with box annotations, in order."""
+def annotated_batches(dataset, batch_size: int, *, workers: int = 0):
+    """``(images uint8, labels, boxes)`` batches of a dataset with box annotations, in order;
+    file datasets are decoded by ``workers`` processes and unreadable images left out."""
     if not hasattr(dataset, "boxes"):
         raise ValueError(f"{type(dataset).__name__} has no box annotations")
-    for start in range(0, len(dataset), batch_size):
-        sl = slice(start, start + batch_size)
-        yield dataset.images[sl], dataset.labels[sl], dataset.boxes[sl]
+    if not isinstance(dataset, ImageFiles):
+        for start in range(0, len(dataset), batch_size):
+            sl = slice(start, start + batch_size)
+            yield dataset.images[sl], dataset.labels[sl], dataset.boxes[sl]
+        return
+    loader = torch.utils.data.DataLoader(dataset.annotated(), batch_size=batch_size, num_workers=workers,
+                                         pin_memory=torch.cuda.is_available())
+    for batch in loader:
+        (images, labels, boxes), _ = drop_unreadable(batch)
+        if len(labels):
+            yield images, labels, boxes

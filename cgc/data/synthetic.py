@@ -16,8 +16,8 @@ import math
 
 import torch
 
-CLASS_SHAPES = ("circle", "square", "triangle", "plus", "ring", "diamond", "star", "hexagon",
-                "crescent", "cross", "semicircle", "tee")
+CLASS_SHAPES = ("circle", "square", "triangle", "plus", "ring", "diamond", "star", "tee",
+                "crescent", "cross", "semicircle", "hexagon")
 DISTRACTOR_SHAPES = ("bar", "ellipse", "frame")
 SPLITS = {"train": 0, "val": 1, "test": 2}
 CHUNK = 256
@@ -110,11 +110,11 @@ def _background(n: int, S: int, gen: torch.Generator) -> torch.Tensor:
     stripes and a smooth random field, plus grain. Kept at moderate contrast so that objects
     stand out by luminance while the texture still produces edges everywhere."""
     c1 = _rand(gen, n, 3, 1, 1)
-    c2 = (c1 + 0.3 * torch.randn(n, 3, 1, 1, generator=gen)).clamp(0, 1)
+    c2 = (c1 + 0.15 * torch.randn(n, 3, 1, 1, generator=gen)).clamp(0, 1)
     yy, xx = torch.meshgrid(torch.arange(S, dtype=torch.float32), torch.arange(S, dtype=torch.float32),
                             indexing="ij")
     theta = _rand(gen, n, 1, 1, hi=math.pi)
-    freq = _rand(gen, n, 1, 1, lo=0.1, hi=0.8)
+    freq = _rand(gen, n, 1, 1, lo=0.1, hi=0.5)
     phase = _rand(gen, n, 1, 1, hi=2 * math.pi)
     stripes = 0.5 + 0.5 * torch.sin(freq * (xx * torch.cos(theta) + yy * torch.sin(theta)) + phase)
     field = torch.nn.functional.interpolate(torch.rand(n, 1, 5, 5, generator=gen), size=(S, S),
@@ -170,7 +170,7 @@ def generate_chunk(seed: int, split: str, chunk: int, *, num_classes: int = 10, 
               _contrasting(bg_mean, gen), S, gen)
     # the class object, on top
     labels = torch.randint(0, num_classes, (n,), generator=gen)
-    half = _rand(gen, n, lo=0.14, hi=0.28) * S
+    half = _rand(gen, n, lo=0.17, hi=0.3) * S
     cx = half + _rand(gen, n) * (S - 2 * half)
     cy = half + _rand(gen, n) * (S - 2 * half)
     angle = _rand(gen, n, lo=-0.3, hi=0.3)

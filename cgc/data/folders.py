@@ -1,0 +1,146 @@
+"""Class-per-folder datasets: ``folder`` (any tree) and ``imagenet`` (with optional Pascal-VOC
+XML boxes for the validation images).
+
+Each function reads a root and returns a :class:`Listing` (file names, labels, class names,
+boxes); :func:`cgc.data.build` turns listings into datasets. Class folders are read with
+torchvision's ``find_classes`` / ``make_dataset`` (sorted, so labels are reproducible).
+"""
+from __future__ import annotations
+
+import hashlib
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+from .files import LayoutError
+
+#: share of each class that goes to val when a ``folder`` root is a single tree
+VAL_FRACTION = 0.2
+
+FOLDER_LAYOUT = """\
+  ROOT/train/<class>/<image>   and   ROOT/val/<class>/<image>   (same class names), or
+  ROOT/<class>/<image>         a single tree, split per class: 20 % val, chosen by file name"""
+
+IMAGENET_LAYOUT = """\
+  ROOT/train/<wnid>/<image>          one folder per class (1000 for ImageNet-1k)
+  ROOT/val/<wnid>/<image>            the same class folders, or flat: ROOT/val/<image>
+  ROOT/annotation/<image stem>.xml   optional: one Pascal-VOC XML per val image (ImageNet's
+                                     ILSVRC2012_bbox_val_v3, e.g. ILSVRC2012_val_00000001.xml),
+                                     its <object>s give the boxes for the content-heatmap metric
+                                     and, when val/ is flat, the label (<name> = a train folder)"""
+
+
+@dataclass
+class Listing:
+    """What a dataset root holds: ``(path, label)`` samples per split, class names, and the
+    val boxes (one list of [x0, y0, x1, y1] in file pixels per val image) when annotated."""
+
+    root: Path
+    classes: list[str]
+    train: list[tuple[Path, int]]
+    val: list[tuple[Path, int]]
+    val_boxes: list[list[list[float]]] | None = None
+
+
+def is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMG_EXTENSIONS
+
+
+def class_tree(root: Path, dataset: str, layout: str, class_to_idx: dict[str, int] | None = None):
+    """``(classes, samples)`` of a class-per-folder tree; with ``class_to_idx`` the folders
+    must be among those classes (a val tree may miss some)."""
+    try:
+        if class_to_idx is None:
+            classes, class_to_idx = find_classes(str(root))
+        else:
+            classes = list(class_to_idx)
+            unknown = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name not in class_to_idx)
+            if unknown:
+                raise LayoutError(f"{dataset}: {root} has class folders that train/ lacks: {unknown[:5]}; "
+                                  f"expected layout:\n{layout}")
+        samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    except FileNotFoundError as err:
+        raise LayoutError(f"{dataset}: {err}; expected layout:\n{layout}") from err
+    if not samples:
+        raise LayoutError(f"{dataset}: no images ({', '.join(IMG_EXTENSIONS)}) in the class folders of "
+                          f"{root}; expected layout:\n{layout}")
+    return classes, [(Path(p), label) for p, label in samples]
+
+
+def _require_dir(path: Path, dataset: str, layout: str) -> None:
+    if not path.is_dir():
+        raise LayoutError(f"{dataset}: {path} is not a folder; expected layout:\n{layout}")
+
+
+def _name_key(path: Path) -> str:
+    """A stable pseudo-random order of file names (independent of --seed and of the OS)."""
+    return hashlib.sha1(path.name.encode()).hexdigest()
+
+
+def folder(root: Path) -> Listing:
+    """A class-per-folder tree: ``train/`` + ``val/`` subtrees, or one tree split per class
+    (every class with at least two images gives ``VAL_FRACTION`` of them, at least one, to
+    val; which ones depends only on the file names, so every seed sees the same val set)."""
+    _require_dir(root, "folder", FOLDER_LAYOUT)
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        classes, train = class_tree(root / "train", "folder", FOLDER_LAYOUT)
+        _, val = class_tree(root / "val", "folder", FOLDER_LAYOUT, {c: i for i, c in enumerate(classes)})
+        return Listing(root, classes, train, val)
+    classes, samples = class_tree(root, "folder", FOLDER_LAYOUT)
+    train, val = [], []
+    for label in range(len(classes)):
+        files = sorted((s for s in samples if s[1] == label), key=lambda s: _name_key(s[0]))
+        n_val = max(1, round(VAL_FRACTION * len(files))) if len(files) >= 2 else 0
+        val += files[:n_val]
+        train += files[n_val:]
+    return Listing(root, classes, sorted(train), sorted(val))
+
+
+def read_voc_boxes(path: Path) -> tuple[list[str], list[list[float]]]:
+    """Object names and boxes ``[xmin, ymin, xmax, ymax]`` of a Pascal-VOC XML file."""
+    try:
+        tree = ET.parse(path)
+        names, boxes = [], []
+        for obj in tree.getroot().iter("object"):
+            bb = obj.find("bndbox")
+            names.append(obj.findtext("name").strip())
+            boxes.append([float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")])
+    except (ET.ParseError, AttributeError, TypeError, ValueError) as err:
+        raise LayoutError(f"imagenet: {path} is not a Pascal-VOC annotation with <object><name> and "
+                          f"<bndbox> xmin/ymin/xmax/ymax ({err})") from err
+    return names, boxes
+
+
+def imagenet(root: Path) -> Listing:
+    """ImageNet-style train/ and val/ class folders, optionally boxes from ``annotation/``."""
+    _require_dir(root / "train", "imagenet", IMAGENET_LAYOUT)
+    _require_dir(root / "val", "imagenet", IMAGENET_LAYOUT)
+    classes, train = class_tree(root / "train", "imagenet", IMAGENET_LAYOUT)
+    class_to_idx = {c: i for i, c in enumerate(classes)}
+    annotations = root / "annotation"
+    flat = sorted(p for p in (root / "val").iterdir() if p.is_file() and is_image(p))
+    if flat and not annotations.is_dir():
+        raise LayoutError(f"imagenet: {root / 'val'} holds images directly but {annotations} is missing: "
+                          f"flat val images take their labels from the XML files; expected layout:\n"
+                          f"{IMAGENET_LAYOUT}")
+    if not flat:
+        _, val = class_tree(root / "val", "imagenet", IMAGENET_LAYOUT, class_to_idx)
+        if not annotations.is_dir():
+            return Listing(root, classes, train, val)
+    boxes, labelled = [], []
+    for path, label in ([(p, None) for p in flat] or val):
+        xml = annotations / f"{path.stem}.xml"
+        if not xml.is_file():
+            raise LayoutError(f"imagenet: {xml} is missing; with annotation/ every val image needs its XML; "
+                              f"expected layout:\n{IMAGENET_LAYOUT}")
+        names, image_boxes = read_voc_boxes(xml)
+        if label is None:
+            if not names or names[0] not in class_to_idx:
+                raise LayoutError(f"imagenet: {xml} names no class of train/ (first <object><name>: "
+                                  f"{names[0] if names else 'none'})")
+            label = class_to_idx[names[0]]
+        labelled.append((path, label))
+        boxes.append(image_boxes)
+    return Listing(root, classes, train, labelled, boxes)

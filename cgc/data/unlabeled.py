@@ -1,0 +1,37 @@
+"""Unlabeled images for the semi-supervised recipe: any tree of image files, and an endless
+sampler so the unlabeled loader cycles while one epoch is one pass over the labelled data."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .files import NO_LABEL, ImageFiles, LayoutError
+from .folders import is_image
+
+
+def unlabeled_images(root: str | Path, image_size: int, *, strict: bool = False) -> ImageFiles:
+    """Every image file under ``root`` (recursively, sorted) as ``(x_orig, NO_LABEL)`` items."""
+    root = Path(root)
+    if not root.is_dir():
+        raise LayoutError(f"unlabeled: {root} is not a folder; give any folder tree of images")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and is_image(p))
+    if not files:
+        raise LayoutError(f"unlabeled: no image files (.jpg, .png, ...) under {root}")
+    return ImageFiles(root, [(p, NO_LABEL) for p in files], [], image_size, strict=strict)
+
+
+class CyclingSampler(torch.utils.data.Sampler):
+    """An endless stream of indices of ``n`` samples: pass ``k`` is a permutation drawn from
+    ``(seed, k)``. Starting at stream position ``start`` continues exactly where an
+    interrupted run stopped, without replaying the images before it."""
+
+    def __init__(self, n: int, seed: int, start: int = 0):
+        self.n, self.seed, self.start = n, seed, start
+
+    def __iter__(self):
+        k, offset = divmod(self.start, self.n)
+        while True:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + k)
+            yield from torch.randperm(self.n, generator=gen)[offset:].tolist()
+            k, offset = k + 1, 0

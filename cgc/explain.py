@@ -1,0 +1,138 @@
+"""``python -m cgc.explain IMAGE...``: Grad-CAM of the top-k classes of image files, as PNGs.
+
+The model comes from a cgc checkpoint (``--checkpoint``, with its class names, image size and
+Grad-CAM layer) or from a torchvision architecture (``--arch`` with ``--weights FILE`` or
+``--pretrained``; ImageNet class names from torchvision's weight metadata when the head has
+its 1000 classes). Each image is resized (shorter side) and centre-cropped to the model's
+input size; one PNG per image shows it and the heatmap of each of the ``--top-k`` classes.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from . import checkpoint, data, viz
+from .cam import GradCAM, resize_heatmaps
+from .metrics import eval_mode
+from .models import build_model, classifier_head, load_state_dict_file
+from .train import pick_device
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m cgc.explain", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="cgc checkpoint file or run folder")
+    src.add_argument("--arch", help="torchvision architecture (with --weights or --pretrained)")
+    p.add_argument("--weights", default=None, help="--arch: local state dict file")
+    p.add_argument("--pretrained", action="store_true", help="--arch: torchvision's ImageNet weights")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="--arch: classes of the head (default: read from --weights, else 1000)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="model input size (default: the checkpoint's, else 224)")
+    p.add_argument("--target-layer", default=None, help="Grad-CAM layer (default: the checkpoint's / last conv stage)")
+    p.add_argument("--top-k", type=int, default=3, help="explain the k most probable classes")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="runs/explain", help="output folder")
+    args = p.parse_args(argv)
+    if args.arch is None and (args.weights or args.pretrained or args.num_classes):
+        p.error("--weights, --pretrained and --num-classes go with --arch")
+    if args.arch is not None and not (args.weights or args.pretrained):
+        p.error("--arch needs --weights FILE or --pretrained (a random model explains nothing)")
+    if args.top_k < 1 or (args.image_size is not None and args.image_size < 8):
+        p.error("--top-k must be >= 1 and --image-size >= 8")
+    return args
+
+
+def read_image(path: str | Path, size: int) -> torch.Tensor:
+    """uint8 [3,size,size]: the file as RGB, shorter side resized to ``size``, centre crop."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"error: image not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise SystemExit(f"error: cannot read image {path} (corrupt or not an image): {err}") from err
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float()
+    h, w = x.shape[-2:]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    x = F.interpolate(x, (nh, nw), mode="bilinear", align_corners=False, antialias=True)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return x[0, :, top:top + size, left:left + size].round().clamp(0, 255).byte()
+
+
+def imagenet_categories(arch: str, num_classes: int) -> list[str] | None:
+    """torchvision's class names for ``arch``'s default weights, if they match the head."""
+    import torchvision
+
+    try:
+        cats = torchvision.models.get_model_weights(arch).DEFAULT.meta.get("categories")
+    except (ValueError, KeyError, AttributeError):
+        return None
+    return list(cats) if cats and len(cats) == num_classes else None
+
+
+def load(args) -> tuple[torch.nn.Module, list[str], int, str | None, bool]:
+    """``(model, class names, image size, target layer, pooled weighting)`` from the arguments."""
+    if args.checkpoint:
+        ckpt = checkpoint.load(args.checkpoint)
+        targs = ckpt.get("args", {})
+        num = len(ckpt.get("classes") or []) or targs.get("num_classes")
+        classes = list(ckpt.get("classes") or [f"class {i}" for i in range(num)])
+        model = build_model(targs.get("arch", "compact"), num)
+        model.load_state_dict(ckpt["model"])
+        size = args.image_size or targs.get("image_size") or 224
+        pool = targs.get("cam_weighting", "elementwise") == "pooled"
+        return model, classes, size, args.target_layer or ckpt.get("target_layer"), pool
+    num = args.num_classes
+    if num is None and args.weights:
+        probe = build_model(args.arch, 1000)
+        head, _ = classifier_head(probe)
+        w = load_state_dict_file(args.weights).get(f"{head}.weight")
+        num = w.shape[0] if w is not None else 1000
+    num = num or 1000
+    model = build_model(args.arch, num, pretrained=args.pretrained, weights=args.weights)
+    classes = imagenet_categories(args.arch, num) or [f"class {i}" for i in range(num)]
+    return model, classes, args.image_size or 224, args.target_layer, True
+
+
+def main(argv=None) -> list[Path]:
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    try:
+        model, classes, size, layer, pool = load(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        raise SystemExit(f"error: {err}") from err
+    images = torch.stack([read_image(p, size) for p in args.images])  # every file checked before any work
+    model.to(device)
+    k = min(args.top_k, len(classes))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    with GradCAM(model, layer, pool=pool) as cam, eval_mode(model):
+        for path, img in zip(args.images, images):
+            x = data.normalize(img[None].to(device)).expand(k, -1, -1, -1)
+            with torch.no_grad():
+                probs = model(x[:1]).softmax(1)[0]
+            top = probs.topk(k)
+            heat = resize_heatmaps(cam(x, top.indices).cams, (size, size)).cpu()
+            titles = [f"{classes[int(c)]} ({100 * float(p):.1f}%)" for p, c in zip(top.values, top.indices)]
+            dest = out / f"{Path(path).stem}_gradcam.png"
+            viz.save_overlay_grid(dest, img[None].float() / 255, [h[None] for h in heat], titles,
+                                  captions=[Path(path).name])
+            written.append(dest)
+            print(f"{path}: " + ", ".join(titles) + f" -> {dest}")
+    return written
+
+
+if __name__ == "__main__":
+    main()
