@@ -26,6 +26,10 @@ def _want_cuda(torch, cuda_home) -> bool:
 
 
 def _extensions():
+    # torch looks for the toolkit through `which nvcc` before /usr/local/cuda; an nvcc linked
+    # into /usr/local/bin would then make it look for libcudart in /usr/local/lib64
+    if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and os.path.isdir("/usr/local/cuda"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
