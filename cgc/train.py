@@ -148,8 +148,7 @@ def make_loader(dataset, args, bundle, *, shuffle: bool, epoch: int = 0):
     gen = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
     return torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, shuffle=shuffle, generator=gen if shuffle else None,
-        num_workers=workers, pin_memory=torch.cuda.is_available(), drop_last=shuffle,
-        persistent_workers=False)
+        num_workers=workers, pin_memory=torch.cuda.is_available(), drop_last=shuffle)
 
 
 def unlabeled_batches(dataset, args, epoch: int, steps_per_epoch: int):
@@ -170,9 +169,9 @@ def lambda_at(args, epoch: int, step: int, steps_per_epoch: int) -> float:
 
 
 def train_step(model, cam: GradCAM, loss_fn: CGCLoss | None, x: torch.Tensor, y: torch.Tensor, args,
-               *, lam: float | None = None, x_ce: torch.Tensor | None = None,
+               *, lam: float, x_ce: torch.Tensor | None = None,
                unlabeled: torch.Tensor | None = None):
-    """Losses of one batch: CE on three views (x_ce, x, x_aug) and lambda * CGC between the
+    """Losses of one batch: CE on three views (x_ce, x, x_aug) and ``lam`` * CGC between the
     heatmaps of x and x_aug. ``x_ce`` is cut from ``x`` on the device unless the loader gave
     it. With ``unlabeled`` images the CGC term is theirs (the semi-supervised recipe: CE on
     the labelled batch, CGC on the unlabeled one, one forward pass for both)."""
@@ -199,7 +198,7 @@ def train_step(model, cam: GradCAM, loss_fn: CGCLoss | None, x: torch.Tensor, y:
         cams = cam.heatmaps(logits, acts, target.repeat(2), rows=slice(first, first + 2 * n), create_graph=True)
         cgc = loss_fn(cams[:n], cams[n:], cgc_theta)
         out[cgc_key] = cgc
-        total = total + (args.lam if lam is None else lam) * cgc
+        total = total + lam * cgc
     out["loss"] = total
     out["top1"] = (logits[B:2 * B].detach().argmax(1) == y).float().mean()
     return out
