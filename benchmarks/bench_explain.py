@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from cgc import GradCAM, metrics, resize_heatmaps
+from cgc.cam import to_channels_last
 from cgc.models import CompactCNN
 
 from .conftest import devices, sync
@@ -33,8 +34,11 @@ def device(request):
     return request.param
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def resnet(device):
+    """A fresh ResNet-18 (the same random weights every time, NCHW as torchvision builds it) and
+    the image batch: each implementation gets the model as a user has it, so a layout change
+    one of them makes (cgc.GradCAM's channels-last on CPU) cannot leak into another's timing."""
     import torchvision
 
     torch.manual_seed(0)
@@ -61,29 +65,45 @@ def timed(benchmark, case: str, device: str, impl: str, items: int, fn, rounds: 
 CAM_CASE = f"Grad-CAM, ResNet-18, batch {BATCH} at {SIZE} px"
 
 
-def test_gradcam_cgc(benchmark, resnet, device):
+@pytest.mark.parametrize("precision", ["float32", "bfloat16 autocast"])
+def test_gradcam_cgc(benchmark, resnet, device, precision):
+    """cgc.GradCAM as a user calls it (defaults: channels-last on CPU), in float32 and under
+    bfloat16 autocast (AMX / tensor cores; pytorch-grad-cam cannot run under it: its numpy
+    conversion rejects bfloat16)."""
     model, images = resnet
     cam = GradCAM(model, "layer4")
+    dtype = torch.bfloat16 if precision != "float32" else None
 
     def run():
-        return resize_heatmaps(cam(images).cams, (SIZE, SIZE))
+        with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            cams = cam(images).cams
+        return resize_heatmaps(cams, (SIZE, SIZE))
 
     assert run().shape == (BATCH, SIZE, SIZE)
-    timed(benchmark, CAM_CASE, device, "cgc.GradCAM", BATCH, run)
+    timed(benchmark, CAM_CASE, device, "cgc.GradCAM" + ("" if dtype is None else f" ({precision})"),
+          BATCH, run)
     cam.close()
 
 
-def test_gradcam_pytorch_grad_cam(benchmark, resnet, device):
+@pytest.mark.parametrize("layout", ["as built", "channels-last"])
+def test_gradcam_pytorch_grad_cam(benchmark, resnet, device, layout):
+    """pytorch-grad-cam on the model as torchvision builds it, and (to show what part of the
+    speed-up is layout alone) on the same model and images converted to channels-last."""
     pgc = pytest.importorskip("pytorch_grad_cam", reason="pytorch-grad-cam is not installed "
                               "(pip install grad-cam); it is only a benchmark baseline")
     model, images = resnet
+    name = "pytorch-grad-cam"
+    if layout == "channels-last":
+        to_channels_last(model)
+        images = images.contiguous(memory_format=torch.channels_last)
+        name += " (channels-last model)"
     cam = pgc.GradCAM(model=model, target_layers=[model.layer4[-1]])
 
     def run():
         return cam(input_tensor=images, targets=None)
 
     assert run().shape == (BATCH, SIZE, SIZE)
-    timed(benchmark, CAM_CASE, device, "pytorch-grad-cam", BATCH, run)
+    timed(benchmark, CAM_CASE, device, name, BATCH, run)
     cam.activations_and_grads.release()
 
 
