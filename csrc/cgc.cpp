@@ -1,6 +1,6 @@
 // Operator schemas of the cgc extension (namespace torch.ops.cgc). Kernels are registered per
-// dispatch key in cpu/*.cpp and cuda/*.cu; autograd and fake (meta) implementations are
-// registered from Python in cgc/ops/native.py. Every op computes what cgc/ops/reference.py does.
+// dispatch key in cpu/*.cpp and cuda/*.cu, autograd in autograd.cpp; fake (meta) implementations
+// are registered from Python in cgc/ops/native.py. Every op computes what cgc/ops/reference.py does.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -1,9 +1,10 @@
 """The ``native`` backend: the compiled kernels of ``cgc._C`` (``csrc/``) as ``torch.ops.cgc``.
 
-Each op is a forward/backward pair of custom operators with a C++ kernel per device; this
-module registers their autograd formulas (:func:`torch.library.register_autograd`) and their
-fake implementations (:func:`torch.library.register_fake`, output shapes for
-``torch.compile``), and exposes the backend interface of :mod:`cgc.ops`.
+Each op is a forward/backward pair of custom operators with a kernel per device and an
+autograd kernel, all in C++ (``csrc/autograd.cpp``: C++ autograd costs a fraction of the host
+time of :func:`torch.library.register_autograd`, which dominated at small sizes and on GPUs);
+this module registers their fake implementations (:func:`torch.library.register_fake`, output
+shapes for ``torch.compile``) and exposes the backend interface of :mod:`cgc.ops`.
 
 Differentiability: ``gradcam`` to any order (its backward op has its own autograd, needed
 because the CGC loss differentiates a heatmap built from ``create_graph`` gradients);
@@ -57,18 +58,10 @@ def info_nce(anchors: torch.Tensor, positives: torch.Tensor, temperature: float,
 
 
 # ----------------------------------------------------------------------------- registrations
-def _pooled(x: torch.Tensor, gradients_dim: int, pool: bool) -> torch.Tensor:
-    """The channel weights ``P(x)`` of ``gradcam`` broadcast to [B,K,H,W] (x shaped like the
-    gradients): spatial mean, identity (element-wise) or the [B,K] weights themselves."""
-    if gradients_dim == 2:
-        return x[:, :, None, None]
-    return x.mean(dim=(2, 3), keepdim=True) if pool else x
-
-
 def _register() -> None:
+    """Fake (meta) implementations: output shapes and dtypes for ``torch.compile`` tracing."""
     lib = "cgc::"
 
-    # gradcam ------------------------------------------------------------------
     @torch.library.register_fake(lib + "gradcam_fwd")
     def _(activations, gradients, pool):
         B, _, H, W = activations.shape
@@ -78,37 +71,6 @@ def _register() -> None:
     def _(grad_out, out, activations, gradients, pool):
         return torch.empty_like(activations), torch.empty_like(gradients)
 
-    def gradcam_setup(ctx, inputs, output):
-        activations, gradients, pool = inputs
-        ctx.save_for_backward(activations, gradients, output)
-        ctx.pool = pool
-
-    def gradcam_backward(ctx, grad):
-        activations, gradients, out = ctx.saved_tensors
-        d_act, d_grad = torch.ops.cgc.gradcam_bwd(grad, out, activations, gradients, ctx.pool)
-        return d_act, d_grad, None
-
-    torch.library.register_autograd(lib + "gradcam_fwd", gradcam_backward, setup_context=gradcam_setup)
-
-    # gradcam_bwd(go, out, A, G) = (m go P(G), P^T(m go A)) with m = (out > 0) is bilinear in
-    # (go, A) and (go, G): its vector-Jacobian product with (gA, gG) is gradcam_bwd(go, out, gA, gG)
-    # for (A, G), and m * (sum_k gA P(G) + sum_k A P(gG)) for go. `out` only carries the mask.
-    def gradcam_bwd_setup(ctx, inputs, output):
-        grad_out, out, activations, gradients, pool = inputs
-        ctx.save_for_backward(grad_out, out, activations, gradients)
-        ctx.pool = pool
-
-    def gradcam_bwd_backward(ctx, g_act, g_grad):
-        grad_out, out, activations, gradients = ctx.saved_tensors
-        d_act, d_grad = torch.ops.cgc.gradcam_bwd(grad_out, out, g_act, g_grad, ctx.pool)
-        k = gradients.dim()
-        lin = (g_act * _pooled(gradients, k, ctx.pool)).sum(1) + (activations * _pooled(g_grad, k, ctx.pool)).sum(1)
-        d_out = torch.where(out > 0, lin, torch.zeros_like(lin))
-        return d_out, None, d_act, d_grad, None
-
-    torch.library.register_autograd(lib + "gradcam_bwd", gradcam_bwd_backward, setup_context=gradcam_bwd_setup)
-
-    # affine_warp ----------------------------------------------------------------
     @torch.library.register_fake(lib + "affine_warp_fwd")
     def _(input, theta, out_h, out_w, padding_mode):
         return input.new_empty((input.shape[0], input.shape[1], out_h, out_w))
@@ -117,29 +79,6 @@ def _register() -> None:
     def _(grad_out, theta, in_h, in_w, padding_mode):
         return grad_out.new_empty((grad_out.shape[0], grad_out.shape[1], in_h, in_w))
 
-    def warp_setup(ctx, inputs, output):
-        input, theta, out_h, out_w, padding_mode = inputs
-        ctx.save_for_backward(theta)
-        ctx.args = (input.shape[2], input.shape[3], padding_mode)
-
-    def warp_backward(ctx, grad):
-        (theta,) = ctx.saved_tensors
-        return torch.ops.cgc.affine_warp_bwd(grad, theta, *ctx.args), None, None, None, None
-
-    torch.library.register_autograd(lib + "affine_warp_fwd", warp_backward, setup_context=warp_setup)
-
-    def warp_bwd_setup(ctx, inputs, output):
-        grad_out, theta, in_h, in_w, padding_mode = inputs
-        ctx.save_for_backward(theta)
-        ctx.args = (grad_out.shape[2], grad_out.shape[3], padding_mode)
-
-    def warp_bwd_backward(ctx, grad):
-        (theta,) = ctx.saved_tensors
-        return torch.ops.cgc.affine_warp_fwd(grad, theta, *ctx.args), None, None, None, None
-
-    torch.library.register_autograd(lib + "affine_warp_bwd", warp_bwd_backward, setup_context=warp_bwd_setup)
-
-    # info_nce -------------------------------------------------------------------
     @torch.library.register_fake(lib + "info_nce_fwd")
     def _(anchors, positives, temperature, reduction):
         B = anchors.shape[0]
@@ -150,29 +89,6 @@ def _register() -> None:
     @torch.library.register_fake(lib + "info_nce_bwd")
     def _(grad_loss, anchors, positives, logits, stats, temperature, reduction):
         return torch.empty_like(anchors), torch.empty_like(positives)
-
-    def nce_setup(ctx, inputs, output):
-        anchors, positives, temperature, reduction = inputs
-        _, logits, stats = output
-        ctx.save_for_backward(anchors, positives, logits, stats)
-        ctx.args = (temperature, reduction)
-        ctx.mark_non_differentiable(logits, stats)
-
-    def nce_backward(ctx, grad_loss, _grad_logits, _grad_stats):
-        anchors, positives, logits, stats = ctx.saved_tensors
-        da, dp = torch.ops.cgc.info_nce_bwd(grad_loss, anchors, positives, logits, stats, *ctx.args)
-        return da, dp, None, None
-
-    torch.library.register_autograd(lib + "info_nce_fwd", nce_backward, setup_context=nce_setup)
-
-    def nce_bwd_setup(ctx, inputs, output):
-        pass
-
-    def nce_bwd_backward(ctx, *grads):
-        raise RuntimeError("the native info_nce is differentiable once; for higher-order gradients "
-                           "use backend='reference'")
-
-    torch.library.register_autograd(lib + "info_nce_bwd", nce_bwd_backward, setup_context=nce_bwd_setup)
 
 
 if _IMPORT_ERROR is None:
