@@ -37,9 +37,12 @@ else
 fi
 "$PY" -c "import torch, cgc.ops.native as n; assert n.supports(torch.device('cuda')), 'no CUDA kernels'" >> "$REPORT" 2>&1
 
-section "Tests (CUDA cases of tests/test_ops.py and tests/test_native.py; CI runs the CPU ones)"
+section "Tests (CUDA cases of the shared op suite and tests/test_native.py, all of tests/test_triton.py at full shapes; CI runs the CPU ones)"
 PYTHONUNBUFFERED=1 timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_native.py -rfs \
   -k cuda --tb=short > "$OUT/tests.log" 2>&1
+echo "op suite + native: exit status $?" >> "$REPORT"
+PYTHONUNBUFFERED=1 timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton.py -rfs \
+  --tb=short >> "$OUT/tests.log" 2>&1
 echo "exit status $?" >> "$REPORT"
 { echo '```'; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -30; echo '```'; } >> "$REPORT"
 
