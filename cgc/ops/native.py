@@ -32,16 +32,22 @@ def unavailable_reason() -> str | None:
     return _IMPORT_ERROR
 
 
+_HAS_KERNELS: dict[str, bool] = {}  # device type -> registered kernels (fixed once loaded)
+
+
 def supports(device: torch.device) -> bool:
     """True when ``cgc._C`` has kernels for ``device`` (CPU always; CUDA when built with its
-    CUDA part and a GPU is visible)."""
+    CUDA part and a GPU is visible). Called on every op: the dispatcher query is cached."""
     if _IMPORT_ERROR is not None:
         return False
-    kind = torch.device(device).type
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
     if kind == "cuda" and not torch.cuda.is_available():
         return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(kind)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("cgc::gradcam_fwd", key)
+    if kind not in _HAS_KERNELS:
+        key = {"cpu": "CPU", "cuda": "CUDA"}.get(kind)
+        _HAS_KERNELS[kind] = key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+            "cgc::gradcam_fwd", key)
+    return _HAS_KERNELS[kind]
 
 
 # ----------------------------------------------------------------------------- backend API
