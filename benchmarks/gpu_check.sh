@@ -2,7 +2,9 @@
 # One-call GPU check, run from the repository root on a machine with a GPU, nvcc and torch:
 # builds cgc._C (CPU + CUDA), runs the test suite (CUDA cases included), the CUDA benchmarks
 # (with the device's copy bandwidth and matmul rate), and writes a markdown report to
-# $OUT/gpu_results.md (logs beside it). Needs no network. Usage: OUT=/some/dir benchmarks/gpu_check.sh
+# $OUT/gpu_results.md (logs beside it). Needs no network. Its stages are capped at about 9 minutes
+# in all (build + 150 + 120 + 180 + 60 s), under the device tool's 10-minute call limit.
+# Usage: OUT=/some/dir benchmarks/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu_check_out}
 PY=${PYTHON:-python3}
@@ -38,18 +40,25 @@ fi
 "$PY" -c "import torch, cgc.ops.native as n; assert n.supports(torch.device('cuda')), 'no CUDA kernels'" >> "$REPORT" 2>&1
 
 section "Tests (CUDA cases of the shared op suite and tests/test_native.py, all of tests/test_triton.py at full shapes; CI runs the CPU ones)"
-PYTHONUNBUFFERED=1 timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_native.py -rfs \
+PYTHONUNBUFFERED=1 timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_native.py -rfs \
   -k cuda --tb=short > "$OUT/tests.log" 2>&1
 echo "op suite + native: exit status $?" >> "$REPORT"
-PYTHONUNBUFFERED=1 timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton.py -rfs \
+PYTHONUNBUFFERED=1 timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton.py -rfs \
   --tb=short >> "$OUT/tests.log" 2>&1
 echo "exit status $?" >> "$REPORT"
 { echo '```'; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -30; echo '```'; } >> "$REPORT"
 
 section "Benchmarks (CUDA)"
-CGC_BENCH_ROUNDS=${CGC_BENCH_ROUNDS:-20} CGC_BENCH_TABLE="$OUT/bench_table.md" timeout 300 "$PY" -m pytest benchmarks/ --benchmark-only -q -k cuda \
+CGC_BENCH_ROUNDS=${CGC_BENCH_ROUNDS:-20} CGC_BENCH_TABLE="$OUT/bench_table.md" \
+  CGC_BENCH_EXPLAIN_TABLE="$OUT/explain_table.md" timeout 180 "$PY" -m pytest benchmarks/ --benchmark-only -q -k cuda \
   --benchmark-json="$OUT/bench.json" > "$OUT/bench.log" 2>&1
 echo "exit status $?" >> "$REPORT"
 if [ -f "$OUT/bench_table.md" ]; then cat "$OUT/bench_table.md" >> "$REPORT"; else tail -30 "$OUT/bench.log" >> "$REPORT"; fi
+if [ -f "$OUT/explain_table.md" ]; then { echo; cat "$OUT/explain_table.md"; } >> "$REPORT"; fi
+
+section "Kernel time vs host time (benchmarks/profile_ops.py)"
+timeout 60 "$PY" benchmarks/profile_ops.py reference native triton > "$OUT/profile.log" 2>&1
+echo "exit status $?; per-kernel tables in profile.log" >> "$REPORT"
+grep "^===" "$OUT/profile.log" >> "$REPORT"
 
 cat "$REPORT"
