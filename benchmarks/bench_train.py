@@ -1,6 +1,6 @@
-"""One CGC training step end to end (torchvision ResNet-18, batch 32, 224 px, three views, CE
-on each, element-wise Grad-CAM at layer4 with create_graph, CGC InfoNCE; forward, backward and
-an SGD update), as ``cgc.train.train_step`` does it, for:
+"""One CGC training step end to end (torchvision ResNet-18, batch 32, 224 px): ``cgc.train``'s
+own ``train_step`` (three views, CE on each, element-wise Grad-CAM at layer4 with create_graph,
+CGC InfoNCE) plus backward and an SGD update, for:
 
 - ``reference`` / ``native`` (and other fast backends): every op through that backend;
 - ``loop``: the authors' script: reference ops, but the positive heatmaps made per sample in a
@@ -8,13 +8,15 @@ an SGD update), as ``cgc.train.train_step`` does it, for:
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import cgc
-from cgc import transforms
 from cgc.losses import HEATMAP_EPS
+from cgc.train import train_step
 
 from .conftest import backends_for, run
 
@@ -22,21 +24,20 @@ BATCH, SIZE = 32, 224
 
 
 class LoopWarpLoss(cgc.CGCLoss):
-    """CGCLoss with the heatmap warp of the authors' script: one crop-resize-flip per sample."""
-
-    def __init__(self, crops: transforms.CropFlip, **kwargs):
-        super().__init__(**kwargs)
-        self.crops = crops
+    """CGCLoss with the heatmap warp of the authors' script: one crop-resize-flip per sample,
+    on integer pixel boxes (read back from ``theta``, which :func:`cgc.transforms.crop_flip_theta`
+    built from the crop boxes and flips)."""
 
     def pair(self, cam_orig, cam_aug, theta):
         S = self.heatmap_size
         q = F.interpolate(cam_aug[:, None], (S, S), mode="bilinear", align_corners=False).flatten(1)
         up = F.interpolate(cam_orig[:, None], (S, S), mode="bilinear", align_corners=False)
         rows = []
-        for b in range(up.shape[0]):
-            i, j, h, w = (int(v) for v in self.crops.boxes[b].tolist())
+        for b, ((sx, _, tx), (_, sy, ty)) in enumerate(theta.tolist()):
+            w, h = abs(sx) * S, sy * S
+            i, j, h, w = int(((ty + 1) * S - h) / 2), int(((tx + 1) * S - w) / 2), int(h), int(w)
             crop = F.interpolate(up[b:b + 1, :, i:i + h, j:j + w], (S, S), mode="bilinear", align_corners=False)
-            rows.append(crop.flip(-1) if bool(self.crops.flips[b]) else crop)
+            rows.append(crop.flip(-1) if sx < 0 else crop)
         p = torch.cat(rows).flatten(1)
         q = q / (q.sum(1, keepdim=True) + HEATMAP_EPS) + HEATMAP_EPS
         p = p / (p.sum(1, keepdim=True) + HEATMAP_EPS) + HEATMAP_EPS
@@ -51,25 +52,13 @@ def make_step(device: str, variant: str):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     backend = "reference" if variant == "loop" else variant
     cam = cgc.GradCAM(model, "layer4", pool=False, backend=backend)
+    loss_fn = (LoopWarpLoss if variant == "loop" else cgc.CGCLoss)(0.5, SIZE, backend=backend)
+    args = SimpleNamespace(crop_scale=(0.08, 1.0), ce_crop_scale=(0.08, 1.0), backend=backend)
     x = torch.rand(BATCH, 3, SIZE, SIZE, device=device)
     y = torch.randint(0, 100, (BATCH,), device=device)
-    gen = torch.Generator().manual_seed(1)
 
     def step():
-        aug = transforms.random_crop_flip(BATCH, SIZE, SIZE, generator=gen)
-        ce_view = transforms.random_crop_flip(BATCH, SIZE, SIZE, scale=(0.08, 1.0), generator=gen)
-        theta = aug.theta().to(device)
-        x_aug = transforms.apply(x, theta, backend=backend)
-        x_ce = transforms.apply(x, ce_view.theta().to(device), backend=backend)
-        if variant == "loop":
-            loss_fn = LoopWarpLoss(aug, temperature=0.5, heatmap_size=SIZE, backend=backend)
-        else:
-            loss_fn = cgc.CGCLoss(0.5, SIZE, backend=backend)
-        logits, acts = cam.forward(torch.cat([x_ce, x, x_aug]))
-        ce = sum(F.cross_entropy(logits[k * BATCH:(k + 1) * BATCH], y) for k in range(3))
-        target = logits[BATCH:2 * BATCH].detach().argmax(1)
-        cams = cam.heatmaps(logits, acts, target.repeat(2), rows=slice(BATCH, 3 * BATCH), create_graph=True)
-        loss = ce + 0.5 * loss_fn(cams[:BATCH], cams[BATCH:], theta)
+        loss = train_step(model, cam, loss_fn, x, y, args, lam=0.5)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
