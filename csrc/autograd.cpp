@@ -124,50 +124,40 @@ std::tuple<Tensor, Tensor> gradcam_bwd_autograd(const Tensor& go, const Tensor& 
 }
 
 // ------------------------------------------------------------------------------ affine_warp
-// Forward and backward are each other's transpose (both linear in their tensor input); theta is
-// data, not differentiated (as in cgc.ops.affine_warp).
-struct WarpFwd : public Function<WarpFwd> {
+// Forward and backward are each other's transpose (both linear in their tensor input), so one
+// Function serves both: Warp<true> runs affine_warp_fwd and differentiates to affine_warp_bwd,
+// Warp<false> the other way round. theta is data, not differentiated (as in cgc.ops.affine_warp).
+template <bool kForward>
+struct Warp : public Function<Warp<kForward>> {
+  static Tensor run(bool forward, const Tensor& x, const Tensor& theta, c10::SymInt h, c10::SymInt w,
+                    int64_t padding) {
+    return forward ? warp_fwd_op(x, theta, std::move(h), std::move(w), padding)
+                   : warp_bwd_op(x, theta, std::move(h), std::move(w), padding);
+  }
+
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& theta, c10::SymInt h, c10::SymInt w,
                         int64_t padding) {
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->save_for_backward({theta});
-    ctx->saved_data["h"] = x.sym_size(2);
+    ctx->saved_data["h"] = x.sym_size(2);  // the size the transpose maps back to
     ctx->saved_data["w"] = x.sym_size(3);
     ctx->saved_data["padding"] = padding;
-    return warp_fwd_op(x, theta, std::move(h), std::move(w), padding);
+    return run(kForward, x, theta, std::move(h), std::move(w), padding);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    Tensor dx = warp_bwd_op(grads[0], ctx->get_saved_variables()[0], ctx->saved_data["h"].toSymInt(),
-                            ctx->saved_data["w"].toSymInt(), ctx->saved_data["padding"].toInt());
-    return {dx, Tensor(), Tensor(), Tensor(), Tensor()};
-  }
-};
-
-struct WarpBwd : public Function<WarpBwd> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& go, const Tensor& theta, c10::SymInt h, c10::SymInt w,
-                        int64_t padding) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->save_for_backward({theta});
-    ctx->saved_data["h"] = go.sym_size(2);
-    ctx->saved_data["w"] = go.sym_size(3);
-    ctx->saved_data["padding"] = padding;
-    return warp_bwd_op(go, theta, std::move(h), std::move(w), padding);
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    Tensor d = warp_fwd_op(grads[0], ctx->get_saved_variables()[0], ctx->saved_data["h"].toSymInt(),
-                           ctx->saved_data["w"].toSymInt(), ctx->saved_data["padding"].toInt());
+    Tensor d = run(!kForward, grads[0], ctx->get_saved_variables()[0], ctx->saved_data["h"].toSymInt(),
+                   ctx->saved_data["w"].toSymInt(), ctx->saved_data["padding"].toInt());
     return {d, Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
 Tensor warp_fwd_autograd(const Tensor& x, const Tensor& theta, c10::SymInt h, c10::SymInt w, int64_t padding) {
-  return WarpFwd::apply(x, theta, std::move(h), std::move(w), padding);
+  return Warp<true>::apply(x, theta, std::move(h), std::move(w), padding);
 }
 
 Tensor warp_bwd_autograd(const Tensor& go, const Tensor& theta, c10::SymInt h, c10::SymInt w, int64_t padding) {
-  return WarpBwd::apply(go, theta, std::move(h), std::move(w), padding);
+  return Warp<false>::apply(go, theta, std::move(h), std::move(w), padding);
 }
 
 // --------------------------------------------------------------------------------- info_nce
