@@ -21,7 +21,7 @@ from cgc import GradCAM, metrics, resize_heatmaps
 from cgc.cam import to_channels_last
 from cgc.models import CompactCNN
 
-from .conftest import devices, sync
+from .conftest import devices, publish, sync
 
 BATCH, SIZE = 32, 224
 ROUNDS = int(os.environ.get("CGC_BENCH_ROUNDS", "3"))
@@ -203,14 +203,6 @@ def table() -> str:
 def report(request):
     """Print (and with CGC_BENCH_EXPLAIN_TABLE, write) the table after this module's benchmarks."""
     yield
-    if not TIMES:
-        return
-    text = table()
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_sep("=", "cgc explanation benchmark table")
-        reporter.write_line(text)
-    path = os.environ.get("CGC_BENCH_EXPLAIN_TABLE")
-    if path:
-        with open(path, "w") as f:
-            f.write(text + "\n")
+    if TIMES:
+        publish(request.config.pluginmanager.get_plugin("terminalreporter"),
+                "cgc explanation benchmark table", table(), "CGC_BENCH_EXPLAIN_TABLE")

@@ -109,16 +109,20 @@ def table() -> str:
     return "\n".join(lines)
 
 
-def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if not RESULTS:
-        return
-    text = table()
-    terminalreporter.write_sep("=", "cgc benchmark table")
-    terminalreporter.write_line(text)
-    path = os.environ.get("CGC_BENCH_TABLE")
+def publish(reporter, title: str, text: str, env: str) -> None:
+    """Print a results table in pytest's summary and, when ``$env`` names a file, write it."""
+    if reporter is not None:
+        reporter.write_sep("=", title)
+        reporter.write_line(text)
+    path = os.environ.get(env)
     if path:
         with open(path, "w") as f:
             f.write(text + "\n")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if RESULTS:
+        publish(terminalreporter, "cgc benchmark table", table(), "CGC_BENCH_TABLE")
 
 
 @pytest.fixture(params=devices())

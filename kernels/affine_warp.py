@@ -24,10 +24,11 @@ _CONFIGS = [
 
 
 @triton.jit
-def _corners(theta_ptr, b, ps, w_out, h_out, H, W, BORDER: tl.constexpr, ACC: tl.constexpr):
-    """Top-left source corner (x0, y0) and fractional offsets (fx, fy) of output pixels
-    ``ps`` of batch row ``b``: the output pixel centre in normalised coordinates, mapped by
-    ``theta`` and un-normalised to the input grid (pixel centres at integers)."""
+def _corners(theta_ptr, b, ps, pmask, w_out, h_out, H, W, BORDER: tl.constexpr, ACC: tl.constexpr):
+    """Top-left source corner (x0, y0), fractional offsets (fx, fy) and the in-image masks of
+    the four corners (m00, m01, m10, m11; row then column, and-ed with ``pmask``) of output
+    pixels ``ps`` of batch row ``b``: the output pixel centre in normalised coordinates,
+    mapped by ``theta`` and un-normalised to the input grid (pixel centres at integers)."""
     t = theta_ptr + b.to(tl.int64) * 6
     t00 = tl.load(t + 0)
     t01 = tl.load(t + 1)
@@ -48,7 +49,11 @@ def _corners(theta_ptr, b, ps, w_out, h_out, H, W, BORDER: tl.constexpr, ACC: tl
     # stay outside (weight 0) and the cast cannot overflow
     x0 = tl.minimum(tl.maximum(x0f, -2.0), W * 1.0).to(tl.int32)
     y0 = tl.minimum(tl.maximum(y0f, -2.0), H * 1.0).to(tl.int32)
-    return x0, y0, x - x0f, y - y0f
+    in_x0 = (x0 >= 0) & (x0 < W)
+    in_x1 = (x0 + 1 >= 0) & (x0 + 1 < W)
+    in_y0 = pmask & (y0 >= 0) & (y0 < H)
+    in_y1 = pmask & (y0 + 1 >= 0) & (y0 + 1 < H)
+    return x0, y0, x - x0f, y - y0f, in_y0 & in_x0, in_y0 & in_x1, in_y1 & in_x0, in_y1 & in_x1
 
 
 @autotune(_CONFIGS, key=["HW_OUT", "C"])
@@ -59,17 +64,9 @@ def _warp_fwd_kernel(x_ptr, theta_ptr, out_ptr, C, H, W, h_out, w_out, HW_OUT,
     b = tl.program_id(0)
     ps = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     pmask = ps < HW_OUT
-    x0, y0, fx, fy = _corners(theta_ptr, b, ps, w_out, h_out, H, W, BORDER, ACC)
+    x0, y0, fx, fy, m00, m01, m10, m11 = _corners(theta_ptr, b, ps, pmask, w_out, h_out, H, W, BORDER, ACC)
     x1 = x0 + 1
     y1 = y0 + 1
-    in_x0 = (x0 >= 0) & (x0 < W)
-    in_x1 = (x1 >= 0) & (x1 < W)
-    in_y0 = (y0 >= 0) & (y0 < H)
-    in_y1 = (y1 >= 0) & (y1 < H)
-    m00 = pmask & in_y0 & in_x0
-    m01 = pmask & in_y0 & in_x1
-    m10 = pmask & in_y1 & in_x0
-    m11 = pmask & in_y1 & in_x1
     w00 = (1.0 - fy) * (1.0 - fx)
     w01 = (1.0 - fy) * fx
     w10 = fy * (1.0 - fx)
@@ -97,23 +94,19 @@ def _warp_bwd_kernel(gout_ptr, theta_ptr, gin_ptr, C, H, W, h_out, w_out, HW_OUT
     b = tl.program_id(0)
     ps = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     pmask = ps < HW_OUT
-    x0, y0, fx, fy = _corners(theta_ptr, b, ps, w_out, h_out, H, W, BORDER, ACC)
+    x0, y0, fx, fy, m00, m01, m10, m11 = _corners(theta_ptr, b, ps, pmask, w_out, h_out, H, W, BORDER, ACC)
     x1 = x0 + 1
     y1 = y0 + 1
-    in_x0 = (x0 >= 0) & (x0 < W)
-    in_x1 = (x1 >= 0) & (x1 < W)
-    in_y0 = (y0 >= 0) & (y0 < H)
-    in_y1 = (y1 >= 0) & (y1 < H)
     g_sp = gout_ptr + plane_offset(b, ps // w_out, ps % w_out, sgb, sgh, sgw)
     for c in range(0, C):
         g = tl.load(g_sp + (b * 0 + c).to(tl.int64) * sgc, mask=pmask, other=0.0).to(ACC)
         base = (b.to(tl.int64) * C + c) * H * W
         r0 = base + y0.to(tl.int64) * W
         r1 = base + y1.to(tl.int64) * W
-        tl.atomic_add(gin_ptr + r0 + x0, g * (1.0 - fy) * (1.0 - fx), mask=pmask & in_y0 & in_x0)
-        tl.atomic_add(gin_ptr + r0 + x1, g * (1.0 - fy) * fx, mask=pmask & in_y0 & in_x1)
-        tl.atomic_add(gin_ptr + r1 + x0, g * fy * (1.0 - fx), mask=pmask & in_y1 & in_x0)
-        tl.atomic_add(gin_ptr + r1 + x1, g * fy * fx, mask=pmask & in_y1 & in_x1)
+        tl.atomic_add(gin_ptr + r0 + x0, g * (1.0 - fy) * (1.0 - fx), mask=m00)
+        tl.atomic_add(gin_ptr + r0 + x1, g * (1.0 - fy) * fx, mask=m01)
+        tl.atomic_add(gin_ptr + r1 + x0, g * fy * (1.0 - fx), mask=m10)
+        tl.atomic_add(gin_ptr + r1 + x1, g * fy * fx, mask=m11)
 
 
 def _theta(theta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
