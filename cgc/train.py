@@ -95,6 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    g.add_argument("--amp", default="off", choices=("off", "bf16"),
+                   help="bf16: forward and backward under bfloat16 autocast (GPUs from Ampere on, CPUs "
+                        "with AMX or AVX512-BF16); the CGC loss itself stays in float32")
     g.add_argument("--out", default="runs/cgc", help="output folder")
     g.add_argument("--resume", default=None, help="checkpoint file or run folder to continue from")
     g.add_argument("--overlays", type=int, default=16, help="val images in the overlay PNG")
@@ -131,6 +134,13 @@ def lr_at(args, epoch: int, step: int, steps_per_epoch: int) -> float:
     if args.schedule == "step":
         return args.lr * args.lr_gamma ** (epoch // args.lr_step)
     return args.lr
+
+
+def autocast(device: torch.device, amp: str):
+    """The mixed-precision context of ``--amp`` (a no-op context for ``off``)."""
+    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise SystemExit(f"error: --amp bf16 but {torch.cuda.get_device_name(device)} has no bfloat16 support")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
 
 
 def pick_device(name: str) -> torch.device:
@@ -196,6 +206,7 @@ def train_step(model, cam: GradCAM, loss_fn: CGCLoss | None, x: torch.Tensor, y:
     if loss_fn is not None:
         target = logits[first:first + n].detach().argmax(1)
         cams = cam.heatmaps(logits, acts, target.repeat(2), rows=slice(first, first + 2 * n), create_graph=True)
+        cams = cams.float()  # under --amp the heatmaps are bfloat16; the loss normalises and exponentiates
         cgc = loss_fn(cams[:n], cams[n:], cgc_theta)
         out[cgc_key] = cgc
         total = total + lam * cgc
@@ -328,8 +339,9 @@ def main(argv=None) -> dict:
                 continue  # too few readable images left (the contrastive loss needs two)
             x, y = data.normalize(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
             x_ce = data.normalize(x_ce[0].to(device, non_blocking=True)) if x_ce else None
-            losses = train_step(model, cam, loss_fn, x, y, args, x_ce=x_ce, unlabeled=u,
-                                lam=lambda_at(args, epoch, step, len(loader)))
+            with autocast(device, args.amp):
+                losses = train_step(model, cam, loss_fn, x, y, args, x_ce=x_ce, unlabeled=u,
+                                    lam=lambda_at(args, epoch, step, len(loader)))
             steps += 1
             opt.zero_grad(set_to_none=True)
             losses["loss"].backward()
@@ -354,7 +366,8 @@ def main(argv=None) -> dict:
             warnings.warn(f"epoch {epoch + 1}: skipped {skipped} unreadable images (named in the warnings above; "
                           f"--strict stops at the first)", stacklevel=1)
         record["train_top1"] *= 100
-        record.update(validate(model, val_loader, device))
+        with autocast(device, args.amp):
+            record.update(validate(model, val_loader, device))
         history.append(record)
         with open(log_path, "a") as fh:
             fh.write(json.dumps(record) + "\n")

@@ -38,6 +38,32 @@ def test_baselines_run(tmp_path, loss):
     assert results["loss"] == loss
 
 
+def test_bf16_autocast_run(tmp_path, monkeypatch):
+    """--amp bf16: the step runs under bfloat16 autocast (the model's convolutions see it), the
+    CGC loss gets float32 heatmaps, and the run ends with finite losses and its outputs."""
+    seen = {"conv": set(), "cams": set()}
+    real_loss = train.CGCLoss.forward
+
+    def spy_loss(self, cam_orig, cam_aug, theta):
+        seen["cams"].add(cam_orig.dtype)
+        return real_loss(self, cam_orig, cam_aug, theta)
+
+    real_conv = torch.nn.Conv2d.forward
+
+    def spy_conv(self, x):
+        out = real_conv(self, x)
+        seen["conv"].add(out.dtype)
+        return out
+
+    monkeypatch.setattr(train.CGCLoss, "forward", spy_loss)
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", spy_conv)
+    train.main(TOY + ["--epochs", "1", "--amp", "bf16", "--out", str(tmp_path)])
+    assert torch.bfloat16 in seen["conv"] and seen["cams"] == {torch.float32}
+    log = json.loads((tmp_path / "log.jsonl").read_text())
+    assert all(torch.isfinite(torch.tensor(log[k])) for k in ("train_ce", "train_cgc", "train_loss"))
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["args"]["amp"] == "bf16"
+
+
 def test_resume_after_interruption_is_exact(tmp_path, monkeypatch):
     args = TOY + ["--epochs", "2"]
     train.main(args + ["--out", str(tmp_path / "full")])
