@@ -138,8 +138,6 @@ def lr_at(args, epoch: int, step: int, steps_per_epoch: int) -> float:
 
 def autocast(device: torch.device, amp: str):
     """The mixed-precision context of ``--amp`` (a no-op context for ``off``)."""
-    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise SystemExit(f"error: --amp bf16 but {torch.cuda.get_device_name(device)} has no bfloat16 support")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
 
 
@@ -280,6 +278,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     started = time.time()
     device = pick_device(args.device)
+    if args.amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise SystemExit(f"error: --amp bf16 but {torch.cuda.get_device_name(device)} has no bfloat16 support")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
