@@ -72,16 +72,15 @@ def test_gradcam_cgc(benchmark, resnet, device, precision):
     conversion rejects bfloat16)."""
     model, images = resnet
     cam = GradCAM(model, "layer4")
-    dtype = torch.bfloat16 if precision != "float32" else None
+    amp = precision != "float32"
 
     def run():
-        with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
             cams = cam(images).cams
         return resize_heatmaps(cams, (SIZE, SIZE))
 
     assert run().shape == (BATCH, SIZE, SIZE)
-    timed(benchmark, CAM_CASE, device, "cgc.GradCAM" + ("" if dtype is None else f" ({precision})"),
-          BATCH, run)
+    timed(benchmark, CAM_CASE, device, "cgc.GradCAM" + (f" ({precision})" if amp else ""), BATCH, run)
     cam.close()
 
 

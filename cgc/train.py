@@ -204,7 +204,8 @@ def train_step(model, cam: GradCAM, loss_fn: CGCLoss | None, x: torch.Tensor, y:
     if loss_fn is not None:
         target = logits[first:first + n].detach().argmax(1)
         cams = cam.heatmaps(logits, acts, target.repeat(2), rows=slice(first, first + 2 * n), create_graph=True)
-        cams = cams.float()  # under --amp the heatmaps are bfloat16; the loss normalises and exponentiates
+        if cams.dtype == torch.bfloat16:  # under --amp; the loss normalises and exponentiates in float32
+            cams = cams.float()
         cgc = loss_fn(cams[:n], cams[n:], cgc_theta)
         out[cgc_key] = cgc
         total = total + lam * cgc

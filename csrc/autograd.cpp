@@ -108,7 +108,7 @@ struct GradcamBwd : public Function<GradcamBwd> {
     const Tensor &gA = grads[0], &gG = grads[1];
     auto [dA, dG] = gradcam_bwd_op(go, out, gA, gG, pool);
     Tensor lin = (gA * pooled(G, pool)).sum(1) + (A * pooled(gG, pool)).sum(1);
-    Tensor d_go = at::where(out > 0, lin, at::zeros_like(lin));
+    Tensor d_go = lin.masked_fill(out <= 0, 0);
     return {d_go, Tensor(), dA, dG, Tensor()};
   }
 };

@@ -68,7 +68,8 @@ def available_backends() -> list[str]:
 # in benchmarks/RESULTS.md (torch 2.11): native beats Triton on every op and beats the eager
 # reference for affine_warp (6x) and info_nce (2.2x); for gradcam at the benchmark sizes the
 # eager reference wins (0.2 ms vs native 0.3-0.5 ms, Triton 0.7-1.0 ms) because the op is bound
-# by host overhead and the custom ops' Python autograd costs more than eager's C++ autograd.
+# by host overhead. Those timings predate the native ops' C++ autograd (csrc/autograd.cpp), which
+# halved their host cost on CPU: re-measure with benchmarks/gpu_check.sh before reordering.
 CUDA_ORDER = {
     "gradcam": ("reference", "native", "triton"),
     "affine_warp": ("native", "triton", "reference"),
