@@ -12,8 +12,10 @@ two heatmaps. Every epoch: validation top-1/top-5, a JSONL log line, atomic chec
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -98,6 +100,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--amp", default="off", choices=("off", "bf16"),
                    help="bf16: forward and backward under bfloat16 autocast (GPUs from Ampere on, CPUs "
                         "with AMX or AVX512-BF16); the CGC loss itself stays in float32")
+    g.add_argument("--deterministic", action="store_true",
+                   help="torch.use_deterministic_algorithms for the run: bit-identical reruns on GPUs "
+                        "too (the ops' auto backend then avoids the CUDA kernels that sum with atomics)")
     g.add_argument("--out", default="runs/cgc", help="output folder")
     g.add_argument("--resume", default=None, help="checkpoint file or run folder to continue from")
     g.add_argument("--overlays", type=int, default=16, help="val images in the overlay PNG")
@@ -275,8 +280,37 @@ def print_table(rows: dict[str, float], stream=sys.stdout) -> None:
     print(line, file=stream)
 
 
+@contextlib.contextmanager
+def deterministic(enabled: bool):
+    """``torch.use_deterministic_algorithms(True)`` and cuDNN without autotuning while the block
+    runs (``--deterministic``), the previous settings restored after it. cuBLAS is reproducible
+    only with a fixed workspace, which ``CUBLAS_WORKSPACE_CONFIG`` must set before CUDA starts:
+    set here when absent (a process that already used CUDA keeps its own)."""
+    if not enabled:
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.benchmark)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.benchmark = before[2]
+
+
 def main(argv=None) -> dict:
+    """``python -m cgc.train``: parse the flags and run (see :func:`run`)."""
     args = parse_args(argv)
+    with deterministic(args.deterministic):
+        return run(args)
+
+
+def run(args) -> dict:
+    """Train, validate and checkpoint every epoch, then measure the explanations and write the
+    metrics, overlays and curves of the run to ``--out``."""
     started = time.time()
     device = pick_device(args.device)
     if args.amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():

@@ -92,6 +92,28 @@ def test_resume_after_interruption_is_exact(tmp_path, monkeypatch):
     assert full["history"][-1]["train_loss"] == resumed["history"][-1]["train_loss"]
 
 
+def test_deterministic_runs_repeat_bit_for_bit(tmp_path, monkeypatch):
+    """--deterministic: every step runs under torch.use_deterministic_algorithms (nothing on
+    the CPU path refuses it), two runs end with bit-identical weights, and the setting is
+    restored after the run."""
+    modes = []
+    real_step = train.train_step
+
+    def spy(*args, **kwargs):
+        modes.append(torch.are_deterministic_algorithms_enabled())
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", spy)
+    for name in ("a", "b"):
+        train.main(TOY + ["--epochs", "1", "--deterministic", "--out", str(tmp_path / name)])
+    assert modes and all(modes)
+    assert not torch.are_deterministic_algorithms_enabled()
+    a, b = (torch.load(tmp_path / name / "last.pt", weights_only=True) for name in ("a", "b"))
+    assert a["args"]["deterministic"]
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+
+
 def test_nan_loss_stops_with_a_clear_error(tmp_path, monkeypatch):
     real_step = train.train_step
 
