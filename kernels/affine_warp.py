@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import acc_dtype, autotune, launch, plane_offset, tl_dtype
+from .common import acc_dtype, alert_nondeterministic, autotune, launch, plane_offset, tl_dtype
 
 _CONFIGS = [
     triton.Config({"BLOCK": 256}, num_warps=4),
@@ -130,6 +130,7 @@ def warp_forward(input: torch.Tensor, theta: torch.Tensor, h_out: int, w_out: in
 def warp_backward(grad_out: torch.Tensor, theta: torch.Tensor, H: int, W: int, border: bool,
                   dtype: torch.dtype) -> torch.Tensor:
     """Gradient [B,C,H,W] (in ``dtype``) of :func:`warp_forward` for ``grad_out`` [B,C,h,w]."""
+    alert_nondeterministic("the Triton affine_warp backward", grad_out.device)
     B, C, h_out, w_out = grad_out.shape
     acc = acc_dtype(dtype)
     grad_in = torch.zeros((B, C, H, W), dtype=acc, device=grad_out.device)

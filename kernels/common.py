@@ -7,6 +7,8 @@ rather than off the environment, which may have changed since these modules were
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
@@ -35,6 +37,22 @@ def launch(kernel):
     and some torch versions' ``wrap_triton`` rejects them.
     """
     return kernel if INTERPRETED else wrap_triton(kernel)
+
+
+def alert_nondeterministic(caller: str, device: torch.device) -> None:
+    """Raise (or warn, under ``warn_only=True``) if ``caller``, a kernel that sums with
+    floating-point atomics, is about to run on a GPU under ``torch.use_deterministic_algorithms``,
+    as PyTorch's own atomic kernels do. Interpreted runs apply atomics one at a time and are
+    deterministic, so CPU tensors pass."""
+    if device.type != "cuda" or not torch.are_deterministic_algorithms_enabled():
+        return
+    msg = (f"{caller} sums with floating-point atomics on CUDA, so its result is not "
+           "deterministic, but torch.use_deterministic_algorithms(True) is set; backend='auto' "
+           "leaves it out, and backend='reference' is deterministic")
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(msg, stacklevel=3)
+    else:
+        raise RuntimeError(msg)
 
 
 def autotune(configs: list, key: list[str], **kwargs):

@@ -235,8 +235,10 @@ def _sm_count(index: int) -> int:
 
 def _split(B: int, D: int, device: torch.device) -> int:
     """Slices of ``D`` for the Gram kernel: enough programs to fill the GPU (about two per
-    SM) when ``B`` alone gives few tiles; one slice on the CPU interpreter."""
-    if INTERPRETED or device.type != "cuda":
+    SM) when ``B`` alone gives few tiles; one slice on the CPU interpreter, and under
+    ``torch.use_deterministic_algorithms``: with one slice every output element gets exactly
+    one atomic add (onto zero), so the sums no longer depend on the order of the programs."""
+    if INTERPRETED or device.type != "cuda" or torch.are_deterministic_algorithms_enabled():
         return 1
     tiles = triton.cdiv(B, 64) ** 2
     return max(1, min(triton.cdiv(D, 512), 2 * _sm_count(device.index or 0) // tiles))

@@ -10,7 +10,9 @@ to a backend (contracts: ``shared/docs/DESIGN.md``):
 
 ``backend=None`` reads ``CGC_BACKEND`` (default ``auto``). ``auto`` picks the fastest
 available backend for the op and device (see :func:`auto_order`) and falls back to the
-reference, so a package without its extension still works.
+reference, so a package without its extension still works. Under
+``torch.use_deterministic_algorithms(True)`` it avoids the CUDA kernels that are not
+deterministic, and those kernels raise (or warn, with ``warn_only=True``) when named.
 """
 from __future__ import annotations
 
@@ -77,19 +79,39 @@ CUDA_ORDER = {
 }
 
 
-def auto_order(op: str, device: torch.device) -> Sequence[str]:
+# The CUDA kernels that sum with floating-point atomics in an order that varies from run to run,
+# and the pass they run in: the warp's backward (a scatter-add) in native and Triton. Every CPU
+# kernel is deterministic; so is the reference (under torch.use_deterministic_algorithms PyTorch
+# gives gather a deterministic backward), and Triton's info_nce stops splitting its Gram over D.
+NONDETERMINISTIC_ON_CUDA = {
+    "gradcam": {},
+    "affine_warp": {"native": "backward", "triton": "backward"},
+    "info_nce": {},
+}
+
+
+def auto_order(op: str, device: torch.device, *, grad: bool = True) -> Sequence[str]:
     """Preference of ``auto`` for one op on one device, fastest first (measured in
     ``benchmarks/``). Triton runs on CPU tensors only in its interpreter, which is for tests,
-    so the CPU order omits it; on CPU native is faster than the reference for every op."""
-    if device.type == "cuda":
-        return CUDA_ORDER[op]
-    return ("native", "reference")
+    so the CPU order omits it; on CPU native is faster than the reference for every op.
+
+    Under ``torch.use_deterministic_algorithms(True)`` the CUDA order leaves out the backends
+    whose kernels for this op are not deterministic (:data:`NONDETERMINISTIC_ON_CUDA`) in a
+    pass that will run: ``grad`` says whether a backward may follow the forward.
+    """
+    if device.type != "cuda":
+        return ("native", "reference")
+    order = CUDA_ORDER[op]
+    if torch.are_deterministic_algorithms_enabled():
+        passes = ("forward", "backward") if grad else ("forward",)
+        order = tuple(n for n in order if NONDETERMINISTIC_ON_CUDA[op].get(n) not in passes)
+    return order
 
 
-def _resolve(backend: str | None, op: str, device: torch.device) -> ModuleType:
+def _resolve(backend: str | None, op: str, device: torch.device, grad: bool = True) -> ModuleType:
     name = backend if backend is not None else os.environ.get("CGC_BACKEND", "auto")
     if name == "auto":
-        for candidate in auto_order(op, device):
+        for candidate in auto_order(op, device, grad=grad):
             try:
                 mod = _module(candidate)
             except BackendUnavailable:
@@ -182,7 +204,8 @@ def affine_warp(input: torch.Tensor, theta: torch.Tensor, size, *, padding_mode:
     if padding_mode not in PADDING_MODES:
         raise ValueError(f"{op}: padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
     h, w = _size(size, op)
-    return _resolve(backend, op, input.device).affine_warp(input, theta.detach(), (h, w), padding_mode)
+    grad = input.requires_grad and torch.is_grad_enabled()
+    return _resolve(backend, op, input.device, grad).affine_warp(input, theta.detach(), (h, w), padding_mode)
 
 
 def info_nce(anchors: torch.Tensor, positives: torch.Tensor, temperature: float = 0.5, *,

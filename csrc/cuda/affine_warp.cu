@@ -8,7 +8,9 @@
 // block accumulates its share of output pixels into a shared-memory copy of that image's
 // gradient, which spreads the heavy contention (thousands of output pixels per input pixel)
 // over fast shared atomics, then adds it to global memory once per block. Larger inputs
-// (images) scatter straight to global memory, where few outputs share an input pixel.
+// (images) scatter straight to global memory, where few outputs share an input pixel. The
+// atomics make the backward non-deterministic: it alerts under torch.use_deterministic_algorithms.
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
@@ -173,6 +175,9 @@ at::Tensor affine_warp_fwd_cuda(const at::Tensor& input, const at::Tensor& theta
 at::Tensor affine_warp_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& theta, int64_t in_h, int64_t in_w,
                                 int64_t padding_mode) {
   check_warp(grad_out, theta, in_h, in_w, padding_mode, "affine_warp_bwd");
+  // the scatter-add's atomics make the last bits depend on the order the blocks run in
+  at::globalContext().alertNotDeterministic(
+      "cgc::affine_warp_bwd on CUDA (cgc.ops picks backend='reference' under backend='auto')");
   const c10::cuda::CUDAGuard guard(grad_out.device());
   const at::Tensor go = grad_out.contiguous();
   const int64_t B = go.size(0), C = go.size(1), h = go.size(2), w = go.size(3);

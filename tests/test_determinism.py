@@ -1,0 +1,112 @@
+"""Reproducibility under ``torch.use_deterministic_algorithms(True)``: ``auto`` leaves out the
+CUDA kernels that sum with floating-point atomics (the warp's backward in native and Triton),
+those kernels raise (or warn) when named, and everything ``auto`` picks repeats bit for bit.
+
+CPU cases check the policy; the CUDA cases (skipped without a GPU) run it.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cgc import ops
+from cgc.train import deterministic
+
+from .test_ops import random_theta
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+@pytest.fixture
+def det():
+    with deterministic(True):
+        yield
+
+
+def test_context_restores_the_previous_settings():
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with deterministic(True):
+            assert torch.are_deterministic_algorithms_enabled()
+            assert not torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    with deterministic(False):
+        assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_auto_order_leaves_out_racy_cuda_kernels(det):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert ops.auto_order("affine_warp", cuda) == ("reference",)
+    # without a backward the warps' forward kernels (gathers) are deterministic
+    assert ops.auto_order("affine_warp", cuda, grad=False) == ops.CUDA_ORDER["affine_warp"]
+    for op in ("gradcam", "info_nce"):
+        assert ops.auto_order(op, cuda) == ops.CUDA_ORDER[op]
+    for op in ("gradcam", "affine_warp", "info_nce"):
+        assert ops.auto_order(op, cpu) == ("native", "reference")
+
+
+def test_auto_order_unchanged_without_the_mode():
+    assert not torch.are_deterministic_algorithms_enabled()
+    for op in ("gradcam", "affine_warp", "info_nce"):
+        assert ops.auto_order(op, torch.device("cuda")) == ops.CUDA_ORDER[op]
+
+
+def test_triton_alert():
+    common = pytest.importorskip("cgc.kernels.common", reason="triton is not installed", exc_type=ImportError)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    common.alert_nondeterministic("k", cuda)  # the mode is off: nothing to say
+    with deterministic(True):
+        with pytest.raises(RuntimeError, match="k sums with floating-point atomics.*backend='reference'"):
+            common.alert_nondeterministic("k", cuda)
+        common.alert_nondeterministic("k", cpu)  # interpreted atomics run one at a time
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with pytest.warns(UserWarning, match="not deterministic"):
+            common.alert_nondeterministic("k", cuda)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def _warp_grad(backend, x, theta):
+    x = x.detach().requires_grad_()
+    out = ops.affine_warp(x, theta, (224, 224), backend=backend)
+    out.backward(torch.ones_like(out) * torch.linspace(0, 1, out.numel(), device=x.device).view_as(out))
+    return out.detach(), x.grad
+
+
+@needs_cuda
+def test_cuda_auto_warp_repeats_bit_for_bit(det):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 1, 7, 7, generator=gen).cuda()
+    theta = random_theta(gen, 16).cuda()
+    out1, g1 = _warp_grad(None, x, theta)
+    out2, g2 = _warp_grad(None, x, theta)
+    assert torch.equal(out1, out2) and torch.equal(g1, g2)
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_cuda_racy_warp_backward_raises_when_named(det, backend):
+    if backend not in ops.available_backends():
+        pytest.skip(f"backend {backend} unavailable")
+    x = torch.randn(4, 1, 7, 7, device="cuda")
+    with pytest.raises(RuntimeError, match="deterministic"):
+        _warp_grad(backend, x, random_theta(torch.Generator().manual_seed(1), 4).cuda())
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_cuda_info_nce_repeats_bit_for_bit(det, backend):
+    if backend not in ops.available_backends():
+        pytest.skip(f"backend {backend} unavailable")
+    a = torch.randn(64, 50176, device="cuda")
+    p = torch.randn(64, 50176, device="cuda")
+    runs = []
+    for _ in range(2):
+        a_ = a.clone().requires_grad_()
+        loss = ops.info_nce(a_, p, 0.5, backend=backend)
+        loss.backward()
+        runs.append((loss.detach(), a_.grad))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
