@@ -3,9 +3,21 @@
 
 Each program takes one batch row and a block of output pixels, computes their source
 coordinates from ``theta`` in registers (float64 for float64 inputs, else float32, as the
-reference does) and loops over the channels, which share the coordinates. The backward
-scatters ``gout * weight`` into the four source corners with atomic adds into a gradient
-buffer of the accumulation dtype (float32 atomics also for 16-bit inputs), cast at the end.
+reference does) and loops over the channels, which share the coordinates.
+
+The backward has two forms. Inputs of at most 16 x 16 pixels (Grad-CAM heatmaps: thousands of
+output pixels read each input pixel) use :func:`_warp_bwd_small_kernel`, which writes each
+plane's gradient densely, without atomics: a pixel's bilinear weights are the outer product of
+its two y weights and its two x weights, so a block of output pixels adds ``(Y g)^T @ X``,
+where the rows of ``Y`` [P, H] and ``X`` [P, W] hold each pixel's axis weights at its taps.
+Maps without rotation or shear (every crop/flip of CGC) are separable: all pixels of an output
+row share ``Y``'s row and all of a column ``X``'s, so a block of rows first reduces the
+gradient along x (``G_rows @ X_cols``, a few multiply-adds per pixel) and then adds
+``Y_rows^T @ that``. The partial sums of a plane's slices are added in a fixed order, so the
+result is deterministic. Larger inputs (images, where few outputs share an input pixel) and float64
+scatter ``gout * weight`` into the four source corners with atomic adds
+(:func:`_warp_bwd_kernel`). Both accumulate in float32 also for 16-bit inputs; the gradient
+is cast at the end.
 """
 from __future__ import annotations
 
@@ -13,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import acc_dtype, alert_nondeterministic, autotune, launch, plane_offset, tl_dtype
+from .common import INTERPRETED, acc_dtype, alert_nondeterministic, autotune, launch, plane_offset, sm_count, tl_dtype
 
 _CONFIGS = [
     triton.Config({"BLOCK": 256}, num_warps=4),
@@ -24,11 +36,12 @@ _CONFIGS = [
 
 
 @triton.jit
-def _corners(theta_ptr, b, ps, pmask, w_out, h_out, H, W, BORDER: tl.constexpr, ACC: tl.constexpr):
+def _taps(theta_ptr, b, ps, pmask, w_out, h_out, H, W, BORDER: tl.constexpr, ACC: tl.constexpr):
     """Top-left source corner (x0, y0), fractional offsets (fx, fy) and the in-image masks of
-    the four corners (m00, m01, m10, m11; row then column, and-ed with ``pmask``) of output
-    pixels ``ps`` of batch row ``b``: the output pixel centre in normalised coordinates,
-    mapped by ``theta`` and un-normalised to the input grid (pixel centres at integers)."""
+    the taps of each axis (in_x0, in_x1, in_y0, in_y1; the y masks and-ed with ``pmask``) of
+    output pixels ``ps`` of batch row ``b``: the output pixel centre in normalised
+    coordinates, mapped by ``theta`` and un-normalised to the input grid (pixel centres at
+    integers)."""
     t = theta_ptr + b.to(tl.int64) * 6
     t00 = tl.load(t + 0)
     t01 = tl.load(t + 1)
@@ -53,7 +66,15 @@ def _corners(theta_ptr, b, ps, pmask, w_out, h_out, H, W, BORDER: tl.constexpr, 
     in_x1 = (x0 + 1 >= 0) & (x0 + 1 < W)
     in_y0 = pmask & (y0 >= 0) & (y0 < H)
     in_y1 = pmask & (y0 + 1 >= 0) & (y0 + 1 < H)
-    return x0, y0, x - x0f, y - y0f, in_y0 & in_x0, in_y0 & in_x1, in_y1 & in_x0, in_y1 & in_x1
+    return x0, y0, x - x0f, y - y0f, in_x0, in_x1, in_y0, in_y1
+
+
+@triton.jit
+def _corners(theta_ptr, b, ps, pmask, w_out, h_out, H, W, BORDER: tl.constexpr, ACC: tl.constexpr):
+    """:func:`_taps` with the in-image masks of the four corners (m00, m01, m10, m11; row then
+    column) instead of the per-axis ones."""
+    x0, y0, fx, fy, in_x0, in_x1, in_y0, in_y1 = _taps(theta_ptr, b, ps, pmask, w_out, h_out, H, W, BORDER, ACC)
+    return x0, y0, fx, fy, in_y0 & in_x0, in_y0 & in_x1, in_y1 & in_x0, in_y1 & in_x1
 
 
 @autotune(_CONFIGS, key=["HW_OUT", "C"])
@@ -109,6 +130,86 @@ def _warp_bwd_kernel(gout_ptr, theta_ptr, gin_ptr, C, H, W, h_out, w_out, HW_OUT
         tl.atomic_add(gin_ptr + r1 + x1, g * fy * fx, mask=m11)
 
 
+_SMALL_CONFIGS = [
+    triton.Config({"BLOCK": 128, "BH": 16, "BW": 128}, num_warps=4),
+    triton.Config({"BLOCK": 64, "BH": 32, "BW": 64}, num_warps=4),
+    triton.Config({"BLOCK": 256, "BH": 32, "BW": 128}, num_warps=8),
+]
+SMALL_INPUT = 16  # inputs up to this many pixels a side take the dense backward
+
+
+@triton.jit
+def _axis_weights(idx, i0, frac, in0, in1):
+    """[P, N] linear-interpolation weights of P samples on an axis of N (``idx`` = the row
+    ``arange(N)[None, :]``): ``1 - frac`` at tap ``i0`` and ``frac`` at ``i0 + 1``, where those
+    taps are inside the input (``in0``, ``in1``), zero elsewhere."""
+    return (tl.where((idx == i0[:, None]) & in0[:, None], (1.0 - frac)[:, None], 0.0)
+            + tl.where((idx == i0[:, None] + 1) & in1[:, None], frac[:, None], 0.0))
+
+
+@autotune(_SMALL_CONFIGS, key=["h_out", "w_out", "HP", "WP"])
+@triton.jit
+def _warp_bwd_small_kernel(gout_ptr, theta_ptr, part_ptr, C, H, W, h_out, w_out, SPLIT,
+                           sgb, sgc, sgh, sgw, BORDER: tl.constexpr, ACC: tl.constexpr,
+                           HP: tl.constexpr, WP: tl.constexpr, BLOCK: tl.constexpr,
+                           BH: tl.constexpr, BW: tl.constexpr):
+    """``part[plane, slice] = sum_p g_p outer(wy_p, wx_p)`` [HP, WP] over the output rows of
+    slice ``pid 1`` (of ``SPLIT``) of plane ``pid 0`` (= b * C + c)."""
+    plane = tl.program_id(0)
+    b = plane // C
+    c = plane % C
+    per = tl.cdiv(h_out, SPLIT)
+    r_lo = tl.program_id(1) * per
+    r_hi = tl.minimum(h_out, r_lo + per)
+    iy = tl.arange(0, HP)[None, :]
+    ix = tl.arange(0, WP)[None, :]
+    g_plane = gout_ptr + b.to(tl.int64) * sgb + c.to(tl.int64) * sgc
+    t = theta_ptr + b.to(tl.int64) * 6
+    acc = tl.zeros([HP, WP], dtype=ACC)
+    if (tl.load(t + 1) == 0.0) & (tl.load(t + 3) == 0.0):
+        # separable: x taps depend on the column only, y taps on the row only
+        for r0 in range(r_lo, r_hi, BH):
+            rows = r0 + tl.arange(0, BH)
+            rmask = rows < r_hi
+            along_x = tl.zeros([BH, WP], dtype=ACC)
+            for c0 in range(0, w_out, BW):
+                cols = c0 + tl.arange(0, BW)
+                cmask = cols < w_out
+                x0, _, fx, _, in_x0, in_x1, _, _ = _taps(theta_ptr, b, cols, cmask, w_out, h_out, H, W,
+                                                         BORDER, ACC)
+                xs = _axis_weights(ix, x0, fx, in_x0, in_x1)
+                g = tl.load(g_plane + rows.to(tl.int64)[:, None] * sgh + cols.to(tl.int64)[None, :] * sgw,
+                            mask=rmask[:, None] & cmask[None, :], other=0.0).to(ACC)
+                along_x = tl.dot(g, xs, along_x, input_precision="ieee")
+            _, y0, _, fy, _, _, in_y0, in_y1 = _taps(theta_ptr, b, rows * w_out, rmask, w_out, h_out, H, W,
+                                                     BORDER, ACC)
+            ys = _axis_weights(iy, y0, fy, in_y0, in_y1)
+            acc = tl.dot(tl.trans(ys), along_x, acc, input_precision="ieee")
+    else:
+        # general: per pixel, its y weights (times g) and x weights
+        for p0 in range(r_lo * w_out, r_hi * w_out, BLOCK):
+            ps = p0 + tl.arange(0, BLOCK)
+            pmask = ps < r_hi * w_out
+            x0, y0, fx, fy, in_x0, in_x1, in_y0, in_y1 = _taps(theta_ptr, b, ps, pmask, w_out, h_out, H, W,
+                                                                BORDER, ACC)
+            g = tl.load(g_plane + (ps // w_out).to(tl.int64) * sgh + (ps % w_out).to(tl.int64) * sgw,
+                        mask=pmask, other=0.0).to(ACC)
+            ys = _axis_weights(iy, y0, fy, in_y0, in_y1) * g[:, None]
+            xs = _axis_weights(ix, x0, fx, in_x0, in_x1)
+            acc = tl.dot(tl.trans(ys), xs, acc, input_precision="ieee")
+    part = part_ptr + (plane.to(tl.int64) * SPLIT + tl.program_id(1)) * (HP * WP)
+    tl.store(part + tl.arange(0, HP)[:, None] * WP + ix, acc)
+
+
+def _slices(planes: int, h_out: int, w_out: int, device: torch.device) -> int:
+    """Row slices of each plane's output for the dense backward: enough programs for about four
+    per SM, each with at least 1024 pixels; two under the interpreter, so that the tests add
+    partial sums too."""
+    if INTERPRETED or device.type != "cuda":
+        return min(2, h_out)
+    return max(1, min(h_out, triton.cdiv(h_out * w_out, 1024), triton.cdiv(4 * sm_count(device), planes)))
+
+
 def _theta(theta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """theta as a contiguous [B, 6] tensor of the coordinate dtype (float64 for float64
     inputs, else float32, like the reference)."""
@@ -130,11 +231,19 @@ def warp_forward(input: torch.Tensor, theta: torch.Tensor, h_out: int, w_out: in
 def warp_backward(grad_out: torch.Tensor, theta: torch.Tensor, H: int, W: int, border: bool,
                   dtype: torch.dtype) -> torch.Tensor:
     """Gradient [B,C,H,W] (in ``dtype``) of :func:`warp_forward` for ``grad_out`` [B,C,h,w]."""
-    alert_nondeterministic("the Triton affine_warp backward", grad_out.device)
     B, C, h_out, w_out = grad_out.shape
     acc = acc_dtype(dtype)
-    grad_in = torch.zeros((B, C, H, W), dtype=acc, device=grad_out.device)
     hw = h_out * w_out
+    if max(H, W) <= SMALL_INPUT and acc == torch.float32:
+        hp, wp = (max(16, triton.next_power_of_2(n)) for n in (H, W))
+        split = _slices(B * C, h_out, w_out, grad_out.device)
+        part = torch.empty((B * C, split, hp, wp), dtype=acc, device=grad_out.device)
+        launch(_warp_bwd_small_kernel)[(B * C, split)](
+            grad_out, _theta(theta, dtype), part, C, H, W, h_out, w_out, split, *grad_out.stride(),
+            BORDER=border, ACC=tl_dtype(acc), HP=hp, WP=wp)
+        return part.sum(1)[:, :H, :W].reshape(B, C, H, W).to(dtype)
+    alert_nondeterministic("the Triton affine_warp backward", grad_out.device)
+    grad_in = torch.zeros((B, C, H, W), dtype=acc, device=grad_out.device)
     launch(_warp_bwd_kernel)[lambda meta: (B, triton.cdiv(hw, meta["BLOCK"]))](
         grad_out, _theta(theta, dtype), grad_in, C, H, W, h_out, w_out, hw, *grad_out.stride(),
         BORDER=border, ACC=tl_dtype(acc))

@@ -7,6 +7,7 @@ rather than off the environment, which may have changed since these modules were
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -53,6 +54,16 @@ def alert_nondeterministic(caller: str, device: torch.device) -> None:
         warnings.warn(msg, stacklevel=3)
     else:
         raise RuntimeError(msg)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (the current one when it has no index)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def autotune(configs: list, key: list[str], **kwargs):

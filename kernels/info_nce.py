@@ -21,13 +21,11 @@ zero gradients for ``D = 1``. :func:`_coef_kernel` computes ``S`` and the row te
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from .common import EPS_NORM as _EPS, INTERPRETED, acc_dtype, autotune, dot_dtype, launch, tl_dtype
+from .common import EPS_NORM as _EPS, INTERPRETED, acc_dtype, autotune, dot_dtype, launch, sm_count, tl_dtype
 
 _GRAM_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64}, num_warps=4, num_stages=3),
@@ -228,11 +226,6 @@ def _grad_kernel(a_ptr, p_ptr, coef_ptr, rows_ptr, da_ptr, dp_ptr, B, D, sab, sa
     tl.store(dp_ptr + out, (c * (a_hat - q * p_hat) / np_).to(dp_ptr.dtype.element_ty), mask=tile)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _split(B: int, D: int, device: torch.device) -> int:
     """Slices of ``D`` for the Gram kernel: enough programs to fill the GPU (about two per
     SM) when ``B`` alone gives few tiles; one slice on the CPU interpreter, and under
@@ -241,7 +234,7 @@ def _split(B: int, D: int, device: torch.device) -> int:
     if INTERPRETED or device.type != "cuda" or torch.are_deterministic_algorithms_enabled():
         return 1
     tiles = triton.cdiv(B, 64) ** 2
-    return max(1, min(triton.cdiv(D, 512), 2 * _sm_count(device.index or 0) // tiles))
+    return max(1, min(triton.cdiv(D, 512), 2 * sm_count(device) // tiles))
 
 
 def _inv_t(temperature: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -18,7 +18,7 @@ import os
 import pytest
 import torch
 
-from cgc import ops
+from cgc import ops, transforms
 from cgc.ops import reference
 
 from .test_ops import assert_close, randn, random_theta
@@ -103,12 +103,20 @@ def test_gradcam_ragged_blocks(poisoned, rng, dtype, form):
 @needs_backend
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("padding_mode", ["zeros", "border"])
-def test_affine_warp_ragged_and_far_samples(poisoned, rng, dtype, padding_mode):
-    """17x19 outputs straddle 256-pixel blocks; one map samples 1e9 pixels away (clamped
-    before the integer cast: zeros, or the nearest edge with border padding)."""
-    B, C, H, W, size = 3, 3, 6, 5, (17, 19)
+@pytest.mark.parametrize("in_hw", [(6, 5), (18, 5)], ids=["dense-backward", "scatter-backward"])
+@pytest.mark.parametrize("maps", ["affine", "crop-flip"])
+def test_affine_warp_ragged_and_far_samples(poisoned, rng, dtype, padding_mode, in_hw, maps):
+    """17x19 outputs straddle the pixel blocks; one map samples 1e9 pixels away (clamped
+    before the integer cast: zeros, or the nearest edge with border padding). Inputs up to
+    16 pixels a side take the dense backward (float64: the scatter), taller ones the scatter;
+    crop/flip maps take the dense backward's separable branch."""
+    (H, W), B, C, size = in_hw, 3, 3, (17, 19)
     x64 = exact(rng, dtype, B, C, H, W).requires_grad_()
-    theta = random_theta(rng, B)
+    if maps == "affine":
+        theta = random_theta(rng, B)
+    else:
+        theta = transforms.random_crop_flip(B, 40, 30, generator=rng).theta().double()
+        assert (theta[:, 0, 1] == 0).all() and (theta[:, 1, 0] == 0).all()
     theta[1, :, 2] = torch.tensor([1e9, -1e9], dtype=torch.float64)
     theta = theta.float()
     ref = reference.affine_warp(x64, theta.double(), size, padding_mode)
@@ -212,7 +220,9 @@ def _opcheck_cases(gen):
         (ops_.gradcam_backward.default, (randn(gen, 2, 4, 5, device=DEVICE), A, G, True)),
         (ops_.affine_warp.default, (x, theta, 3, 7, False)),
         (ops_.affine_warp_backward.default, (randn(gen, 2, 2, 3, 7, device=DEVICE), theta, 5, 4, True,
-                                             torch.float64)),
+                                             torch.float64)),  # the scatter
+        (ops_.affine_warp_backward.default, (randn(gen, 2, 2, 3, 7, device=DEVICE).float(), theta.float(), 5, 4,
+                                             False, torch.float32)),  # the dense backward
         (ops_.info_nce.default, (a, p, 0.5)),
     ]
 

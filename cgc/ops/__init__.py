@@ -80,7 +80,8 @@ CUDA_ORDER = {
 
 
 # The CUDA kernels that sum with floating-point atomics in an order that varies from run to run,
-# and the pass they run in: the warp's backward (a scatter-add) in native and Triton. Every CPU
+# and the pass they run in: the warp's backward (a scatter-add) in native, and in Triton for
+# inputs over 16 pixels a side (``auto`` does not look at sizes and skips Triton's too). Every CPU
 # kernel is deterministic; so is the reference (under torch.use_deterministic_algorithms PyTorch
 # gives gather a deterministic backward), and Triton's info_nce stops splitting its Gram over D.
 NONDETERMINISTIC_ON_CUDA = {
