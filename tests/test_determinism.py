@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cgc import ops
+from cgc import ops, transforms
 from cgc.train import deterministic
 
 from .test_ops import random_theta
@@ -77,45 +77,36 @@ def _warp_grad(backend, x, theta):
 
 
 @needs_cuda
-def test_cuda_auto_warp_repeats_bit_for_bit(det):
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(16, 1, 7, 7, generator=gen).cuda()
-    theta = random_theta(gen, 16).cuda()
-    out1, g1 = _warp_grad(None, x, theta)
-    out2, g2 = _warp_grad(None, x, theta)
-    assert torch.equal(out1, out2) and torch.equal(g1, g2)
+@pytest.mark.parametrize("backend", [None, "triton"], ids=["auto", "triton"])
+@pytest.mark.parametrize("maps", ["affine", "crop-flip"])
+def test_cuda_heatmap_warp_repeats_bit_for_bit(det, rng, backend, maps):
+    """``auto`` (the reference, under the mode) and Triton's dense backward for heatmap-sized
+    inputs (no atomics, so it is allowed) give bit-identical outputs and gradients."""
+    if backend is not None and backend not in ops.available_backends():
+        pytest.skip(f"backend {backend} unavailable")
+    x = torch.randn(64, 1, 7, 7, generator=rng).cuda()
+    theta = random_theta(rng, 64) if maps == "affine" else transforms.random_crop_flip(64, 224, 224, generator=rng).theta()
+    first, second = (_warp_grad(backend, x, theta.cuda()) for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
 @needs_cuda
 @pytest.mark.parametrize("backend", ["native", "triton"])
-def test_cuda_racy_warp_backward_raises_when_named(det, backend):
+def test_cuda_racy_warp_backward_raises_when_named(det, rng, backend):
     if backend not in ops.available_backends():
         pytest.skip(f"backend {backend} unavailable")
-    x = torch.randn(4, 3, 32, 32, device="cuda")  # Triton scatters for inputs over 16 pixels a side
+    x = torch.randn(4, 3, 32, 32, generator=rng).cuda()  # Triton scatters for inputs over 16 pixels a side
     with pytest.raises(RuntimeError, match="deterministic"):
-        _warp_grad(backend, x, random_theta(torch.Generator().manual_seed(1), 4).cuda())
-
-
-@needs_cuda
-def test_cuda_triton_heatmap_warp_backward_is_deterministic(det):
-    """Small inputs take Triton's dense backward (no atomics): allowed, and bit-identical."""
-    if "triton" not in ops.available_backends():
-        pytest.skip("backend triton unavailable")
-    gen = torch.Generator().manual_seed(2)
-    x = torch.randn(64, 1, 7, 7, generator=gen).cuda()
-    theta = random_theta(gen, 64).cuda()
-    out1, g1 = _warp_grad("triton", x, theta)
-    out2, g2 = _warp_grad("triton", x, theta)
-    assert torch.equal(out1, out2) and torch.equal(g1, g2)
+        _warp_grad(backend, x, random_theta(rng, 4).cuda())
 
 
 @needs_cuda
 @pytest.mark.parametrize("backend", ["native", "triton"])
-def test_cuda_info_nce_repeats_bit_for_bit(det, backend):
+def test_cuda_info_nce_repeats_bit_for_bit(det, rng, backend):
     if backend not in ops.available_backends():
         pytest.skip(f"backend {backend} unavailable")
-    a = torch.randn(64, 50176, device="cuda")
-    p = torch.randn(64, 50176, device="cuda")
+    a = torch.randn(64, 50176, generator=rng).cuda()
+    p = torch.randn(64, 50176, generator=rng).cuda()
     runs = []
     for _ in range(2):
         a_ = a.clone().requires_grad_()
