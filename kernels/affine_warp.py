@@ -1,23 +1,27 @@
 """Affine bilinear warp kernels: ``F.grid_sample(x, F.affine_grid(theta, ...))`` with
 ``align_corners=False`` and zeros/border padding, without materialising the sampling grid.
 
-Each program takes one batch row and a block of output pixels, computes their source
-coordinates from ``theta`` in registers (float64 for float64 inputs, else float32, as the
-reference does) and loops over the channels, which share the coordinates.
+Two families, chosen by input size (float64 always takes the general one):
 
-The backward has two forms. Inputs of at most 16 x 16 pixels (Grad-CAM heatmaps: thousands of
-output pixels read each input pixel) use :func:`_warp_bwd_small_kernel`, which writes each
-plane's gradient densely, without atomics: a pixel's bilinear weights are the outer product of
-its two y weights and its two x weights, so a block of output pixels adds ``(Y g)^T @ X``,
-where the rows of ``Y`` [P, H] and ``X`` [P, W] hold each pixel's axis weights at its taps.
-Maps without rotation or shear (every crop/flip of CGC) are separable: all pixels of an output
-row share ``Y``'s row and all of a column ``X``'s, so a block of rows first reduces the
-gradient along x (``G_rows @ X_cols``, a few multiply-adds per pixel) and then adds
-``Y_rows^T @ that``. The partial sums of a plane's slices are added in a fixed order, so the
-result is deterministic. Larger inputs (images, where few outputs share an input pixel) and float64
-scatter ``gout * weight`` into the four source corners with atomic adds
-(:func:`_warp_bwd_kernel`). Both accumulate in float32 also for 16-bit inputs; the gradient
-is cast at the end.
+- **General** (:func:`_warp_fwd_kernel`, :func:`_warp_bwd_kernel`; images): each program takes
+  one batch row and a block of output pixels, computes their source coordinates from
+  ``theta`` in registers (float64 for float64 inputs, else float32, as the reference does) and
+  loops over the channels, which share the coordinates. The backward scatters
+  ``gout * weight`` into the four source corners with atomic adds (few outputs share an
+  input pixel of an image).
+- **Small inputs**, at most 16 x 16 pixels (Grad-CAM heatmaps, where thousands of output
+  pixels read each input pixel): linear algebra on one plane with ``tl.dot``. A pixel's
+  bilinear weights are the outer product of its two y weights and its two x weights, held in
+  the rows of ``Y`` [P, H] and ``X`` [P, W]. Maps without rotation or shear (every crop/flip
+  of CGC) are separable: all pixels of an output row share ``Y``'s row and all of a column
+  ``X``'s, so a tile of output is ``Y_rows @ (x @ X_cols^T)``
+  (:func:`_warp_fwd_small_kernel`) and the backward reduces a block of rows along x first,
+  ``Y_rows^T @ (G @ X_cols)`` (:func:`_warp_bwd_small_kernel`): a few multiply-adds per
+  pixel. Other maps take the per-pixel formulas (forward) or add ``(Y g)^T @ X`` per block of
+  pixels (backward). The backward writes each plane's gradient densely, without atomics, and
+  adds the partial sums of a plane's slices in a fixed order: it is deterministic.
+
+Both accumulate in float32 also for 16-bit inputs; the gradient is cast at the end.
 """
 from __future__ import annotations
 
@@ -135,7 +139,7 @@ _SMALL_CONFIGS = [
     triton.Config({"BLOCK": 64, "BH": 32, "BW": 64}, num_warps=4),
     triton.Config({"BLOCK": 256, "BH": 32, "BW": 128}, num_warps=8),
 ]
-SMALL_INPUT = 16  # inputs up to this many pixels a side take the dense backward
+SMALL_INPUT = 16  # inputs up to this many pixels a side take the small-input kernels
 
 
 @triton.jit
@@ -201,6 +205,58 @@ def _warp_bwd_small_kernel(gout_ptr, theta_ptr, part_ptr, C, H, W, h_out, w_out,
     tl.store(part + tl.arange(0, HP)[:, None] * WP + ix, acc)
 
 
+@autotune(_SMALL_CONFIGS, key=["h_out", "w_out", "HP", "WP"])
+@triton.jit
+def _warp_fwd_small_kernel(x_ptr, theta_ptr, out_ptr, C, H, W, h_out, w_out, sxb, sxc, sxh, sxw,
+                           BORDER: tl.constexpr, ACC: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr,
+                           BLOCK: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
+    """Output tile (row block ``pid 1``, column block ``pid 2``) of plane ``pid 0`` (= b * C + c)
+    of a small input (contiguous ``out``)."""
+    plane = tl.program_id(0)
+    b = plane // C
+    c = plane % C
+    rows = tl.program_id(1) * BH + tl.arange(0, BH)
+    cols = tl.program_id(2) * BW + tl.arange(0, BW)
+    rmask = rows < h_out
+    cmask = cols < w_out
+    x_plane = x_ptr + b.to(tl.int64) * sxb + c.to(tl.int64) * sxc
+    t = theta_ptr + b.to(tl.int64) * 6
+    if (tl.load(t + 1) == 0.0) & (tl.load(t + 3) == 0.0):
+        # separable: Y_rows @ (x @ X_cols^T)
+        iy = tl.arange(0, HP)
+        ix = tl.arange(0, WP)
+        src = tl.load(x_plane + iy.to(tl.int64)[:, None] * sxh + ix.to(tl.int64)[None, :] * sxw,
+                      mask=(iy < H)[:, None] & (ix < W)[None, :], other=0.0).to(ACC)
+        x0, _, fx, _, in_x0, in_x1, _, _ = _taps(theta_ptr, b, cols, cmask, w_out, h_out, H, W, BORDER, ACC)
+        _, y0, _, fy, _, _, in_y0, in_y1 = _taps(theta_ptr, b, rows * w_out, rmask, w_out, h_out, H, W,
+                                                 BORDER, ACC)
+        along_x = tl.dot(src, tl.trans(_axis_weights(ix[None, :], x0, fx, in_x0, in_x1)), input_precision="ieee")
+        v = tl.dot(_axis_weights(iy[None, :], y0, fy, in_y0, in_y1), along_x, input_precision="ieee")
+    else:
+        # general: the four corners of every pixel of the tile
+        ps = rows[:, None] * w_out + cols[None, :]
+        x0, y0, fx, fy, m00, m01, m10, m11 = _corners(theta_ptr, b, ps, rmask[:, None] & cmask[None, :],
+                                                      w_out, h_out, H, W, BORDER, ACC)
+        r0 = y0.to(tl.int64) * sxh
+        r1 = (y0 + 1).to(tl.int64) * sxh
+        c0 = x0.to(tl.int64) * sxw
+        c1 = (x0 + 1).to(tl.int64) * sxw
+        v = (1.0 - fy) * (1.0 - fx) * tl.load(x_plane + r0 + c0, mask=m00, other=0.0).to(ACC)
+        v += (1.0 - fy) * fx * tl.load(x_plane + r0 + c1, mask=m01, other=0.0).to(ACC)
+        v += fy * (1.0 - fx) * tl.load(x_plane + r1 + c0, mask=m10, other=0.0).to(ACC)
+        v += fy * fx * tl.load(x_plane + r1 + c1, mask=m11, other=0.0).to(ACC)
+    dst = out_ptr + plane.to(tl.int64) * h_out * w_out + rows[:, None] * w_out + cols[None, :]
+    tl.store(dst, v.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+def _small(H: int, W: int, dtype: torch.dtype):
+    """``(HP, WP)``, the padded plane of the small-input kernels, or None when the input is too
+    large for them (or float64, which the general kernels compute)."""
+    if max(H, W) > SMALL_INPUT or acc_dtype(dtype) != torch.float32:
+        return None
+    return tuple(max(16, triton.next_power_of_2(n)) for n in (H, W))
+
+
 def _slices(planes: int, h_out: int, w_out: int, device: torch.device) -> int:
     """Row slices of each plane's output for the dense backward: enough programs for about four
     per SM, each with at least 1024 pixels; two under the interpreter, so that the tests add
@@ -221,6 +277,13 @@ def warp_forward(input: torch.Tensor, theta: torch.Tensor, h_out: int, w_out: in
     """Warped ``input`` [B,C,H,W] -> [B,C,h_out,w_out] in the input dtype."""
     B, C, H, W = input.shape
     out = torch.empty((B, C, h_out, w_out), dtype=input.dtype, device=input.device)
+    small = _small(H, W, input.dtype)
+    if small is not None:
+        launch(_warp_fwd_small_kernel)[lambda meta: (B * C, triton.cdiv(h_out, meta["BH"]),
+                                                     triton.cdiv(w_out, meta["BW"]))](
+            input, _theta(theta, input.dtype), out, C, H, W, h_out, w_out, *input.stride(),
+            BORDER=border, ACC=tl.float32, HP=small[0], WP=small[1])
+        return out
     hw = h_out * w_out
     launch(_warp_fwd_kernel)[lambda meta: (B, triton.cdiv(hw, meta["BLOCK"]))](
         input, _theta(theta, input.dtype), out, C, H, W, h_out, w_out, hw, *input.stride(),
@@ -234,13 +297,13 @@ def warp_backward(grad_out: torch.Tensor, theta: torch.Tensor, H: int, W: int, b
     B, C, h_out, w_out = grad_out.shape
     acc = acc_dtype(dtype)
     hw = h_out * w_out
-    if max(H, W) <= SMALL_INPUT and acc == torch.float32:
-        hp, wp = (max(16, triton.next_power_of_2(n)) for n in (H, W))
+    small = _small(H, W, dtype)
+    if small is not None:
         split = _slices(B * C, h_out, w_out, grad_out.device)
-        part = torch.empty((B * C, split, hp, wp), dtype=acc, device=grad_out.device)
+        part = torch.empty((B * C, split, *small), dtype=acc, device=grad_out.device)
         launch(_warp_bwd_small_kernel)[(B * C, split)](
             grad_out, _theta(theta, dtype), part, C, H, W, h_out, w_out, split, *grad_out.stride(),
-            BORDER=border, ACC=tl_dtype(acc), HP=hp, WP=wp)
+            BORDER=border, ACC=tl.float32, HP=small[0], WP=small[1])
         return part.sum(1)[:, :H, :W].reshape(B, C, H, W).to(dtype)
     alert_nondeterministic("the Triton affine_warp backward", grad_out.device)
     grad_in = torch.zeros((B, C, H, W), dtype=acc, device=grad_out.device)

@@ -103,13 +103,13 @@ def test_gradcam_ragged_blocks(poisoned, rng, dtype, form):
 @needs_backend
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("padding_mode", ["zeros", "border"])
-@pytest.mark.parametrize("in_hw", [(6, 5), (18, 5)], ids=["dense-backward", "scatter-backward"])
+@pytest.mark.parametrize("in_hw", [(6, 5), (18, 5)], ids=["small-input", "general"])
 @pytest.mark.parametrize("maps", ["affine", "crop-flip"])
 def test_affine_warp_ragged_and_far_samples(poisoned, rng, dtype, padding_mode, in_hw, maps):
     """17x19 outputs straddle the pixel blocks; one map samples 1e9 pixels away (clamped
     before the integer cast: zeros, or the nearest edge with border padding). Inputs up to
-    16 pixels a side take the dense backward (float64: the scatter), taller ones the scatter;
-    crop/flip maps take the dense backward's separable branch."""
+    16 pixels a side take the small-input kernels (float64: the general ones), taller ones the
+    general kernels; crop/flip maps take the small-input kernels' separable branch."""
     (H, W), B, C, size = in_hw, 3, 3, (17, 19)
     x64 = exact(rng, dtype, B, C, H, W).requires_grad_()
     if maps == "affine":
@@ -218,11 +218,12 @@ def _opcheck_cases(gen):
         (ops_.gradcam.default, (A, G, True)),
         (ops_.gradcam.default, (A, G, False)),
         (ops_.gradcam_backward.default, (randn(gen, 2, 4, 5, device=DEVICE), A, G, True)),
-        (ops_.affine_warp.default, (x, theta, 3, 7, False)),
+        (ops_.affine_warp.default, (x, theta, 3, 7, False)),  # float64: the general kernels
+        (ops_.affine_warp.default, (x.detach().float().requires_grad_(), theta.float(), 3, 7, True)),
         (ops_.affine_warp_backward.default, (randn(gen, 2, 2, 3, 7, device=DEVICE), theta, 5, 4, True,
-                                             torch.float64)),  # the scatter
+                                             torch.float64)),  # the general kernels
         (ops_.affine_warp_backward.default, (randn(gen, 2, 2, 3, 7, device=DEVICE).float(), theta.float(), 5, 4,
-                                             False, torch.float32)),  # the dense backward
+                                             False, torch.float32)),  # the small-input kernels
         (ops_.info_nce.default, (a, p, 0.5)),
     ]
 
