@@ -2,8 +2,9 @@
 # One-call GPU check, run from the repository root on a machine with a GPU, nvcc and torch:
 # builds cgc._C (CPU + CUDA), runs the test suite (CUDA cases included), the CUDA benchmarks
 # (with the device's copy bandwidth and matmul rate), and writes a markdown report to
-# $OUT/gpu_results.md (logs beside it). Needs no network. Its stages are capped at about 9 minutes
-# in all (build + 150 + 120 + 180 + 60 s), under the device tool's 10-minute call limit.
+# $OUT/gpu_results.md (logs beside it). Needs no network. Its stages are capped (build 150 s, tests
+# 150 + 120 s, benchmarks 180 s, profile 60 s); a typical run (build about 40 s) fits the device
+# tool's 10-minute call limit. A failed build is reported and the rest still runs (reference, Triton).
 # Usage: OUT=/some/dir benchmarks/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu_check_out}
@@ -28,14 +29,14 @@ section "Build"
 start=$(date +%s)
 # --use-pep517: an older pip's legacy `setup.py develop` re-runs pip with build isolation
 # (which needs the network); build_ext --inplace is the fallback without pip
-if "$PY" -m pip install --no-build-isolation --no-deps --use-pep517 -e . > "$OUT/build.log" 2>&1 ||
-   "$PY" setup.py build_ext --inplace >> "$OUT/build.log" 2>&1; then
+# (38 s on 16 cores; both tries share one cap, so that a stuck build leaves time for the rest)
+if timeout 150 bash -c '"$0" -m pip install --no-build-isolation --no-deps --use-pep517 -e . > "$1" 2>&1 ||
+                        "$0" setup.py build_ext --inplace >> "$1" 2>&1' "$PY" "$OUT/build.log"; then
   echo "pip install -e . with CGC_CUDA=1: OK in $(( $(date +%s) - start )) s" >> "$REPORT"
 else
-  echo "BUILD FAILED after $(( $(date +%s) - start )) s; last lines:" >> "$REPORT"
+  # the reference and Triton need no build: go on, so that the call still measures them
+  echo "BUILD FAILED after $(( $(date +%s) - start )) s (the native backend is missing below); last lines:" >> "$REPORT"
   { echo '```'; tail -40 "$OUT/build.log"; echo '```'; } >> "$REPORT"
-  cat "$REPORT"
-  exit 1
 fi
 "$PY" -c "import torch, cgc.ops.native as n; assert n.supports(torch.device('cuda')), 'no CUDA kernels'" >> "$REPORT" 2>&1
 
