@@ -81,6 +81,21 @@ def _corners(theta_ptr, b, ps, pmask, w_out, h_out, H, W, BORDER: tl.constexpr, 
     return x0, y0, fx, fy, in_y0 & in_x0, in_y0 & in_x1, in_y1 & in_x0, in_y1 & in_x1
 
 
+@triton.jit
+def _sample(plane, x0, y0, fx, fy, m00, m01, m10, m11, sh, sw, ACC: tl.constexpr):
+    """Bilinear value of one input plane (``plane`` points at it; strides ``sh``, ``sw``) at
+    the corners and offsets of :func:`_corners`, masked corners reading zero."""
+    r0 = y0.to(tl.int64) * sh
+    r1 = (y0 + 1).to(tl.int64) * sh
+    c0 = x0.to(tl.int64) * sw
+    c1 = (x0 + 1).to(tl.int64) * sw
+    v = (1.0 - fy) * (1.0 - fx) * tl.load(plane + r0 + c0, mask=m00, other=0.0).to(ACC)
+    v += (1.0 - fy) * fx * tl.load(plane + r0 + c1, mask=m01, other=0.0).to(ACC)
+    v += fy * (1.0 - fx) * tl.load(plane + r1 + c0, mask=m10, other=0.0).to(ACC)
+    v += fy * fx * tl.load(plane + r1 + c1, mask=m11, other=0.0).to(ACC)
+    return v
+
+
 @autotune(_CONFIGS, key=["HW_OUT", "C"])
 @triton.jit
 def _warp_fwd_kernel(x_ptr, theta_ptr, out_ptr, C, H, W, h_out, w_out, HW_OUT,
@@ -90,22 +105,9 @@ def _warp_fwd_kernel(x_ptr, theta_ptr, out_ptr, C, H, W, h_out, w_out, HW_OUT,
     ps = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     pmask = ps < HW_OUT
     x0, y0, fx, fy, m00, m01, m10, m11 = _corners(theta_ptr, b, ps, pmask, w_out, h_out, H, W, BORDER, ACC)
-    x1 = x0 + 1
-    y1 = y0 + 1
-    w00 = (1.0 - fy) * (1.0 - fx)
-    w01 = (1.0 - fy) * fx
-    w10 = fy * (1.0 - fx)
-    w11 = fy * fx
-    r0 = y0.to(tl.int64) * sxh
-    r1 = y1.to(tl.int64) * sxh
-    c0 = x0.to(tl.int64) * sxw
-    c1 = x1.to(tl.int64) * sxw
     for c in range(0, C):
-        base = b.to(tl.int64) * sxb + (b * 0 + c).to(tl.int64) * sxc
-        v = w00 * tl.load(x_ptr + base + r0 + c0, mask=m00, other=0.0).to(ACC)
-        v += w01 * tl.load(x_ptr + base + r0 + c1, mask=m01, other=0.0).to(ACC)
-        v += w10 * tl.load(x_ptr + base + r1 + c0, mask=m10, other=0.0).to(ACC)
-        v += w11 * tl.load(x_ptr + base + r1 + c1, mask=m11, other=0.0).to(ACC)
+        plane = x_ptr + b.to(tl.int64) * sxb + (b * 0 + c).to(tl.int64) * sxc
+        v = _sample(plane, x0, y0, fx, fy, m00, m01, m10, m11, sxh, sxw, ACC)
         dst = (b.to(tl.int64) * C + c) * HW_OUT + ps
         tl.store(out_ptr + dst, v.to(out_ptr.dtype.element_ty), mask=pmask)
 
@@ -237,14 +239,7 @@ def _warp_fwd_small_kernel(x_ptr, theta_ptr, out_ptr, C, H, W, h_out, w_out, sxb
         ps = rows[:, None] * w_out + cols[None, :]
         x0, y0, fx, fy, m00, m01, m10, m11 = _corners(theta_ptr, b, ps, rmask[:, None] & cmask[None, :],
                                                       w_out, h_out, H, W, BORDER, ACC)
-        r0 = y0.to(tl.int64) * sxh
-        r1 = (y0 + 1).to(tl.int64) * sxh
-        c0 = x0.to(tl.int64) * sxw
-        c1 = (x0 + 1).to(tl.int64) * sxw
-        v = (1.0 - fy) * (1.0 - fx) * tl.load(x_plane + r0 + c0, mask=m00, other=0.0).to(ACC)
-        v += (1.0 - fy) * fx * tl.load(x_plane + r0 + c1, mask=m01, other=0.0).to(ACC)
-        v += fy * (1.0 - fx) * tl.load(x_plane + r1 + c0, mask=m10, other=0.0).to(ACC)
-        v += fy * fx * tl.load(x_plane + r1 + c1, mask=m11, other=0.0).to(ACC)
+        v = _sample(x_plane, x0, y0, fx, fy, m00, m01, m10, m11, sxh, sxw, ACC)
     dst = out_ptr + plane.to(tl.int64) * h_out * w_out + rows[:, None] * w_out + cols[None, :]
     tl.store(dst, v.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
