@@ -3,7 +3,7 @@
 // every listed size, the Python torch.library.register_autograd path cost more host time than the
 // kernels themselves. Each forward op saves what its backward op needs and calls it through the
 // dispatcher, so a backward run with create_graph records it for higher-order gradients:
-// gradcam and affine_warp are differentiable to any order, info_nce once.
+// gradcam and affine_warp are differentiable to any order, info_nce (both forms) once.
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -62,6 +62,26 @@ std::tuple<Tensor, Tensor> nce_bwd_op(const Tensor& gl, const Tensor& a, const T
                        .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                                          const Tensor&, double, int64_t)>();
   return op.call(gl, a, p, logits, stats, t, reduction);
+}
+
+using NegFwdResult = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+using NegBwdResult = std::tuple<Tensor, Tensor, Tensor>;
+
+NegFwdResult nce_neg_fwd_op(const Tensor& a, const Tensor& p, const Tensor& n, const Tensor& index, double t,
+                            int64_t reduction) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("cgc::info_nce_neg_fwd", "")
+                       .typed<NegFwdResult(const Tensor&, const Tensor&, const Tensor&, const Tensor&, double, int64_t)>();
+  return op.call(a, p, n, index, t, reduction);
+}
+
+NegBwdResult nce_neg_bwd_op(const Tensor& gl, const Tensor& a, const Tensor& p, const Tensor& n, const Tensor& logits,
+                            const Tensor& stats, const Tensor& norms, double t, int64_t reduction) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("cgc::info_nce_neg_bwd", "")
+                       .typed<NegBwdResult(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                           const Tensor&, const Tensor&, double, int64_t)>();
+  return op.call(gl, a, p, n, logits, stats, norms, t, reduction);
 }
 
 // ---------------------------------------------------------------------------------- gradcam
@@ -208,6 +228,55 @@ std::tuple<Tensor, Tensor> nce_bwd_autograd(const Tensor& gl, const Tensor& a, c
   return {r[0], r[1]};
 }
 
+// Explicit negatives: the same pattern with a third differentiable input (anchor_index is data).
+struct NceNegFwd : public Function<NceNegFwd> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& a, const Tensor& p, const Tensor& n,
+                               const Tensor& index, double t, int64_t reduction) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [loss, logits, stats, norms] = nce_neg_fwd_op(a, p, n, index, t, reduction);
+    ctx->save_for_backward({a, p, n, logits, stats, norms});
+    ctx->saved_data["t"] = t;
+    ctx->saved_data["reduction"] = reduction;
+    ctx->mark_non_differentiable({logits, stats, norms});
+    return {loss, logits, stats, norms};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto s = ctx->get_saved_variables();
+    auto [da, dp, dn] = nce_neg_bwd_op(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], ctx->saved_data["t"].toDouble(),
+                                       ctx->saved_data["reduction"].toInt());
+    return {da, dp, dn, Tensor(), Tensor(), Tensor()};
+  }
+};
+
+struct NceNegBwd : public Function<NceNegBwd> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& gl, const Tensor& a, const Tensor& p,
+                               const Tensor& n, const Tensor& logits, const Tensor& stats, const Tensor& norms,
+                               double t, int64_t reduction) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [da, dp, dn] = nce_neg_bwd_op(gl, a, p, n, logits, stats, norms, t, reduction);
+    return {da, dp, dn};
+  }
+
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false, "the native info_nce (explicit negatives) is differentiable once; for higher-order "
+                       "gradients use backend='reference'");
+  }
+};
+
+NegFwdResult nce_neg_fwd_autograd(const Tensor& a, const Tensor& p, const Tensor& n, const Tensor& index, double t,
+                                  int64_t reduction) {
+  auto r = NceNegFwd::apply(a, p, n, index, t, reduction);
+  return {r[0], r[1], r[2], r[3]};
+}
+
+NegBwdResult nce_neg_bwd_autograd(const Tensor& gl, const Tensor& a, const Tensor& p, const Tensor& n,
+                                  const Tensor& logits, const Tensor& stats, const Tensor& norms, double t,
+                                  int64_t reduction) {
+  auto r = NceNegBwd::apply(gl, a, p, n, logits, stats, norms, t, reduction);
+  return {r[0], r[1], r[2]};
+}
+
 }  // namespace
 }  // namespace cgc
 
@@ -218,4 +287,6 @@ TORCH_LIBRARY_IMPL(cgc, Autograd, m) {
   m.impl("affine_warp_bwd", &cgc::warp_bwd_autograd);
   m.impl("info_nce_fwd", &cgc::nce_fwd_autograd);
   m.impl("info_nce_bwd", &cgc::nce_bwd_autograd);
+  m.impl("info_nce_neg_fwd", &cgc::nce_neg_fwd_autograd);
+  m.impl("info_nce_neg_bwd", &cgc::nce_neg_bwd_autograd);
 }

@@ -31,4 +31,12 @@ TORCH_LIBRARY(cgc, m) {
         " -> (Tensor, Tensor, Tensor)");
   m.def("info_nce_bwd(Tensor grad_loss, Tensor anchors, Tensor positives, Tensor logits, Tensor stats,"
         " float temperature, int reduction) -> (Tensor, Tensor)");
+  // InfoNCE against explicit negatives [N,D]: anchor b's negatives are the rows k != anchor_index[b]
+  // (int64 [b], -1 = exclude none). Returns (loss, logits [b,1+N] with the positive in column 0 and
+  // -inf in the excluded columns, stats [3,b] as info_nce_fwd, the negatives' norms [N]), float64
+  // but the loss; the backward gives (d anchors, d positives, d negatives).
+  m.def("info_nce_neg_fwd(Tensor anchors, Tensor positives, Tensor negatives, Tensor anchor_index,"
+        " float temperature, int reduction) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("info_nce_neg_bwd(Tensor grad_loss, Tensor anchors, Tensor positives, Tensor negatives, Tensor logits,"
+        " Tensor stats, Tensor neg_norms, float temperature, int reduction) -> (Tensor, Tensor, Tensor)");
 }

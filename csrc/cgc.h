@@ -85,11 +85,43 @@ inline void check_nce(const at::Tensor& a, const at::Tensor& p, double temperatu
               ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
 }
 
-// info_nce saved tensors, both float64 whatever the input dtype: logits [B,B] (diagonal = the
-// positive logit) and stats [3,B] (|a_b|, |p_b|, row log-sum-exp). The B x B bookkeeping and the
-// per-element gradient coefficients run in double: the gradient is a difference of nearly equal
-// terms (it vanishes exactly for collinear rows, e.g. D = 1), so float32 arithmetic there would
-// leave rounding noise of the order of 1e-7 / T on a zero gradient.
+// info_nce_neg_fwd/bwd: anchors and positives [b,D], negatives [N,D] of the same dtype and device.
+inline void check_nce_neg(const at::Tensor& a, const at::Tensor& p, const at::Tensor& n, double temperature,
+                          int64_t reduction, const char* op) {
+  TORCH_CHECK(a.dim() == 2 && a.numel() > 0, op, ": anchors must be a non-empty [b,D] tensor, got ",
+              a.sizes());
+  TORCH_CHECK(a.sizes() == p.sizes(), op, ": anchors ", a.sizes(), " and positives ", p.sizes(),
+              " must have the same shape");
+  TORCH_CHECK(n.dim() == 2 && n.size(0) > 0 && n.size(1) == a.size(1), op,
+              ": negatives must be a non-empty [N,D] tensor with the anchors' D = ", a.size(1), ", got ",
+              n.sizes());
+  check_float(a, op, "anchors");
+  check_same(a, p, op, "anchors and positives");
+  check_same(a, n, op, "anchors and negatives");
+  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), op, ": temperature must be finite and > 0, got ",
+              temperature);
+  TORCH_CHECK(reduction >= kReduceNone && reduction <= kReduceSum, op,
+              ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+}
+
+// info_nce_neg_fwd's anchor_index: int64 [b] on the anchors' device. Its values are checked by
+// cgc.ops.info_nce (and by the CPU kernel); the kernels only ever compare them with column
+// numbers, never address memory with them.
+inline void check_anchor_index(const at::Tensor& index, const at::Tensor& a, const char* op) {
+  TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 1 && index.size(0) == a.size(0), op,
+              ": anchor_index must be an int64 tensor [b] = [", a.size(0), "], got ", index.scalar_type(), " ",
+              index.sizes());
+  TORCH_CHECK(index.device() == a.device(), op, ": anchor_index is on ", index.device(), ", the anchors on ",
+              a.device());
+}
+
+// info_nce saved tensors, float64 whatever the input dtype: logits [B,B] (diagonal = the positive
+// logit) and stats [3,B] (|a_b|, |p_b|, row log-sum-exp); info_nce_neg saves logits [b,1+N]
+// (column 0 the positive, then the negatives, -inf in each row's excluded column), the same stats
+// [3,b] and the negatives' norms [N]. The B x B (b x N) bookkeeping and the per-element gradient
+// coefficients run in double: the gradient is a difference of nearly equal terms (it vanishes
+// exactly for collinear rows, e.g. D = 1), so float32 arithmetic there would leave rounding noise
+// of the order of 1e-7 / T on a zero gradient.
 constexpr double kEpsNorm = 1e-12;  // the reference's clamp of the norms (as F.normalize)
 
 // Grain of at::parallel_for in tasks of `work` elements each: small inputs run inline on the

@@ -8,8 +8,9 @@ shapes for ``torch.compile``) and exposes the backend interface of :mod:`cgc.ops
 
 Differentiability: ``gradcam`` to any order (its backward op has its own autograd, needed
 because the CGC loss differentiates a heatmap built from ``create_graph`` gradients);
-``affine_warp`` to any order (forward and backward are each other's transpose); ``info_nce``
-to first order (its backward raises if differentiated again: use the reference for that).
+``affine_warp`` to any order (forward and backward are each other's transpose); ``info_nce``,
+also with explicit negatives, to first order (its backward raises if differentiated again: use
+the reference for that).
 """
 from __future__ import annotations
 
@@ -63,6 +64,12 @@ def info_nce(anchors: torch.Tensor, positives: torch.Tensor, temperature: float,
     return torch.ops.cgc.info_nce_fwd(anchors, positives, temperature, REDUCTION[reduction])[0]
 
 
+def info_nce_neg(anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor,
+                 anchor_index: torch.Tensor, temperature: float, reduction: str) -> torch.Tensor:
+    return torch.ops.cgc.info_nce_neg_fwd(anchors, positives, negatives, anchor_index, temperature,
+                                          REDUCTION[reduction])[0]
+
+
 # ----------------------------------------------------------------------------- registrations
 def _register() -> None:
     """Fake (meta) implementations: output shapes and dtypes for ``torch.compile`` tracing."""
@@ -95,6 +102,18 @@ def _register() -> None:
     @torch.library.register_fake(lib + "info_nce_bwd")
     def _(grad_loss, anchors, positives, logits, stats, temperature, reduction):
         return torch.empty_like(anchors), torch.empty_like(positives)
+
+    @torch.library.register_fake(lib + "info_nce_neg_fwd")
+    def _(anchors, positives, negatives, anchor_index, temperature, reduction):
+        b, n = anchors.shape[0], negatives.shape[0]
+        loss = anchors.new_empty((b,) if reduction == REDUCTION["none"] else ())
+        f64 = torch.float64
+        return (loss, anchors.new_empty((b, n + 1), dtype=f64), anchors.new_empty((3, b), dtype=f64),
+                anchors.new_empty((n,), dtype=f64))
+
+    @torch.library.register_fake(lib + "info_nce_neg_bwd")
+    def _(grad_loss, anchors, positives, negatives, logits, stats, neg_norms, temperature, reduction):
+        return torch.empty_like(anchors), torch.empty_like(positives), torch.empty_like(negatives)
 
 
 if _IMPORT_ERROR is None:
