@@ -6,7 +6,7 @@ stopping at an opaque call; ``register_autograd`` gives each op its backward, it
 Triton op. The backward ops of ``gradcam`` and ``affine_warp`` have autograd too (torch
 formulas for gradcam, the forward warp for the warp's linear backward), so the heatmap can be
 differentiated twice, as the CGC loss does through ``autograd.grad(create_graph=True)``.
-``info_nce`` is differentiable once.
+``info_nce`` (both forms) is differentiable once.
 
 Runs on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before this
 module was first imported (the Triton interpreter: slow, for tests). Needs torch >= 2.6.
@@ -198,6 +198,39 @@ def _nce_grad(ctx, grad_rows, _lse, _gram, _stats):
 torch.library.register_autograd("cgc_triton::info_nce", _nce_grad, setup_context=_nce_setup)
 
 
+@torch.library.triton_op("cgc_triton::info_nce_neg", mutates_args=())
+def _info_nce_neg(anchors: Tensor, positives: Tensor, negatives: Tensor, anchor_index: Tensor,
+                  temperature: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _nce.info_nce_neg_forward(anchors, positives, negatives, anchor_index, temperature)
+
+
+@torch.library.triton_op("cgc_triton::info_nce_neg_backward", mutates_args=())
+def _info_nce_neg_backward(grad_rows: Tensor, anchors: Tensor, positives: Tensor, negatives: Tensor,
+                           anchor_index: Tensor, temperature: float, lse: Tensor, gram: Tensor, stats: Tensor,
+                           nsq: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return _nce.info_nce_neg_backward(grad_rows, anchors, positives, negatives, anchor_index, temperature,
+                                      lse, gram, stats, nsq)
+
+
+def _nce_neg_setup(ctx, inputs, output):
+    anchors, positives, negatives, anchor_index, temperature = inputs
+    _, lse, gram, stats, nsq = output
+    ctx.save_for_backward(anchors, positives, negatives, anchor_index, lse, gram, stats, nsq)
+    ctx.temperature = temperature
+
+
+def _nce_neg_grad(ctx, grad_rows, _lse, _gram, _stats, _nsq):
+    anchors, positives, negatives, anchor_index, lse, gram, stats, nsq = ctx.saved_tensors
+    if grad_rows is None:
+        grad_rows = torch.zeros_like(lse)
+    d_a, d_p, d_n = torch.ops.cgc_triton.info_nce_neg_backward(
+        grad_rows, anchors, positives, negatives, anchor_index, ctx.temperature, lse, gram, stats, nsq)
+    return d_a, d_p, d_n, None, None
+
+
+torch.library.register_autograd("cgc_triton::info_nce_neg", _nce_neg_grad, setup_context=_nce_neg_setup)
+
+
 # ---------------------------------------------------------------------- the backend interface
 def gradcam(activations: Tensor, gradients: Tensor, pool: bool) -> Tensor:
     """See :func:`cgc.ops.gradcam`."""
@@ -213,8 +246,19 @@ def info_nce(anchors: Tensor, positives: Tensor, temperature: float, reduction: 
     """See :func:`cgc.ops.info_nce`: per-row losses from the kernels (accumulation dtype),
     reduced here and returned in the input dtype."""
     rows = torch.ops.cgc_triton.info_nce(anchors, positives, temperature)[0]
+    return _reduce(rows, reduction).to(anchors.dtype)
+
+
+def info_nce_neg(anchors: Tensor, positives: Tensor, negatives: Tensor, anchor_index: Tensor,
+                 temperature: float, reduction: str) -> Tensor:
+    """See :func:`cgc.ops.info_nce` with ``negatives``: reduced as :func:`info_nce`."""
+    rows = torch.ops.cgc_triton.info_nce_neg(anchors, positives, negatives, anchor_index, temperature)[0]
+    return _reduce(rows, reduction).to(anchors.dtype)
+
+
+def _reduce(rows: Tensor, reduction: str) -> Tensor:
     if reduction == "mean":
-        rows = rows.mean()
-    elif reduction == "sum":
-        rows = rows.sum()
-    return rows.to(anchors.dtype)
+        return rows.mean()
+    if reduction == "sum":
+        return rows.sum()
+    return rows
