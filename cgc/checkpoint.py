@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import BadFile, MissingFile
+
 
 def save_atomic(obj, path: str | Path) -> None:
     """``torch.save`` to ``path`` via a temporary file and an atomic rename."""
@@ -31,20 +33,49 @@ def save_atomic(obj, path: str | Path) -> None:
         raise
 
 
+def safe_load(path: str | Path, what: str, map_location="cpu"):
+    """``torch.load(path, weights_only=True)``: tensors, numbers, strings and containers only.
+
+    A missing file is :class:`cgc.errors.MissingFile`; a corrupt one, or one that holds Python
+    objects whose unpickling would run code (which ``weights_only`` refuses, rightly), is
+    :class:`cgc.errors.BadFile` with a one-line reason instead of torch's page of advice.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFile(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - truncated/corrupt/refused files raise many types
+        text = str(err)
+        found = [line.strip() for line in text.splitlines() if "Unsupported global" in line]
+        if found:
+            why = found[0].removeprefix("WeightsUnpickler error: ")
+            raise BadFile(f"{what} {path} holds Python objects, not just tensors, and loading it could run "
+                          f"code ({why}); cgc loads only plain tensors: save a state_dict "
+                          f"(torch.save(model.state_dict(), path))") from err
+        first = next((line.strip() for line in text.splitlines() if "error:" in line), None) or \
+            (text.strip().splitlines()[0] if text.strip() else type(err).__name__)
+        raise BadFile(f"cannot read {what} {path}: corrupt, truncated or not a PyTorch file ({first})") from err
+
+
 def load(path: str | Path, map_location="cpu") -> dict:
-    """Load a checkpoint written by :func:`save_atomic`, safely (``weights_only=True``)."""
+    """Load a checkpoint written by :func:`save_atomic`, safely (``weights_only=True``); a run
+    folder means its ``last.pt``."""
     path = Path(path)
     if path.is_dir():
         path = path / "last.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - truncated/corrupt files raise many types
-        raise ValueError(f"cannot read checkpoint {path} (corrupt or not a cgc checkpoint): {err}") from err
+    ckpt = safe_load(path, "checkpoint", map_location)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ValueError(f"{path} is not a cgc checkpoint (no 'model' entry)")
+        raise BadFile(f"{path} is not a cgc checkpoint (no 'model' entry)")
     return ckpt
+
+
+def cam_method(train_args: dict) -> str:
+    """The CAM method a run was trained with (``--cam``; checkpoints written before it existed
+    stored ``cam_weighting``: ``elementwise`` is HiResCAM, ``pooled`` Grad-CAM)."""
+    if train_args.get("cam"):
+        return train_args["cam"]
+    return {"elementwise": "hirescam", "pooled": "gradcam"}.get(train_args.get("cam_weighting"), "gradcam")
 
 
 def rng_state() -> dict:

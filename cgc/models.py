@@ -1,5 +1,6 @@
-"""Model factory: a compact CNN that trains on a CPU in minutes, or any torchvision classifier
-by name, with the classifier head sized for the dataset and optional weights.
+"""Model factory: a compact CNN that trains on a CPU in minutes, any torchvision classifier by
+name, or any timm CNN (``timm:NAME``), with the classifier head sized for the dataset and
+optional weights.
 
 Order matters and is fixed here: build -> load ImageNet/local weights -> replace the head for
 the dataset's classes. The training script builds the optimizer and restores checkpoints only
@@ -13,17 +14,28 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoint import safe_load
+from .errors import BadFile, ConfigError, MissingDependency, MissingFile, UnknownName, UnsupportedModel
+
 COMPACT = "compact"
+TIMM_PREFIX = "timm:"
+NORMS = ("batch", "group")
 
 
-def _conv_bn(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout),
-                         nn.ReLU(inplace=True))
+def _norm(kind: str, channels: int) -> nn.Module:
+    """BatchNorm, or GroupNorm with 8 groups (no batch statistics: the same result for any
+    split of a batch over processes, and stable with few images per device)."""
+    return nn.BatchNorm2d(channels) if kind == "batch" else nn.GroupNorm(min(8, channels), channels)
+
+
+def _conv_norm(cin: int, cout: int, norm: str) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, 1, 1, bias=False), _norm(norm, cout), nn.ReLU(inplace=True))
 
 
 class CompactCNN(nn.Module):
-    """Four 3x3 conv-BN-ReLU layers with 2x2 max-pooling after the first three (stride 8),
-    global average pooling, a linear head.
+    """Four 3x3 conv-norm-ReLU layers with 2x2 max-pooling after the first three (stride 8),
+    global average pooling, a linear head. ``norm``: ``batch`` (BatchNorm) or ``group``
+    (GroupNorm, for runs that must not depend on how a batch is split over processes).
 
     ``features`` is the last convolutional stage (the Grad-CAM layer): at 64 px input it is an
     8x8 map, so heatmaps have enough resolution to be right or wrong about a small object.
@@ -32,12 +44,15 @@ class CompactCNN(nn.Module):
     Global pooling + linear head make pooled and element-wise Grad-CAM coincide, as for ResNet.
     """
 
-    def __init__(self, num_classes: int = 10, width: int = 16):
+    def __init__(self, num_classes: int = 10, width: int = 16, norm: str = "batch"):
         super().__init__()
+        if norm not in NORMS:
+            raise UnknownName("norm", norm, NORMS)
         w = width
-        self.stem = nn.Sequential(_conv_bn(3, w), nn.MaxPool2d(2))
-        self.stage2 = nn.Sequential(_conv_bn(w, 2 * w), nn.MaxPool2d(2))
-        self.features = nn.Sequential(_conv_bn(2 * w, 4 * w), nn.MaxPool2d(2), _conv_bn(4 * w, 4 * w))
+        self.stem = nn.Sequential(_conv_norm(3, w, norm), nn.MaxPool2d(2))
+        self.stage2 = nn.Sequential(_conv_norm(w, 2 * w, norm), nn.MaxPool2d(2))
+        self.features = nn.Sequential(_conv_norm(2 * w, 4 * w, norm), nn.MaxPool2d(2),
+                                      _conv_norm(4 * w, 4 * w, norm))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(4 * w, num_classes)
 
@@ -47,10 +62,18 @@ class CompactCNN(nn.Module):
 
 
 def list_architectures() -> list[str]:
-    """Names accepted by :func:`build_model`."""
+    """Names accepted by :func:`build_model` besides ``timm:NAME``."""
     import torchvision
 
     return [COMPACT] + sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        raise MissingDependency("timm", "--arch timm:NAME") from None
+    return timm
 
 
 def classifier_head(model: nn.Module) -> tuple[str, nn.Module]:
@@ -62,7 +85,7 @@ def classifier_head(model: nn.Module) -> tuple[str, nn.Module]:
                                              and name.startswith("classifier")):
             head = (name, module)
     if head is None:
-        raise ValueError(f"cannot find a classifier head (nn.Linear) in {type(model).__name__}")
+        raise UnsupportedModel(f"cannot find a classifier head (nn.Linear) in {type(model).__name__}")
     return head
 
 
@@ -86,54 +109,53 @@ def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from a local file: a plain state dict, or a cgc checkpoint (its
-    ``model``), or a ``{"state_dict": ...}`` wrapper; loaded with ``weights_only=True``.
-    A ``module.`` prefix (DataParallel) is stripped."""
+    ``model``), or a ``{"state_dict": ...}`` wrapper, loaded with ``weights_only=True``; or a
+    ``.safetensors`` file (timm's and the Hugging Face hub's format). A ``module.`` prefix
+    (DataParallel / DDP) is stripped."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same to the user
-        raise ValueError(f"cannot read weights from {path}: {err}") from err
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise MissingFile(f"weights file not found: {path}")
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise MissingDependency("safetensors", f"reading {path.name}") from None
+        try:
+            obj = load_file(str(path))
+        except Exception as err:  # noqa: BLE001 - the reader raises its own types for bad files
+            raise BadFile(f"cannot read weights {path}: not a valid safetensors file ({err})") from err
+    else:
+        obj = safe_load(path, "weights file")
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
+        raise BadFile(f"{path} does not hold a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
 def build_model(arch: str, num_classes: int, *, pretrained: bool = False,
-                weights: str | Path | None = None) -> nn.Module:
+                weights: str | Path | None = None, norm: str = "batch") -> nn.Module:
     """A classifier with ``num_classes`` outputs.
 
-    ``arch`` is ``compact`` or any torchvision classification model name. ``pretrained``
-    loads torchvision's default weights (downloaded by torchvision; needs the internet or a
-    filled cache). ``weights`` loads a local state dict, whose head may have the
-    architecture's original class count (then it is replaced) or ``num_classes``.
+    ``arch`` is ``compact`` (with ``norm``), any torchvision classification model name, or
+    ``timm:NAME`` for any timm model (``timm`` is optional). ``pretrained`` loads the
+    library's default weights (downloaded: needs the internet or a filled cache).
+    ``weights`` loads a local state dict, whose head may have the architecture's original
+    class count (then it is replaced) or ``num_classes``.
     """
     if pretrained and weights:
-        raise ValueError("use either --pretrained or --weights, not both")
+        raise ConfigError("use either --pretrained or --weights, not both")
+    if norm != "batch" and arch != COMPACT:
+        raise ConfigError(f"--norm {norm} is an option of the compact model; {arch} keeps its own normalisation")
     if arch == COMPACT:
         if pretrained:
-            raise ValueError("the compact model has no pretrained weights; use --weights PATH")
-        model: nn.Module = CompactCNN(num_classes)
+            raise ConfigError("the compact model has no pretrained weights; use --weights PATH")
+        model: nn.Module = CompactCNN(num_classes, norm=norm)
+    elif arch.startswith(TIMM_PREFIX):
+        model = _build_timm(arch[len(TIMM_PREFIX):], pretrained)
     else:
-        import torchvision
-
-        if arch not in torchvision.models.list_models(module=torchvision.models):
-            raise ValueError(f"unknown architecture {arch!r}; choose one of {list_architectures()}")
-        tv_weights = None
-        if pretrained:
-            tv_weights = torchvision.models.get_model_weights(arch).DEFAULT
-            try:
-                model = torchvision.models.get_model(arch, weights=tv_weights)
-            except Exception as err:  # noqa: BLE001 - network/cache failures come in many types
-                raise RuntimeError(
-                    f"could not fetch torchvision's pretrained weights for {arch} ({err}). Download "
-                    f"them where the internet works ({tv_weights.url}) and pass --weights PATH") from err
-        else:
-            model = torchvision.models.get_model(arch)
+        model = _build_torchvision(arch, pretrained)
     if weights is not None:
         state = load_state_dict_file(weights)
         head_name, _ = classifier_head(model)
@@ -144,12 +166,45 @@ def build_model(arch: str, num_classes: int, *, pretrained: bool = False,
     return replace_head(model, num_classes)
 
 
+def _build_torchvision(arch: str, pretrained: bool) -> nn.Module:
+    import torchvision
+
+    known = torchvision.models.list_models(module=torchvision.models)
+    if arch not in known:
+        raise UnknownName("architecture", arch, [COMPACT, *known],
+                          hint="'compact', a torchvision classifier name, or timm:NAME")
+    if not pretrained:
+        return torchvision.models.get_model(arch)
+    tv_weights = torchvision.models.get_model_weights(arch).DEFAULT
+    try:
+        return torchvision.models.get_model(arch, weights=tv_weights)
+    except Exception as err:  # noqa: BLE001 - network/cache failures come in many types
+        raise MissingFile(f"could not fetch torchvision's pretrained weights for {arch} ({err}). Download "
+                          f"them where the internet works ({tv_weights.url}) and pass --weights PATH") from err
+
+
+def _build_timm(name: str, pretrained: bool) -> nn.Module:
+    timm = _timm()
+    known = timm.list_models()
+    if name not in known and name.split(".")[0] not in known:
+        raise UnknownName("timm architecture", name, known, hint="any name of timm.list_models()")
+    try:
+        return timm.create_model(name, pretrained=pretrained)
+    except Exception as err:  # noqa: BLE001 - hub/network failures come in many types
+        if not pretrained:
+            raise
+        raise MissingFile(f"could not fetch timm's pretrained weights for {name} ({err}); download the "
+                          f"model's .safetensors where the internet works and pass --weights PATH") from err
+
+
 def _load(model: nn.Module, state: dict, source) -> None:
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches
-        raise ValueError(f"weights in {source} do not fit {type(model).__name__}: {err}") from err
+        first = str(err).strip().splitlines()
+        raise UnsupportedModel(f"weights in {source} do not fit {type(model).__name__}: "
+                               f"{' '.join(line.strip() for line in first[:3])}") from err
     if missing or unexpected:
-        raise ValueError(f"weights in {source} do not fit {type(model).__name__}: "
-                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                         f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        raise UnsupportedModel(f"weights in {source} do not fit {type(model).__name__}: "
+                               f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                               f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")

@@ -53,5 +53,75 @@ def test_pretrained_without_internet_is_a_clear_error(monkeypatch):
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(torchvision.models, "get_model", offline)
-    with pytest.raises(RuntimeError, match="--weights PATH"):
+    with pytest.raises(FileNotFoundError, match="--weights PATH"):
         models.build_model("resnet18", 3, pretrained=True)
+
+
+def test_unknown_names_suggest_close_ones():
+    with pytest.raises(ValueError, match="did you mean 'resnet18'"):
+        models.build_model("resnet19", 3)
+    with pytest.raises(ValueError, match="norm"):
+        models.build_model("resnet18", 3, norm="group")
+
+
+def test_group_norm_compact_model_has_no_batch_statistics():
+    model = models.build_model("compact", 4, norm="group")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in model.modules()) == 4
+    assert len(list(model.buffers())) == 0
+    x = torch.randn(6, 3, 32, 32)
+    model.train()
+    assert torch.allclose(model(x)[:3], model(x[:3]), atol=1e-6)  # a row does not depend on the others
+
+
+def test_weights_that_run_code_are_refused_in_one_line(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("this would have run",))
+
+    torch.save({"w": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError) as info:
+        models.build_model("compact", 3, weights=tmp_path / "evil.pt")
+    message = str(info.value)
+    assert "\n" not in message and "Python objects" in message and "state_dict" in message
+
+
+TIMM_FAMILIES = [("resnet18", "layer4", "fc"), ("efficientnet_b0", "bn2", "classifier"),
+                 ("convnext_atto", "stages", "head.fc"), ("regnetx_002", "s4", "head.fc")]
+
+
+@pytest.mark.parametrize("name,layer,head", TIMM_FAMILIES)
+def test_timm_models_get_the_dataset_head_and_their_cam_layer(name, layer, head, tmp_path):
+    pytest.importorskip("timm", reason="timm is an optional dependency (pip install timm)")
+    from cgc import find_target_layer
+
+    model = models.build_model(f"timm:{name}", 6)
+    assert find_target_layer(model, 64) == layer
+    assert models.classifier_head(model)[0] == head
+    assert model.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 6)
+    # --weights: a local timm state dict with its ImageNet head, then the dataset's head
+    import timm
+
+    src = timm.create_model(name)
+    torch.save(src.state_dict(), tmp_path / "w.pth")
+    loaded = models.build_model(f"timm:{name}", 6, weights=tmp_path / "w.pth")
+    first = next(iter(src.state_dict()))
+    assert torch.equal(loaded.state_dict()[first], src.state_dict()[first])
+
+
+def test_timm_safetensors_weights_and_errors(tmp_path, monkeypatch):
+    timm = pytest.importorskip("timm", reason="timm is an optional dependency (pip install timm)")
+    from safetensors.torch import save_file
+
+    src = timm.create_model("resnet18", num_classes=4)
+    save_file(src.state_dict(), str(tmp_path / "r18.safetensors"))
+    model = models.build_model("timm:resnet18", 4, weights=tmp_path / "r18.safetensors")
+    assert torch.equal(model.fc.weight, src.fc.weight)
+    (tmp_path / "bad.safetensors").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="safetensors"):
+        models.build_model("timm:resnet18", 4, weights=tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="did you mean 'resnet18'"):
+        models.build_model("timm:resnet188", 4)
+    monkeypatch.setitem(__import__("sys").modules, "timm", None)  # as if timm were not installed
+    with pytest.raises(ImportError, match="pip install timm"):
+        models.build_model("timm:resnet18", 4)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UnknownName
 from . import finegrained, folders
 from .files import NO_LABEL, UNREADABLE, ImageFiles, LayoutError, UnreadableImage, drop_unreadable
 from .subsets import limit, write_file_list
@@ -73,7 +74,7 @@ def build(name: str, *, seed: int = 0, image_size: int | None = None, train_size
         val = SyntheticShapes("val", val_size, **kw)
         return DataBundle(train, val, train.classes, size, in_memory=True)
     if name not in FILE_DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+        raise UnknownName("dataset", name, DATASETS)
     read, layout = FILE_DATASETS[name]
     if root is None:
         raise LayoutError(f"{name}: give the dataset folder with --data ROOT; expected layout:\n{layout}")

@@ -25,6 +25,8 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms import functional as TF
 
+from ..errors import CGCError
+
 #: label of an image without one (unlabeled data)
 NO_LABEL = -1
 #: label of a sample whose image could not be decoded; such rows are dropped from batches
@@ -33,11 +35,11 @@ UNREADABLE = -2
 CE_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 
-class LayoutError(ValueError):
+class LayoutError(CGCError, ValueError):
     """A dataset root that is missing or does not have the expected layout."""
 
 
-class UnreadableImage(RuntimeError):
+class UnreadableImage(CGCError, RuntimeError):
     """An image file that cannot be decoded, raised in strict mode."""
 
 
