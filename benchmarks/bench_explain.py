@@ -67,11 +67,11 @@ CAM_CASE = f"Grad-CAM, ResNet-18, batch {BATCH} at {SIZE} px"
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16 autocast"])
 def test_gradcam_cgc(benchmark, resnet, device, precision):
-    """cgc.GradCAM as a user calls it (defaults: channels-last on CPU), in float32 and under
+    """cgc.GradCAM as the command lines call it (channels-last on CPU), in float32 and under
     bfloat16 autocast (AMX / tensor cores; pytorch-grad-cam cannot run under it: its numpy
     conversion rejects bfloat16)."""
     model, images = resnet
-    cam = GradCAM(model, "layer4")
+    cam = GradCAM(model, "layer4", channels_last=device == "cpu")
     amp = precision != "float32"
 
     def run():

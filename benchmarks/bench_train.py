@@ -1,26 +1,37 @@
-"""One CGC training step end to end (torchvision ResNet-18, batch 32, 224 px): ``cgc.train``'s
-own ``train_step`` (three views, CE on each, element-wise Grad-CAM at layer4 with create_graph,
-CGC InfoNCE) plus backward and an SGD update, for:
+"""The CGC training step end to end (torchvision ResNet-18, batch 32, 224 px): ``cgc.train``'s own
+``train_step`` (three views, CE on each, the :class:`cgc.CGCTerm` with the CAM at layer4 under
+``create_graph``, InfoNCE) plus backward and an SGD update, for
 
 - ``reference`` / ``native`` (and other fast backends): every op through that backend;
-- ``loop``: the authors' script: reference ops, but the positive heatmaps made per sample in a
-  Python loop (upsample, slice the crop box, resize, flip), not by one batched warp.
+- ``loop-warp``: the authors' script: reference ops, but the positive heatmaps made per sample
+  in a Python loop (upsample, slice the crop box, resize, flip), not by one batched warp
+  (a :class:`cgc.CGCLoss` subclass handed to the term);
+
+then the cost of each CAM method inside that step (native backend), and the memory the step
+keeps for its backward against a CE-only step on the same three views: bytes of the tensors
+autograd saves (CPU; an allocator-independent count) and ``max_memory_allocated`` (CUDA), so a
+user can size a GPU batch for CGC. Tables: the shared ratio table (steps) and, with
+``CGC_BENCH_TRAIN_TABLE=path``, the method and memory table.
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import cgc
+from cgc.cam import to_channels_last
 from cgc.losses import HEATMAP_EPS
 from cgc.train import train_step
 
-from .conftest import backends_for, run
+from .conftest import backends_for, publish, run, sync
 
 BATCH, SIZE = 32, 224
+METHOD_ROUNDS = int(os.environ.get("CGC_BENCH_ROUNDS", "3"))
+#: (device, what) -> {variant: value}; what is "ms" (median step time) or "MiB"
+EXTRA: dict[tuple[str, str], dict[str, float]] = {}
 
 
 class LoopWarpLoss(cgc.CGCLoss):
@@ -28,7 +39,7 @@ class LoopWarpLoss(cgc.CGCLoss):
     on integer pixel boxes (read back from ``theta``, which :func:`cgc.transforms.crop_flip_theta`
     built from the crop boxes and flips)."""
 
-    def pair(self, cam_orig, cam_aug, theta):
+    def pair(self, cam_orig, cam_aug, theta, size=None):
         S = self.heatmap_size
         q = F.interpolate(cam_aug[:, None], (S, S), mode="bilinear", align_corners=False).flatten(1)
         up = F.interpolate(cam_orig[:, None], (S, S), mode="bilinear", align_corners=False)
@@ -44,23 +55,32 @@ class LoopWarpLoss(cgc.CGCLoss):
         return q, p
 
 
-def make_step(device: str, variant: str):
+def make_step(device: str, backend: str, *, method: str = "hirescam", loss: str = "cgc", loop_warp: bool = False,
+              batch: int = BATCH, size: int = SIZE):
+    """One training step as ``cgc.train`` runs it (channels-last on CPU) with fixed inputs."""
     from torchvision.models import resnet18
 
     torch.manual_seed(0)
     model = resnet18(num_classes=100).to(device).train()
+    channels_last = device == "cpu"
+    if channels_last:
+        to_channels_last(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    backend = "reference" if variant == "loop" else variant
-    cam = cgc.GradCAM(model, "layer4", pool=False, backend=backend)
-    loss_fn = (LoopWarpLoss if variant == "loop" else cgc.CGCLoss)(0.5, SIZE, backend=backend)
-    args = SimpleNamespace(crop_scale=(0.08, 1.0), ce_crop_scale=(0.08, 1.0), backend=backend)
-    x = torch.rand(BATCH, 3, SIZE, SIZE, device=device)
-    y = torch.randint(0, 100, (BATCH,), device=device)
+    term = None
+    if loss == "cgc":
+        loss_fn = (LoopWarpLoss if loop_warp else cgc.CGCLoss)(0.5, size, backend=backend)
+        term = cgc.CGCTerm(model, "layer4", method=method, loss=loss_fn, backend=backend, channels_last=channels_last)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(batch, 3, size, size, generator=gen).to(device)
+    y = torch.randint(0, 100, (batch,), generator=gen).to(device)
+    theta = cgc.transforms.random_crop_flip(batch, size, size, generator=gen, device=device).theta()
+    ce_theta = cgc.transforms.random_crop_flip(batch, size, size, scale=(0.08, 1.0), generator=gen, device=device).theta()
 
     def step():
-        loss = train_step(model, cam, loss_fn, x, y, args, lam=0.5)["loss"]
+        losses = train_step(model, term, x, y, lam=0.5, theta=theta, ce_theta=ce_theta, backend=backend,
+                            channels_last=channels_last)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        losses["loss"].backward()
         opt.step()
 
     return step
@@ -70,7 +90,86 @@ def make_step(device: str, variant: str):
 def test_train_step_resnet18(benchmark, device, variant):
     if variant != "loop" and variant not in backends_for(device):
         pytest.skip(f"backend {variant} does not run on {device} here")
-    step = make_step(device, variant)
+    step = make_step(device, "reference" if variant == "loop" else variant, loop_warp=variant == "loop")
     name = "loop-warp" if variant == "loop" else variant
     rounds, warmup = (2, 1) if device == "cpu" else (10, 3)
     run(benchmark, device, f"CGC train step ResNet-18 b{BATCH}", name, step, rounds=rounds, warmup=warmup)
+
+
+METHOD_BATCH, METHOD_SIZE = 16, 160
+
+
+@pytest.mark.parametrize("method", ["ce only", "gradcam", "hirescam", "gradcam++", "xgradcam", "layercam"])
+def test_step_cost_of_each_cam_method(benchmark, device, method):
+    """The step with each CAM method as the CGC target (ResNet-18, batch 16 at 160 px, native
+    backend where built), next to the CE-only step on the same three views."""
+    backend = "native" if "native" in backends_for(device) else "reference"
+    step = make_step(device, backend, method="hirescam" if method == "ce only" else method,
+                     loss="ce" if method == "ce only" else "cgc", batch=METHOD_BATCH, size=METHOD_SIZE)
+
+    def timed():
+        step()
+        sync(device)
+
+    benchmark.group = f"{device} CGC step per CAM method"
+    benchmark.pedantic(timed, rounds=METHOD_ROUNDS if device == "cpu" else 10, iterations=1, warmup_rounds=1)
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None:
+        EXTRA.setdefault((device, f"step ms, ResNet-18 b{METHOD_BATCH} {METHOD_SIZE}px ({backend})"), {})[method] = \
+            stats.stats.median * 1e3
+
+
+def saved_bytes(step) -> int:
+    """Bytes of the distinct storages autograd saves for the backward during one ``step``:
+    what a training step holds at its peak besides weights and optimizer state."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if t.device.type != "meta":
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("loss", ["ce", "cgc"])
+def test_step_memory(benchmark, device, loss):
+    """Memory of the step for its backward, CGC vs CE only on the same three views (batch 32 at
+    224 px): saved-tensor bytes, and on CUDA the allocator's peak. (Timed once, through
+    pytest-benchmark so that ``--benchmark-only`` runs it.)"""
+    backend = "native" if "native" in backends_for(device) else "reference"
+    step = make_step(device, backend, loss=loss)
+    step()  # optimizer state and lazy allocations exist before the measurement
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    benchmark.group = f"{device} CGC step memory"
+    mib = benchmark.pedantic(lambda: saved_bytes(step), rounds=1, iterations=1) / 2**20
+    EXTRA.setdefault((device, f"saved for backward, MiB, ResNet-18 b{BATCH} {SIZE}px"), {})[loss] = mib
+    if device == "cuda":
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        EXTRA.setdefault((device, f"CUDA peak above weights+optimizer, MiB, b{BATCH} {SIZE}px"), {})[loss] = peak
+    assert mib > 0
+
+
+def table() -> str:
+    lines = ["| device | measure | " + " | ".join(["variant", "value", "vs first"]) + " |", "|---|---|---|---:|---:|"]
+    for (dev, what), values in EXTRA.items():
+        first = next(iter(values.values()))
+        for name, v in values.items():
+            lines.append(f"| {dev} | {what} | {name} | {v:.1f} | {v / first:.2f}× |")
+    lines += ["", "vs first: the value over the first row of its measure (the CE-only step)."]
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report(request):
+    yield
+    if EXTRA:
+        publish(request.config.pluginmanager.get_plugin("terminalreporter"),
+                "cgc training step: CAM methods and memory", table(), "CGC_BENCH_TRAIN_TABLE")

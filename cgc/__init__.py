@@ -1,17 +1,23 @@
 """cgc: Contrastive Grad-CAM Consistency.
 
-Train image classifiers whose Grad-CAM explanations move with the image (crop, resize,
-flip) by adding an InfoNCE loss over heatmaps to ordinary training (Pillai et al., CVPR 2022).
+Train image classifiers whose CAM explanations move with the image (crop, resize, flip) by
+adding an InfoNCE loss over heatmaps to ordinary training (Pillai et al., CVPR 2022).
 
 - :mod:`cgc.ops`: the differentiable primitives ``gradcam``, ``affine_warp``, ``info_nce``
   with reference / native / Triton backends;
-- :class:`cgc.GradCAM`: batched, differentiable Grad-CAM of any CNN;
-- :class:`cgc.CGCLoss`: the contrastive consistency loss (and its MSE ablation);
+- :class:`cgc.GradCAM`: batched, differentiable CAMs of any CNN, with the methods of
+  :data:`cgc.CAM_METHODS` (``gradcam``, ``hirescam``, ``gradcam++``, ``xgradcam``,
+  ``layercam``; :func:`cgc.register_cam_method` adds one);
+- :class:`cgc.CGCTerm` / :func:`cgc.cgc_term`: the whole CGC term for any training loop;
+- :class:`cgc.CGCLoss`: the contrastive consistency loss of two heatmaps (and its MSE ablation);
 - :mod:`cgc.transforms`: random crop/flip as affine maps; ``python -m cgc.train``.
 """
 from . import ops, transforms
 from .cam import GradCAM, find_target_layer, resize_heatmaps
+from .cam_methods import CAM_METHODS, register_cam_method
 from .losses import CGCLoss
+from .term import CGCOutput, CGCTerm, cgc_term
 
 __version__ = "0.1.0"
-__all__ = ["ops", "transforms", "GradCAM", "CGCLoss", "find_target_layer", "resize_heatmaps"]
+__all__ = ["ops", "transforms", "GradCAM", "CGCLoss", "CGCTerm", "CGCOutput", "cgc_term", "CAM_METHODS",
+           "register_cam_method", "find_target_layer", "resize_heatmaps"]

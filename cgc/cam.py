@@ -1,39 +1,59 @@
-"""Differentiable, batched Grad-CAM for any CNN: the explanation as a tensor in the graph.
+"""Differentiable, batched CAMs for any CNN: the explanation as a tensor in the graph.
 
-``GradCAM(model)`` hooks one layer (given by dotted name, or found: the last module with a
-convolution inside whose output is still a spatial map). ``cam(x)`` runs the model, takes the
-gradient of the chosen class scores w.r.t. that layer's activations and combines the two with
-:func:`cgc.ops.gradcam`. With ``create_graph=True`` the heatmap is differentiable, so a loss
-on it trains the network (second order through the layers after the hooked one).
+``GradCAM(model, method=...)`` hooks one layer (given by dotted name, or found: the last module
+with a convolution inside whose output is still a spatial map). ``cam(x)`` runs the model,
+takes the gradient of the chosen class scores w.r.t. that layer's activations and turns the
+two into a heatmap with a registered CAM method (:mod:`cgc.cam_methods`: Grad-CAM, HiResCAM,
+Grad-CAM++, XGrad-CAM, LayerCAM) and the fused op :func:`cgc.ops.gradcam`. With
+``create_graph=True`` the heatmap is differentiable, so a loss on it trains the network
+(second order through the layers after the hooked one).
 
-It never changes ``model.train()/eval()`` state or any value, keeps no tensors between calls,
-and removes its hook on :meth:`GradCAM.close` or at the end of a ``with`` block. On CPU it
-stores the model's 4-D weights in channels-last memory format (same values, same ``Parameter``
-objects), oneDNN's native convolution layout: the forward, which is nearly all of Grad-CAM's
-cost, runs about 1.5x faster than on NCHW weights.
+It never changes ``model.train()/eval()`` state or any value, keeps no tensors between calls
+(its hook records only while :meth:`GradCAM.forward` runs) and removes its hook on
+:meth:`GradCAM.close` or at the end of a ``with`` block. ``channels_last=True`` stores the
+model's 4-D weights in channels-last memory format, in place (same values, same ``Parameter``
+objects), and feeds every batch in that format: oneDNN's native convolution layout, about
+1.5x faster forwards on CPUs. It is off unless asked for; the command lines ask for it on CPUs.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from . import ops
+from .cam_methods import get_cam_method
+from .errors import UnknownName, UnsupportedModel
+
+#: modules that may end a convolutional stage after its last convolution (timm's
+#: BatchNormAct2d, torchvision's final norm + ReLU): the heatmap layer may be one of them
+_STAGE_END = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.ReLU, nn.ReLU6, nn.SiLU,
+              nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.Mish)
+
+
+def _unwrap(model: nn.Module) -> tuple[nn.Module, str]:
+    """``(inner module, name prefix)`` of a DistributedDataParallel / DataParallel wrapper."""
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return model.module, "module."
+    return model, ""
 
 
 def find_target_layer(model: nn.Module, input_size: int = 224) -> str:
     """Dotted name of the last convolutional stage of ``model``.
 
-    Runs one forward pass on the ``meta`` device (a copy of the model without data, so the
-    real model, its buffers and its mode are untouched) and returns the last module to finish
-    that contains a convolution and outputs a 4-D map with more than one pixel: ``layer4`` for
-    ResNets, ``features`` for VGG/DenseNet/MobileNet/EfficientNet/ConvNeXt.
+    Runs one forward pass on the ``meta`` device through :func:`torch.func.functional_call`
+    with meta stand-ins for every parameter and buffer: nothing is copied or computed, and the
+    real model, its values and its mode are untouched. Returns the last module to finish that
+    contains a convolution (or is a normalisation or activation after one) and outputs a 4-D
+    map with more than one pixel: ``layer4`` for ResNets, ``features`` for torchvision's
+    VGG/DenseNet/MobileNet/EfficientNet/ConvNeXt, ``bn2`` (norm + activation after
+    ``conv_head``) for timm's EfficientNet.
     """
-    meta = copy.deepcopy(model).to("meta").eval()
-    has_conv = {name for name, m in meta.named_modules()
+    inner, prefix = _unwrap(model)
+    has_conv = {name for name, m in inner.named_modules()
                 if any(isinstance(s, nn.modules.conv._ConvNd) for s in m.modules())}
+    ends = {name for name, m in inner.named_modules() if isinstance(m, _STAGE_END)}
     order: list[str] = []
     handles = []
 
@@ -43,28 +63,32 @@ def find_target_layer(model: nn.Module, input_size: int = 224) -> str:
                 order.append(name)
         return hook
 
-    for name, module in meta.named_modules():
-        if name and name in has_conv:
+    stand_ins = {name: torch.empty_like(t, device="meta") for name, t in
+                 [*inner.named_parameters(remove_duplicate=False), *inner.named_buffers(remove_duplicate=False)]}
+    for name, module in inner.named_modules():
+        if name and (name in has_conv or name in ends):
             handles.append(module.register_forward_hook(record(name)))
     try:
         with torch.no_grad():
-            meta(torch.empty(1, 3, input_size, input_size, device="meta"))
+            # two images: a training-mode BatchNorm on a 1x1 map refuses a batch of one
+            torch.func.functional_call(inner, stand_ins, (torch.empty(2, 3, input_size, input_size, device="meta"),))
     finally:
         for h in handles:
             h.remove()
-    if not order:
-        raise ValueError("could not find a convolutional layer with a spatial output in "
-                         f"{type(model).__name__}; pass target_layer='dotted.module.name'")
-    return order[-1]
+    if not any(name in has_conv for name in order):
+        raise UnsupportedModel("could not find a convolutional layer with a spatial output in "
+                               f"{type(inner).__name__} (CAMs need a [B,K,H,W] feature map); "
+                               "pass target_layer='dotted.module.name' of such a layer")
+    return prefix + order[-1]
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
-    """The submodule called ``name`` (dotted), with an error listing close names if absent."""
+    """The submodule called ``name`` (dotted); :class:`cgc.errors.UnknownName` suggesting the
+    closest module names if absent."""
     modules = dict(model.named_modules())
     if name not in modules:
-        near = [n for n in modules if n and (n.startswith(name.split(".")[0]))][:10]
-        raise ValueError(f"model {type(model).__name__} has no module {name!r}"
-                         + (f"; modules with that prefix: {near}" if near else ""))
+        raise UnknownName("target layer", name, [n for n in modules if n],
+                          hint=f"a dotted module name of {type(model).__name__}")
     return modules[name]
 
 
@@ -89,31 +113,35 @@ class CAMOutput:
 
 
 class GradCAM:
-    """Batched Grad-CAM of ``model`` at ``target_layer`` (see module docstring).
-
-    ``pool=True`` is classic Grad-CAM (channel weights = spatial mean of the gradients);
-    ``pool=False`` multiplies gradients and activations element-wise, as the CGC recipe does.
-    ``channels_last`` (default: when the model is on the CPU) puts the model's 4-D weights and
-    every input batch in channels-last memory format; values and results are unchanged.
+    """Batched CAM of ``model`` at ``target_layer`` with a registered ``method`` (see the
+    module docstring; ``cgc.CAM_METHODS`` lists them): ``gradcam`` (classic, pooled
+    gradients), ``hirescam`` (gradient x activation element-wise, the CGC authors' choice),
+    ``gradcam++``, ``xgradcam``, ``layercam``.
     """
 
-    def __init__(self, model: nn.Module, target_layer: str | None = None, *, pool: bool = True,
-                 backend: str | None = None, channels_last: bool | None = None):
+    def __init__(self, model: nn.Module, target_layer: str | None = None, *, method: str = "gradcam",
+                 backend: str | None = None, channels_last: bool = False):
         self._handle = None
+        self._weights = get_cam_method(method)
         self.model = model
+        self.method = method
         self.target_layer = target_layer or find_target_layer(model)
-        self.pool = pool
         self.backend = backend
-        if channels_last is None:
-            first = next(model.parameters(), None)
-            channels_last = first is not None and first.device.type == "cpu"
         self.channels_last = channels_last
         if channels_last:
             to_channels_last(model)
+        self._capturing = False
         self._activations: torch.Tensor | None = None
         self._handle = get_module(model, self.target_layer).register_forward_hook(self._keep)
 
+    def with_model(self, model: nn.Module) -> "GradCAM":
+        """A new GradCAM with these settings on another model of the same architecture."""
+        return GradCAM(model, self.target_layer, method=self.method, backend=self.backend,
+                       channels_last=self.channels_last)
+
     def _keep(self, _module, _inp, out):
+        if not self._capturing:
+            return
         if not isinstance(out, torch.Tensor) or out.dim() != 4:
             raise ValueError(f"target layer {self.target_layer!r} must output a [B,K,H,W] "
                              f"tensor, got {type(out).__name__} {getattr(out, 'shape', '')}")
@@ -127,12 +155,15 @@ class GradCAM:
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[0] == 0:
             raise ValueError(f"GradCAM expects a non-empty image batch [B,C,H,W], got "
                              f"{getattr(x, 'shape', type(x).__name__)}")
-        self._activations = None
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.enable_grad():
-            logits = self.model(x)
-        acts, self._activations = self._activations, None
+        self._capturing = True
+        try:
+            with torch.enable_grad():
+                logits = self.model(x)
+        finally:
+            self._capturing = False
+            acts, self._activations = self._activations, None
         if acts is None:
             raise RuntimeError(f"target layer {self.target_layer!r} did not run in the forward pass")
         if not acts.requires_grad:
@@ -145,7 +176,7 @@ class GradCAM:
 
     def heatmaps(self, logits: torch.Tensor, activations: torch.Tensor, targets: torch.Tensor,
                  *, rows: slice | None = None, create_graph: bool = False) -> torch.Tensor:
-        """Grad-CAM [b,h,w] for the batch ``rows`` (default all) explaining class ``targets`` [b].
+        """Heatmaps [b,h,w] for the batch ``rows`` (default all) explaining class ``targets`` [b].
 
         The score is the sum of the selected logits, so one backward pass gives every row's
         gradient (rows do not interact unless a layer after the target mixes the batch).
@@ -163,7 +194,8 @@ class GradCAM:
         grads = grads if rows is None else grads[rows]
         if not create_graph:
             acts, grads = acts.detach(), grads.detach()
-        return ops.gradcam(acts, grads, pool=self.pool, backend=self.backend)
+        weights, pool = self._weights(acts, grads)
+        return ops.gradcam(acts, weights, pool=pool, backend=self.backend)
 
     def __call__(self, x: torch.Tensor, targets: torch.Tensor | None = None, *,
                  create_graph: bool = False) -> CAMOutput:

@@ -17,6 +17,9 @@ from pathlib import Path
 
 from . import checkpoint, data, metrics, transforms, viz
 from .cam import GradCAM
+from .cam_methods import CAM_METHODS
+from .cli import exit_on_error
+from .errors import ConfigError, UnsupportedModel
 from .models import build_model
 from .train import pick_device
 
@@ -47,6 +50,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--limit", type=int, default=None, help="evaluate only the first N validation images")
     g.add_argument("--workers", type=int, default=None,
                    help="image decoding processes (default: 0 for in-memory datasets, else 4)")
+    g = p.add_argument_group("explanations")
+    g.add_argument("--cam", default=None, choices=tuple(CAM_METHODS),
+                   help="CAM method to evaluate (default: each checkpoint's training method)")
+    g.add_argument("--target-layer", default=None, help="CAM layer (default: each checkpoint's)")
     g = p.add_argument_group("protocols")
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--pixels-per-step", type=int, default=None,
@@ -83,7 +90,7 @@ def model_names(paths: list[str], names: list[str] | None) -> list[str]:
     """Column names: given, or each run folder's name, made unique with a suffix."""
     if names is not None:
         if len(set(names)) != len(names):
-            raise SystemExit(f"error: --name values must be distinct, got {names}")
+            raise ConfigError(f"--name values must be distinct, got {names}")
         return names
     out: list[str] = []
     for path in paths:
@@ -96,35 +103,39 @@ def model_names(paths: list[str], names: list[str] | None) -> list[str]:
     return out
 
 
-def build_data(train_args: dict, args: argparse.Namespace) -> data.DataBundle:
-    """The first checkpoint's dataset with the command line's overrides. Only the arguments
-    that :func:`cgc.data.build` accepts are passed (``data`` also as ``root``), so datasets
-    added to it need no change here."""
+def build_data(train_args: dict, overrides: dict) -> data.DataBundle:
+    """The first checkpoint's dataset with the command line's ``overrides`` (None: not given).
+    Only the arguments that :func:`cgc.data.build` accepts are passed (``data`` also as
+    ``root``), so datasets added to it need no change here."""
     chosen = {k: train_args.get(k) for k in DATA_ARGS}
-    chosen.update({k: getattr(args, k) for k in DATA_ARGS if getattr(args, k) is not None})
+    chosen.update({k: v for k, v in overrides.items() if k in DATA_ARGS and v is not None})
     chosen["root"] = chosen["data"]
     accepted = inspect.signature(data.build).parameters
     kwargs = {k: v for k, v in chosen.items() if k in accepted and k != "name" and v is not None}
     return data.build(chosen["dataset"], **kwargs)
 
 
-def load_model(path: str, bundle: data.DataBundle, device, backend):
-    """``(GradCAM of the checkpoint's model on device, checkpoint args)``; the checkpoint must
+def load_model(path: str, bundle: data.DataBundle, device, backend, *, method: str | None = None,
+               target_layer: str | None = None):
+    """``(GradCAM of the checkpoint's model on device, checkpoint args)`` with the checkpoint's
+    CAM method and layer unless ``method`` / ``target_layer`` are given; the checkpoint must
     classify the bundle's classes."""
     ckpt = checkpoint.load(path)
     train_args = ckpt.get("args", {})
     classes = ckpt.get("classes")
     if classes is not None and list(classes) != list(bundle.classes):
-        raise SystemExit(f"error: {path} was trained on classes {list(classes)[:6]}..., not the evaluation "
-                         f"dataset's {bundle.classes[:6]}...; evaluate checkpoints of one dataset together")
-    model = build_model(train_args.get("arch", "compact"), len(bundle.classes))
+        raise ConfigError(f"{path} was trained on classes {list(classes)[:6]}..., not the evaluation "
+                          f"dataset's {bundle.classes[:6]}...; evaluate checkpoints of one dataset together")
+    model = build_model(train_args.get("arch", "compact"), len(bundle.classes), norm=train_args.get("norm", "batch"))
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as err:
-        raise SystemExit(f"error: the weights in {path} do not fit {train_args.get('arch')}: {err}") from err
+        raise UnsupportedModel(f"the weights in {path} do not fit {train_args.get('arch')}: "
+                               f"{str(err).splitlines()[0]}") from err
     model.to(device).eval()
-    pool = train_args.get("cam_weighting", "elementwise") == "pooled"
-    return GradCAM(model, ckpt.get("target_layer"), pool=pool, backend=backend), train_args
+    cam = GradCAM(model, target_layer or ckpt.get("target_layer"), method=method or checkpoint.cam_method(train_args),
+                  backend=backend, channels_last=device.type == "cpu")
+    return cam, train_args
 
 
 def format_table(report: dict[str, dict]) -> str:
@@ -138,18 +149,24 @@ def format_table(report: dict[str, dict]) -> str:
 
 
 def main(argv=None) -> dict:
+    """``python -m cgc.evaluate``: parse the flags and evaluate (see :func:`run`); a library
+    error ends the process with one ``error: ...`` line."""
     args = parse_args(argv)
+    with exit_on_error():
+        return run(args)
+
+
+def run(args) -> dict:
+    """Evaluate every checkpoint on the same images and write the report, table and pictures."""
     device = pick_device(args.device)
     out = Path(args.out)
     names = model_names(args.checkpoint, args.name)
-    try:
-        first_args = checkpoint.load(args.checkpoint[0]).get("args", {})
-        if not (args.dataset or first_args.get("dataset")):
-            raise SystemExit(f"error: {args.checkpoint[0]} does not say its dataset; pass --dataset")
-        bundle = build_data(first_args, args)
-        cams, train_args = zip(*(load_model(path, bundle, device, args.backend) for path in args.checkpoint))
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from err
+    first_args = checkpoint.load(args.checkpoint[0]).get("args", {})
+    if not (args.dataset or first_args.get("dataset")):
+        raise ConfigError(f"{args.checkpoint[0]} does not say its dataset; pass --dataset")
+    bundle = build_data(first_args, vars(args))
+    cams, train_args = zip(*(load_model(path, bundle, device, args.backend, method=args.cam,
+                                        target_layer=args.target_layer) for path in args.checkpoint))
     out.mkdir(parents=True, exist_ok=True)
     n = len(bundle.val) if args.limit is None else min(args.limit, len(bundle.val))
     print(f"cgc.evaluate: {len(cams)} model(s) on {bundle.val.__class__.__name__} val ({n} images, "
@@ -164,7 +181,7 @@ def main(argv=None) -> dict:
             causal_batch=args.causal_batch, cam_input_size=args.cam_input_size, tolerance=args.tolerance,
             workers=workers, desc=f"evaluate {name}")
         result.update(checkpoint=str(path), arch=targs.get("arch"), loss=targs.get("loss"),
-                      target_layer=cam.target_layer)
+                      target_layer=cam.target_layer, cam=cam.method)
         report[name] = result
 
     table = format_table(report)

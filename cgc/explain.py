@@ -1,10 +1,11 @@
-"""``python -m cgc.explain IMAGE...``: Grad-CAM of the top-k classes of image files, as PNGs.
+"""``python -m cgc.explain IMAGE...``: CAMs of the top-k classes of image files, as PNGs.
 
-The model comes from a cgc checkpoint (``--checkpoint``, with its class names, image size and
-Grad-CAM layer) or from a torchvision architecture (``--arch`` with ``--weights FILE`` or
-``--pretrained``; ImageNet class names from torchvision's weight metadata when the head has
-its 1000 classes). Each image is resized (shorter side) and centre-cropped to the model's
-input size; one PNG per image shows it and the heatmap of each of the ``--top-k`` classes.
+The model comes from a cgc checkpoint (``--checkpoint``, with its class names, image size,
+CAM layer and method) or from a torchvision or timm architecture (``--arch`` with ``--weights
+FILE`` or ``--pretrained``; ImageNet class names from torchvision's weight metadata when the
+head has its 1000 classes). Each image is resized (shorter side) and centre-cropped to the
+model's input size; one PNG per image shows it and the heatmap of each of the ``--top-k``
+classes, with ``--cam`` (default: the checkpoint's method, else Grad-CAM).
 """
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ from PIL import Image, UnidentifiedImageError
 
 from . import checkpoint, data, viz
 from .cam import GradCAM, resize_heatmaps
+from .cam_methods import CAM_METHODS
+from .cli import exit_on_error
+from .errors import BadFile, MissingFile
 from .metrics import eval_mode
 from .models import build_model, classifier_head, load_state_dict_file
 from .train import pick_device
@@ -30,14 +34,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="cgc checkpoint file or run folder")
-    src.add_argument("--arch", help="torchvision architecture (with --weights or --pretrained)")
+    src.add_argument("--arch", help="torchvision architecture or timm:NAME (with --weights or --pretrained)")
     p.add_argument("--weights", default=None, help="--arch: local state dict file")
-    p.add_argument("--pretrained", action="store_true", help="--arch: torchvision's ImageNet weights")
+    p.add_argument("--pretrained", action="store_true", help="--arch: the library's ImageNet weights")
     p.add_argument("--num-classes", type=int, default=None,
                    help="--arch: classes of the head (default: read from --weights, else 1000)")
     p.add_argument("--image-size", type=int, default=None,
                    help="model input size (default: the checkpoint's, else 224)")
-    p.add_argument("--target-layer", default=None, help="Grad-CAM layer (default: the checkpoint's / last conv stage)")
+    p.add_argument("--target-layer", default=None, help="CAM layer (default: the checkpoint's / last conv stage)")
+    p.add_argument("--cam", default=None, choices=tuple(CAM_METHODS),
+                   help="CAM method (default: the checkpoint's, else gradcam)")
     p.add_argument("--top-k", type=int, default=3, help="explain the k most probable classes")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="runs/explain", help="output folder")
@@ -55,12 +61,12 @@ def read_image(path: str | Path, size: int) -> torch.Tensor:
     """uint8 [3,size,size]: the file as RGB, shorter side resized to ``size``, centre crop."""
     path = Path(path)
     if not path.is_file():
-        raise SystemExit(f"error: image not found: {path}")
+        raise MissingFile(f"image not found: {path}")
     try:
         with Image.open(path) as img:
             img = img.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise SystemExit(f"error: cannot read image {path} (corrupt or not an image): {err}") from err
+        raise BadFile(f"cannot read image {path} (corrupt or not an image): {err}") from err
     x = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float()
     h, w = x.shape[-2:]
     scale = size / min(h, w)
@@ -71,9 +77,12 @@ def read_image(path: str | Path, size: int) -> torch.Tensor:
 
 
 def imagenet_categories(arch: str, num_classes: int) -> list[str] | None:
-    """torchvision's class names for ``arch``'s default weights, if they match the head."""
+    """torchvision's class names for ``arch``'s default weights, if they match the head (for a
+    timm model with a 1000-class head: ImageNet-1k's, in the order timm uses too)."""
     import torchvision
 
+    if arch.startswith("timm:"):
+        arch = "resnet50"
     try:
         cats = torchvision.models.get_model_weights(arch).DEFAULT.meta.get("categories")
     except (ValueError, KeyError, AttributeError):
@@ -81,44 +90,55 @@ def imagenet_categories(arch: str, num_classes: int) -> list[str] | None:
     return list(cats) if cats and len(cats) == num_classes else None
 
 
-def load(args) -> tuple[torch.nn.Module, list[str], int, str | None, bool]:
-    """``(model, class names, image size, target layer, pooled weighting)`` from the arguments."""
-    if args.checkpoint:
-        ckpt = checkpoint.load(args.checkpoint)
+def load(*, checkpoint_path: str | None = None, arch: str | None = None, weights: str | None = None,
+         pretrained: bool = False, num_classes: int | None = None,
+         image_size: int | None = None) -> tuple[torch.nn.Module, list[str], int, str | None, str]:
+    """``(model, class names, image size, target layer, CAM method)`` of a checkpoint, or of
+    ``arch`` with its ``weights`` (head size read from them unless ``num_classes``) or the
+    library's ``pretrained`` ones."""
+    if checkpoint_path:
+        ckpt = checkpoint.load(checkpoint_path)
         targs = ckpt.get("args", {})
         num = len(ckpt.get("classes") or []) or targs.get("num_classes")
         classes = list(ckpt.get("classes") or [f"class {i}" for i in range(num)])
-        model = build_model(targs.get("arch", "compact"), num)
+        model = build_model(targs.get("arch", "compact"), num, norm=targs.get("norm", "batch"))
         model.load_state_dict(ckpt["model"])
-        size = args.image_size or targs.get("image_size") or 224
-        pool = targs.get("cam_weighting", "elementwise") == "pooled"
-        return model, classes, size, args.target_layer or ckpt.get("target_layer"), pool
-    num = args.num_classes
-    if num is None and args.weights:
-        probe = build_model(args.arch, 1000)
+        size = image_size or targs.get("image_size") or 224
+        return model, classes, size, ckpt.get("target_layer"), checkpoint.cam_method(targs)
+    num = num_classes
+    if num is None and weights:
+        probe = build_model(arch, 1000)
         head, _ = classifier_head(probe)
-        w = load_state_dict_file(args.weights).get(f"{head}.weight")
+        w = load_state_dict_file(weights).get(f"{head}.weight")
         num = w.shape[0] if w is not None else 1000
     num = num or 1000
-    model = build_model(args.arch, num, pretrained=args.pretrained, weights=args.weights)
-    classes = imagenet_categories(args.arch, num) or [f"class {i}" for i in range(num)]
-    return model, classes, args.image_size or 224, args.target_layer, True
+    model = build_model(arch, num, pretrained=pretrained, weights=weights)
+    classes = imagenet_categories(arch, num) or [f"class {i}" for i in range(num)]
+    return model, classes, image_size or 224, None, "gradcam"
 
 
 def main(argv=None) -> list[Path]:
+    """``python -m cgc.explain``: parse the flags and explain (see :func:`run`); a library error
+    ends the process with one ``error: ...`` line."""
     args = parse_args(argv)
+    with exit_on_error():
+        return run(args)
+
+
+def run(args) -> list[Path]:
+    """Explain every image file and write one PNG per image."""
     device = pick_device(args.device)
-    try:
-        model, classes, size, layer, pool = load(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
-        raise SystemExit(f"error: {err}") from err
+    model, classes, size, layer, method = load(checkpoint_path=args.checkpoint, arch=args.arch, weights=args.weights,
+                                               pretrained=args.pretrained, num_classes=args.num_classes,
+                                               image_size=args.image_size)
     images = torch.stack([read_image(p, size) for p in args.images])  # every file checked before any work
     model.to(device)
     k = min(args.top_k, len(classes))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    with GradCAM(model, layer, pool=pool) as cam, eval_mode(model):
+    with GradCAM(model, args.target_layer or layer, method=args.cam or method,
+                 channels_last=device.type == "cpu") as cam, eval_mode(model):
         for path, img in zip(args.images, images):
             x = data.normalize(img[None].to(device)).expand(k, -1, -1, -1)
             with torch.no_grad():

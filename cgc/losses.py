@@ -19,7 +19,9 @@ class CGCLoss(nn.Module):
     ``theta`` [B,2,3] is the crop/flip map that made the augmented image from the original
     (:mod:`cgc.transforms`). Both heatmaps are resized to ``heatmap_size`` (the anchor ``q``
     with an identity warp, the positive ``p`` with ``theta``: crop, resize and flip of the
-    original heatmap), sum-normalised with a small epsilon, flattened and compared:
+    original heatmap), sum-normalised with a small epsilon, flattened and compared.
+    ``heatmap_size=None`` compares them at the ``size`` passed with them (:func:`cgc.cgc_term`
+    passes the image size):
 
     - ``kind="infonce"``: :func:`cgc.ops.info_nce` with ``temperature``; the negatives of
       ``q_b`` are the other augmented heatmaps of the batch (needs B >= 2);
@@ -27,7 +29,7 @@ class CGCLoss(nn.Module):
       no negatives.
     """
 
-    def __init__(self, temperature: float = 0.5, heatmap_size: int | tuple[int, int] = 224,
+    def __init__(self, temperature: float = 0.5, heatmap_size: int | tuple[int, int] | None = 224,
                  kind: str = "infonce", backend: str | None = None):
         super().__init__()
         if kind not in KINDS:
@@ -39,23 +41,24 @@ class CGCLoss(nn.Module):
         self.kind = kind
         self.backend = backend
 
-    def pair(self, cam_orig: torch.Tensor, cam_aug: torch.Tensor, theta: torch.Tensor):
+    def pair(self, cam_orig: torch.Tensor, cam_aug: torch.Tensor, theta: torch.Tensor, size=None):
         """The flattened anchors ``q`` (augmented view) and positives ``p`` [B, S*S]."""
         if cam_orig.dim() != 3 or cam_orig.shape != cam_aug.shape:
             raise ValueError(f"cam_orig and cam_aug must both be [B,h,w], got "
                              f"{tuple(cam_orig.shape)} and {tuple(cam_aug.shape)}")
+        size = self.heatmap_size or size
+        if size is None:
+            raise ValueError("CGCLoss(heatmap_size=None) needs the size=(H, W) to compare heatmaps at")
         b = cam_orig.shape[0]
         ident = identity_theta(b, cam_aug.device, theta.dtype)
-        q = ops.affine_warp(cam_aug[:, None], ident, self.heatmap_size, padding_mode="border",
-                            backend=self.backend).flatten(1)
-        p = ops.affine_warp(cam_orig[:, None], theta, self.heatmap_size, padding_mode="border",
-                            backend=self.backend).flatten(1)
+        q = ops.affine_warp(cam_aug[:, None], ident, size, padding_mode="border", backend=self.backend).flatten(1)
+        p = ops.affine_warp(cam_orig[:, None], theta, size, padding_mode="border", backend=self.backend).flatten(1)
         q = q / (q.sum(1, keepdim=True) + HEATMAP_EPS) + HEATMAP_EPS
         p = p / (p.sum(1, keepdim=True) + HEATMAP_EPS) + HEATMAP_EPS
         return q, p
 
-    def forward(self, cam_orig: torch.Tensor, cam_aug: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        q, p = self.pair(cam_orig, cam_aug, theta)
+    def forward(self, cam_orig: torch.Tensor, cam_aug: torch.Tensor, theta: torch.Tensor, size=None) -> torch.Tensor:
+        q, p = self.pair(cam_orig, cam_aug, theta, size)
         if self.kind == "infonce":
             return ops.info_nce(q, p, self.temperature, backend=self.backend)
         qn = q / q.norm(dim=1, keepdim=True)

@@ -1,5 +1,6 @@
-"""cgc.GradCAM: exact on a hand-checkable net, pooled == element-wise where theory says so,
-differentiable for training, and harmless to the model it explains."""
+"""cgc.GradCAM: exact on a hand-checkable net, Grad-CAM == HiResCAM where theory says so, every
+CAM method equal to pytorch-grad-cam's and differentiable for training, and harmless to the
+model it explains."""
 from __future__ import annotations
 
 import gc
@@ -9,7 +10,8 @@ import torch
 import torchvision
 from torch import nn
 
-from cgc import CGCLoss, GradCAM, find_target_layer, resize_heatmaps, transforms
+import cgc
+from cgc import GradCAM, find_target_layer, resize_heatmaps
 from cgc.models import CompactCNN
 
 
@@ -47,7 +49,8 @@ def test_gradcam_equals_hand_computation(pool):
     net = TinyNet().double()
     x = torch.randn(3, 2, 5, 6, dtype=torch.float64)
     target = torch.tensor([0, 2, 1])
-    with GradCAM(net, "conv2", pool=pool) as cam:
+    method = "gradcam" if pool else "hirescam"
+    with GradCAM(net, "conv2", method=method) as cam:
         out = cam(x, target)
     # hook is on conv2 (pre-ReLU output z): Grad-CAM of z, with d logit/dz = relu'(z) W S
     with torch.no_grad():
@@ -62,7 +65,7 @@ def test_gradcam_equals_hand_computation(pool):
     net2.add_module("body", nn.Sequential(net.conv1, nn.ReLU(), net.conv2, nn.ReLU()))
     head = _Head(net)
     net2.add_module("head", head)
-    with GradCAM(net2, "body", pool=pool) as cam:
+    with GradCAM(net2, "body", method=method) as cam:
         out2 = cam(x, target)
     assert torch.allclose(out2.cams, hand_gradcam(net, x, target, pool), atol=1e-12)
 
@@ -76,10 +79,10 @@ class _Head(nn.Module):
         return self.net.fc((a * self.net.spatial).sum((2, 3)))
 
 
-def test_pooled_equals_elementwise_at_resnet_last_stage():
+def test_gradcam_equals_hirescam_at_resnet_last_stage():
     model = torchvision.models.resnet18(num_classes=7).double().eval()
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
-    with GradCAM(model, pool=True) as pooled, GradCAM(model, pool=False) as elementwise:
+    with GradCAM(model, method="gradcam") as pooled, GradCAM(model, method="hirescam") as elementwise:
         assert pooled.target_layer == "layer4"
         a, b = pooled(x), elementwise(x)
     assert torch.equal(a.targets, b.targets)
@@ -119,9 +122,13 @@ def test_find_target_layer_for_torchvision_families(arch, layer):
     assert all(torch.equal(v, after[k]) for k, v in before.items())
 
 
-def test_unknown_layer_error():
-    with pytest.raises(ValueError, match="no module 'layer9'"):
+def test_unknown_layer_and_method_errors():
+    with pytest.raises(ValueError, match="unknown target layer 'layer9'; did you mean 'layer4'"):
         GradCAM(torchvision.models.resnet18(), "layer9")
+    with pytest.raises(ValueError, match=r"unknown CAM method 'gradcam\+'; did you mean 'gradcam\+\+'"):
+        GradCAM(torchvision.models.resnet18(), method="gradcam+")
+    with pytest.raises(ValueError, match="could not find a convolutional layer"):
+        find_target_layer(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4)), input_size=8)
 
 
 def test_mode_hooks_and_memory_are_left_alone():
@@ -159,15 +166,7 @@ def test_cgc_term_alone_trains_the_classifier_head():
     """Second order: the heatmap depends on the head's weights through d logit / d A."""
     torch.manual_seed(0)
     model = CompactCNN(6)
-    x = torch.randn(4, 3, 32, 32)
-    tf = transforms.random_crop_flip(4, 32, 32)
-    theta = tf.theta()
-    x_aug = transforms.apply(x, theta)
-    with GradCAM(model, pool=False) as cam:
-        logits, acts = cam.forward(torch.cat([x, x_aug]))
-        target = logits[:4].detach().argmax(1).repeat(2)
-        cams = cam.heatmaps(logits, acts, target, create_graph=True)
-    loss = CGCLoss(heatmap_size=32)(cams[:4], cams[4:], theta)
+    loss = cgc.cgc_term(model, torch.randn(4, 3, 32, 32), method="hirescam").loss
     model.zero_grad()
     loss.backward()
     assert model.fc.weight.grad is not None and model.fc.weight.grad.abs().sum() > 0
@@ -182,18 +181,18 @@ def test_resize_heatmaps_is_bilinear():
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
 def test_channels_last_changes_layout_only(dtype, tol):
-    """On CPU the default stores 4-D weights channels-last: same Parameter objects, same values,
-    same heatmaps (to summation order) as channels_last=False, which leaves strides alone."""
+    """channels_last=True stores 4-D weights channels-last: same Parameter objects, same values,
+    same heatmaps (to summation order) as the default, which leaves strides alone."""
     model = torchvision.models.resnet18(num_classes=5).to(dtype).eval()
     twin = torchvision.models.resnet18(num_classes=5).to(dtype).eval()
     twin.load_state_dict(model.state_dict())
     params = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
     x = torch.randn(3, 3, 48, 40, dtype=dtype)
-    with GradCAM(twin, channels_last=False) as plain:
+    with GradCAM(twin) as plain:
         assert not plain.channels_last
         assert all(p.is_contiguous() for p in twin.parameters())
         expected = plain(x)
-    with GradCAM(model) as cam:
+    with GradCAM(model, channels_last=True) as cam:
         assert cam.channels_last
         for n, p in model.named_parameters():
             assert p is params[n][0] and torch.equal(p, params[n][1])

@@ -260,7 +260,7 @@ def test_unreadable_images_are_skipped_or_stop_a_strict_run(tmp_path):
     assert any("cat_9.jpg" in m for m in messages) and any("skipped 1 unreadable" in m for m in messages)
     log = json.loads((tmp_path / "run" / "log.jsonl").read_text())
     assert log["train_skipped"] == 1
-    with pytest.raises(data.UnreadableImage, match="cat_9.jpg"):
+    with pytest.raises(SystemExit, match="cat_9.jpg"):
         train.main(args + ["--strict", "--out", str(tmp_path / "strict")])
 
 

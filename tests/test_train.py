@@ -44,9 +44,9 @@ def test_bf16_autocast_run(tmp_path, monkeypatch):
     seen = {"conv": set(), "cams": set()}
     real_loss = train.CGCLoss.forward
 
-    def spy_loss(self, cam_orig, cam_aug, theta):
+    def spy_loss(self, cam_orig, cam_aug, theta, **kwargs):
         seen["cams"].add(cam_orig.dtype)
-        return real_loss(self, cam_orig, cam_aug, theta)
+        return real_loss(self, cam_orig, cam_aug, theta, **kwargs)
 
     real_conv = torch.nn.Conv2d.forward
 
@@ -129,7 +129,7 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_resume_errors(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(SystemExit, match="checkpoint not found"):
         train.main(TOY + ["--epochs", "1", "--out", str(tmp_path), "--resume", str(tmp_path / "x.pt")])
     train.main(TOY + ["--epochs", "1", "--out", str(tmp_path / "a")])
     with pytest.raises(SystemExit, match="not a resnet18"):
@@ -138,6 +138,10 @@ def test_resume_errors(tmp_path):
 
 
 def test_cli_rejects_bad_arguments():
-    for bad in (["--batch-size", "1"], ["--epochs", "0"], ["--temperature", "0"], ["--loss", "l1"]):
+    for bad in (["--batch-size", "1"], ["--epochs", "0"], ["--temperature", "0"], ["--loss", "l1"],
+                ["--cam", "gradcamm"], ["--cam-weighting", "pooled"]):
         proc = subprocess.run([sys.executable, "-m", "cgc.train", *bad], capture_output=True, text=True)
         assert proc.returncode == 2 and "error" in proc.stderr, bad
+    proc = subprocess.run([sys.executable, "-m", "cgc.train", "--cam-weighting", "elementwise"],
+                          capture_output=True, text=True)
+    assert "--cam hirescam" in proc.stderr

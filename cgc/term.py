@@ -1,0 +1,145 @@
+"""The CGC term for any training loop: the augmented view, one forward pass of both views,
+differentiable CAMs and the consistency loss, in three layers like Liger-Kernel's ops.
+
+- the kernels: :mod:`cgc.ops` (fused CAM weighting + ReLU, the batched warp, InfoNCE);
+- the functional form :func:`cgc_term` (a model or a :class:`cgc.GradCAM`, a batch of images);
+- the module :class:`CGCTerm`, which keeps the hook, the CAM method and the loss settings.
+
+Either returns a :class:`CGCOutput`: the loss together with the logits of both views, so the
+caller adds its own cross-entropy without a second forward pass::
+
+    term = cgc.CGCTerm(model, temperature=0.5)
+    out = term(images)
+    loss = F.cross_entropy(out.logits, labels) + lam * out.loss
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from . import transforms
+from .cam import GradCAM
+from .losses import CGCLoss
+
+
+@dataclass
+class CGCOutput:
+    """What one CGC term computed for a batch ``x`` [B,C,H,W].
+
+    ``loss``: the term (a scalar, in the graph); ``logits`` / ``logits_aug`` [B,classes] of the
+    original and augmented views; ``cams`` / ``cams_aug`` [B,h,w] their heatmaps (float32,
+    differentiable); ``theta`` [B,2,3] the crop/flip maps that made ``x_aug`` from ``x``;
+    ``targets`` [B] the explained classes; ``extra_logits``: the logits of each ``extra``
+    view passed in, in order (forwarded in the same batch).
+    """
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    logits_aug: torch.Tensor
+    cams: torch.Tensor
+    cams_aug: torch.Tensor
+    theta: torch.Tensor
+    targets: torch.Tensor
+    x_aug: torch.Tensor
+    extra_logits: list[torch.Tensor] = field(default_factory=list)
+
+
+def cgc_term(model_or_cam: nn.Module | GradCAM, x: torch.Tensor, *, theta: torch.Tensor | None = None,
+             targets: torch.Tensor | None = None, extra: Sequence[torch.Tensor] = (),
+             loss: CGCLoss | None = None, target_layer: str | None = None, method: str = "gradcam",
+             temperature: float = 0.5, heatmap_size: int | None = None, kind: str = "infonce",
+             crop_scale: tuple[float, float] = transforms.DEFAULT_SCALE,
+             ratio: tuple[float, float] = transforms.DEFAULT_RATIO, flip_p: float = 0.5,
+             generator: torch.Generator | None = None, backend: str | None = None) -> CGCOutput:
+    """The CGC term of a batch of images ``x`` (normalised, on the model's device).
+
+    Draws a RandomResizedCrop + horizontal flip per image (``crop_scale``, ``ratio``,
+    ``flip_p``, from ``generator``) unless ``theta`` [B,2,3] is given, warps ``x`` into
+    ``x_aug`` on the device, runs the model once on ``[x, x_aug, *extra]``, takes the CAMs of
+    ``x`` and ``x_aug`` for ``targets`` (default: the class predicted on ``x``, so unlabeled
+    images work) with ``create_graph=True``, and compares them with ``loss`` (default: a
+    :class:`cgc.CGCLoss` of ``kind``, ``temperature`` and ``heatmap_size``, the image size
+    when None). ``model_or_cam`` is a model (hooked for this call only, at ``target_layer``
+    with ``method``) or a :class:`cgc.GradCAM`.
+    """
+    if loss is None:
+        loss = CGCLoss(temperature, heatmap_size, kind=kind, backend=backend)
+    draw = dict(scale=tuple(crop_scale), ratio=tuple(ratio), flip_p=flip_p, generator=generator)
+    if isinstance(model_or_cam, GradCAM):
+        return _term(model_or_cam, x, theta, targets, extra, loss, draw, backend)
+    with GradCAM(model_or_cam, target_layer, method=method, backend=backend) as cam:
+        return _term(cam, x, theta, targets, extra, loss, draw, backend)
+
+
+def _term(cam: GradCAM, x, theta, targets, extra, loss: CGCLoss, draw: dict, backend) -> CGCOutput:
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"cgc_term expects an image batch [B,C,H,W], got {getattr(x, 'shape', type(x).__name__)}")
+    B, _, H, W = x.shape
+    if B < 2 and loss.kind == "infonce":
+        raise ValueError(f"the InfoNCE term needs a batch of at least 2 images (the other images are the "
+                         f"negatives), got {B}")
+    if theta is None:
+        theta = transforms.random_crop_flip(B, H, W, device=x.device, **draw).theta()
+    elif theta.shape != (B, 2, 3):
+        raise ValueError(f"theta must be [{B},2,3] for a batch of {B}, got {tuple(theta.shape)}")
+    x_aug = transforms.apply(x, theta, backend=backend)
+    logits, acts = cam.forward(torch.cat([x, x_aug, *extra]) if len(extra) else torch.cat([x, x_aug]))
+    if targets is None:
+        targets = logits[:B].detach().argmax(1)
+    cams = cam.heatmaps(logits, acts, targets.repeat(2), rows=slice(0, 2 * B), create_graph=True)
+    if cams.dtype in (torch.float16, torch.bfloat16):  # under autocast: normalise and exponentiate in float32
+        cams = cams.float()
+    value = loss(cams[:B], cams[B:], theta, size=(H, W))
+    sizes = [B, B] + [e.shape[0] for e in extra]
+    parts = list(logits.split(sizes))
+    return CGCOutput(value, parts[0], parts[1], cams[:B], cams[B:], theta, targets, x_aug, parts[2:])
+
+
+class CGCTerm(nn.Module):
+    """The CGC term as a module: ``CGCTerm(model)(x)`` is :func:`cgc_term` with these settings
+    (a CAM ``method`` at ``target_layer``, the loss ``kind`` with ``temperature`` and
+    ``heatmap_size``, the augmentation ``crop_scale`` / ``ratio`` / ``flip_p``).
+
+    The model is hooked, not owned: it is not a submodule (``term.parameters()`` is empty and
+    ``term.state_dict()`` holds nothing), so the optimizer and checkpoints stay the model's.
+    ``loss`` replaces the default :class:`cgc.CGCLoss` (a subclass, e.g. another warp).
+    ``close()`` (or leaving a ``with`` block) removes the hook.
+    """
+
+    def __init__(self, model: nn.Module, target_layer: str | None = None, *, method: str = "gradcam",
+                 temperature: float = 0.5, heatmap_size: int | None = None, kind: str = "infonce",
+                 crop_scale: tuple[float, float] = transforms.DEFAULT_SCALE,
+                 ratio: tuple[float, float] = transforms.DEFAULT_RATIO, flip_p: float = 0.5,
+                 loss: CGCLoss | None = None, backend: str | None = None, channels_last: bool = False):
+        super().__init__()
+        self.cam = GradCAM(model, target_layer, method=method, backend=backend, channels_last=channels_last)
+        self.loss = loss if loss is not None else CGCLoss(temperature, heatmap_size, kind=kind, backend=backend)
+        self.crop_scale, self.ratio, self.flip_p = tuple(crop_scale), tuple(ratio), flip_p
+        self.backend = backend
+
+    @property
+    def target_layer(self) -> str:
+        return self.cam.target_layer
+
+    def forward(self, x: torch.Tensor, *, theta: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+                extra: Sequence[torch.Tensor] = (), generator: torch.Generator | None = None) -> CGCOutput:
+        """See :func:`cgc_term`."""
+        return cgc_term(self.cam, x, theta=theta, targets=targets, extra=extra, loss=self.loss,
+                        crop_scale=self.crop_scale, ratio=self.ratio, flip_p=self.flip_p,
+                        generator=generator, backend=self.backend)
+
+    def close(self) -> None:
+        self.cam.close()
+
+    def __enter__(self) -> "CGCTerm":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def extra_repr(self) -> str:
+        return (f"method={self.cam.method}, target_layer={self.cam.target_layer!r}, "
+                f"crop_scale={self.crop_scale}, flip_p={self.flip_p}")
