@@ -268,7 +268,7 @@ def test_cgc_loss_matches_reference_backend(device):
     grads = {}
     for backend in ("reference", "native"):
         net.zero_grad()
-        with cgc.GradCAM(net, "2", pool=False, backend=backend) as cam:
+        with cgc.GradCAM(net, "2", method="hirescam", backend=backend) as cam:
             x_aug = transforms.apply(x, theta, backend=backend)
             logits, acts = cam.forward(torch.cat([x, x_aug]))
             target = logits[:6].detach().argmax(1).repeat(2)
