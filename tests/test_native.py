@@ -1,8 +1,8 @@
 """Native-backend specifics (``cgc._C``, ``cgc.ops.native``): operator registration checked by
-``torch.library.opcheck``, ``torch.compile(fullgraph=True)`` of a CGC step, the separable fast
-path of the CPU warp, higher-order gradients, large rows, direct-call errors, and ``import cgc``
-without the extension. The numerical comparison against the reference for every backend lives
-in ``test_ops.py``. CUDA cases skip without a GPU.
+``torch.library.opcheck``, ``torch.compile(fullgraph=True)`` of a CGC step and of info_nce with
+explicit negatives, the separable fast path of the CPU warp, higher-order gradients, large rows,
+direct-call errors, and ``import cgc`` without the extension. The numerical comparison against
+the reference for every backend lives in ``test_ops.py``. CUDA cases skip without a GPU.
 """
 from __future__ import annotations
 
@@ -78,6 +78,21 @@ def test_opcheck_info_nce(device, dtype):
         torch.library.opcheck(C.info_nce_bwd, (gl, a.detach(), p.detach(), logits, stats, 0.3, reduction))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_info_nce_negatives(device, dtype):
+    index = torch.tensor([6, -1, 0, 6], device=device)
+    for reduction in (0, 1, 2):
+        a, p = randn(4, 33, device=device, dtype=dtype, grad=True), randn(4, 33, device=device, dtype=dtype, grad=True)
+        n = randn(7, 33, device=device, dtype=dtype, grad=True)
+        torch.library.opcheck(C.info_nce_neg_fwd, (a, p, n, index, 0.3, reduction))
+        _, logits, stats, norms = C.info_nce_neg_fwd(a.detach(), p.detach(), n.detach(), index, 0.3, reduction)
+        assert torch.isinf(logits[[0, 2, 3], [7, 1, 7]]).all() and torch.isfinite(logits[1]).all()
+        gl = randn(*((4,) if reduction == 0 else ()), device=device, dtype=dtype)
+        torch.library.opcheck(C.info_nce_neg_bwd, (gl, a.detach(), p.detach(), n.detach(), logits, stats, norms,
+                                                   0.3, reduction))
+
+
 # ------------------------------------------------------------------------------- torch.compile
 def cgc_step(A, G, theta, be):
     """gradcam -> both warps -> info_nce of backend module ``be``, as CGCLoss does. The backend
@@ -110,6 +125,22 @@ def test_compile_fullgraph_cgc_step(device):
     ref.backward()
     for got, want in zip(results[0], (ref, A.grad, G.grad)):
         assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph_info_nce_negatives(device):
+    """The explicit-negatives op traces into one graph (fake implementations) and matches eager."""
+    torch._dynamo.reset()
+    step = lambda a, p, n, idx: native.info_nce_neg(a, p, n, idx, 0.5, "sum")
+    a0, p0, n0 = randn(4, 20, device=device), randn(4, 20, device=device), randn(8, 20, device=device)
+    idx = torch.arange(2, 6, device=device)
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        a, p, n = (x.clone().requires_grad_() for x in (a0, p0, n0))
+        loss = fn(a, p, n, idx)
+        results.append((loss.detach(), *torch.autograd.grad(loss, (a, p, n))))
+    for eager, compiled in zip(*results):
+        assert rel_err(compiled, eager) < 1e-12
 
 
 # ------------------------------------------------------------------------------- warp paths
@@ -154,6 +185,32 @@ def test_info_nce_double_backward_raises():
     (ga,) = torch.autograd.grad(ops.info_nce(a, p, 0.5, backend="native"), a, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiable once"):
         ga.sum().backward()
+
+
+def test_info_nce_negatives_double_backward_raises():
+    a, p, n = randn(3, 4, grad=True), randn(3, 4, grad=True), randn(5, 4, grad=True)
+    (gn,) = torch.autograd.grad(ops.info_nce(a, p, 0.5, negatives=n, anchor_index=1, backend="native"), n,
+                                create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        gn.sum().backward()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_info_nce_negatives_large_d(device):
+    """Explicit negatives with rows of 2^21 elements (the row passes' chunks on CUDA)."""
+    a64, p64, n64 = randn(2, 1 << 21, grad=True), randn(2, 1 << 21, grad=True), randn(3, 1 << 21, grad=True)
+    p64.data[1] = 0.5 * a64.data[1] + 0.1 * p64.data[1]  # one strong positive
+    n64.data[2] = 0.3 * a64.data[0] + n64.data[2]  # and a hard negative
+    idx = torch.tensor([-1, 1])
+    ref = reference.info_nce_neg(a64, p64, n64, idx, 0.2, "none")
+    a, p, n = (x.detach().float().to(device).requires_grad_() for x in (a64, p64, n64))
+    out = ops.info_nce(a, p, 0.2, negatives=n, anchor_index=idx.to(device), reduction="none", backend="native")
+    assert rel_err(out, ref) < 1e-5
+    go = torch.randn(2, dtype=torch.float64)
+    want = torch.autograd.grad(ref, (a64, p64, n64), go)
+    got = torch.autograd.grad(out, (a, p, n), go.float().to(device))
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-5
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -221,6 +278,24 @@ def test_direct_call_errors():
         C.info_nce_bwd(torch.tensor(1.0), a, a, logits.float(), stats, 0.5, 1)
     with pytest.raises(RuntimeError, match="grad_loss has"):
         C.info_nce_bwd(torch.ones(4), a, a, logits, stats, 0.5, 1)
+    n, idx = torch.randn(6, 10), torch.tensor([0, 1, -1, 5])
+    with pytest.raises(RuntimeError, match="anchors' D = 10"):
+        C.info_nce_neg_fwd(a, a, n[:, :9], idx, 0.5, 1)
+    with pytest.raises(RuntimeError, match="different dtypes"):
+        C.info_nce_neg_fwd(a, a, n.double(), idx, 0.5, 1)
+    with pytest.raises(RuntimeError, match="anchor_index must be an int64 tensor"):
+        C.info_nce_neg_fwd(a, a, n, idx.int(), 0.5, 1)
+    with pytest.raises(RuntimeError, match="anchor_index must be an int64 tensor"):
+        C.info_nce_neg_fwd(a, a, n, idx[:3], 0.5, 1)
+    with pytest.raises(RuntimeError, match=r"anchor_index\[3\] = 6 is outside"):
+        C.info_nce_neg_fwd(a, a, n, torch.tensor([0, 1, -1, 6]), 0.5, 1)
+    with pytest.raises(RuntimeError, match="no negative is left"):
+        C.info_nce_neg_fwd(a[:1], a[:1], n[:1], idx[:1], 0.5, 1)
+    _, logits, stats, norms = C.info_nce_neg_fwd(a, a, n, idx, 0.5, 1)
+    with pytest.raises(RuntimeError, match="float64 tensors of info_nce_neg_fwd"):
+        C.info_nce_neg_bwd(torch.tensor(1.0), a, a, n, logits[:, :6], stats, norms, 0.5, 1)
+    with pytest.raises(RuntimeError, match="grad_loss has"):
+        C.info_nce_neg_bwd(torch.ones(4), a, a, n, logits, stats, norms, 0.5, 1)
 
 
 # ------------------------------------------------------------------------------- without _C

@@ -110,6 +110,37 @@ def test_info_nce_reference_is_cross_entropy(rng):
         assert rel_err(reference.info_nce(a, p, T, "sum"), ref.sum()) < 1e-12
 
 
+def index_tensor(index, b: int, n: int) -> torch.Tensor:
+    """The int64 [b] form of a public ``anchor_index`` (None, an offset, or a tensor), on the CPU."""
+    if index is None:
+        return torch.full((b,), -1, dtype=torch.long)
+    if isinstance(index, int):
+        return torch.arange(index, index + b)
+    return index.cpu()
+
+
+def test_info_nce_negatives_reference_is_cross_entropy(rng):
+    """Identity (3): the explicit-negatives reference is the cross-entropy of the logits
+    ``[a_b.p_b, a_b.n_k (k != anchor_index[b])] / T`` with target 0, written row by row."""
+    for b, N, D, T, index in [(1, 2, 1, 0.5, None), (4, 9, 13, 0.1, 2), (5, 7, 30, 1.0, torch.tensor([6, -1, 0, 0, 3])),
+                              (3, 1, 8, 0.3, None)]:
+        a, p, n = randn(rng, b, D), randn(rng, b, D), randn(rng, N, D)
+        idx = index_tensor(index, b, N)
+        an, pn, nn = F.normalize(a, dim=1), F.normalize(p, dim=1), F.normalize(n, dim=1)
+        rows = [torch.stack([an[i] @ pn[i]] + [an[i] @ nn[k] for k in range(N) if k != idx[i]]) / T
+                for i in range(b)]
+        ref = torch.stack([F.cross_entropy(r[None], torch.zeros(1, dtype=torch.long))[()] for r in rows])
+        for reduction, want in (("none", ref), ("mean", ref.mean()), ("sum", ref.sum())):
+            assert rel_err(reference.info_nce_neg(a, p, n, idx, T, reduction), want) < 1e-12
+
+
+def test_info_nce_negatives_reference_twice_differentiable(rng):
+    """The oracle is plain PyTorch: second derivatives in all three inputs exist and check."""
+    a, p, n = (randn(rng, r, 4).requires_grad_() for r in (3, 3, 5))
+    idx = torch.tensor([4, -1, 4])
+    assert torch.autograd.gradgradcheck(lambda u, v, w: reference.info_nce_neg(u, v, w, idx, 0.4, "mean"), (a, p, n))
+
+
 # --------------------------------------------------------------- every backend vs the reference
 def _gradcam_shapes(small):
     if small:
@@ -256,6 +287,154 @@ def test_double_backward_through_gradcam(backend_device, rng):
     assert torch.autograd.gradgradcheck(lambda a, g: ops.gradcam(a, g, pool=False, backend=backend), (A, G))
 
 
+# --------------------------------------------------------------- explicit negatives
+def _neg_cases(small):
+    """(b, N, D, index kind): the distributed layout (an int offset), anchors among none of the
+    negatives (None), tensor indices with -1 and repeats; b = 1, N = 1 and D = 1 among them."""
+    cases = [(1, 3, 5, "offset"), (3, 1, 4, "none"), (4, 9, 1, "mixed"), (5, 12, 17, "offset")]
+    if not small:
+        cases += [(32, 128, 3136, "offset"), (16, 64, 49, "mixed"), (9, 40, 1000, "none"), (1, 70, 130, "mixed")]
+    return cases
+
+
+def _neg_index(gen, kind: str, b: int, n: int, device="cpu"):
+    """A public ``anchor_index`` of ``kind``: an offset in [0, n - b], None, or an int64 tensor
+    of values in [-1, n) with a -1 and a repeated index whenever b allows."""
+    if kind == "offset":
+        return int(torch.randint(0, n - b + 1, (1,), generator=gen))
+    if kind == "none":
+        return None
+    idx = torch.randint(-1, n, (b,), generator=gen)
+    if b >= 3:
+        idx[0], idx[2] = -1, idx[1].clamp_min(0)
+    return idx.to(device)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_info_nce_negatives_matches_reference(backend_device, rng, reduction, dtype):
+    backend, device = backend_device
+    for b, N, D, kind in _neg_cases(interpreted(backend, device)):
+        a64, p64, n64 = (randn(rng, r, D, exact_in=dtype).requires_grad_() for r in (b, b, N))
+        index = _neg_index(rng, kind, b, N, device)
+        idx = index_tensor(index, b, N)
+        T = float(torch.empty(1).uniform_(0.1, 1.0, generator=rng))
+        ref = reference.info_nce_neg(a64, p64, n64, idx, T, reduction)
+        a, p, n = (x.detach().to(device, dtype).requires_grad_() for x in (a64, p64, n64))
+        out = ops.info_nce(a, p, T, negatives=n, anchor_index=index, reduction=reduction, backend=backend)
+        assert out.shape == ref.shape and out.dtype == dtype
+        al, pl, nl = (x.detach().to(dtype).requires_grad_() for x in (a64, p64, n64))
+        low = reference.info_nce_neg(al, pl, nl, idx, T, reduction)
+        case = f"{(b, N, D)} {kind}"
+        assert_close(out, ref, dtype, low, f"forward {case}")
+        gout = randn(rng, *ref.shape, exact_in=dtype)
+        want = torch.autograd.grad(ref, (a64, p64, n64), gout)
+        got = torch.autograd.grad(out, (a, p, n), gout.to(device, dtype))
+        lows = torch.autograd.grad(low, (al, pl, nl), gout.to(dtype))
+        for g, w, l, name in zip(got, want, lows, ("d anchors", "d positives", "d negatives")):
+            assert g.shape == w.shape and g.dtype == dtype
+            assert_close(g, w, dtype, l, f"{name} {case}", scale=1 / T)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_info_nce_negatives_identities(backend_device, rng, reduction):
+    """(1) The negatives a copy of the anchors at offset 0: the square op's value, and the
+    gradients of anchors and negatives add up to the square op's anchor gradient (also when the
+    very same tensor is passed twice). (2) Rows split into chunks as over processes, each chunk
+    a separate leaf against all anchors as negatives: the summed losses and the recombined
+    gradients are the square op's."""
+    backend, device = backend_device
+    B, D = 7, 11
+    a = randn(rng, B, D, device=device).requires_grad_()
+    p = randn(rng, B, D, device=device).requires_grad_()
+    T = float(torch.empty(1).uniform_(0.1, 1.0, generator=rng))
+    sq = ops.info_nce(a, p, T, reduction=reduction, backend=backend)
+    gout = randn(rng, *sq.shape, device=device)
+    want_a, want_p = torch.autograd.grad(sq, (a, p), gout)
+
+    n = a.detach().clone().requires_grad_()
+    rect = ops.info_nce(a, p, T, negatives=n, anchor_index=0, reduction=reduction, backend=backend)
+    assert_close(rect, sq, torch.float64, what="identity 1 value")
+    got_a, got_p, got_n = torch.autograd.grad(rect, (a, p, n), gout)
+    assert_close(got_a + got_n, want_a, torch.float64, what="identity 1: d anchors + d negatives", scale=1 / T)
+    assert_close(got_p, want_p, torch.float64, what="identity 1: d positives", scale=1 / T)
+    same = ops.info_nce(a, p, T, negatives=a, anchor_index=0, reduction=reduction, backend=backend)
+    (got,) = torch.autograd.grad(same, a, gout)
+    assert_close(got, want_a, torch.float64, what="identity 1, one tensor", scale=1 / T)
+
+    if reduction == "mean":
+        return  # a chunk's mean is over its own rows: the split identity is the sum's
+    cuts = sorted(torch.randperm(B - 1, generator=rng)[:2].add(1).tolist())
+    bounds = list(zip([0] + cuts, cuts + [B]))
+    n = a.detach().clone().requires_grad_()
+    chunks = [(a.detach()[r0:r1].clone().requires_grad_(), p.detach()[r0:r1].clone().requires_grad_())
+              for r0, r1 in bounds]
+    parts = [ops.info_nce(ca, cp, T, negatives=n, anchor_index=r0, reduction=reduction, backend=backend)
+             for (ca, cp), (r0, _) in zip(chunks, bounds)]
+    total = torch.cat(parts) if reduction == "none" else torch.stack(parts).sum()
+    assert_close(total, sq, torch.float64, what=f"identity 2 value, chunks {bounds}")
+    leaves = [x for c in chunks for x in c] + [n]
+    grads = torch.autograd.grad(total, leaves, gout)
+    got_a = torch.cat(grads[0:-1:2]) + grads[-1]
+    got_p = torch.cat(grads[1:-1:2])
+    assert_close(got_a, want_a, torch.float64, what="identity 2: d anchors", scale=1 / T)
+    assert_close(got_p, want_p, torch.float64, what="identity 2: d positives", scale=1 / T)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_info_nce_negatives_zero_rows(backend_device, rng, dtype):
+    """All-zero rows in anchors, positives and negatives (norms clamped like F.normalize) stay
+    finite and match the reference; None and an explicit all -1 index are the same."""
+    backend, device = backend_device
+    b, N, D, T = 4, 6, 9, 0.5
+    a64, p64, n64 = (randn(rng, r, D, exact_in=dtype) for r in (b, b, N))
+    a64[1], p64[2], n64[3] = 0.0, 0.0, 0.0
+    for x in (a64, p64, n64):
+        x.requires_grad_()
+    idx = torch.tensor([3, 0, -1, 3])
+    ref = reference.info_nce_neg(a64, p64, n64, idx, T, "none")
+    want = torch.autograd.grad(ref.sum(), (a64, p64, n64))
+    a, p, n = (x.detach().to(device, dtype).requires_grad_() for x in (a64, p64, n64))
+    out = ops.info_nce(a, p, T, negatives=n, anchor_index=idx.to(device), reduction="none", backend=backend)
+    got = torch.autograd.grad(out.sum(), (a, p, n))
+    assert_close(out, ref, dtype, what="forward")
+    for g, w, name in zip(got, want, ("d anchors", "d positives", "d negatives")):
+        assert_close(g, w, dtype, what=name, scale=1 / T)
+    none = ops.info_nce(a, p, T, negatives=n, reduction="none", backend=backend)
+    minus = ops.info_nce(a, p, T, negatives=n, anchor_index=torch.full((b,), -1, device=device),
+                         reduction="none", backend=backend)
+    assert_close(minus, none, dtype, what="anchor_index None vs all -1")
+
+
+def test_info_nce_negatives_non_contiguous(backend_device, rng):
+    """Transposed and strided views of all three inputs and of the index."""
+    backend, device = backend_device
+    a0 = randn(rng, 9, 4, device=device).requires_grad_()
+    p0 = randn(rng, 4, 18, device=device).requires_grad_()
+    n0 = randn(rng, 12, 9, device=device).requires_grad_()
+    idx = torch.tensor([5, 0, -1, 5, 1, 2, 3, 4], device=device)[::2]  # [5, -1, 1, 3]
+    views = lambda: (a0.t(), p0[:, ::2], n0[::2])  # [4,9], [4,9], [6,9]
+    a, p, n = views()
+    assert not (a.is_contiguous() or p.is_contiguous() or n.is_contiguous() or idx.is_contiguous())
+    out = ops.info_nce(a, p, 0.3, negatives=n, anchor_index=idx, backend=backend)
+    got = torch.autograd.grad(out, (a0, p0, n0))
+    ref = reference.info_nce_neg(*views(), idx, 0.3, "mean")
+    want = torch.autograd.grad(ref, (a0, p0, n0))
+    assert rel_err(out, ref) < 1e-10
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-10
+
+
+def test_info_nce_negatives_gradcheck(backend_device, rng):
+    backend, device = backend_device
+    a, p, n = (randn(rng, r, 5, device=device).requires_grad_() for r in (3, 3, 6))
+    for index in (torch.tensor([2, -1, 2], device=device), 3, None):
+        for reduction in ("mean", "none"):
+            assert torch.autograd.gradcheck(
+                lambda u, v, w: ops.info_nce(u, v, 0.4, negatives=w, anchor_index=index, reduction=reduction,
+                                             backend=backend), (a, p, n))
+
+
 # --------------------------------------------------------------- bad inputs
 def test_errors():
     A = torch.randn(2, 3, 4, 4)
@@ -304,6 +483,59 @@ def test_errors():
             ops.info_nce(a, a.cuda(), 0.5)
 
 
+def test_info_nce_negatives_errors():
+    a, n = torch.randn(3, 10), torch.randn(8, 10)
+    nce = lambda **kw: ops.info_nce(kw.pop("a", a), kw.pop("p", a), 0.5, **{"negatives": n, **kw})
+    with pytest.raises(ValueError, match="2-D"):
+        nce(negatives=n[0])
+    with pytest.raises(ValueError, match="D=9"):
+        nce(negatives=torch.randn(8, 9))
+    with pytest.raises(TypeError, match="dtypes"):
+        nce(negatives=n.double())
+    with pytest.raises(TypeError, match="floating"):
+        nce(negatives=n.long())
+    with pytest.raises(ValueError, match="negatives is empty"):
+        nce(negatives=torch.randn(0, 10))
+    with pytest.raises(ValueError, match="anchors is empty"):
+        nce(a=torch.randn(0, 10), p=torch.randn(0, 10))
+    with pytest.raises(ValueError, match="same shape"):
+        nce(p=torch.randn(4, 10))
+    with pytest.raises(ValueError, match="without negatives"):
+        ops.info_nce(a, a, 0.5, anchor_index=0)
+    with pytest.raises(TypeError, match="int64"):
+        nce(anchor_index=torch.tensor([0, 1, 2], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"shape \(3,\)"):
+        nce(anchor_index=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"shape \(3,\)"):
+        nce(anchor_index=torch.tensor([[0, 1, 2]]))
+    with pytest.raises(ValueError, match=r"in \[0, 8\) or -1.*\[-1, 8\]"):
+        nce(anchor_index=torch.tensor([0, 8, -1]))
+    with pytest.raises(ValueError, match=r"\[-2, 1\]"):
+        nce(anchor_index=torch.tensor([0, -2, 1]))
+    with pytest.raises(ValueError, match="rows 6..8, outside the 8 negatives"):
+        nce(anchor_index=6)
+    with pytest.raises(ValueError, match="outside"):
+        nce(anchor_index=-1)
+    with pytest.raises(TypeError, match="None, an int or an int64 tensor"):
+        nce(anchor_index=True)
+    with pytest.raises(TypeError, match="None, an int or an int64 tensor"):
+        nce(anchor_index=[0, 1, 2])
+    with pytest.raises(ValueError, match="no negative left"):
+        ops.info_nce(a[:1], a[:1], 0.5, negatives=n[:1], anchor_index=0)
+    with pytest.raises(ValueError, match="no negative left"):
+        ops.info_nce(a[:2], a[:2], 0.5, negatives=n[:1], anchor_index=torch.tensor([-1, 0]))
+    with pytest.raises(ValueError, match="temperature"):
+        ops.info_nce(a, a, -1.0, negatives=n)
+    with pytest.raises(ValueError, match="reduction"):
+        nce(reduction="max")
+    assert ops.info_nce(a[:1], a[:1], 0.5, negatives=n[:1]).shape == ()  # b = 1, N = 1, excluding nothing
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="different devices"):
+            nce(negatives=n.cuda())
+        with pytest.raises(ValueError, match="anchor_index is on"):
+            nce(anchor_index=torch.tensor([0, 1, 2], device="cuda"))
+
+
 def test_backend_env_and_fallback(monkeypatch):
     a = torch.randn(3, 5)
     monkeypatch.setenv("CGC_BACKEND", "reference")
@@ -311,3 +543,6 @@ def test_backend_env_and_fallback(monkeypatch):
     monkeypatch.setenv("CGC_BACKEND", "auto")
     assert "reference" in ops.available_backends()
     assert torch.allclose(ops.info_nce(a, a, 0.5), reference.info_nce(a, a, 0.5), rtol=1e-5, atol=1e-6)
+    n = torch.randn(6, 5)
+    assert torch.allclose(ops.info_nce(a, a, 0.5, negatives=n, anchor_index=1),
+                          reference.info_nce_neg(a, a, n, torch.arange(1, 4), 0.5), rtol=1e-5, atol=1e-6)

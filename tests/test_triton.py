@@ -1,6 +1,7 @@
 """Triton-specific checks on top of the shared op suite (tests/test_ops.py): ragged block
-edges with poisoned outputs, far-away samples, guarded row norms, 64-bit offsets, second
-derivatives, ``torch.library.opcheck``, ``torch.compile`` (GPU only) and the error paths.
+edges with poisoned outputs (info_nce in both forms), far-away samples, guarded row norms,
+64-bit offsets, second derivatives, ``torch.library.opcheck``, ``torch.compile`` (GPU only)
+and the error paths.
 
 On a CPU-only machine ``tests/conftest.py`` turns on the Triton interpreter; the shapes here
 are chosen to straddle the interpreter's block sizes (the first autotune config of each
@@ -166,6 +167,42 @@ def test_info_nce_ragged_blocks_and_guarded_norms(poisoned, rng, dtype):
             assert_close(g[guarded], w[guarded], dtype, lo[guarded], f"{name}, guarded rows")
 
 
+@needs_backend
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # float16, guarded rows
+def test_info_nce_negatives_ragged_blocks_and_guarded_norms(poisoned, rng, dtype):
+    """b = 33, N = 70 and D = 130 straddle the row, column and D blocks of every kernel of the
+    explicit-negatives form; a zero anchor, a positive and a negative under the norm guard take
+    the clamped path, and the index mixes -1, repeats and the last column."""
+    b, N, D, T = 33, 70, 130, 0.3
+    a64, p64, n64 = exact(rng, dtype, b, D), exact(rng, dtype, b, D), exact(rng, dtype, N, D)
+    a64[4] = 0.0
+    p64[7] = (p64[7] * 1e-14).to(dtype).double()
+    n64[65] = 0.0
+    idx = torch.randint(-1, N, (b,), generator=rng)
+    idx[:4] = torch.tensor([-1, N - 1, N - 1, 65])
+    for x in (a64, p64, n64):
+        x.requires_grad_()
+    ref = reference.info_nce_neg(a64, p64, n64, idx, T, "none")
+    a, p, n = (x.detach().to(DEVICE, dtype).requires_grad_() for x in (a64, p64, n64))
+    out = ops.info_nce(a, p, T, negatives=n, anchor_index=idx.to(DEVICE), reduction="none", backend="triton")
+    al, pl, nl = (x.detach().to(dtype).requires_grad_() for x in (a64, p64, n64))
+    low = reference.info_nce_neg(al, pl, nl, idx, T, "none")
+    assert_close(out, ref, dtype, low, "forward")
+    gout = randn(rng, b)
+    want = torch.autograd.grad(ref, (a64, p64, n64), gout)
+    got = torch.autograd.grad(out, (a, p, n), gout.to(DEVICE, out.dtype))
+    lows = torch.autograd.grad(low, (al, pl, nl), gout.to(low.dtype))
+    guarded = [torch.zeros(r, dtype=torch.bool) for r in (b, b, N)]
+    guarded[0][4] = guarded[1][7] = guarded[2][65] = True
+    for g, w, lo, gd, name in zip(got, want, lows, guarded, ("d anchors", "d positives", "d negatives")):
+        g = g.cpu()
+        assert_close(g[~gd], w[~gd], dtype, lo[~gd], name)
+        if dtype in (torch.float64, torch.float32):
+            # scaled by 1/EPS_NORM = 1e12: past float16's range, too coarse in bfloat16
+            assert_close(g[gd], w[gd], dtype, lo[gd], f"{name}, guarded rows")
+
+
 # --------------------------------------------------------------------------- 64-bit offsets
 @triton.jit
 def _offsets_kernel(out_ptr, b0, y0, sb, sy, sx, BLOCK: tl.constexpr):
@@ -213,6 +250,8 @@ def _opcheck_cases(gen):
     theta = random_theta(gen, 2, DEVICE)
     a = randn(gen, 5, 9, device=DEVICE).requires_grad_()
     p = randn(gen, 5, 9, device=DEVICE).requires_grad_()
+    n = randn(gen, 7, 9, device=DEVICE).requires_grad_()
+    index = torch.tensor([6, -1, 0, 6, 2], device=DEVICE)
     ops_ = torch.ops.cgc_triton
     return [
         (ops_.gradcam.default, (A, G, True)),
@@ -225,6 +264,9 @@ def _opcheck_cases(gen):
         (ops_.affine_warp_backward.default, (randn(gen, 2, 2, 3, 7, device=DEVICE).float(), theta.float(), 5, 4,
                                              False, torch.float32)),  # the small-input kernels
         (ops_.info_nce.default, (a, p, 0.5)),
+        (ops_.info_nce_neg.default, (a, p, n, index, 0.5)),
+        (ops_.info_nce_neg.default, (a.detach().float().requires_grad_(), p.detach().float().requires_grad_(),
+                                     n.detach().float().requires_grad_(), index, 0.5)),
     ]
 
 
@@ -259,6 +301,42 @@ def test_torch_compile_fullgraph_cgc_step(rng):
     assert torch.allclose(compiled, eager, rtol=1e-5, atol=1e-6)
     for c, e in zip(d_compiled, d_eager):
         assert torch.allclose(c, e, rtol=1e-4, atol=1e-6)
+
+
+@gpu_only
+def test_torch_compile_fullgraph_info_nce_negatives(rng):
+    """The explicit-negatives op compiles with fullgraph=True and matches eager."""
+    def step(a, p, n, idx):
+        return ops.info_nce(a, p, 0.5, negatives=n, anchor_index=idx, backend="triton")
+
+    a, p, n = (randn(rng, r, 200, dtype=torch.float32, device="cuda").requires_grad_() for r in (16, 16, 64))
+    idx = torch.arange(16, 32, device="cuda")
+    eager = step(a, p, n, idx)
+    d_eager = torch.autograd.grad(eager, (a, p, n))
+    compiled = torch.compile(step, fullgraph=True)(a, p, n, idx)
+    d_compiled = torch.autograd.grad(compiled, (a, p, n))
+    assert torch.allclose(compiled, eager, rtol=1e-5, atol=1e-6)
+    for c, e in zip(d_compiled, d_eager):
+        assert torch.allclose(c, e, rtol=1e-4, atol=1e-6)
+
+
+@gpu_only
+def test_info_nce_negatives_deterministic(rng):
+    """Under torch.use_deterministic_algorithms the Gram is not split over D (its atomics then
+    add onto zero once per element), so forward and backward repeat bit for bit at a size that
+    splits otherwise."""
+    a, p, n = (torch.rand(r, 3136, generator=rng).cuda().requires_grad_() for r in (64, 64, 256))
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = []
+        for _ in range(3):
+            loss = ops.info_nce(a, p, 0.5, negatives=n, anchor_index=64, backend="triton")
+            runs.append((loss, *torch.autograd.grad(loss, (a, p, n))))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for run in runs[1:]:
+        for x, y in zip(run, runs[0]):
+            assert torch.equal(x, y)
 
 
 # ------------------------------------------------------------------------------ error paths

@@ -71,7 +71,9 @@ def available_backends() -> list[str]:
 # reference for affine_warp (6x) and info_nce (2.2x); for gradcam at the benchmark sizes the
 # eager reference wins (0.2 ms vs native 0.3-0.5 ms, Triton 0.7-1.0 ms) because the op is bound
 # by host overhead. Those timings predate the native ops' C++ autograd (csrc/autograd.cpp), which
-# halved their host cost on CPU: re-measure with benchmarks/gpu_check.sh before reordering.
+# halved their host cost on CPU: re-measure with benchmarks/gpu_check.sh before reordering. The
+# "info_nce" entry also orders its explicit-negatives form, not yet timed on a GPU (the same
+# kernels on a b x N Gram; benchmarks/bench_ops.py::test_info_nce_negatives measures it).
 CUDA_ORDER = {
     "gradcam": ("reference", "native", "triton"),
     "affine_warp": ("native", "triton", "reference"),
@@ -210,25 +212,78 @@ def affine_warp(input: torch.Tensor, theta: torch.Tensor, size, *, padding_mode:
 
 
 def info_nce(anchors: torch.Tensor, positives: torch.Tensor, temperature: float = 0.5, *,
+             negatives: torch.Tensor | None = None, anchor_index: torch.Tensor | int | None = None,
              reduction: str = "mean", backend: str | None = None) -> torch.Tensor:
-    """InfoNCE of anchors [B,D] against their positives [B,D], the other anchors being the
-    negatives; rows are L2-normalised first. Needs B >= 2 (one negative at least)."""
+    """InfoNCE of anchors [B,D] against their positives [B,D]; rows are L2-normalised first.
+
+    Without ``negatives`` the other anchors are the negatives (needs B >= 2). With
+    ``negatives`` [N,D] (e.g. the anchors of the whole batch, all-gathered across processes)
+    anchor b is contrasted with every ``negatives[k]`` except ``k = anchor_index[b]``, its own
+    row there: ``anchor_index`` is an int64 tensor [B] of values in [0, N) or -1 (none), an
+    int ``o`` for rows ``o .. o+B-1``, or None (-1 for every anchor). The loss is then
+    differentiable in the negatives too, separately from the anchors.
+    """
     op = "info_nce"
     _tensor(anchors, "anchors", 2, op)
     _tensor(positives, "positives", 2, op)
     if anchors.shape != positives.shape:
         raise ValueError(f"{op}: anchors {tuple(anchors.shape)} and positives "
                          f"{tuple(positives.shape)} must have the same shape")
-    if anchors.shape[0] < 2:
-        raise ValueError(f"{op}: needs a batch of at least 2 (the other rows are the negatives), "
-                         f"got B={anchors.shape[0]}")
     _same(anchors, positives, "anchors and positives", op)
     t = float(temperature)
     if not (t > 0 and math.isfinite(t)):
         raise ValueError(f"{op}: temperature must be a finite number > 0, got {temperature!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    return _resolve(backend, op, anchors.device).info_nce(anchors, positives, t, reduction)
+    if negatives is None:
+        if anchor_index is not None:
+            raise ValueError(f"{op}: anchor_index is given without negatives; it says where each "
+                             "anchor sits among explicit negatives")
+        if anchors.shape[0] < 2:
+            raise ValueError(f"{op}: needs a batch of at least 2 (the other rows are the negatives), "
+                             f"got B={anchors.shape[0]}")
+        return _resolve(backend, op, anchors.device).info_nce(anchors, positives, t, reduction)
+    _tensor(negatives, "negatives", 2, op)
+    if negatives.shape[1] != anchors.shape[1]:
+        raise ValueError(f"{op}: negatives {tuple(negatives.shape)} have D={negatives.shape[1]}, "
+                         f"the anchors D={anchors.shape[1]}")
+    _same(anchors, negatives, "anchors and negatives", op)
+    index = _anchor_index(anchor_index, anchors.shape[0], negatives.shape[0], anchors.device, op)
+    return _resolve(backend, op, anchors.device).info_nce_neg(anchors, positives, negatives, index, t,
+                                                              reduction)
+
+
+def _anchor_index(index, b: int, n: int, device: torch.device, op: str) -> torch.Tensor:
+    """``anchor_index`` as the int64 tensor [b] the backends take, checked: values in [-1, n)
+    and no row left without a negative (n = 1 and the anchor is that one row). A tensor's
+    values are checked with one device synchronisation."""
+    if index is None:
+        return torch.full((b,), -1, dtype=torch.int64, device=device)
+    if isinstance(index, torch.Tensor):
+        if index.dtype != torch.int64:
+            raise TypeError(f"{op}: anchor_index must be an int64 tensor, got {index.dtype}")
+        if index.shape != (b,):
+            raise ValueError(f"{op}: anchor_index must have shape ({b},), one entry per anchor, got "
+                             f"{tuple(index.shape)}")
+        if index.device != device:
+            raise ValueError(f"{op}: anchor_index is on {index.device}, the anchors on {device}")
+        lo, hi = (int(v) for v in torch.stack(torch.aminmax(index)).tolist())
+        if lo < -1 or hi >= n:
+            raise ValueError(f"{op}: anchor_index values must be in [0, {n}) or -1 (not among the "
+                             f"negatives), got values in [{lo}, {hi}]")
+    elif isinstance(index, int) and not isinstance(index, bool):
+        lo, hi = index, index + b - 1
+        if lo < 0 or hi >= n:
+            raise ValueError(f"{op}: anchor_index={index} puts the {b} anchors at rows {lo}..{hi}, "
+                             f"outside the {n} negatives (use None for anchors not among them)")
+        index = torch.arange(lo, hi + 1, dtype=torch.int64, device=device)
+    else:
+        raise TypeError(f"{op}: anchor_index must be None, an int or an int64 tensor, got "
+                        f"{type(index).__name__}")
+    if n == 1 and hi >= 0:
+        raise ValueError(f"{op}: with a single negative, an anchor that is that negative "
+                         "(anchor_index 0) has no negative left")
+    return index
 
 
 __all__ = ["gradcam", "affine_warp", "info_nce", "available_backends", "auto_order",

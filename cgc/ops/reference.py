@@ -93,7 +93,30 @@ def info_nce(anchors: torch.Tensor, positives: torch.Tensor, temperature: float,
     eye = torch.eye(a.shape[0], dtype=torch.bool, device=a.device)
     neg = gram.masked_fill(eye, float("-inf"))
     logits = torch.cat([pos[:, None], neg], dim=1)
-    loss = torch.logsumexp(logits, dim=1) - pos
+    return _reduce(torch.logsumexp(logits, dim=1) - pos, reduction)
+
+
+def info_nce_neg(anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor,
+                 anchor_index: torch.Tensor, temperature: float, reduction: str = "mean") -> torch.Tensor:
+    """InfoNCE with explicit negatives [N,D] over L2-normalised rows: the positive of anchor b
+    is ``positives[b]``, its negatives every ``negatives[k]`` but ``k = anchor_index[b]`` (the
+    anchor's own row among them; -1: none). Anchors and negatives are separate inputs, each with
+    its own gradient, also when the negatives hold a copy of the anchors (an all_gather).
+
+    ``loss_b = logsumexp([a_b.p_b, a_b.n_k (k != anchor_index[b])] / T) - a_b.p_b / T``.
+    """
+    a = l2_normalize(anchors)
+    p = l2_normalize(positives)
+    n = l2_normalize(negatives)
+    pos = (a * p).sum(dim=1) / temperature
+    cols = torch.arange(n.shape[0], device=n.device)
+    own = anchor_index[:, None] == cols[None, :]  # -1 matches no column
+    neg = ((a @ n.transpose(0, 1)) / temperature).masked_fill(own, float("-inf"))
+    logits = torch.cat([pos[:, None], neg], dim=1)
+    return _reduce(torch.logsumexp(logits, dim=1) - pos, reduction)
+
+
+def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "mean":
         return loss.mean()
     if reduction == "sum":
