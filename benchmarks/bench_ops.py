@@ -1,6 +1,7 @@
-"""Forward + backward of each CGC op at the sizes of issue 3, for the eager reference,
-``torch.compile`` of the reference and every fast backend, on the CPU and (when present) CUDA;
-plus the machine's copy bandwidth and matmul rate (the ceilings of the floor column)."""
+"""Forward + backward of each CGC op at the sizes of issue 3, and of info_nce with explicit
+negatives at distributed sizes, for the eager reference, ``torch.compile`` of the reference and
+every fast backend, on the CPU and (when present) CUDA; plus the machine's copy bandwidth and
+matmul rate (the ceilings of the floor column)."""
 from __future__ import annotations
 
 import pytest
@@ -14,6 +15,8 @@ from .conftest import COST, MACHINE, backends_for, run, sync
 GRADCAM_SIZES = [(64, 512, 7, 7), (32, 2048, 7, 7), (32, 1024, 14, 14)]
 WARP_SIZES = [((64, 1, 7, 7), (224, 224)), ((64, 3, 224, 224), (224, 224))]
 NCE_SIZES = [(64, 224 * 224), (256, 56 * 56)]
+# explicit negatives at distributed sizes (b anchors per process, N = the gathered batch)
+NCE_NEG_SIZES = [(64, 256, 56 * 56), (32, 128, 224 * 224)]
 ALL_BACKENDS = ["reference", "compiled", "native", "triton"]
 
 _COMPILED = {}
@@ -117,4 +120,27 @@ def test_info_nce(benchmark, device, backend, shape):
     B, D = shape
     name = f"info_nce {B}x{D}"
     COST[(device, name)] = (6 * a.numel() * 4, 4.0 * B * B * D)  # read a, p twice, write da, dp; 2 Grams
+    run(benchmark, device, name, backend, step)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("shape", NCE_NEG_SIZES, ids=lambda s: f"{s[0]}x{s[1]}x{s[2]}")
+def test_info_nce_negatives(benchmark, device, backend, shape):
+    """info_nce against explicit negatives, as with all-gathered anchors: rank 1's b anchors
+    are rows b .. 2b-1 of the N negatives, which get their own gradient."""
+    needs(device, backend)
+    fn = op_fn("info_nce_neg", backend)
+    b, N, D = shape
+    a = torch.rand((b, D), device=device, requires_grad=True)  # heatmaps are non-negative
+    p = torch.rand((b, D), device=device, requires_grad=True)
+    n = torch.rand((N, D), device=device, requires_grad=True)
+    index = torch.arange(b, 2 * b, device=device)
+
+    def step():
+        a.grad = p.grad = n.grad = None
+        fn(a, p, n, index, 0.5, "mean").backward()
+
+    name = f"info_nce_neg {b}x{N}x{D}"
+    # read a, p, n in both passes, write da, dp, dn; the Gram a n^T and its two transposes
+    COST[(device, name)] = (3 * (2 * b + N) * D * 4, 6.0 * b * N * D)
     run(benchmark, device, name, backend, step)
