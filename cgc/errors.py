@@ -61,3 +61,11 @@ class MissingDependency(CGCError, ImportError):
 class TrainingFailed(CGCError, RuntimeError):
     """A run that cannot go on (a non-finite loss, no readable batch); the message says what
     was saved and what to change."""
+
+
+class Preempted(CGCError):
+    """The run was asked to stop (SIGTERM, as SLURM preempts) and saved a checkpoint to resume
+    from; the command line exits with status 143 (128 + SIGTERM) so schedulers and torchrun see
+    an unfinished job."""
+
+    exit_code = 143

@@ -15,13 +15,12 @@ import json
 import sys
 from pathlib import Path
 
-from . import checkpoint, data, metrics, transforms, viz
+from . import checkpoint, data, distributed, metrics, transforms, viz
 from .cam import GradCAM
 from .cam_methods import CAM_METHODS
 from .cli import exit_on_error
 from .errors import ConfigError, UnsupportedModel
 from .models import build_model
-from .train import pick_device
 
 #: rows of the table: (report key, label, format)
 ROWS = (("top1", "top-1 (%)", ".2f"), ("top5", "top-5 (%)", ".2f"),
@@ -153,12 +152,19 @@ def main(argv=None) -> dict:
     error ends the process with one ``error: ...`` line."""
     args = parse_args(argv)
     with exit_on_error():
-        return run(args)
+        ctx = distributed.init(args.device)
+        try:
+            return run(args, ctx)
+        finally:
+            distributed.shutdown(ctx)
 
 
-def run(args) -> dict:
-    """Evaluate every checkpoint on the same images and write the report, table and pictures."""
-    device = pick_device(args.device)
+def run(args, ctx: distributed.Context | None = None) -> dict:
+    """Evaluate every checkpoint on the same images and write the report, table and pictures.
+    Under torchrun the images are shared out over the processes, the totals summed, and the
+    first process writes."""
+    ctx = ctx or distributed.Context(distributed.pick_device(args.device))
+    device = ctx.device
     out = Path(args.out)
     names = model_names(args.checkpoint, args.name)
     first_args = checkpoint.load(args.checkpoint[0]).get("args", {})
@@ -169,8 +175,10 @@ def run(args) -> dict:
                                         target_layer=args.target_layer) for path in args.checkpoint))
     out.mkdir(parents=True, exist_ok=True)
     n = len(bundle.val) if args.limit is None else min(args.limit, len(bundle.val))
-    print(f"cgc.evaluate: {len(cams)} model(s) on {bundle.val.__class__.__name__} val ({n} images, "
-          f"{len(bundle.classes)} classes, {bundle.image_size}px), device={device}", file=sys.stderr)
+    if ctx.primary:
+        procs = f" x {ctx.world_size} processes" if ctx.distributed else ""
+        print(f"cgc.evaluate: {len(cams)} model(s) on {bundle.val.__class__.__name__} val ({n} images, "
+              f"{len(bundle.classes)} classes, {bundle.image_size}px), device={device}{procs}", file=sys.stderr)
 
     workers = args.workers if args.workers is not None else (0 if bundle.in_memory else 4)
     report: dict[str, dict] = {}
@@ -179,11 +187,16 @@ def run(args) -> dict:
             cam, bundle.val, device, batch_size=args.batch_size, crop_scale=tuple(args.crop_scale),
             seed=args.consistency_seed, limit=args.limit, causal=not args.no_causal, step=args.pixels_per_step,
             causal_batch=args.causal_batch, cam_input_size=args.cam_input_size, tolerance=args.tolerance,
-            workers=workers, desc=f"evaluate {name}")
+            workers=workers, desc=f"evaluate {name}", rank=ctx.rank, world_size=ctx.world_size,
+            reduce=ctx.sum_values)
         result.update(checkpoint=str(path), arch=targs.get("arch"), loss=targs.get("loss"),
                       target_layer=cam.target_layer, cam=cam.method)
         report[name] = result
 
+    if not ctx.primary:
+        for cam in cams:
+            cam.close()
+        return report
     table = format_table(report)
     settings = {"dataset": bundle.val.__class__.__name__, "images": n, "image_size": bundle.image_size,
                 "classes": bundle.classes, "pixels_per_step": args.pixels_per_step, "tolerance": args.tolerance,

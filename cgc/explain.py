@@ -22,10 +22,10 @@ from . import checkpoint, data, viz
 from .cam import GradCAM, resize_heatmaps
 from .cam_methods import CAM_METHODS
 from .cli import exit_on_error
+from .distributed import pick_device
 from .errors import BadFile, MissingFile
 from .metrics import eval_mode
 from .models import build_model, classifier_head, load_state_dict_file
-from .train import pick_device
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -24,13 +24,16 @@ class CGCLoss(nn.Module):
     passes the image size):
 
     - ``kind="infonce"``: :func:`cgc.ops.info_nce` with ``temperature``; the negatives of
-      ``q_b`` are the other augmented heatmaps of the batch (needs B >= 2);
+      ``q_b`` are the other augmented heatmaps of the batch (needs B >= 2). With ``gather``
+      (``x -> (rows of every process, offset of this process's rows)``, differentiable, e.g.
+      :meth:`cgc.distributed.Context.gather`) they are those of the whole global batch, and
+      each process's loss is the mean over its own anchors;
     - ``kind="mse"``: mean over the batch of ``||q_b/|q_b| - p_b/|p_b| ||^2`` (= 2 - 2 cos),
       no negatives.
     """
 
     def __init__(self, temperature: float = 0.5, heatmap_size: int | tuple[int, int] | None = 224,
-                 kind: str = "infonce", backend: str | None = None):
+                 kind: str = "infonce", backend: str | None = None, gather=None):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -40,6 +43,7 @@ class CGCLoss(nn.Module):
         self.heatmap_size = heatmap_size
         self.kind = kind
         self.backend = backend
+        self.gather = gather
 
     def pair(self, cam_orig: torch.Tensor, cam_aug: torch.Tensor, theta: torch.Tensor, size=None):
         """The flattened anchors ``q`` (augmented view) and positives ``p`` [B, S*S]."""
@@ -59,6 +63,9 @@ class CGCLoss(nn.Module):
 
     def forward(self, cam_orig: torch.Tensor, cam_aug: torch.Tensor, theta: torch.Tensor, size=None) -> torch.Tensor:
         q, p = self.pair(cam_orig, cam_aug, theta, size)
+        if self.kind == "infonce" and self.gather is not None:
+            negatives, offset = self.gather(q)
+            return ops.info_nce(q, p, self.temperature, negatives=negatives, anchor_index=offset, backend=self.backend)
         if self.kind == "infonce":
             return ops.info_nce(q, p, self.temperature, backend=self.backend)
         qn = q / q.norm(dim=1, keepdim=True)
@@ -66,4 +73,5 @@ class CGCLoss(nn.Module):
         return (qn - pn).pow(2).sum(1).mean()
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind}, temperature={self.temperature}, heatmap_size={self.heatmap_size}"
+        negatives = ", negatives=gathered" if self.gather is not None else ""
+        return f"kind={self.kind}, temperature={self.temperature}, heatmap_size={self.heatmap_size}{negatives}"

@@ -22,7 +22,7 @@ from torch import nn
 
 from . import data, ops, transforms
 from .cam import GradCAM, resize_heatmaps
-from .progress import Progress
+from .progress import progress
 
 #: RISE's reference: 224 * 8 pixels per step at 224 x 224, i.e. 28 steps (+ the start image)
 REFERENCE_STEPS = 28
@@ -200,30 +200,24 @@ def eval_batches(dataset, batch_size: int, limit: int | None = None, *, workers:
     """``(uint8 images, labels, boxes or None)`` of the first ``limit`` items of ``dataset``, in
     order: boxes from :func:`cgc.data.annotated_batches` when the dataset has them; files
     are decoded by ``workers`` processes and unreadable ones left out."""
+    if limit is not None and limit < len(dataset):
+        dataset = data.take(dataset, range(limit))
     if hasattr(dataset, "boxes"):
-        batches = data.annotated_batches(dataset, batch_size, workers=workers)
-    else:
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-        batches = ((*data.drop_unreadable(batch[:2])[0], None) for batch in loader)
-    seen = 0
-    for images, labels, boxes in batches:
-        if limit is not None and seen >= limit:
-            return
-        keep = images.shape[0] if limit is None else min(images.shape[0], limit - seen)
-        seen += keep
-        yield images[:keep], labels[:keep], None if boxes is None else boxes[:keep]
-
-
-def _num_batches(dataset, batch_size: int, limit: int | None) -> int:
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-    return -(-n // batch_size)
+        yield from data.annotated_batches(dataset, batch_size, workers=workers)
+        return
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    for batch in loader:
+        (images, labels), _ = data.drop_unreadable(batch[:2])
+        if len(labels):
+            yield images, labels, None
 
 
 def explanation_metrics(cam: GradCAM, dataset, device, *, batch_size: int = 64,
                         crop_scale: tuple[float, float] = transforms.DEFAULT_SCALE, seed: int = 12345,
                         limit: int | None = None, causal: bool = False, step: int | None = None,
                         causal_batch: int = 256, cam_input_size: int | None = None,
-                        tolerance: float = 0.0, workers: int = 0, desc: str | None = None) -> dict:
+                        tolerance: float = 0.0, workers: int = 0, desc: str | None = None,
+                        rank: int = 0, world_size: int = 1, reduce=None) -> dict:
     """Means over ``dataset`` (or its first ``limit`` images) of the metrics of METHOD.md for
     the model of ``cam``, in eval mode (restored afterwards):
 
@@ -233,35 +227,43 @@ def explanation_metrics(cam: GradCAM, dataset, device, *, batch_size: int = 64,
       ImageNet; default the image's size) and resized back; images without boxes are left
       out, and both are None for a dataset without boxes;
     - ``consistency`` (cosine) and ``consistency_iou`` (top-20 % IoU) under random crops/flips
-      of area ``crop_scale`` drawn from ``seed`` (the same for every model);
+      of area ``crop_scale``, each image's drawn from (``seed``, its index): the same for
+      every model and any split of the images;
     - with ``causal``: ``insertion_auc``, ``deletion_auc`` (else None) and the mean curves
       ``insertion_curve``, ``deletion_curve`` of the predicted class's heatmap.
+
+    Process ``rank`` of ``world_size`` measures every ``world_size``-th image; ``reduce``
+    (:meth:`cgc.distributed.Context.sum_values`) sums the totals over the processes, so every
+    process returns the numbers of the whole dataset.
     """
-    gen = torch.Generator().manual_seed(seed)
     model = cam.model
     sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
     curves: dict[str, torch.Tensor] = {}
 
-    def add(name: str, values: torch.Tensor | float, count: int | None = None) -> None:
-        """Accumulate per-image values [b] (or their sum over ``count`` images)."""
-        if isinstance(values, torch.Tensor):
-            values, count = float(values.double().sum()), values.numel()
-        sums[name] = sums.get(name, 0.0) + values
-        counts[name] = counts.get(name, 0) + count
+    def add(name: str, values: torch.Tensor, scale: float = 1.0) -> None:
+        """Accumulate per-image values [b] (their sum and their count)."""
+        sums[name] = sums.get(name, 0.0) + scale * float(values.double().sum())
+        sums[f"{name}#n"] = sums.get(f"{name}#n", 0.0) + values.numel()
 
-    batches = eval_batches(dataset, batch_size, limit, workers=workers)
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    positions = list(range(rank, n, world_size))
+    batches = eval_batches(data.take(dataset, positions), batch_size, workers=workers)
     if desc:
-        batches = Progress(batches, desc, total=_num_batches(dataset, batch_size, limit))
+        batches = progress(batches, desc, total=-(-len(positions) // batch_size), disable=rank != 0)
+    done = 0
     with eval_mode(model):
         for images, labels, boxes in batches:
             x = data.normalize(images.to(device))
             labels = labels.to(device)
             size = tuple(x.shape[-2:])
+            index = positions[done:done + x.shape[0]]
+            done += x.shape[0]
             with torch.no_grad():
                 logits = model(x)
-            for k, c in topk_correct(logits, labels).items():
-                add(f"top{k}", 100.0 * c, labels.shape[0])
+            hits = topk_correct(logits, labels)
+            for k in (1, 5):
+                sums[f"top{k}"] = sums.get(f"top{k}", 0.0) + 100.0 * hits[k]
+            sums["top1#n"] = sums["top5#n"] = sums.get("top1#n", 0.0) + labels.shape[0]
             if boxes is not None:
                 region = box_region(boxes.to(device).float(), size)
                 has = region.flatten(1).any(1)
@@ -269,8 +271,9 @@ def explanation_metrics(cam: GradCAM, dataset, device, *, batch_size: int = 64,
                     x, (cam_input_size, cam_input_size), mode="bilinear", align_corners=False, antialias=True)
                 hm = resize_heatmaps(cam(xin, labels).cams, size)
                 add("content_heatmap", content_heatmap(hm, region)[has])
-                add("pointing_game", 100.0 * pointing_game(hm, region, tolerance)[has].double())
-            tf = transforms.random_crop_flip(x.shape[0], *size, scale=tuple(crop_scale), generator=gen)
+                add("pointing_game", pointing_game(hm, region, tolerance)[has], 100.0)
+            keys = transforms.sample_keys(seed, 0, index, "consistency")
+            tf = transforms.random_crop_flip(x.shape[0], *size, scale=tuple(crop_scale), keys=keys)
             cos, iou = consistency(cam, x, tf.theta().to(device))
             add("consistency", cos)
             add("consistency_iou", iou)
@@ -280,12 +283,17 @@ def explanation_metrics(cam: GradCAM, dataset, device, *, batch_size: int = 64,
                     area, curve = insertion_deletion(model, x, out.cams, mode=mode, step=step,
                                                      batch_size=causal_batch, targets=out.targets)
                     add(f"{mode}_auc", area)
-                    curves[mode] = curves.get(mode, 0) + curve.double().sum(0).cpu()
-    if not counts:
+                    for i, v in enumerate(curve.double().sum(0).tolist()):
+                        sums[f"{mode}_curve#{i}"] = sums.get(f"{mode}_curve#{i}", 0.0) + v
+    if reduce is not None and world_size > 1:
+        sums = reduce(sums)
+    if not sums.get("top1#n"):
         raise ValueError("the dataset is empty: nothing to evaluate")
-    result = {name: sums[name] / counts[name] if counts[name] else None for name in sums}
+    result = {name: sums[name] / sums[f"{name}#n"] for name in sums if "#" not in name and sums.get(f"{name}#n")}
     for name in ("content_heatmap", "pointing_game", "insertion_auc", "deletion_auc"):
         result.setdefault(name, None)
-    for mode, total in curves.items():
-        result[f"{mode}_curve"] = (total / counts[f"{mode}_auc"]).tolist()
+    for mode in ("insertion", "deletion"):
+        points = sorted((int(k.split("#")[1]), v) for k, v in sums.items() if k.startswith(f"{mode}_curve#"))
+        if points:
+            result[f"{mode}_curve"] = [v / sums[f"{mode}_auc#n"] for _, v in points]
     return result

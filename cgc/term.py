@@ -78,7 +78,7 @@ def _term(cam: GradCAM, x, theta, targets, extra, loss: CGCLoss, draw: dict, bac
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"cgc_term expects an image batch [B,C,H,W], got {getattr(x, 'shape', type(x).__name__)}")
     B, _, H, W = x.shape
-    if B < 2 and loss.kind == "infonce":
+    if B < 2 and loss.kind == "infonce" and loss.gather is None:
         raise ValueError(f"the InfoNCE term needs a batch of at least 2 images (the other images are the "
                          f"negatives), got {B}")
     if theta is None:
@@ -105,7 +105,11 @@ class CGCTerm(nn.Module):
 
     The model is hooked, not owned: it is not a submodule (``term.parameters()`` is empty and
     ``term.state_dict()`` holds nothing), so the optimizer and checkpoints stay the model's.
-    ``loss`` replaces the default :class:`cgc.CGCLoss` (a subclass, e.g. another warp).
+    ``loss`` replaces the default :class:`cgc.CGCLoss` (a subclass, e.g. another warp);
+    ``gather`` gives the default loss the negatives of every process
+    (:meth:`cgc.distributed.Context.gather`). Under DistributedDataParallel every parameter must
+    get a gradient in each step (add a cross-entropy, as :mod:`cgc.train` does, or pass
+    ``find_unused_parameters=True``): a classifier's bias, for one, does not move a heatmap.
     ``close()`` (or leaving a ``with`` block) removes the hook.
     """
 
@@ -113,10 +117,11 @@ class CGCTerm(nn.Module):
                  temperature: float = 0.5, heatmap_size: int | None = None, kind: str = "infonce",
                  crop_scale: tuple[float, float] = transforms.DEFAULT_SCALE,
                  ratio: tuple[float, float] = transforms.DEFAULT_RATIO, flip_p: float = 0.5,
-                 loss: CGCLoss | None = None, backend: str | None = None, channels_last: bool = False):
+                 loss: CGCLoss | None = None, gather=None, backend: str | None = None, channels_last: bool = False):
         super().__init__()
         self.cam = GradCAM(model, target_layer, method=method, backend=backend, channels_last=channels_last)
-        self.loss = loss if loss is not None else CGCLoss(temperature, heatmap_size, kind=kind, backend=backend)
+        self.loss = loss if loss is not None else CGCLoss(temperature, heatmap_size, kind=kind, backend=backend,
+                                                          gather=gather)
         self.crop_scale, self.ratio, self.flip_p = tuple(crop_scale), tuple(ratio), flip_p
         self.backend = backend
 

@@ -2,12 +2,20 @@
 
 One step, following METHOD.md and DESIGN.md: the loader gives the original view ``x``; on the
 device a random crop/flip ``theta`` makes ``x_aug`` and an independent one makes ``x_ce`` (file
-datasets give ``x_ce`` from the loader, cut from the decoded image). With ``--unlabeled`` the
-CGC term comes from unlabeled images instead (the semi-supervised recipe).
-The three views go through the model in one batch; CE on all three; Grad-CAM (target = class
-predicted on ``x``) of ``x`` and ``x_aug`` with ``create_graph=True``; ``lambda * CGC`` of the
-two heatmaps. Every epoch: validation top-1/top-5, a JSONL log line, atomic checkpoints
-(``last.pt``, ``best.pt``). At the end: ``metrics.json``, a table, overlay and curve PNGs.
+datasets give ``x_ce`` from the loader, cut from the decoded image); every image's crops and
+flips are drawn from (seed, epoch, its index). With ``--unlabeled`` the CGC term comes from
+unlabeled images instead (the semi-supervised recipe). The three views go through the model in
+one batch; CE on all three; the CAM (target = class predicted on ``x``) of ``x`` and ``x_aug``
+with ``create_graph=True``; ``lambda * CGC`` of the two heatmaps.
+
+One process, or one per GPU / CPU worker under ``torchrun`` (DistributedDataParallel,
+:mod:`cgc.distributed`): ``--batch-size`` is the global batch, global batch ``k`` holds the
+same images for any number of processes, and the InfoNCE negatives are the whole global batch,
+so a recipe trains the same model on 1 or N processes. Every epoch: validation top-1/top-5
+(sharded over the processes), a JSONL log line, atomic checkpoints (``last.pt``, ``best.pt``),
+and with ``--checkpoint-every`` in the middle of epochs too; SIGTERM saves and stops; a
+restarted torchrun worker resumes by itself. At the end: ``metrics.json``, a table, overlay
+and curve PNGs. Only the first process writes.
 """
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 import warnings
@@ -26,14 +35,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, data, metrics, transforms, viz
-from .cam import GradCAM
+from . import checkpoint, data, distributed, metrics, transforms, viz
+from .cam import GradCAM, to_channels_last
 from .cam_methods import CAM_METHODS
 from .cli import exit_on_error
-from .errors import ConfigError, TrainingFailed
+from .errors import ConfigError, Preempted, TrainingFailed
 from .losses import CGCLoss
 from .models import NORMS, build_model, classifier_head
-from .progress import Progress
+from .progress import progress
 from .term import CGCTerm
 
 LOSSES = ("cgc", "mse", "ce")
@@ -79,7 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS,
                    help="sgd (with --momentum, the reference recipe) or adamw (betas (momentum, 0.999))")
     g.add_argument("--epochs", type=int, default=10)
-    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--batch-size", type=int, default=32,
+                   help="global batch: under torchrun each of the N processes takes batch-size / N")
     g.add_argument("--lr", type=float, default=0.05)
     g.add_argument("--head-lr", type=float, default=None,
                    help="learning rate of the classifier head (default: --lr), e.g. higher for a new head")
@@ -104,6 +114,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--ce-crop-scale", type=float, nargs=2, default=(0.25, 1.0), metavar=("MIN", "MAX"),
                    help="area range of the x_ce crop (of the decoded image for file datasets; 0.08 1 is the recipe)")
     g.add_argument("--backend", default=None, help="ops backend (default: $CGC_BACKEND or auto)")
+    g = p.add_argument_group("distributed (under torchrun)")
+    g.add_argument("--negatives", default="global", choices=("global", "local"),
+                   help="InfoNCE negatives: the whole global batch, or each process's own share (the authors' "
+                        "DataParallel behaviour, for the ablation)")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="SyncBatchNorm: batch statistics over all processes (CUDA only; on CPUs use --norm group)")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -114,7 +130,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch.use_deterministic_algorithms for the run: bit-identical reruns on GPUs "
                         "too (the ops' auto backend then avoids the CUDA kernels that sum with atomics)")
     g.add_argument("--out", default="runs/cgc", help="output folder")
-    g.add_argument("--resume", default=None, help="checkpoint file or run folder to continue from")
+    g.add_argument("--resume", default=None,
+                   help="checkpoint file or run folder to continue from; 'auto': OUT/last.pt if it exists "
+                        "(restarted torchrun workers do this by themselves)")
+    g.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="also write OUT/last.pt every N steps, in the middle of epochs (0: at epoch ends only)")
     g.add_argument("--overlays", type=int, default=16, help="val images in the overlay PNG")
     args = p.parse_args(argv)
     if args.cam_weighting is not None:
@@ -137,6 +157,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--unlabeled needs a CGC term: use --loss cgc or mse")
     if args.unlabeled and (args.unlabeled_batch_size or args.batch_size) < 2:
         p.error("--unlabeled-batch-size must be >= 2 (the other images are the negatives)")
+    if args.checkpoint_every < 0:
+        p.error("--checkpoint-every must be >= 0")
     return args
 
 
@@ -178,19 +200,36 @@ class Schedule:
         return self.lam * min(1.0, t / self.lambda_warmup_epochs)
 
 
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """What every step does besides the model and the schedule: the crops of the augmented
+    (``crop_scale``) and CE (``ce_crop_scale``) views, keyed by ``seed``; mixed precision;
+    the ops backend; channels-last input batches."""
+
+    seed: int = 0
+    crop_scale: tuple[float, float] = transforms.DEFAULT_SCALE
+    ce_crop_scale: tuple[float, float] = (0.25, 1.0)
+    amp: str = "off"
+    backend: str | None = None
+    channels_last: bool = False
+
+
+@dataclasses.dataclass
+class EpochState:
+    """Where an epoch stands: the next ``step``, the sums over its steps of the losses (means
+    over the global batch), how many steps ran and how many unreadable images were skipped.
+    Saved in mid-epoch checkpoints, so a resumed epoch logs the same numbers."""
+
+    epoch: int
+    step: int = 0
+    sums: dict[str, float] = dataclasses.field(default_factory=dict)
+    steps: int = 0
+    skipped: int = 0
+
+
 def autocast(device: torch.device, amp: str):
     """The mixed-precision context of ``--amp`` (a no-op context for ``off``)."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto``: CUDA when visible, else the CPU; a named CUDA device must be visible."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name} but no CUDA device is visible")
-    return dev
 
 
 def loader_workers(workers: int | None, in_memory: bool) -> int:
@@ -198,22 +237,11 @@ def loader_workers(workers: int | None, in_memory: bool) -> int:
     return workers if workers is not None else (0 if in_memory else 4)
 
 
-def make_loader(dataset, *, batch_size: int, workers: int, shuffle: bool, seed: int = 0, epoch: int = 0):
-    """Batches of ``(uint8 images, labels, ...)``; the shuffle order depends only on (seed, epoch),
-    and training drops the last partial batch."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, generator=gen if shuffle else None,
-        num_workers=workers, pin_memory=torch.cuda.is_available(), drop_last=shuffle)
-
-
-def unlabeled_batches(dataset, *, batch_size: int, workers: int, seed: int, start: int):
-    """Batches of unlabeled images: an endless shuffled stream (reshuffled every pass) that
-    starts at image ``start`` of the stream, so it continues across epochs and resumes at the
-    right place."""
-    sampler = data.CyclingSampler(len(dataset), seed + 1, start=start)
-    return iter(torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                            pin_memory=torch.cuda.is_available()))
+def batches(dataset, sampler, workers: int):
+    """``(images, labels, [x_ce,] indices)`` batches of ``dataset`` in ``sampler``'s order
+    (a batch sampler: this process's share of each global batch)."""
+    return torch.utils.data.DataLoader(data.WithIndex(dataset), batch_sampler=sampler, num_workers=workers,
+                                       pin_memory=torch.cuda.is_available())
 
 
 def train_step(model, term: CGCTerm | None, x: torch.Tensor, y: torch.Tensor, *, lam: float,
@@ -255,22 +283,98 @@ def train_step(model, term: CGCTerm | None, x: torch.Tensor, y: torch.Tensor, *,
     return out
 
 
+def crop_thetas(keys_of, shape: tuple[int, int], scale, device) -> torch.Tensor:
+    """Affine maps [B,2,3] of keyed random crops/flips of ``shape`` images (``keys_of``: the
+    samples' keys, :func:`cgc.transforms.sample_keys`)."""
+    H, W = shape
+    return transforms.random_crop_flip(len(keys_of), H, W, scale=tuple(scale), keys=keys_of, device=device).theta()
+
+
+def train_epoch(model, term: CGCTerm | None, opt, schedule: Schedule, recipe: Recipe, loader, state: EpochState, *,
+                steps_per_epoch: int, device, ctx: distributed.Context, unlabeled=None, min_images: int = 1,
+                may_drop: bool = False, stop=lambda: False, on_step=None, desc: str = "") -> EpochState:
+    """Train from ``state`` to the end of its epoch: one optimizer step per batch of
+    ``loader`` (this process's share of each global batch) with ``unlabeled`` batches beside
+    them. After each step ``on_step(state, values, stop)`` gets the step's losses averaged over
+    the global batch and whether any process's ``stop()`` said so, from one all-reduce (it
+    logs, checkpoints, or ends the run). ``may_drop``: batches can lose unreadable images, and
+    a step that leaves fewer than ``min_images`` on some process is skipped by all of them."""
+    model.train()
+    bar = progress(loader, desc, total=steps_per_epoch, initial=state.step, disable=not ctx.primary)
+    for batch in bar:
+        step = state.step
+        for group in opt.param_groups:
+            group["lr"] = schedule.lr_at(state.epoch, step, steps_per_epoch) * group.get("lr_scale", 1.0)
+        (x, y, *x_ce, idx), bad = data.drop_unreadable(batch)
+        u = u_idx = None
+        if unlabeled is not None:
+            (u, _, u_idx), bad_u = data.drop_unreadable(next(unlabeled))
+            bad += bad_u
+        if may_drop:
+            few = len(y) < min_images or (u is not None and len(u) < min_images)
+            counts = ctx.all_reduce_sum(torch.tensor([bad, float(few)], dtype=torch.float64, device=device))
+            state.skipped += int(counts[0])
+            if counts[1] > 0:  # every process skips the step together (their collectives must match)
+                state.step += 1
+                continue
+        x, y = data.normalize(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+        x_ce = data.normalize(x_ce[0].to(device, non_blocking=True)) if x_ce else None
+        size = tuple(x.shape[-2:])
+        seed, epoch = recipe.seed, state.epoch
+        theta = crop_thetas(transforms.sample_keys(seed, epoch, idx.tolist(), "aug"), size, recipe.crop_scale, device)
+        ce_theta = None if x_ce is not None else crop_thetas(
+            transforms.sample_keys(seed, epoch, idx.tolist(), "ce"), size, recipe.ce_crop_scale, device)
+        u_theta = None
+        if u is not None:
+            u = data.normalize(u.to(device, non_blocking=True))
+            u_theta = crop_thetas(transforms.sample_keys(seed, epoch * steps_per_epoch + step, u_idx.tolist(),
+                                                         "unlabeled"), size, recipe.crop_scale, device)
+        with autocast(device, recipe.amp):
+            losses = train_step(model, term, x, y, lam=schedule.lambda_at(epoch, step, steps_per_epoch),
+                                theta=theta, ce_theta=ce_theta, x_ce=x_ce, unlabeled=u, unlabeled_theta=u_theta,
+                                backend=recipe.backend, channels_last=recipe.channels_last)
+        opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        opt.step()
+        keys = sorted(losses)
+        local = torch.stack([losses[k].detach().double() for k in keys] +
+                            [torch.tensor(float(stop()), dtype=torch.float64, device=device)])
+        *means, stopping = (ctx.all_reduce_sum(local) / ctx.world_size).tolist()
+        values = dict(zip(keys, means))
+        if not math.isfinite(values["loss"]):
+            raise TrainingFailed(f"the loss became {values['loss']} in epoch {epoch + 1}, step {step}; nothing was "
+                                 f"saved for this epoch. Lower --lr or --lambda.")
+        for k, v in values.items():
+            state.sums[k] = state.sums.get(k, 0.0) + v
+        state.steps += 1
+        state.step += 1
+        bar.set_postfix({k: f"{v / state.steps:.4g}" for k, v in state.sums.items() if k != "top1"}, refresh=False)
+        if on_step is not None:
+            on_step(state, values, stopping > 0)
+    if not state.steps:
+        raise TrainingFailed(f"no batch of epoch {state.epoch + 1} had enough readable images; check the image "
+                             f"files (warnings above name the unreadable ones)")
+    return state
+
+
 @torch.no_grad()
-def validate(model, loader, device, amp: str = "off") -> dict[str, float]:
-    """Top-1 / top-5 accuracy (%) in eval mode, over the readable val images."""
-    counts, n = {1: 0, 5: 0}, 0
+def validate(model, loader, device, ctx: distributed.Context, amp: str = "off") -> dict[str, float]:
+    """Top-1 / top-5 accuracy (%) in eval mode over the readable val images of every process
+    (``loader`` holds this process's share)."""
+    counts = {"top1": 0.0, "top5": 0.0, "n": 0.0}
     with metrics.eval_mode(model), autocast(device, amp):
         for batch in loader:
-            (x, y), _ = data.drop_unreadable(batch)
+            (x, y, _), _ = data.drop_unreadable(batch)
             if not len(y):
                 continue
             x, y = data.normalize(x.to(device, non_blocking=True)), y.to(device)
             for k, c in metrics.topk_correct(model(x), y).items():
-                counts[k] += c
-            n += y.shape[0]
-    if not n:
+                counts[f"top{k}"] += c
+            counts["n"] += y.shape[0]
+    counts = ctx.sum_values(counts)
+    if not counts["n"]:
         raise TrainingFailed("no val image could be read (the warnings above name them)")
-    return {"val_top1": 100 * counts[1] / n, "val_top5": 100 * counts[5] / n}
+    return {"val_top1": 100 * counts["top1"] / counts["n"], "val_top5": 100 * counts["top5"] / counts["n"]}
 
 
 def param_groups(model, *, weight_decay: float, head_lr_scale: float = 1.0) -> list[dict]:
@@ -297,6 +401,22 @@ def build_optimizer(model, name: str, *, lr: float, momentum: float, weight_deca
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum)
     return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999))
+
+
+def distribute(model, ctx: distributed.Context, *, sync_bn: bool):
+    """``model`` wrapped in DistributedDataParallel (gradients averaged over the processes;
+    with ``sync_bn`` its BatchNorms made SyncBatchNorm), or as it is for one process."""
+    if sync_bn:
+        if ctx.device.type != "cuda":
+            raise ConfigError("--sync-bn needs CUDA devices: SyncBatchNorm has no CPU kernel. On CPUs use "
+                              "--norm group (the compact model), whose statistics do not depend on the batch split")
+        if not ctx.distributed:
+            raise ConfigError("--sync-bn needs more than one process (torchrun --nproc_per_node N)")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if not ctx.distributed:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda"
+                                                     else None)
 
 
 def print_table(rows: dict[str, float], stream=sys.stdout) -> None:
@@ -329,22 +449,73 @@ def deterministic(enabled: bool):
         torch.backends.cudnn.benchmark = before[2]
 
 
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """While the block runs, SIGTERM (how SLURM preempts, and how torchrun stops workers) only
+    sets the flag it yields; the loop saves a checkpoint and stops after the current step.
+    (Outside the main thread signals cannot be caught: the flag then stays down.)"""
+    flag = {"stop": False}
+    try:
+        previous = signal.signal(signal.SIGTERM, lambda *_: flag.update(stop=True))
+    except ValueError:
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv=None) -> dict:
     """``python -m cgc.train``: parse the flags and run (see :func:`run`); a library error ends
     the process with one ``error: ...`` line."""
     args = parse_args(argv)
     with exit_on_error(), deterministic(args.deterministic):
-        return run(args)
+        ctx = distributed.init(args.device)
+        try:
+            return run(args, ctx)
+        finally:
+            distributed.shutdown(ctx)
 
 
-def run(args) -> dict:
+def resume_source(resume: str | None, out: Path) -> Path | None:
+    """The checkpoint to continue from: ``--resume``; ``auto`` or a restarted torchrun worker:
+    ``OUT/last.pt`` when it exists."""
+    if resume == "auto" or (resume is None and distributed.restarted()):
+        return out / "last.pt" if (out / "last.pt").is_file() else None
+    return Path(resume) if resume else None
+
+
+def start_logs(out: Path, history: list[dict], global_step: int):
+    """``log.jsonl`` written again from the checkpoint's ``history`` and ``steps.jsonl`` cut
+    after ``global_step`` (a resumed run repeats nothing, a fresh one starts empty); returns
+    ``steps.jsonl`` open for appending."""
+    (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    steps = out / "steps.jsonl"
+    kept = []
+    if global_step and steps.is_file():
+        kept = [line for line in steps.read_text().splitlines() if json.loads(line)["step"] <= global_step]
+    steps.write_text("".join(line + "\n" for line in kept))
+    return open(steps, "a")  # noqa: SIM115 - closed by run()
+
+
+def run(args, ctx: distributed.Context | None = None) -> dict:
     """The command: build the data, model, optimizer, CGC term and schedule from the flags,
     train and validate every epoch with atomic checkpoints, then measure the explanations and
-    write the metrics, overlays and curves of the run to ``--out``."""
+    write the metrics, overlays and curves of the run to ``--out`` (the first process only)."""
     started = time.time()
-    device = pick_device(args.device)
+    ctx = ctx or distributed.Context(distributed.pick_device(args.device))
+    device = ctx.device
     if args.amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"--amp bf16 but {torch.cuda.get_device_name(device)} has no bfloat16 support")
+    unlabeled_size = args.unlabeled_batch_size or args.batch_size
+    for flag, size in (("--batch-size", args.batch_size), ("--unlabeled-batch-size", unlabeled_size)):
+        if size % ctx.world_size:
+            raise ConfigError(f"{flag} {size} is the global batch and must divide evenly over the "
+                              f"{ctx.world_size} processes")
+    gathered = args.negatives == "global" and ctx.distributed
+    if args.loss == "cgc" and not gathered and min(args.batch_size, unlabeled_size) // ctx.world_size < 2:
+        raise ConfigError("--negatives local needs at least 2 images per process (the others are the negatives)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
@@ -358,137 +529,156 @@ def run(args) -> dict:
     if args.samples_per_class or args.train_fraction:
         bundle.train = data.limit(bundle.train, per_class=args.samples_per_class, fraction=args.train_fraction,
                                   seed=args.seed)
-        data.write_file_list(out / "train_files.txt", bundle.train)
+        if ctx.primary:
+            data.write_file_list(out / "train_files.txt", bundle.train)
+    steps_per_epoch = len(bundle.train) // args.batch_size
+    if not steps_per_epoch:
+        raise ConfigError(f"--batch-size {args.batch_size} is larger than the {len(bundle.train)} training images")
     model = build_model(args.arch, len(bundle.classes), pretrained=args.pretrained, weights=args.weights,
                         norm=args.norm).to(device)
     channels_last = device.type == "cpu"  # oneDNN's native layout: ~1.5x faster convolutions
+    if channels_last:
+        to_channels_last(model)
     opt = build_optimizer(model, args.optimizer, lr=args.lr, momentum=args.momentum,
                           weight_decay=args.weight_decay, head_lr=args.head_lr)
     schedule = Schedule(args.lr, args.epochs, args.schedule, args.warmup_epochs, args.lr_step, args.lr_gamma,
                         args.lam, args.lambda_warmup_epochs)
-    start_epoch, best, history = 0, -1.0, []
-    if args.resume:
-        ckpt = checkpoint.load(args.resume)
+    recipe = Recipe(args.seed, tuple(args.crop_scale), tuple(args.ce_crop_scale), args.amp, args.backend,
+                    channels_last)
+    start, best, history, global_step = EpochState(0), -1.0, [], 0
+    source = resume_source(args.resume, out)
+    if source is not None:
+        ckpt = checkpoint.load(source)
         if ckpt["args"]["arch"] != args.arch or ckpt["args"]["dataset"] != args.dataset:
-            raise ConfigError(f"{args.resume} is a {ckpt['args']['arch']} on {ckpt['args']['dataset']}, "
+            raise ConfigError(f"{source} is a {ckpt['args']['arch']} on {ckpt['args']['dataset']}, "
                               f"not a {args.arch} on {args.dataset}")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-        checkpoint.set_rng_state(ckpt["rng"])
-        start_epoch, best, history = ckpt["epoch"], ckpt["best_top1"], list(ckpt["history"])
-        print(f"resumed from {args.resume} after epoch {start_epoch}", file=sys.stderr)
+        rngs = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
+        checkpoint.set_rng_state(rngs[ctx.rank] if len(rngs) == ctx.world_size else rngs[0])
+        start = EpochState(ckpt["epoch"], **ckpt.get("epoch_state", {}))
+        best, history, global_step = ckpt["best_top1"], list(ckpt["history"]), ckpt.get("global_step", 0)
+        if ctx.primary:
+            where = f"epoch {start.epoch}, step {start.step}" if start.step else f"the end of epoch {start.epoch}"
+            print(f"resumed from {source} at {where}", file=sys.stderr)
 
     cam = GradCAM(model, args.target_layer, method=args.cam, backend=args.backend, channels_last=channels_last)
+    net = distribute(model, ctx, sync_bn=args.sync_bn)
+    prefix = "module." if net is not model else ""
+    gather = ctx.gather if gathered else None
     term = None if args.loss == "ce" else CGCTerm(
-        model, cam.target_layer, method=args.cam, backend=args.backend, channels_last=channels_last,
+        net, prefix + cam.target_layer, method=args.cam, backend=args.backend, channels_last=channels_last,
         loss=CGCLoss(args.temperature, args.heatmap_size, kind="infonce" if args.loss == "cgc" else "mse",
-                     backend=args.backend))
+                     backend=args.backend, gather=gather))
     workers = loader_workers(args.workers, bundle.in_memory)
-    val_loader = make_loader(bundle.val, batch_size=args.batch_size, workers=workers, shuffle=False)
-    unlabeled_size = args.unlabeled_batch_size or args.batch_size
-    log_path = out / "log.jsonl"
-    print(f"cgc.train: {args.arch} on {args.dataset} ({len(bundle.train)} train / {len(bundle.val)} val, "
-          f"{len(bundle.classes)} classes, {bundle.image_size}px), loss={args.loss}, device={device}, "
-          f"{args.cam} at '{cam.target_layer}'"
-          + (f", {len(unlabeled)} unlabeled images" if unlabeled is not None else ""), file=sys.stderr)
+    val_loader = batches(bundle.val, distributed.GlobalBatchSampler(
+        len(bundle.val), args.batch_size, rank=ctx.rank, world_size=ctx.world_size, shuffle=False,
+        drop_last=False), workers)
+    min_images = 2 if args.loss == "cgc" and not gathered else 1
+    if ctx.primary:
+        procs = f", {ctx.world_size} processes (global batch {args.batch_size})" if ctx.distributed else ""
+        print(f"cgc.train: {args.arch} on {args.dataset} ({len(bundle.train)} train / {len(bundle.val)} val, "
+              f"{len(bundle.classes)} classes, {bundle.image_size}px), loss={args.loss}, device={device}{procs}, "
+              f"{args.cam} at '{cam.target_layer}'"
+              + (f", {len(unlabeled)} unlabeled images" if unlabeled is not None else ""), file=sys.stderr)
 
-    for epoch in range(start_epoch, args.epochs):
-        model.train()
-        loader = make_loader(bundle.train, batch_size=args.batch_size, workers=workers, shuffle=True,
-                             seed=args.seed, epoch=epoch)
-        u_batches = None if unlabeled is None else unlabeled_batches(
-            unlabeled, batch_size=unlabeled_size, workers=loader_workers(args.workers, False), seed=args.seed,
-            start=epoch * len(loader) * unlabeled_size)
-        sums: dict[str, torch.Tensor] = {}
-        steps = skipped = 0
-        t0 = time.time()
-        bar = Progress(loader, f"epoch {epoch + 1}/{args.epochs}")
-        for step, batch in enumerate(bar):
-            for group in opt.param_groups:
-                group["lr"] = schedule.lr_at(epoch, step, len(loader)) * group.get("lr_scale", 1.0)
-            (x, y, *x_ce), bad = data.drop_unreadable(batch)
-            skipped += bad
-            u = None
-            if u_batches is not None:
-                (u, _), bad = data.drop_unreadable(next(u_batches))
-                skipped += bad
-                u = data.normalize(u.to(device, non_blocking=True)) if len(u) >= 2 else None
-            if len(y) < (1 if term is None else 2) or (u_batches is not None and u is None):
-                continue  # too few readable images left (the contrastive loss needs two)
-            x, y = data.normalize(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
-            x_ce = data.normalize(x_ce[0].to(device, non_blocking=True)) if x_ce else None
-            B, _, H, W = x.shape
-            theta = transforms.random_crop_flip(B, H, W, scale=tuple(args.crop_scale), device=device).theta()
-            ce_theta = None if x_ce is not None else transforms.random_crop_flip(
-                B, H, W, scale=tuple(args.ce_crop_scale), device=device).theta()
-            u_theta = None if u is None else transforms.random_crop_flip(
-                u.shape[0], H, W, scale=tuple(args.crop_scale), device=device).theta()
-            with autocast(device, args.amp):
-                losses = train_step(model, term, x, y, lam=schedule.lambda_at(epoch, step, len(loader)),
-                                    theta=theta, ce_theta=ce_theta, x_ce=x_ce, unlabeled=u, unlabeled_theta=u_theta,
-                                    backend=args.backend, channels_last=channels_last)
-            steps += 1
-            opt.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            opt.step()
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0) + v.detach()
-            if bar.tty or step % 10 == 0 or step == len(loader) - 1:
-                running = {k: float(v) / steps for k, v in sums.items()}
-                if not math.isfinite(running["loss"]):
-                    raise TrainingFailed(f"the loss became {running['loss']} in epoch {epoch + 1}, step {step}; "
-                                         f"nothing was saved for this epoch (last good checkpoint: "
-                                         f"{out / 'last.pt'}). Lower --lr or --lambda.")
-                bar.set(**{k: v for k, v in running.items() if k != "top1"})
-        if not steps:
-            raise TrainingFailed(f"no batch of epoch {epoch + 1} had enough readable images; check the image "
-                                 f"files (warnings above name the unreadable ones)")
-        record = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "time_s": round(time.time() - t0, 2)}
-        record.update({f"train_{k}": float(v) / steps for k, v in sums.items()})
-        if not bundle.in_memory:
-            record["train_skipped"] = skipped
-        if skipped:
-            warnings.warn(f"epoch {epoch + 1}: skipped {skipped} unreadable images (named in the warnings above; "
-                          f"--strict stops at the first)", stacklevel=1)
-        record["train_top1"] *= 100
-        record.update(validate(model, val_loader, device, args.amp))
-        history.append(record)
-        with open(log_path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        improved = record["val_top1"] > best
-        best = max(best, record["val_top1"])
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                 "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
-                 "classes": bundle.classes, "target_layer": cam.target_layer,
-                 "rng": checkpoint.rng_state(), "best_top1": best, "history": history}
-        checkpoint.save_atomic(state, out / "last.pt")
-        if improved:
-            checkpoint.save_atomic(state, out / "best.pt")
-        print(f"epoch {epoch + 1}: loss {record['train_loss']:.4f}, val top-1 {record['val_top1']:.2f} %, "
-              f"top-5 {record['val_top5']:.2f} % ({record['time_s']:.0f} s)", file=sys.stderr)
+    def save(state: EpochState, name: str = "last.pt", *, finished: bool = False) -> None:
+        """Checkpoint at ``state`` (every process's RNG state; the first process writes)."""
+        rngs = ctx.all_gather_object(checkpoint.rng_state())
+        if not ctx.primary:
+            return
+        payload = {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                   "epoch": state.epoch + 1 if finished else state.epoch, "global_step": global_step,
+                   "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+                   "classes": bundle.classes, "target_layer": cam.target_layer, "rng": rngs,
+                   "best_top1": best, "history": history}
+        if not finished:
+            payload["epoch_state"] = {"step": state.step, "sums": state.sums, "steps": state.steps,
+                                      "skipped": state.skipped}
+        checkpoint.save_atomic(payload, out / name)
+
+    steps_log = start_logs(out, history, global_step) if ctx.primary else None
+    try:
+        with stop_on_sigterm() as sigterm:
+            def on_step(state: EpochState, values: dict[str, float], stopping: bool) -> None:
+                nonlocal global_step
+                global_step += 1
+                if steps_log is not None:
+                    steps_log.write(json.dumps({"step": global_step, "epoch": state.epoch + 1,
+                                                "lr": opt.param_groups[0]["lr"], **values}) + "\n")
+                periodic = args.checkpoint_every and global_step % args.checkpoint_every == 0
+                if stopping:
+                    save(state)
+                    raise Preempted(f"saved {out / 'last.pt'} at epoch {state.epoch + 1}, step {state.step}; "
+                                    f"continue with --resume {out} (restarted torchrun workers resume by themselves)")
+                if periodic and state.step < steps_per_epoch:
+                    save(state)
+
+            for epoch in range(start.epoch, args.epochs):
+                state = start if epoch == start.epoch else EpochState(epoch)
+                data.set_epoch(bundle.train, epoch, args.seed)
+                loader = batches(bundle.train, distributed.GlobalBatchSampler(
+                    len(bundle.train), args.batch_size, rank=ctx.rank, world_size=ctx.world_size, seed=args.seed,
+                    epoch=epoch, start=state.step), workers)
+                u_batches = None if unlabeled is None else iter(batches(unlabeled, data.CyclingBatchSampler(
+                    len(unlabeled), args.seed + 1, unlabeled_size, rank=ctx.rank, world_size=ctx.world_size,
+                    start=epoch * steps_per_epoch + state.step), loader_workers(args.workers, False)))
+                t0 = time.time()
+                state = train_epoch(net, term, opt, schedule, recipe, loader, state, steps_per_epoch=steps_per_epoch,
+                                    device=device, ctx=ctx, unlabeled=u_batches, min_images=min_images,
+                                    may_drop=not bundle.in_memory or unlabeled is not None,
+                                    stop=lambda: sigterm["stop"], on_step=on_step,
+                                    desc=f"epoch {epoch + 1}/{args.epochs}")
+                record = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "time_s": round(time.time() - t0, 2)}
+                record.update({f"train_{k}": v / state.steps for k, v in state.sums.items()})
+                if not bundle.in_memory:
+                    record["train_skipped"] = state.skipped
+                if state.skipped and ctx.primary:
+                    warnings.warn(f"epoch {epoch + 1}: skipped {state.skipped} unreadable images (named in the "
+                                  f"warnings above; --strict stops at the first)", stacklevel=1)
+                record["train_top1"] *= 100
+                record.update(validate(model, val_loader, device, ctx, args.amp))
+                history.append(record)
+                improved = record["val_top1"] > best
+                best = max(best, record["val_top1"])
+                save(state, finished=True)
+                if improved:
+                    save(state, "best.pt", finished=True)
+                if ctx.primary:
+                    with open(out / "log.jsonl", "a") as fh:
+                        fh.write(json.dumps(record) + "\n")
+                    steps_log.flush()
+                    print(f"epoch {epoch + 1}: loss {record['train_loss']:.4f}, val top-1 {record['val_top1']:.2f} "
+                          f"%, top-5 {record['val_top5']:.2f} % ({record['time_s']:.0f} s)", file=sys.stderr)
+    finally:
+        if steps_log is not None:
+            steps_log.close()
 
     results = {k: history[-1][k] for k in ("val_top1", "val_top5")}
     results["best_val_top1"] = best
     if hasattr(bundle.val, "boxes"):
-        explained = metrics.explanation_metrics(cam, bundle.val, device, crop_scale=tuple(args.crop_scale))
+        explained = metrics.explanation_metrics(cam, bundle.val, device, crop_scale=tuple(args.crop_scale),
+                                                rank=ctx.rank, world_size=ctx.world_size, reduce=ctx.sum_values)
         results.update({k: explained[k] for k in ("content_heatmap", "pointing_game", "consistency",
                                                   "consistency_iou")})
-        viz.save_overlays(out / "overlays.png", [cam], [f"{args.cam} (predicted class)"], bundle.val, device,
-                          args.overlays, bundle.classes)
-    if history:
+        if ctx.primary:
+            viz.save_overlays(out / "overlays.png", [cam], [f"{args.cam} (predicted class)"], bundle.val, device,
+                              args.overlays, bundle.classes)
+    results.update({"loss": args.loss, "arch": args.arch, "dataset": args.dataset, "epochs": args.epochs,
+                    "processes": ctx.world_size, "wall_time_s": round(time.time() - started, 1)})
+    cam.close()
+    if term is not None:
+        term.close()
+    if ctx.primary:
         viz.plot_curves(out / "curves.png", {
             "training loss": {k.removeprefix("train_"): [(r["epoch"], r[k]) for r in history]
                               for k in ("train_loss", "train_ce", "train_cgc", "train_cgc_unlabeled")
                               if k in history[0]},
             "accuracy (%)": {k: [(r["epoch"], r[k]) for r in history] for k in ("train_top1", "val_top1")}})
-    results.update({"loss": args.loss, "arch": args.arch, "dataset": args.dataset, "epochs": args.epochs,
-                    "wall_time_s": round(time.time() - started, 1)})
-    (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
-    cam.close()
-    if term is not None:
-        term.close()
-    print_table({k: v for k, v in results.items() if isinstance(v, float)})
-    print(f"wrote {out}/metrics.json, log.jsonl, last.pt, best.pt, overlays.png, curves.png", file=sys.stderr)
+        (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+        print_table({k: v for k, v in results.items() if isinstance(v, float)})
+        print(f"wrote {out}/metrics.json, log.jsonl, steps.jsonl, last.pt, best.pt, overlays.png, curves.png",
+              file=sys.stderr)
     return results
 
 

@@ -5,6 +5,11 @@ A RandomResizedCrop box ``(i, j, h, w)`` (top, left, height, width, in pixels of
 from output to input coordinates normalised to [-1, 1] (``align_corners=False``). The same
 ``theta`` makes the augmented image from the original (:func:`apply`) and the positive
 heatmap from the original heatmap (:class:`cgc.losses.CGCLoss`), whatever their resolutions.
+
+Random numbers come from a ``generator`` or, for runs that must not depend on how a batch is
+split over processes, from per-sample ``keys`` (:func:`sample_keys`: a hash of seed, epoch,
+sample index and purpose): then every image gets the same crop and flip in any batch, on any
+number of processes, and after a resume.
 """
 from __future__ import annotations
 
@@ -18,6 +23,37 @@ from . import ops
 #: RandomResizedCrop defaults of the CGC recipe (METHOD.md): area fraction and aspect ratio.
 DEFAULT_SCALE = (0.08, 1.0)
 DEFAULT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+#: attempts per box before the centre-crop fallback (as torchvision's RandomResizedCrop)
+TRIES = 10
+#: what a keyed draw is for: each purpose gets its own independent numbers
+STREAMS = {"aug": 1, "ce": 2, "unlabeled": 3, "consistency": 4, "robustness": 5}
+_MASK = (1 << 64) - 1
+
+
+def _splitmix(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & _MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    return z ^ (z >> 31)
+
+
+def sample_keys(seed: int, epoch: int, indices, stream: str) -> list[int]:
+    """One 63-bit key per sample index: a hash (splitmix64) of (``seed``, ``epoch``, index,
+    ``stream``, a name of :data:`STREAMS`)."""
+    base = _splitmix(_splitmix(_splitmix(seed & _MASK) ^ (epoch & _MASK)) ^ STREAMS[stream])
+    return [_splitmix(base ^ (int(i) & _MASK)) >> 1 for i in indices]
+
+
+def uniforms(batch: int, n: int, *, generator: torch.Generator | None = None, keys=None) -> torch.Tensor:
+    """Float64 uniforms [batch, n] on the CPU: row b from ``keys[b]`` when keys are given (the
+    same row for the same key, whatever else is in the batch), else from ``generator``."""
+    if keys is None:
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        return torch.rand(batch, n, generator=generator, device=gen_device, dtype=torch.float64).cpu()
+    if len(keys) != batch:
+        raise ValueError(f"{len(keys)} keys for a batch of {batch}")
+    rows = [torch.rand(n, generator=torch.Generator().manual_seed(k), dtype=torch.float64) for k in keys]
+    return torch.stack(rows) if rows else torch.empty(0, n, dtype=torch.float64)
 
 
 @dataclass
@@ -34,23 +70,22 @@ class CropFlip:
         return crop_flip_theta(self.boxes, self.flips, self.height, self.width)
 
 
-def random_resized_crop_boxes(batch: int, height: int, width: int, *,
-                              scale: tuple[float, float] = DEFAULT_SCALE,
-                              ratio: tuple[float, float] = DEFAULT_RATIO,
-                              generator: torch.Generator | None = None,
-                              device: torch.device | str = "cpu", tries: int = 10) -> torch.Tensor:
-    """Boxes ``[B,4]`` (top, left, height, width) drawn as torchvision's RandomResizedCrop
-    draws them: area fraction in ``scale``, log-uniform aspect ratio in ``ratio``, up to
-    ``tries`` attempts per box, then a centre crop clamped to ``ratio``. Batched, float."""
+def boxes_from_uniforms(u: torch.Tensor, height: int, width: int, *,
+                        scale: tuple[float, float] = DEFAULT_SCALE,
+                        ratio: tuple[float, float] = DEFAULT_RATIO) -> torch.Tensor:
+    """Boxes ``[B,4]`` (top, left, height, width; float) drawn as torchvision's
+    RandomResizedCrop draws them, from uniforms ``u`` [B, 3*tries + 1]: area fraction in
+    ``scale``, log-uniform aspect ratio in ``ratio``, up to ``tries`` attempts per box, then a
+    centre crop clamped to ``ratio``; position uniform over the valid integer offsets."""
     if not (0 < scale[0] <= scale[1] <= 1):
         raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}")
     if not (0 < ratio[0] <= ratio[1]):
         raise ValueError(f"ratio must satisfy 0 < min <= max, got {ratio}")
-    gen_device = generator.device if generator is not None else torch.device("cpu")
+    batch, tries = u.shape[0], (u.shape[1] - 1) // 3
     area = height * width
-    u = torch.rand(3, batch, tries, generator=generator, device=gen_device, dtype=torch.float64)
-    target_area = area * (scale[0] + (scale[1] - scale[0]) * u[0])
-    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[1]
+    u_area, u_ratio, u_top = u[:, :tries], u[:, tries:2 * tries], u[:, 2 * tries:3 * tries]
+    target_area = area * (scale[0] + (scale[1] - scale[0]) * u_area)
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u_ratio
     aspect = torch.exp(log_r)
     w = torch.round(torch.sqrt(target_area * aspect))
     h = torch.round(torch.sqrt(target_area / aspect))
@@ -64,30 +99,40 @@ def random_resized_crop_boxes(batch: int, height: int, width: int, *,
         fh, fw = height, round(height * ratio[1])
     else:
         fw, fh = width, height
-    rows = torch.arange(batch, device=gen_device)
+    rows = torch.arange(batch)
     pick = first.clamp_min(0)
     bw = torch.where(first >= 0, w[rows, pick], torch.full_like(w[:, 0], fw))
     bh = torch.where(first >= 0, h[rows, pick], torch.full_like(h[:, 0], fh))
     # position uniform over the valid integer offsets, as torch.randint(0, H - h + 1) does
-    top = torch.floor(u[2, :, 0] * (height - bh + 1)).clamp_max(height - bh)
-    left_u = torch.rand(batch, generator=generator, device=gen_device, dtype=torch.float64)
-    left = torch.floor(left_u * (width - bw + 1)).clamp_max(width - bw)
+    top = torch.floor(u_top[rows, pick] * (height - bh + 1)).clamp_max(height - bh)
+    left = torch.floor(u[:, 3 * tries] * (width - bw + 1)).clamp_max(width - bw)
     centred = first < 0
     top = torch.where(centred, torch.floor((height - bh) / 2), top)
     left = torch.where(centred, torch.floor((width - bw) / 2), left)
-    return torch.stack([top, left, bh, bw], dim=1).to(device=device, dtype=torch.float32)
+    return torch.stack([top, left, bh, bw], dim=1).float()
+
+
+def random_resized_crop_boxes(batch: int, height: int, width: int, *,
+                              scale: tuple[float, float] = DEFAULT_SCALE,
+                              ratio: tuple[float, float] = DEFAULT_RATIO,
+                              generator: torch.Generator | None = None, keys=None,
+                              device: torch.device | str = "cpu") -> torch.Tensor:
+    """Boxes ``[B,4]`` (top, left, height, width) drawn as torchvision's RandomResizedCrop
+    draws them (:func:`boxes_from_uniforms`), from ``generator`` or per-sample ``keys``."""
+    u = uniforms(batch, 3 * TRIES + 1, generator=generator, keys=keys)
+    return boxes_from_uniforms(u, height, width, scale=scale, ratio=ratio).to(device)
 
 
 def random_crop_flip(batch: int, height: int, width: int, *, scale=DEFAULT_SCALE,
                      ratio=DEFAULT_RATIO, flip_p: float = 0.5,
-                     generator: torch.Generator | None = None,
+                     generator: torch.Generator | None = None, keys=None,
                      device: torch.device | str = "cpu") -> CropFlip:
-    """Random RandomResizedCrop boxes plus horizontal flips with probability ``flip_p``."""
-    boxes = random_resized_crop_boxes(batch, height, width, scale=scale, ratio=ratio,
-                                      generator=generator, device=device)
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    flips = torch.rand(batch, generator=generator, device=gen_device) < flip_p
-    return CropFlip(boxes, flips.to(device), height, width)
+    """Random RandomResizedCrop boxes plus horizontal flips with probability ``flip_p``, from
+    ``generator`` or per-sample ``keys`` (:func:`sample_keys`)."""
+    u = uniforms(batch, 3 * TRIES + 2, generator=generator, keys=keys)
+    boxes = boxes_from_uniforms(u[:, :-1], height, width, scale=scale, ratio=ratio)
+    flips = u[:, -1] < flip_p
+    return CropFlip(boxes.to(device), flips.to(device), height, width)
 
 
 def crop_flip_theta(boxes: torch.Tensor, flips: torch.Tensor, height: int, width: int) -> torch.Tensor:

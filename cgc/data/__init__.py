@@ -21,9 +21,9 @@ import torch
 from ..errors import UnknownName
 from . import finegrained, folders
 from .files import NO_LABEL, UNREADABLE, ImageFiles, LayoutError, UnreadableImage, drop_unreadable
-from .subsets import limit, write_file_list
+from .subsets import WithIndex, base_dataset, limit, set_epoch, take, write_file_list
 from .synthetic import SyntheticShapes
-from .unlabeled import CyclingSampler, unlabeled_images
+from .unlabeled import CyclingBatchSampler, CyclingSampler, unlabeled_images
 
 #: dataset name -> (function reading a root into a Listing, the layout it expects)
 FILE_DATASETS = {
@@ -44,7 +44,8 @@ STD = (0.229, 0.224, 0.225)
 
 __all__ = ["DATASETS", "FILE_DATASETS", "DataBundle", "build", "normalize", "denormalize",
            "annotated_batches", "ImageFiles", "LayoutError", "UnreadableImage", "NO_LABEL", "UNREADABLE",
-           "drop_unreadable", "limit", "write_file_list", "unlabeled_images", "CyclingSampler"]
+           "drop_unreadable", "limit", "write_file_list", "unlabeled_images", "CyclingSampler", "CyclingBatchSampler", "WithIndex",
+           "base_dataset", "set_epoch", "take"]
 
 
 @dataclass

@@ -5,7 +5,9 @@ Every image is decoded with PIL (as RGB) and turned into uint8 tensors of one si
 - ``x_orig``: Resize(shorter side ``S * 256 / 224``) + CenterCrop(``S``), the view that is
   evaluated and explained (the augmented view ``x_aug`` is cut from it on the device);
 - ``x_ce`` (training only): RandomResizedCrop(``S``) + horizontal flip of the decoded image,
-  the cross-entropy view of the reference recipe (METHOD.md).
+  the cross-entropy view of the reference recipe (METHOD.md), drawn from a key of (seed,
+  epoch, sample index) (:meth:`ImageFiles.set_epoch`): the same crop for an image whatever the
+  loader workers and processes.
 
 Boxes (x0, y0, x1, y1 in pixels of the file) are mapped through the resize and the crop into
 pixels of ``x_orig``. An image that cannot be decoded is skipped: a warning names it and the
@@ -22,10 +24,11 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torchvision.transforms import InterpolationMode, RandomResizedCrop
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from ..errors import CGCError
+from ..transforms import TRIES, boxes_from_uniforms, sample_keys, uniforms
 
 #: label of an image without one (unlabeled data)
 NO_LABEL = -1
@@ -79,6 +82,7 @@ class ImageFiles(torch.utils.data.Dataset):
         self.ce_scale = tuple(ce_scale)
         self.strict = strict
         self.with_boxes = False
+        self.seed = self.epoch = 0
         if boxes is not None:
             if len(boxes) != len(samples):
                 raise ValueError(f"{len(boxes)} box lists for {len(samples)} images")
@@ -95,6 +99,19 @@ class ImageFiles(torch.utils.data.Dataset):
             return path.relative_to(self.root).as_posix()
         except ValueError:
             return str(path)
+
+    def set_epoch(self, epoch: int, seed: int = 0) -> None:
+        """Key the x_ce crops of the coming epoch by (``seed``, ``epoch``, sample index)."""
+        self.epoch, self.seed = epoch, seed
+
+    def select(self, indices) -> ImageFiles:
+        """The samples ``indices`` (with their boxes), e.g. one process's share for evaluation."""
+        view = copy.copy(self)
+        view.samples = [self.samples[i] for i in indices]
+        view.targets = [self.targets[i] for i in indices]
+        if hasattr(self, "boxes"):
+            view.boxes = [self.boxes[i] for i in indices]
+        return view
 
     def annotated(self) -> ImageFiles:
         """The same samples, each with its boxes in pixels of ``x_orig``."""
@@ -115,7 +132,7 @@ class ImageFiles(torch.utils.data.Dataset):
             return self._placeholder()
         x, mapping = self._center_view(image)
         if self.train:
-            return x, label, self._ce_view(image)
+            return x, label, self._ce_view(image, index)
         if self.with_boxes:
             return x, label, self._map_boxes(self.boxes[index], original_size, mapping)
         return x, label
@@ -140,12 +157,14 @@ class ImageFiles(torch.utils.data.Dataset):
         x = TF.pil_to_tensor(TF.crop(resized, top, left, s, s))
         return x, (w, h, left, top)
 
-    def _ce_view(self, image: Image.Image) -> torch.Tensor:
+    def _ce_view(self, image: Image.Image, index: int) -> torch.Tensor:
         s = self.image_size
-        top, left, h, w = RandomResizedCrop.get_params(image, scale=list(self.ce_scale), ratio=list(CE_RATIO))
+        u = uniforms(1, 3 * TRIES + 2, keys=sample_keys(self.seed, self.epoch, [index], "ce"))
+        top, left, h, w = (int(v) for v in boxes_from_uniforms(u[:, :-1], image.height, image.width,
+                                                                scale=self.ce_scale, ratio=CE_RATIO)[0])
         crop = TF.resized_crop(image, top, left, h, w, [s, s], interpolation=InterpolationMode.BILINEAR,
                                antialias=True)
-        if torch.rand(1).item() < 0.5:
+        if u[0, -1] < 0.5:
             crop = TF.hflip(crop)
         return TF.pil_to_tensor(crop)
 

@@ -1,5 +1,6 @@
-"""Limited labelled data: class-balanced training subsets that a seed fixes, and their file
-lists (saved with every run so that a result can be traced to the images it saw)."""
+"""Views of a dataset: class-balanced training subsets that a seed fixes and their file lists
+(saved with every run so that a result can be traced to the images it saw), samples that carry
+their index (for per-sample random keys), and one process's share for evaluation."""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -60,3 +61,42 @@ def write_file_list(path: str | Path, subset: torch.utils.data.Subset) -> None:
         name = base.name(i) if hasattr(base, "name") else str(i)
         lines.append(f"{name}\t{classes[targets[i]] if classes else targets[i]}")
     Path(path).write_text("\n".join(lines) + "\n")
+
+
+class WithIndex(torch.utils.data.Dataset):
+    """``dataset[i]`` followed by ``i``: batches carry their samples' indices, which key each
+    sample's random crop and flip (:func:`cgc.transforms.sample_keys`)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        return (*self.dataset[i], i)
+
+
+def base_dataset(dataset):
+    """The dataset under :class:`WithIndex` and ``Subset`` wrappers."""
+    while isinstance(dataset, (WithIndex, torch.utils.data.Subset)):
+        dataset = dataset.dataset
+    return dataset
+
+
+def set_epoch(dataset, epoch: int, seed: int) -> None:
+    """Tell a dataset that draws per-sample randomness (file datasets' x_ce crops) the epoch."""
+    base = base_dataset(dataset)
+    if hasattr(base, "set_epoch"):
+        base.set_epoch(epoch, seed)
+
+
+def take(dataset, indices):
+    """The samples ``indices`` of ``dataset``, keeping boxes and masks when it has them
+    (``select``), e.g. one process's share for evaluation."""
+    indices = list(indices)
+    if len(indices) == len(dataset) and indices == list(range(len(dataset))):
+        return dataset
+    if hasattr(dataset, "select"):
+        return dataset.select(indices)
+    return torch.utils.data.Subset(dataset, indices)

@@ -12,6 +12,7 @@ so image ``i`` of a split does not depend on how many images the split has.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -208,6 +209,14 @@ class SyntheticShapes(torch.utils.data.Dataset):
         self.boxes = boxes[:, None]
         self.classes = list(CLASS_SHAPES[:num_classes])
         self.image_size = image_size
+
+    def select(self, indices) -> "SyntheticShapes":
+        """The images ``indices`` with their boxes and masks, e.g. one process's share."""
+        view = copy.copy(self)
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        view.images, view.labels, view.masks, view.boxes = (t[idx] for t in (self.images, self.labels, self.masks,
+                                                                              self.boxes))
+        return view
 
     def __len__(self) -> int:
         return self.labels.shape[0]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ConfigError
 from .files import NO_LABEL, ImageFiles, LayoutError
 from .folders import is_image
 
@@ -35,3 +36,24 @@ class CyclingSampler(torch.utils.data.Sampler):
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + k)
             yield from torch.randperm(self.n, generator=gen)[offset:].tolist()
             k, offset = k + 1, 0
+
+
+class CyclingBatchSampler(torch.utils.data.Sampler):
+    """This process's share of endless global batches of ``batch_size`` unlabeled images:
+    global batch ``k`` is images ``k * batch_size`` onwards of the :class:`CyclingSampler`
+    stream, the same in any number of processes; process ``rank`` of ``world_size`` takes the
+    ``rank``-th equal slice. ``start`` is the first global batch (resuming)."""
+
+    def __init__(self, n: int, seed: int, batch_size: int, *, rank: int = 0, world_size: int = 1, start: int = 0):
+        if batch_size % world_size:
+            raise ConfigError(f"--unlabeled-batch-size {batch_size} is global and must divide evenly over the "
+                              f"{world_size} processes")
+        self.n, self.seed, self.batch_size, self.rank, self.world, self.start = n, seed, batch_size, rank, \
+            world_size, start
+
+    def __iter__(self):
+        stream = iter(CyclingSampler(self.n, self.seed, start=self.start * self.batch_size))
+        share = self.batch_size // self.world
+        while True:
+            batch = [next(stream) for _ in range(self.batch_size)]
+            yield batch[self.rank * share:(self.rank + 1) * share]

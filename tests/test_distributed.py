@@ -1,0 +1,237 @@
+"""Distributed CGC on torchrun (gloo, two CPU processes): the same model as one process, global
+vs local negatives, the differentiable gather, one writer, exact mid-epoch resume, SIGTERM and a
+killed worker restarted by torchrun.
+
+Equivalence tolerance (1 vs 2 processes, float32, compact model with GroupNorm, lr 0.01, 16
+steps): per-step losses within 1e-5 relative, final weights within 1e-5 of the largest
+weight; the sums over a batch are split differently between processes, so the last bits
+differ. Resumed and restarted runs repeat the uninterrupted ones bit for bit.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cgc import CGCLoss, CGCTerm, checkpoint, data, distributed, train, transforms
+from cgc.models import build_model
+
+TOY = ["--train-size", "64", "--val-size", "24", "--batch-size", "8", "--image-size", "32", "--num-classes", "3",
+       "--epochs", "2", "--arch", "compact", "--norm", "group", "--lr", "0.01", "--overlays", "2",
+       "--checkpoint-every", "3", "--workers", "0"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def torchrun(*args, nproc: int = 2, extra=(), timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *extra,
+           "-m", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def steps(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "last.pt", weights_only=True)["model"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same flags on one process (in this one) and on two (torchrun)."""
+    root = tmp_path_factory.mktemp("dist")
+    train.main(TOY + ["--out", str(root / "one")])
+    proc = torchrun("cgc.train", *TOY, "--out", str(root / "two"))
+    return root, proc
+
+
+def test_two_processes_train_the_same_model_as_one(runs):
+    root, _ = runs
+    one, two = steps(root / "one"), steps(root / "two")
+    assert len(one) == len(two) == 16
+    for a, b in zip(one, two):
+        assert a["step"] == b["step"] and a["lr"] == b["lr"]
+        for key in ("loss", "ce", "cgc"):
+            assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]), (a["step"], key, a[key], b[key])
+    wa, wb = weights(root / "one"), weights(root / "two")
+    scale = max(v.abs().max() for v in wa.values())
+    assert max((wa[k] - wb[k]).abs().max() for k in wa) <= 1e-5 * scale
+    la, lb = ([json.loads(x) for x in (root / r / "log.jsonl").read_text().splitlines()] for r in ("one", "two"))
+    assert [r["val_top1"] for r in la] == [r["val_top1"] for r in lb]
+    ma, mb = (json.loads((root / r / "metrics.json").read_text()) for r in ("one", "two"))
+    assert mb["processes"] == 2 and ma["processes"] == 1
+    for key in ("content_heatmap", "pointing_game", "consistency", "consistency_iou"):
+        assert ma[key] == pytest.approx(mb[key], rel=1e-4, abs=1e-4), key
+
+
+def test_outputs_are_written_once(runs):
+    root, proc = runs
+    run = root / "two"
+    log = (run / "log.jsonl").read_text().splitlines()
+    assert len(log) == 2
+    assert [s["step"] for s in steps(run)] == list(range(1, 17))
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "curves.png", "last.pt", "log.jsonl", "metrics.json",
+                                                       "overlays.png", "steps.jsonl"]
+    assert proc.stderr.count("cgc.train: compact") == 1 and proc.stdout.count("| val_top1") == 1
+    ckpt = checkpoint.load(run)
+    assert ckpt["epoch"] == 2 and "epoch_state" not in ckpt and len(ckpt["rng"]) == 2
+
+
+def step_one_terms(batch_rows: list[list[int]]) -> list[float]:
+    """The CGC term of step 1 computed by hand (the initial model, the first global batch, the
+    keyed crops of TOY's seed 0), once per group of its rows."""
+    torch.manual_seed(0)
+    bundle = data.build("synthetic", seed=0, image_size=32, train_size=64, val_size=24, num_classes=3)
+    model = build_model("compact", 3, norm="group")
+    first = next(iter(distributed.GlobalBatchSampler(64, 8, seed=0, epoch=0)))
+    values = []
+    with CGCTerm(model, loss=CGCLoss(0.2, None)) as term:
+        for rows in batch_rows:
+            idx = [first[r] for r in rows]
+            x = data.normalize(bundle.train.images[idx])
+            theta = train.crop_thetas(transforms.sample_keys(0, 0, idx, "aug"), (32, 32), (0.08, 1.0), "cpu")
+            values.append(float(term(x, theta=theta).loss.detach()))
+    return values
+
+
+def test_global_and_local_negatives(runs, tmp_path):
+    root, _ = runs
+    (whole,) = step_one_terms([list(range(8))])
+    assert steps(root / "one")[0]["cgc"] == pytest.approx(whole, rel=1e-5)
+    assert steps(root / "two")[0]["cgc"] == pytest.approx(whole, rel=1e-5)  # global: the whole batch's negatives
+    torchrun("cgc.train", *TOY, "--epochs", "1", "--negatives", "local", "--out", str(tmp_path / "local"))
+    halves = step_one_terms([[0, 1, 2, 3], [4, 5, 6, 7]])
+    local = steps(tmp_path / "local")[0]["cgc"]
+    assert local == pytest.approx(sum(halves) / 2, rel=1e-5)  # each process's own 3 negatives
+    assert abs(local - whole) > 1e-3
+
+
+def test_gather_sends_gradients_home(tmp_path):
+    script = tmp_path / "gather.py"
+    script.write_text(
+        "import torch\nfrom cgc import distributed\nctx = distributed.init('cpu')\n"
+        "x = (torch.arange(6.).view(3, 2) + 10 * ctx.rank)[:3 - ctx.rank].requires_grad_()\n"
+        "rows, offset = ctx.gather(x)\n(rows * torch.arange(rows.numel()).view_as(rows)).sum().backward()\n"
+        "print('RESULT', ctx.rank, offset, rows.tolist(), x.grad.tolist())\ndistributed.shutdown(ctx)\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=ENV)
+    assert out.returncode == 0, out.stderr
+    found = {int(line.split()[1]): line for line in out.stdout.splitlines() if line.startswith("RESULT")}
+    rows = [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0], [10.0, 11.0], [12.0, 13.0]]
+    # ranks hold 3 and 2 rows; each rank's loss weights row r by 2r, 2r+1, so the gradient of
+    # a row is twice its weights (one copy per process)
+    assert found[0].endswith(f"0 0 {rows} {[[0.0, 2.0], [4.0, 6.0], [8.0, 10.0]]}")
+    assert found[1].endswith(f"1 3 {rows} {[[12.0, 14.0], [16.0, 18.0]]}")
+
+
+def test_mid_epoch_resume_is_bit_identical(tmp_path, monkeypatch):
+    args = TOY + ["--epochs", "1", "--workers", "0"]
+    train.main(args + ["--out", str(tmp_path / "full")])
+    real_save = checkpoint.save_atomic
+
+    def save_then_die(state, path):
+        real_save(state, path)
+        if state.get("epoch_state", {}).get("step") == 6:
+            raise KeyboardInterrupt  # killed right after the checkpoint of step 6 of 8
+
+    monkeypatch.setattr(checkpoint, "save_atomic", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args + ["--out", str(tmp_path / "cut")])
+    monkeypatch.undo()
+    assert checkpoint.load(tmp_path / "cut")["epoch_state"]["step"] == 6
+    train.main(args + ["--out", str(tmp_path / "cut"), "--resume", "auto"])
+    full, cut = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    assert all(torch.equal(full[k], cut[k]) for k in full)
+    assert steps(tmp_path / "full") == steps(tmp_path / "cut")  # steps 1-8 once each, same numbers
+    fa, fb = (json.loads((tmp_path / r / "log.jsonl").read_text()) for r in ("full", "cut"))
+    fa.pop("time_s"), fb.pop("time_s")
+    assert fa == fb
+
+
+def test_sigterm_saves_and_stops(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "cgc.train", *TOY, "--epochs", "50", "--checkpoint-every", "1", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 120
+    while not (out / "last.pt").is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "preempted: saved" in err and "Traceback" not in err
+    ckpt = checkpoint.load(out)
+    done = ckpt["global_step"]
+    assert 1 <= done < 50 * 8 and len(steps(out)) == done
+    train.main(TOY + ["--epochs", str(ckpt["epoch"] + 1), "--out", str(out), "--resume", str(out)])
+    assert checkpoint.load(out)["epoch"] == ckpt["epoch"] + 1
+
+
+def children(pid: int) -> list[int]:
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                kids.append(int(entry.name))
+    return kids
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker processes through /proc")
+def test_killed_worker_is_restarted_and_resumes(runs, tmp_path):
+    """SIGKILL one of two workers after the first mid-epoch checkpoint: torchrun (--max-restarts
+    1) restarts both, they resume from OUT/last.pt by themselves, and the job ends with the
+    weights of the uninterrupted two-process run."""
+    root, _ = runs
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "--max-restarts", "1", "-m", "cgc.train", *TOY, "--out", str(out)]
+    agent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 180
+    killed = None
+    while time.time() < deadline and agent.poll() is None and killed is None:
+        if (out / "last.pt").is_file():
+            workers = children(agent.pid)
+            if workers:
+                killed = workers[-1]
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.02)
+    _, err = agent.communicate(timeout=300)
+    assert killed is not None, "the run ended before a worker could be killed"
+    assert agent.returncode == 0, err[-3000:]
+    assert "resumed from" in err
+    assert [s["step"] for s in steps(out)] == list(range(1, 17))
+    full, resumed = weights(root / "two"), weights(out)
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_evaluate_under_torchrun_equals_one_process(runs, tmp_path):
+    root, _ = runs
+    from cgc import evaluate
+
+    one = evaluate.main(["--checkpoint", str(root / "one"), "--out", str(tmp_path / "e1"), "--overlays", "2"])
+    torchrun("cgc.evaluate", "--checkpoint", str(root / "one"), "--out", str(tmp_path / "e2"), "--overlays", "2")
+    two = json.loads((tmp_path / "e2" / "report.json").read_text())["models"]
+    for key in ("top1", "top5", "content_heatmap", "pointing_game", "insertion_auc", "deletion_auc", "consistency",
+                "consistency_iou"):
+        assert two["one"][key] == pytest.approx(one["one"][key], rel=1e-5, abs=1e-6), key
+
+
+def test_distributed_flag_errors(tmp_path):
+    with pytest.raises(SystemExit, match="SyncBatchNorm has no CPU kernel"):
+        train.main(TOY + ["--sync-bn", "--device", "cpu", "--out", str(tmp_path)])
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "cgc.train", *TOY, "--batch-size", "7", "--out", str(tmp_path / "x")],
+                          capture_output=True, text=True, timeout=120, env=ENV)
+    assert proc.returncode != 0 and "must divide evenly over the 2 processes" in proc.stderr
