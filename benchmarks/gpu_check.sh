@@ -42,7 +42,7 @@ fi
 
 section "Tests (CUDA cases of the shared op suite, tests/test_native.py and tests/test_determinism.py, all of tests/test_triton.py at full shapes; CI runs the CPU ones)"
 PYTHONUNBUFFERED=1 timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_native.py \
-  tests/test_determinism.py -rfs \
+  tests/test_determinism.py tests/test_cam_methods.py -rfs \
   -k cuda --tb=short > "$OUT/tests.log" 2>&1
 echo "op suite + native + determinism: exit status $?" >> "$REPORT"
 PYTHONUNBUFFERED=1 timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton.py -rfs \
@@ -57,6 +57,17 @@ CGC_BENCH_ROUNDS=${CGC_BENCH_ROUNDS:-20} CGC_BENCH_TABLE="$OUT/bench_table.md" \
 echo "exit status $?" >> "$REPORT"
 if [ -f "$OUT/bench_table.md" ]; then cat "$OUT/bench_table.md" >> "$REPORT"; else tail -30 "$OUT/bench.log" >> "$REPORT"; fi
 if [ -f "$OUT/explain_table.md" ]; then { echo; cat "$OUT/explain_table.md"; } >> "$REPORT"; fi
+
+section "Distributed (NCCL, needs 2 GPUs: one process per GPU)"
+NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+if [ "$NGPU" -ge 2 ]; then
+  timeout 120 "$PY" -m torch.distributed.run --standalone \
+    --nproc_per_node 2 -m cgc.train --epochs 1 --train-size 2048 --batch-size 64 --arch compact --norm group \
+    --device cuda --out "$OUT/dist_run" > "$OUT/dist.log" 2>&1
+  echo "2-GPU training run: exit status $?" >> "$REPORT"
+else
+  echo "skipped: $NGPU GPU(s) visible" >> "$REPORT"
+fi
 
 section "Kernel time vs host time (benchmarks/profile_ops.py)"
 timeout 60 "$PY" benchmarks/profile_ops.py reference native triton > "$OUT/profile.log" 2>&1

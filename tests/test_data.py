@@ -63,3 +63,32 @@ def test_errors():
         SyntheticShapes("train", 0)
     with pytest.raises(ValueError, match="unknown dataset"):
         data.build("imagenet-21k")
+
+
+def test_global_batches_hold_the_same_images_for_any_number_of_processes():
+    from cgc.distributed import GlobalBatchSampler
+
+    one = list(GlobalBatchSampler(50, 12, seed=3, epoch=1))
+    assert len(one) == 4 and all(len(b) == 12 for b in one)  # the partial last batch is dropped
+    for world in (2, 3, 4):
+        shares = [list(GlobalBatchSampler(50, 12, rank=r, world_size=world, seed=3, epoch=1)) for r in range(world)]
+        assert all(len(s) == 4 for s in shares)
+        assert [sum((s[k] for s in shares), []) for k in range(4)] == one
+    resumed = list(GlobalBatchSampler(50, 12, seed=3, epoch=1, start=2))
+    assert resumed == one[2:] and len(GlobalBatchSampler(50, 12, seed=3, epoch=1, start=2)) == 2
+    assert list(GlobalBatchSampler(50, 12, seed=3, epoch=2)) != one  # reshuffled every epoch
+    val = [list(GlobalBatchSampler(10, 6, rank=r, world_size=3, shuffle=False, drop_last=False)) for r in range(3)]
+    assert sorted(i for s in val for b in s for i in b) == list(range(10))  # every val image, once
+    with pytest.raises(ValueError, match="divide evenly"):
+        GlobalBatchSampler(50, 10, world_size=4)
+
+
+def test_unlabeled_global_batches_split_over_processes():
+    from cgc.data import CyclingBatchSampler
+
+    one = iter(CyclingBatchSampler(7, seed=1, batch_size=4))
+    first = [next(one) for _ in range(5)]
+    halves = [iter(CyclingBatchSampler(7, seed=1, batch_size=4, rank=r, world_size=2)) for r in (0, 1)]
+    assert [next(halves[0]) + next(halves[1]) for _ in range(5)] == first
+    later = iter(CyclingBatchSampler(7, seed=1, batch_size=4, start=3))
+    assert [next(later) for _ in range(2)] == first[3:]

@@ -94,16 +94,12 @@ def test_opcheck_info_nce_negatives(device, dtype):
 
 
 # ------------------------------------------------------------------------------- torch.compile
-def cgc_step(A, G, theta, be):
-    """gradcam -> both warps -> info_nce of backend module ``be``, as CGCLoss does. The backend
-    functions are called directly: the public ``cgc.ops`` functions choose their backend with
-    ``importlib``, which dynamo does not trace."""
+def cgc_step(A, G, theta, backend):
+    """The heatmap half of a CGC step through the public API: the element-wise CAM of
+    activations and gradients (as CGCTerm makes them), then cgc.CGCLoss (both warps, InfoNCE)."""
     b = A.shape[0] // 2
-    cams = be.gradcam(A, G, False)
-    ident = transforms.identity_theta(b, A.device)
-    q = be.affine_warp(cams[b:, None], ident, (16, 16), "border").flatten(1)
-    p = be.affine_warp(cams[:b, None], theta, (16, 16), "border").flatten(1)
-    return be.info_nce(q + 1e-8, p + 1e-8, 0.5, "mean")
+    cams = ops.gradcam(A, G, pool=False, backend=backend)
+    return cgc.CGCLoss(0.5, 16, backend=backend)(cams[:b], cams[b:], theta)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -115,13 +111,13 @@ def test_compile_fullgraph_cgc_step(device):
     results = []
     for fn in (cgc_step, torch.compile(cgc_step, fullgraph=True)):
         A, G = A0.clone().requires_grad_(), G0.clone().requires_grad_()
-        loss = fn(A, G, theta, native)
+        loss = fn(A, G, theta, "native")
         loss.backward()
         results.append((loss.detach(), A.grad, G.grad))
     for eager, compiled in zip(*results):
         assert rel_err(compiled, eager) < 1e-5
     A, G = A0.double().cpu().requires_grad_(), G0.double().cpu().requires_grad_()
-    ref = cgc_step(A, G, theta.cpu(), reference)
+    ref = cgc_step(A, G, theta.cpu(), "reference")
     ref.backward()
     for got, want in zip(results[0], (ref, A.grad, G.grad)):
         assert rel_err(got, want) < 1e-5
@@ -331,8 +327,8 @@ def test_import_cgc_without_extension():
 
 # ------------------------------------------------------------------------------- training
 @pytest.mark.parametrize("device", DEVICES)
-def test_cgc_loss_matches_reference_backend(device):
-    """GradCAM + CGCLoss of a small CNN: loss and parameter gradients agree across backends."""
+def test_cgc_term_matches_reference_backend(device):
+    """The CGC term of a small CNN: loss and parameter gradients agree across backends."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
                               torch.nn.Conv2d(8, 16, 3, stride=2, padding=1), torch.nn.ReLU(),
@@ -343,12 +339,8 @@ def test_cgc_loss_matches_reference_backend(device):
     grads = {}
     for backend in ("reference", "native"):
         net.zero_grad()
-        with cgc.GradCAM(net, "2", method="hirescam", backend=backend) as cam:
-            x_aug = transforms.apply(x, theta, backend=backend)
-            logits, acts = cam.forward(torch.cat([x, x_aug]))
-            target = logits[:6].detach().argmax(1).repeat(2)
-            cams = cam.heatmaps(logits, acts, target, create_graph=True)
-            loss = cgc.CGCLoss(0.5, 24, backend=backend)(cams[:6], cams[6:], theta)
+        loss = cgc.cgc_term(net, x, theta=theta, target_layer="2", method="hirescam", heatmap_size=24,
+                            backend=backend).loss
         loss.backward()
         # the CGC term does not depend on the head's bias: no gradient there
         grads[backend] = (loss.detach(), [p.grad for p in net.parameters() if p.grad is not None])

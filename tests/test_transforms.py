@@ -77,3 +77,20 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="flips"):
         transforms.crop_flip_theta(torch.zeros(2, 4), torch.zeros(3, dtype=torch.bool), 8, 8)
     assert math.isclose(transforms.DEFAULT_SCALE[0], 0.08)
+
+
+def test_keyed_crops_do_not_depend_on_the_batch():
+    """A sample's crop and flip come from its key alone: the same in any batch, any order."""
+    keys = transforms.sample_keys(7, 3, range(10), "aug")
+    whole = transforms.random_crop_flip(10, 40, 56, keys=keys)
+    part = transforms.random_crop_flip(4, 40, 56, keys=[keys[i] for i in (9, 2, 5, 0)])
+    assert torch.equal(part.boxes, whole.boxes[[9, 2, 5, 0]]) and torch.equal(part.flips, whole.flips[[9, 2, 5, 0]])
+    assert len(set(keys)) == 10 and all(0 <= k < 2**63 for k in keys)
+    # seed, epoch, index and purpose each change the key
+    others = [transforms.sample_keys(8, 3, [0], "aug"), transforms.sample_keys(7, 4, [0], "aug"),
+              transforms.sample_keys(7, 3, [1], "aug"), transforms.sample_keys(7, 3, [0], "ce")]
+    assert len({keys[0], *(o[0] for o in others)}) == 5
+    many = transforms.random_crop_flip(2000, 40, 56, keys=transforms.sample_keys(0, 0, range(2000), "aug"))
+    assert 0.45 < many.flips.float().mean() < 0.55 and many.boxes[:, 2].std() > 5  # still random
+    with pytest.raises(ValueError, match="3 keys for a batch of 2"):
+        transforms.uniforms(2, 5, keys=[1, 2, 3])

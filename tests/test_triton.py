@@ -19,6 +19,7 @@ import os
 import pytest
 import torch
 
+import cgc
 from cgc import ops, transforms
 from cgc.ops import reference
 
@@ -283,13 +284,14 @@ def test_opcheck(rng):
 
 @gpu_only
 def test_torch_compile_fullgraph_cgc_step(rng):
-    """One CGC-shaped step (gradcam -> warp -> info_nce, forward and backward) compiled with
-    fullgraph=True traces through the Triton ops and matches eager."""
+    """The heatmap half of a CGC step (the element-wise CAM, then cgc.CGCLoss: both warps and
+    InfoNCE), forward and backward, compiled with fullgraph=True: it traces through the Triton
+    ops and matches eager."""
+    loss = cgc.CGCLoss(0.5, 32, backend="triton")
+
     def step(acts, grads, theta):
         cam = ops.gradcam(acts, grads, pool=False, backend="triton")
-        q = ops.affine_warp(cam[:, None], theta, (32, 32), padding_mode="border", backend="triton")
-        p = ops.affine_warp(cam[:, None], theta.flip(0), (32, 32), padding_mode="border", backend="triton")
-        return ops.info_nce(q.flatten(1), p.flatten(1), 0.5, backend="triton")
+        return loss(cam[:4], cam[4:], theta[:4])
 
     acts = randn(rng, 8, 64, 7, 7, dtype=torch.float32, device="cuda").requires_grad_()
     grads = randn(rng, 8, 64, 7, 7, dtype=torch.float32, device="cuda").requires_grad_()
