@@ -57,7 +57,8 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["cgc", "cgc.*"]) + ["cgc.kernels"],
     package_dir={"cgc.kernels": "kernels"},
-    install_requires=["torch>=2.4", "torchvision>=0.19", "pillow"],
+    install_requires=["torch>=2.4", "torchvision>=0.19", "pillow", "tqdm", "matplotlib"],
+    extras_require={"timm": ["timm"], "tensorboard": ["tensorboard"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

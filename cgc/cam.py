@@ -72,6 +72,10 @@ def find_target_layer(model: nn.Module, input_size: int = 224) -> str:
         with torch.no_grad():
             # two images: a training-mode BatchNorm on a 1x1 map refuses a batch of one
             torch.func.functional_call(inner, stand_ins, (torch.empty(2, 3, input_size, input_size, device="meta"),))
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise UnsupportedModel(f"could not find the CAM layer of {type(inner).__name__}: a forward pass of "
+                               f"{input_size} px images failed ({str(err).splitlines()[0]}); pass "
+                               "target_layer='dotted.module.name'") from err
     finally:
         for h in handles:
             h.remove()

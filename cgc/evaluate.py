@@ -1,11 +1,15 @@
-"""``python -m cgc.evaluate``: compare the explanations of trained checkpoints side by side.
+"""``python -m cgc.evaluate``: compare the explanations of models side by side.
 
-Every checkpoint is evaluated on the same validation images (the dataset and sizes the first
-checkpoint was trained on, unless overridden) with the protocols of METHOD.md: top-1/top-5
-accuracy, content heatmap, pointing game, insertion / deletion AUC and consistency under
-random crops/flips (the same crops for every model). Writes ``report.json``, ``report.md``
-(the table), ``overlays.png`` (each image, then every model's heatmap) and ``curves.png``
-(the mean insertion and deletion curves of every model).
+The models are cgc checkpoints (``--checkpoint``) and/or any torchvision or timm model with
+local weights (``--arch NAME --weights PATH``). Every model is evaluated on the same images (the
+validation set of the first checkpoint's dataset, or ``--dataset`` / ``--data``: e.g. a folder
+of photos with Pascal-VOC boxes) with the metrics of :data:`cgc.metrics.METRICS` (``--metrics``
+to choose, ``--skip-slow``): accuracy, localisation (content heatmap, pointing game),
+faithfulness (insertion / deletion), consistency under crops and flips, robustness
+(max-sensitivity), complexity (sparseness, entropy) and the sanity checks (random logit,
+cascading model parameter randomisation). Writes ``report.json``, ``report.md`` (the table),
+``overlays.png`` (each image, then every model's heatmap), ``curves.png`` (the mean insertion and
+deletion curves) and ``randomisation.png`` (each model's heatmap after each randomisation step).
 """
 from __future__ import annotations
 
@@ -15,86 +19,109 @@ import json
 import sys
 from pathlib import Path
 
-from . import checkpoint, data, distributed, metrics, transforms, viz
+import torch
+
+from . import data, distributed, metrics, transforms, viz
 from .cam import GradCAM
 from .cam_methods import CAM_METHODS
 from .cli import exit_on_error
-from .errors import ConfigError, UnsupportedModel
-from .models import build_model
+from .errors import ConfigError
+from .metrics.randomisation import GRANULARITIES
+from .models import LoadedModel, load_model
 
-#: rows of the table: (report key, label, format)
-ROWS = (("top1", "top-1 (%)", ".2f"), ("top5", "top-5 (%)", ".2f"),
-        ("content_heatmap", "content heatmap (%) ↑", ".2f"), ("pointing_game", "pointing game (%) ↑", ".2f"),
-        ("insertion_auc", "insertion AUC ↑", ".4f"), ("deletion_auc", "deletion AUC ↓", ".4f"),
-        ("consistency", "consistency (cosine) ↑", ".4f"), ("consistency_iou", "consistency (top-20% IoU) ↑", ".4f"))
 #: data arguments taken from the first checkpoint unless given on the command line
 DATA_ARGS = ("dataset", "data", "image_size", "train_size", "val_size", "num_classes", "seed")
+CAUSAL = ("insertion_auc", "deletion_auc")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m cgc.evaluate", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", action="append", required=True, metavar="PATH",
-                   help="checkpoint file or run folder (its last.pt); repeat to compare models")
-    p.add_argument("--name", action="append", default=None,
-                   help="column name of each checkpoint, in order (default: the run folder's name)")
+    g = p.add_argument_group("models (repeat to compare; checkpoints first, then --arch models)")
+    g.add_argument("--checkpoint", action="append", default=[], metavar="PATH",
+                   help="cgc checkpoint file or run folder (its last.pt)")
+    g.add_argument("--arch", action="append", default=[], metavar="NAME",
+                   help="a torchvision model name or timm:NAME, with its --weights")
+    g.add_argument("--weights", action="append", default=[], metavar="PATH",
+                   help="local state dict of the --arch given in the same position (.pth, .pt, .safetensors)")
+    g.add_argument("--name", action="append", default=None,
+                   help="column name of each model, in order (default: run folder or weights file name)")
     g = p.add_argument_group("data (default: what the first checkpoint was trained on)")
     g.add_argument("--dataset", default=None, choices=data.DATASETS)
-    g.add_argument("--data", default=None, metavar="ROOT", help="dataset root folder (datasets on disk)")
+    g.add_argument("--data", default=None, metavar="ROOT",
+                   help="dataset root folder; for --arch models a 'folder' tree is evaluated whole")
     g.add_argument("--image-size", type=int, default=None)
     g.add_argument("--train-size", type=int, default=None, help="synthetic: training images")
     g.add_argument("--val-size", type=int, default=None, help="synthetic: validation images")
     g.add_argument("--num-classes", type=int, default=None, help="synthetic: number of classes")
     g.add_argument("--seed", type=int, default=None, help="dataset seed")
-    g.add_argument("--limit", type=int, default=None, help="evaluate only the first N validation images")
+    g.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     g.add_argument("--workers", type=int, default=None,
                    help="image decoding processes (default: 0 for in-memory datasets, else 4)")
     g = p.add_argument_group("explanations")
     g.add_argument("--cam", default=None, choices=tuple(CAM_METHODS),
-                   help="CAM method to evaluate (default: each checkpoint's training method)")
-    g.add_argument("--target-layer", default=None, help="CAM layer (default: each checkpoint's)")
-    g = p.add_argument_group("protocols")
+                   help="CAM method (default: each checkpoint's training method; gradcam for --arch models)")
+    g.add_argument("--target-layer", default=None, help="CAM layer (default: each checkpoint's, else found)")
+    g = p.add_argument_group("metrics")
+    g.add_argument("--metrics", nargs="+", default=None, choices=tuple(metrics.METRICS), metavar="NAME",
+                   help=f"metrics to report (default: all): {', '.join(metrics.METRICS)}")
+    g.add_argument("--skip-slow", action="store_true",
+                   help="leave out the slow metrics: " + ", ".join(n for n, m in metrics.METRICS.items() if m.slow))
+    g.add_argument("--no-causal", action="store_true", help="leave out insertion/deletion")
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--pixels-per-step", type=int, default=None,
                    help="insertion/deletion: pixels per step (default: H*W/28, RISE's 224*8 at 224 px)")
     g.add_argument("--causal-batch", type=int, default=256,
-                   help="insertion/deletion: images per forward pass (bounds memory)")
-    g.add_argument("--no-causal", action="store_true", help="skip insertion/deletion (the slowest metrics)")
+                   help="insertion/deletion and max-sensitivity: images per forward pass (bounds memory)")
     g.add_argument("--tolerance", type=float, default=0.0,
                    help="pointing game tolerance in pixels (the original game used 15 at 224 px)")
     g.add_argument("--cam-input-size", type=int, default=None,
-                   help="content heatmap / pointing game: resize images to this size for Grad-CAM and "
-                        "the heatmap back (METHOD's ImageNet protocol: 448; default: no resizing)")
+                   help="content heatmap / pointing game: resize images to this size for the CAM and the "
+                        "heatmap back (METHOD's ImageNet protocol: 448; default: no resizing)")
     g.add_argument("--crop-scale", type=float, nargs=2, default=transforms.DEFAULT_SCALE, metavar=("MIN", "MAX"),
                    help="consistency: area range of the random crops")
-    g.add_argument("--consistency-seed", type=int, default=12345, help="seed of the consistency crops")
+    g.add_argument("--sensitivity-radius", type=float, default=0.2,
+                   help="max-sensitivity: uniform noise in [-r, r] per normalised input value (Quantus's default)")
+    g.add_argument("--sensitivity-samples", type=int, default=10, help="max-sensitivity: noise samples per image")
+    g.add_argument("--randomisation", default="stage", choices=GRANULARITIES,
+                   help="MPRT steps: the model's top-level blocks from the head down (Adebayo et al.), or every "
+                        "module with reset_parameters (Quantus)")
+    g.add_argument("--metric-seed", "--consistency-seed", dest="metric_seed", type=int, default=12345,
+                   help="seed of the metrics' random draws (crops, noise, classes, randomised weights)")
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--backend", default=None, help="ops backend (default: $CGC_BACKEND or auto)")
     g.add_argument("--out", default="runs/eval", help="output folder")
     g.add_argument("--overlays", type=int, default=8, help="images in the overlay PNG")
     args = p.parse_args(argv)
-    if args.name is not None and len(args.name) != len(args.checkpoint):
-        p.error(f"give one --name per --checkpoint ({len(args.checkpoint)}), got {len(args.name)}")
-    for name in ("batch_size", "causal_batch", "overlays", "limit", "pixels_per_step", "cam_input_size"):
+    if not args.checkpoint and not args.arch:
+        p.error("give at least one --checkpoint or --arch NAME --weights PATH")
+    if len(args.arch) != len(args.weights):
+        p.error(f"give one --weights per --arch ({len(args.arch)} --arch, {len(args.weights)} --weights)")
+    if args.arch and not args.checkpoint and not args.dataset:
+        p.error("--arch models need --dataset (and --data for files): no checkpoint says what to evaluate on")
+    if args.name is not None and len(args.name) != len(args.checkpoint) + len(args.arch):
+        p.error(f"give one --name per model ({len(args.checkpoint) + len(args.arch)}), got {len(args.name)}")
+    for name in ("batch_size", "causal_batch", "overlays", "limit", "pixels_per_step", "cam_input_size",
+                 "sensitivity_samples"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.tolerance < 0 or (args.workers is not None and args.workers < 0):
-        p.error("--tolerance and --workers must be >= 0")
+    if args.tolerance < 0 or (args.workers is not None and args.workers < 0) or not args.sensitivity_radius > 0:
+        p.error("--tolerance and --workers must be >= 0, --sensitivity-radius > 0")
     return args
 
 
-def model_names(paths: list[str], names: list[str] | None) -> list[str]:
-    """Column names: given, or each run folder's name, made unique with a suffix."""
+def model_names(sources: list[str], names: list[str] | None) -> list[str]:
+    """Column names: given, or each run folder's (weights file's) name, made unique."""
     if names is not None:
         if len(set(names)) != len(names):
             raise ConfigError(f"--name values must be distinct, got {names}")
         return names
     out: list[str] = []
-    for path in paths:
-        p = Path(path)
-        base = p.name if p.is_dir() else p.parent.name or p.stem
+    for source in sources:
+        p = Path(source)
+        base = p.name if p.is_dir() else (p.parent.name if p.suffix == ".pt" and p.parent.name else p.stem)
         name, k = base, 2
         while name in out:
             name, k = f"{base}-{k}", k + 1
@@ -102,7 +129,7 @@ def model_names(paths: list[str], names: list[str] | None) -> list[str]:
     return out
 
 
-def build_data(train_args: dict, overrides: dict) -> data.DataBundle:
+def build_data(train_args: dict, overrides: dict, *, everything: bool = False) -> data.DataBundle:
     """The first checkpoint's dataset with the command line's ``overrides`` (None: not given).
     Only the arguments that :func:`cgc.data.build` accepts are passed (``data`` also as
     ``root``), so datasets added to it need no change here."""
@@ -111,39 +138,42 @@ def build_data(train_args: dict, overrides: dict) -> data.DataBundle:
     chosen["root"] = chosen["data"]
     accepted = inspect.signature(data.build).parameters
     kwargs = {k: v for k, v in chosen.items() if k in accepted and k != "name" and v is not None}
-    return data.build(chosen["dataset"], **kwargs)
+    return data.build(chosen["dataset"], everything=everything, **kwargs)
 
 
-def load_model(path: str, bundle: data.DataBundle, device, backend, *, method: str | None = None,
-               target_layer: str | None = None):
-    """``(GradCAM of the checkpoint's model on device, checkpoint args)`` with the checkpoint's
-    CAM method and layer unless ``method`` / ``target_layer`` are given; the checkpoint must
-    classify the bundle's classes."""
-    ckpt = checkpoint.load(path)
-    train_args = ckpt.get("args", {})
-    classes = ckpt.get("classes")
-    if classes is not None and list(classes) != list(bundle.classes):
-        raise ConfigError(f"{path} was trained on classes {list(classes)[:6]}..., not the evaluation "
-                          f"dataset's {bundle.classes[:6]}...; evaluate checkpoints of one dataset together")
-    model = build_model(train_args.get("arch", "compact"), len(bundle.classes), norm=train_args.get("norm", "batch"))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as err:
-        raise UnsupportedModel(f"the weights in {path} do not fit {train_args.get('arch')}: "
-                               f"{str(err).splitlines()[0]}") from err
-    model.to(device).eval()
-    cam = GradCAM(model, target_layer or ckpt.get("target_layer"), method=method or checkpoint.cam_method(train_args),
-                  backend=backend, channels_last=device.type == "cpu")
-    return cam, train_args
+def label_map(loaded: LoadedModel, classes: list[str]) -> torch.Tensor | None:
+    """Model class index of each dataset class (None: the same classes in the same order).
+
+    A checkpoint must know the dataset's classes. Another model's classes are matched by
+    name (e.g. torchvision's ImageNet names), by integer folder names (class indices), or,
+    when the counts agree and the model has no names, by position."""
+    mine = loaded.classes
+    if list(mine) == list(classes):
+        return None
+    if loaded.from_checkpoint:
+        raise ConfigError(f"{loaded.source} was trained on classes {list(mine)[:6]}..., not the evaluation "
+                          f"dataset's {classes[:6]}...; evaluate checkpoints of one dataset together")
+    if all(c.isdigit() and int(c) < len(mine) for c in classes):
+        return torch.tensor([int(c) for c in classes])
+    index = {c: i for i, c in enumerate(mine)}
+    if all(c in index for c in classes):
+        return torch.tensor([index[c] for c in classes])
+    generic = all(c == f"class {i}" for i, c in enumerate(mine))
+    if generic and len(mine) == len(classes):
+        return None
+    missing = [c for c in classes if c not in index][:4]
+    raise ConfigError(f"cannot tell which of the model's {len(mine)} classes the dataset's {missing} are: name the "
+                      f"class folders (or the XML <name>s) by the model's class names or class indices")
 
 
-def format_table(report: dict[str, dict]) -> str:
-    """Markdown table: one row per metric, one column per model."""
+def format_table(report: dict[str, dict], chosen: list[metrics.Metric]) -> str:
+    """Markdown: one row per metric (with its direction and what it measures), one column per model."""
     names = list(report)
-    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-    for key, label, fmt in ROWS:
-        cells = [("—" if report[n].get(key) is None else format(report[n][key], fmt)) for n in names]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines = ["| metric | " + " | ".join(names) + " | what it measures |", "|---|" + "---:|" * len(names) + "---|"]
+    for m in chosen:
+        cells = [("—" if report[n].get(m.name) is None else format(report[n][m.name], m.fmt)) for n in names]
+        lines.append(f"| {m.label}{m.arrow} | " + " | ".join(cells) + f" | {m.about} |")
+    lines += ["", "↑ higher is better, ↓ lower is better; — not measured (no boxes, or nothing to score)."]
     return "\n".join(lines)
 
 
@@ -160,66 +190,84 @@ def main(argv=None) -> dict:
 
 
 def run(args, ctx: distributed.Context | None = None) -> dict:
-    """Evaluate every checkpoint on the same images and write the report, table and pictures.
+    """Evaluate every model on the same images and write the report, table and pictures.
     Under torchrun the images are shared out over the processes, the totals summed, and the
     first process writes."""
     ctx = ctx or distributed.Context(distributed.pick_device(args.device))
     device = ctx.device
     out = Path(args.out)
-    names = model_names(args.checkpoint, args.name)
-    first_args = checkpoint.load(args.checkpoint[0]).get("args", {})
-    if not (args.dataset or first_args.get("dataset")):
-        raise ConfigError(f"{args.checkpoint[0]} does not say its dataset; pass --dataset")
-    bundle = build_data(first_args, vars(args))
-    cams, train_args = zip(*(load_model(path, bundle, device, args.backend, method=args.cam,
-                                        target_layer=args.target_layer) for path in args.checkpoint))
-    out.mkdir(parents=True, exist_ok=True)
+    loaded = [load_model(checkpoint_path=c) for c in args.checkpoint]
+    loaded += [load_model(arch=a, weights=w) for a, w in zip(args.arch, args.weights)]
+    names = model_names(args.checkpoint + args.weights, args.name)
+    if args.checkpoint:
+        first_args = loaded[0].train_args
+        if not (args.dataset or first_args.get("dataset")):
+            raise ConfigError(f"{args.checkpoint[0]} does not say its dataset; pass --dataset")
+        bundle = build_data(first_args, vars(args))
+    else:
+        overrides = {**vars(args), "image_size": args.image_size or loaded[0].image_size}
+        bundle = build_data({}, overrides, everything=True)
+    maps = [label_map(m, bundle.classes) for m in loaded]
+    chosen = metrics.select(args.metrics, skip_slow=args.skip_slow, has_boxes=hasattr(bundle.val, "boxes"))
+    if args.no_causal:
+        chosen = [m for m in chosen if m.name not in CAUSAL]
+    settings = metrics.Settings(seed=args.metric_seed, crop_scale=tuple(args.crop_scale), tolerance=args.tolerance,
+                                cam_input_size=args.cam_input_size, pixels_per_step=args.pixels_per_step,
+                                causal_batch=args.causal_batch, sensitivity_radius=args.sensitivity_radius,
+                                sensitivity_samples=args.sensitivity_samples, randomisation=args.randomisation)
+    cams = [GradCAM(m.model.to(device).eval(), args.target_layer or m.target_layer, method=args.cam or m.method,
+                    backend=args.backend, channels_last=device.type == "cpu") for m in loaded]
     n = len(bundle.val) if args.limit is None else min(args.limit, len(bundle.val))
     if ctx.primary:
         procs = f" x {ctx.world_size} processes" if ctx.distributed else ""
         print(f"cgc.evaluate: {len(cams)} model(s) on {bundle.val.__class__.__name__} val ({n} images, "
-              f"{len(bundle.classes)} classes, {bundle.image_size}px), device={device}{procs}", file=sys.stderr)
-
+              f"{len(bundle.classes)} classes, {bundle.image_size}px), device={device}{procs}; metrics: "
+              f"{', '.join(m.name for m in chosen)}", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
     workers = args.workers if args.workers is not None else (0 if bundle.in_memory else 4)
     report: dict[str, dict] = {}
-    for name, cam, targs, path in zip(names, cams, train_args, args.checkpoint):
+    for name, cam, model, mapping in zip(names, cams, loaded, maps):
         result = metrics.explanation_metrics(
-            cam, bundle.val, device, batch_size=args.batch_size, crop_scale=tuple(args.crop_scale),
-            seed=args.consistency_seed, limit=args.limit, causal=not args.no_causal, step=args.pixels_per_step,
-            causal_batch=args.causal_batch, cam_input_size=args.cam_input_size, tolerance=args.tolerance,
+            cam, bundle.val, device, metrics=chosen, settings=settings, batch_size=args.batch_size, limit=args.limit,
             workers=workers, desc=f"evaluate {name}", rank=ctx.rank, world_size=ctx.world_size,
-            reduce=ctx.sum_values)
-        result.update(checkpoint=str(path), arch=targs.get("arch"), loss=targs.get("loss"),
+            reduce=ctx.sum_values, label_map=mapping)
+        result.update(source=model.source, arch=model.train_args.get("arch"), loss=model.train_args.get("loss"),
                       target_layer=cam.target_layer, cam=cam.method)
-        report[name] = result
-
-    if not ctx.primary:
-        for cam in cams:
-            cam.close()
-        return report
-    table = format_table(report)
-    settings = {"dataset": bundle.val.__class__.__name__, "images": n, "image_size": bundle.image_size,
-                "classes": bundle.classes, "pixels_per_step": args.pixels_per_step, "tolerance": args.tolerance,
-                "cam_input_size": args.cam_input_size, "crop_scale": list(args.crop_scale),
-                "consistency_seed": args.consistency_seed}
-    (out / "report.json").write_text(json.dumps({"settings": settings, "models": report}, indent=2) + "\n")
-    (out / "report.md").write_text(table + "\n")
-    viz.save_overlays(out / "overlays.png", cams, list(names), bundle.val, device,
-                      min(args.overlays, len(bundle.val)), bundle.classes)
-    written = ["report.json", "report.md", "overlays.png"]
-    if not args.no_causal:
-        panels = {}
-        for mode in ("insertion", "deletion"):
-            panels[f"{mode} (mean prob. of the predicted class)"] = {
-                name: [(i / (len(r[f"{mode}_curve"]) - 1), v) for i, v in enumerate(r[f"{mode}_curve"])]
-                for name, r in report.items()}
-        viz.plot_curves(out / "curves.png", panels, xlabel="fraction of pixels")
-        written.append("curves.png")
+        report[name] = {**dict.fromkeys(metrics.METRICS), **result}  # every key, None where not measured
+    if ctx.primary:
+        write(out, report, chosen, settings, bundle, n, cams, names, [m.classes for m in loaded], device,
+              args.overlays)
     for cam in cams:
         cam.close()
+    return report
+
+
+def write(out: Path, report: dict, chosen, settings: metrics.Settings, bundle, n: int, cams, names,
+          model_classes: list[list[str]], device, overlays: int) -> None:
+    """The report, the table and the pictures."""
+    table = format_table(report, chosen)
+    info = {"dataset": bundle.val.__class__.__name__, "images": n, "image_size": bundle.image_size,
+            "classes": bundle.classes, "metrics": [m.name for m in chosen],
+            "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(settings).items()}}
+    (out / "report.json").write_text(json.dumps({"settings": info, "models": report}, indent=2) + "\n")
+    (out / "report.md").write_text(table + "\n")
+    written = ["report.json", "report.md"]
+    viz.save_overlays(out / "overlays.png", cams, list(names), bundle.val, device, min(overlays, n), bundle.classes,
+                      model_classes)
+    written.append("overlays.png")
+    curves = {mode: {name: r[f"{mode}_curve"] for name, r in report.items() if r.get(f"{mode}_curve")}
+              for mode in ("insertion", "deletion")}
+    if any(curves.values()):
+        viz.plot_curves(out / "curves.png", {
+            f"{mode} (mean prob. of the predicted class)": {
+                name: [(i / (len(c) - 1), v) for i, v in enumerate(c)] for name, c in by_model.items()}
+            for mode, by_model in curves.items() if by_model}, xlabel="fraction of pixels")
+        written.append("curves.png")
+    if any(m.name == "mprt" for m in chosen):
+        viz.save_randomisation(out / "randomisation.png", cams, list(names), bundle.val, device, settings)
+        written.append("randomisation.png")
     print(table)
     print(f"wrote {', '.join(str(out / w) for w in written)}", file=sys.stderr)
-    return report
 
 
 if __name__ == "__main__":

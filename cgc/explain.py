@@ -18,14 +18,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from . import checkpoint, data, viz
+from . import data, viz
 from .cam import GradCAM, resize_heatmaps
 from .cam_methods import CAM_METHODS
 from .cli import exit_on_error
 from .distributed import pick_device
 from .errors import BadFile, MissingFile
 from .metrics import eval_mode
-from .models import build_model, classifier_head, load_state_dict_file
+from .models import load_model
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -76,47 +76,6 @@ def read_image(path: str | Path, size: int) -> torch.Tensor:
     return x[0, :, top:top + size, left:left + size].round().clamp(0, 255).byte()
 
 
-def imagenet_categories(arch: str, num_classes: int) -> list[str] | None:
-    """torchvision's class names for ``arch``'s default weights, if they match the head (for a
-    timm model with a 1000-class head: ImageNet-1k's, in the order timm uses too)."""
-    import torchvision
-
-    if arch.startswith("timm:"):
-        arch = "resnet50"
-    try:
-        cats = torchvision.models.get_model_weights(arch).DEFAULT.meta.get("categories")
-    except (ValueError, KeyError, AttributeError):
-        return None
-    return list(cats) if cats and len(cats) == num_classes else None
-
-
-def load(*, checkpoint_path: str | None = None, arch: str | None = None, weights: str | None = None,
-         pretrained: bool = False, num_classes: int | None = None,
-         image_size: int | None = None) -> tuple[torch.nn.Module, list[str], int, str | None, str]:
-    """``(model, class names, image size, target layer, CAM method)`` of a checkpoint, or of
-    ``arch`` with its ``weights`` (head size read from them unless ``num_classes``) or the
-    library's ``pretrained`` ones."""
-    if checkpoint_path:
-        ckpt = checkpoint.load(checkpoint_path)
-        targs = ckpt.get("args", {})
-        num = len(ckpt.get("classes") or []) or targs.get("num_classes")
-        classes = list(ckpt.get("classes") or [f"class {i}" for i in range(num)])
-        model = build_model(targs.get("arch", "compact"), num, norm=targs.get("norm", "batch"))
-        model.load_state_dict(ckpt["model"])
-        size = image_size or targs.get("image_size") or 224
-        return model, classes, size, ckpt.get("target_layer"), checkpoint.cam_method(targs)
-    num = num_classes
-    if num is None and weights:
-        probe = build_model(arch, 1000)
-        head, _ = classifier_head(probe)
-        w = load_state_dict_file(weights).get(f"{head}.weight")
-        num = w.shape[0] if w is not None else 1000
-    num = num or 1000
-    model = build_model(arch, num, pretrained=pretrained, weights=weights)
-    classes = imagenet_categories(arch, num) or [f"class {i}" for i in range(num)]
-    return model, classes, image_size or 224, None, "gradcam"
-
-
 def main(argv=None) -> list[Path]:
     """``python -m cgc.explain``: parse the flags and explain (see :func:`run`); a library error
     ends the process with one ``error: ...`` line."""
@@ -128,16 +87,17 @@ def main(argv=None) -> list[Path]:
 def run(args) -> list[Path]:
     """Explain every image file and write one PNG per image."""
     device = pick_device(args.device)
-    model, classes, size, layer, method = load(checkpoint_path=args.checkpoint, arch=args.arch, weights=args.weights,
-                                               pretrained=args.pretrained, num_classes=args.num_classes,
-                                               image_size=args.image_size)
+    loaded = load_model(checkpoint_path=args.checkpoint, arch=args.arch, weights=args.weights,
+                        pretrained=args.pretrained, num_classes=args.num_classes)
+    model, classes = loaded.model, loaded.classes
+    size = args.image_size or loaded.image_size
     images = torch.stack([read_image(p, size) for p in args.images])  # every file checked before any work
     model.to(device)
     k = min(args.top_k, len(classes))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    with GradCAM(model, args.target_layer or layer, method=args.cam or method,
+    with GradCAM(model, args.target_layer or loaded.target_layer, method=args.cam or loaded.method,
                  channels_last=device.type == "cpu") as cam, eval_mode(model):
         for path, img in zip(args.images, images):
             x = data.normalize(img[None].to(device)).expand(k, -1, -1, -1)

@@ -9,11 +9,13 @@ reference script got both wrong).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from . import checkpoint
 from .checkpoint import safe_load
 from .errors import BadFile, ConfigError, MissingDependency, MissingFile, UnknownName, UnsupportedModel
 
@@ -208,3 +210,65 @@ def _load(model: nn.Module, state: dict, source) -> None:
         raise UnsupportedModel(f"weights in {source} do not fit {type(model).__name__}: "
                                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+
+
+def imagenet_categories(arch: str, num_classes: int) -> list[str] | None:
+    """torchvision's class names for ``arch``'s default weights, if they match the head (for a
+    timm model with a 1000-class head: ImageNet-1k's, in the order timm uses too)."""
+    import torchvision
+
+    if arch.startswith(TIMM_PREFIX):
+        arch = "resnet50"
+    try:
+        cats = torchvision.models.get_model_weights(arch).DEFAULT.meta.get("categories")
+    except (ValueError, KeyError, AttributeError):
+        return None
+    return list(cats) if cats and len(cats) == num_classes else None
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to explain: its class names, input size, CAM layer (None: find it), the
+    CAM method it was trained with, where it came from (for reports) and whether that was a
+    cgc checkpoint (whose classes must be the evaluation data's)."""
+
+    model: nn.Module
+    classes: list[str]
+    image_size: int
+    target_layer: str | None
+    method: str
+    train_args: dict
+    source: str
+    from_checkpoint: bool
+
+
+def load_model(*, checkpoint_path: str | Path | None = None, arch: str | None = None,
+               weights: str | Path | None = None, pretrained: bool = False,
+               num_classes: int | None = None) -> LoadedModel:
+    """A cgc checkpoint's model (its classes, image size, CAM layer and method), or ``arch``
+    with its local ``weights`` (head size read from them unless ``num_classes``) or the
+    library's ``pretrained`` ones (ImageNet class names for 1000-class heads)."""
+    if checkpoint_path:
+        ckpt = checkpoint.load(checkpoint_path)
+        targs = ckpt.get("args", {})
+        num = len(ckpt.get("classes") or []) or targs.get("num_classes")
+        classes = list(ckpt.get("classes") or [f"class {i}" for i in range(num)])
+        model = build_model(targs.get("arch", COMPACT), num, norm=targs.get("norm", "batch"))
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as err:
+            raise UnsupportedModel(f"the weights in {checkpoint_path} do not fit {targs.get('arch')}: "
+                                   f"{str(err).splitlines()[0]}") from err
+        size = ckpt.get("image_size") or targs.get("image_size") or 224
+        return LoadedModel(model, classes, size, ckpt.get("target_layer"),
+                           checkpoint.cam_method(targs), targs, str(checkpoint_path), True)
+    num = num_classes
+    if num is None and weights:
+        head, _ = classifier_head(build_model(arch, 1000))
+        w = load_state_dict_file(weights).get(f"{head}.weight")
+        num = w.shape[0] if w is not None else 1000
+    num = num or 1000
+    model = build_model(arch, num, pretrained=pretrained, weights=weights)
+    classes = imagenet_categories(arch, num) or [f"class {i}" for i in range(num)]
+    return LoadedModel(model, classes, 224, None, "gradcam", {"arch": arch}, str(weights or f"{arch} (pretrained)"),
+                       False)

@@ -419,13 +419,22 @@ def distribute(model, ctx: distributed.Context, *, sync_bn: bool):
                                                      else None)
 
 
-def print_table(rows: dict[str, float], stream=sys.stdout) -> None:
-    width = max(len(k) for k in rows)
-    line = "+" + "-" * (width + 2) + "+" + "-" * 12 + "+"
-    print(line, file=stream)
-    for k, v in rows.items():
-        print(f"| {k:<{width}} | {v:>10.3f} |", file=stream)
-    print(line, file=stream)
+#: explanation metrics measured at the end of every run (the rest: python -m cgc.evaluate)
+EXPLANATION_METRICS = ("content_heatmap", "pointing_game", "consistency", "consistency_iou")
+
+
+def results_table(results: dict, chosen: list) -> str:
+    """The run's final numbers as a table: what each one is, which way is better, its value."""
+    rows = [("val top-1 (%) ↑", results["val_top1"], ".2f", "accuracy on the validation images, last epoch"),
+            ("val top-5 (%) ↑", results["val_top5"], ".2f", "the label among the 5 highest scores"),
+            ("best val top-1 (%) ↑", results["best_val_top1"], ".2f", "best epoch (best.pt)")]
+    rows += [(m.label + m.arrow, results.get(m.name), m.fmt, m.about) for m in chosen]
+    rows.append(("wall time (s)", results["wall_time_s"], ".0f", f"{results['processes']} process(es)"))
+    cells = [(label, "—" if v is None else format(v, fmt), about) for label, v, fmt, about in rows]
+    w0, w1 = max(len(c[0]) for c in cells), max(len(c[1]) for c in cells)
+    line = f"+{'-' * (w0 + 2)}+{'-' * (w1 + 2)}+"
+    body = [f"| {a:<{w0}} | {b:>{w1}} | {c}" for a, b, c in cells]
+    return "\n".join([line, *body, line, "↑ higher is better, ↓ lower is better"])
 
 
 @contextlib.contextmanager
@@ -479,10 +488,13 @@ def main(argv=None) -> dict:
 
 
 def resume_source(resume: str | None, out: Path) -> Path | None:
-    """The checkpoint to continue from: ``--resume``; ``auto`` or a restarted torchrun worker:
-    ``OUT/last.pt`` when it exists."""
-    if resume == "auto" or (resume is None and distributed.restarted()):
-        return out / "last.pt" if (out / "last.pt").is_file() else None
+    """The checkpoint to continue from: ``OUT/last.pt`` in a restarted torchrun worker or with
+    ``--resume auto`` (when it exists), else ``--resume``."""
+    last = out / "last.pt"
+    if distributed.restarted() and last.is_file():
+        return last
+    if resume == "auto":
+        return last if last.is_file() else None
     return Path(resume) if resume else None
 
 
@@ -590,7 +602,8 @@ def run(args, ctx: distributed.Context | None = None) -> dict:
         payload = {"model": model.state_dict(), "optimizer": opt.state_dict(),
                    "epoch": state.epoch + 1 if finished else state.epoch, "global_step": global_step,
                    "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
-                   "classes": bundle.classes, "target_layer": cam.target_layer, "rng": rngs,
+                   "classes": bundle.classes, "image_size": bundle.image_size, "target_layer": cam.target_layer,
+                   "rng": rngs,
                    "best_top1": best, "history": history}
         if not finished:
             payload["epoch_state"] = {"step": state.step, "sums": state.sums, "steps": state.steps,
@@ -656,14 +669,13 @@ def run(args, ctx: distributed.Context | None = None) -> dict:
 
     results = {k: history[-1][k] for k in ("val_top1", "val_top5")}
     results["best_val_top1"] = best
-    if hasattr(bundle.val, "boxes"):
-        explained = metrics.explanation_metrics(cam, bundle.val, device, crop_scale=tuple(args.crop_scale),
-                                                rank=ctx.rank, world_size=ctx.world_size, reduce=ctx.sum_values)
-        results.update({k: explained[k] for k in ("content_heatmap", "pointing_game", "consistency",
-                                                  "consistency_iou")})
-        if ctx.primary:
-            viz.save_overlays(out / "overlays.png", [cam], [f"{args.cam} (predicted class)"], bundle.val, device,
-                              args.overlays, bundle.classes)
+    chosen = metrics.select(list(EXPLANATION_METRICS), has_boxes=hasattr(bundle.val, "boxes"))
+    results.update(metrics.explanation_metrics(cam, bundle.val, device, metrics=chosen,
+                                               settings=metrics.Settings(crop_scale=tuple(args.crop_scale)),
+                                               rank=ctx.rank, world_size=ctx.world_size, reduce=ctx.sum_values))
+    if ctx.primary and hasattr(bundle.val, "boxes"):
+        viz.save_overlays(out / "overlays.png", [cam], [f"{args.cam} (predicted class)"], bundle.val, device,
+                          args.overlays, bundle.classes)
     results.update({"loss": args.loss, "arch": args.arch, "dataset": args.dataset, "epochs": args.epochs,
                     "processes": ctx.world_size, "wall_time_s": round(time.time() - started, 1)})
     cam.close()
@@ -676,7 +688,7 @@ def run(args, ctx: distributed.Context | None = None) -> dict:
                               if k in history[0]},
             "accuracy (%)": {k: [(r["epoch"], r[k]) for r in history] for k in ("train_top1", "val_top1")}})
         (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
-        print_table({k: v for k, v in results.items() if isinstance(v, float)})
+        print(results_table(results, chosen))
         print(f"wrote {out}/metrics.json, log.jsonl, steps.jsonl, last.pt, best.pt, overlays.png, curves.png",
               file=sys.stderr)
     return results

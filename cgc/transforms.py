@@ -26,7 +26,7 @@ DEFAULT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 #: attempts per box before the centre-crop fallback (as torchvision's RandomResizedCrop)
 TRIES = 10
 #: what a keyed draw is for: each purpose gets its own independent numbers
-STREAMS = {"aug": 1, "ce": 2, "unlabeled": 3, "consistency": 4, "robustness": 5}
+STREAMS = {"aug": 1, "ce": 2, "unlabeled": 3, "consistency": 4, "robustness": 5, "random_logit": 6}
 _MASK = (1 << 64) - 1
 
 

@@ -1,4 +1,5 @@
-"""Pictures: heatmap overlays and training/metric curves as PNG, drawn with PIL only."""
+"""Pictures: heatmap overlays (PIL), training and metric curves and the randomisation figure
+(matplotlib, drawn on its Agg canvas without pyplot's global state), as PNG."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,10 +10,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from . import data
 from .cam import resize_heatmaps
-from .metrics import eval_batches, eval_mode
-
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-           (140, 86, 75), (227, 119, 194), (127, 127, 127)]
+from .metrics import eval_batches, eval_mode, randomisation_steps, randomised_models
 
 
 def jet(h: torch.Tensor) -> torch.Tensor:
@@ -72,62 +70,53 @@ def save_overlay_grid(path: str | Path, images: torch.Tensor, heatmaps: Sequence
     return path
 
 
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def plot_curves(path: str | Path, panels: dict[str, dict[str, Sequence[tuple[float, float]]]],
-                size: tuple[int, int] = (420, 300), xlabel: str = "epoch") -> Path:
-    """Line charts side by side: ``panels[title][series] = [(x, y), ...]`` -> PNG."""
-    font = ImageFont.load_default()
-    pw, ph = size
-    canvas = Image.new("RGB", (pw * len(panels), ph), "white")
-    draw = ImageDraw.Draw(canvas)
-    for p, (title, series) in enumerate(panels.items()):
-        ox = p * pw
-        left, top, right, bottom = ox + 55, 25, ox + pw - 15, ph - 35
-        pts = [xy for s in series.values() for xy in s]
-        draw.text((ox + pw // 2 - 3 * len(title), 6), title, fill="black", font=font)
-        draw.rectangle([left, top, right, bottom], outline="black")
-        if not pts:
-            continue
-        xs, ys = [x for x, _ in pts], [y for _, y in pts]
-        xmin, xmax = min(xs), max(xs)
-        ymin, ymax = min(ys), max(ys)
-        if xmax == xmin:
-            xmax = xmin + 1
-        if ymax == ymin:
-            ymax = ymin + 1
-        pad = 0.05 * (ymax - ymin)
-        ymin, ymax = ymin - pad, ymax + pad
-
-        def to_px(x, y):
-            return (left + (x - xmin) / (xmax - xmin) * (right - left),
-                    bottom - (y - ymin) / (ymax - ymin) * (bottom - top))
-
-        for frac in (0.0, 0.5, 1.0):
-            yv = ymin + frac * (ymax - ymin)
-            _, yp = to_px(xmin, yv)
-            draw.line([left - 4, yp, left, yp], fill="black")
-            draw.text((ox + 4, yp - 6), f"{yv:.3g}", fill="black", font=font)
-        for xv in (xmin, xmax):
-            xp, _ = to_px(xv, ymin)
-            draw.text((xp - 6, bottom + 4), f"{xv:g}", fill="black", font=font)
-        draw.text((ox + pw // 2 - 3 * len(xlabel), ph - 14), xlabel, fill="black", font=font)
-        for k, (name, s) in enumerate(series.items()):
-            color = PALETTE[k % len(PALETTE)]
-            xy = [to_px(x, y) for x, y in s]
-            if len(xy) > 1:
-                draw.line(xy, fill=color, width=2)
-            for x, y in xy:
-                draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
-            draw.text((left + 6, top + 4 + 12 * k), name, fill=color, font=font)
+                xlabel: str = "epoch") -> Path:
+    """Line charts side by side: ``panels[title][series] = [(x, y), ...]`` -> PNG. Series whose
+    name starts with ``train`` are dashed and those with ``val`` solid with markers (the same
+    colour for the same quantity), and each panel's legend sits below its axes, clear of the
+    lines."""
+    fig = _figure(4.6 * max(1, len(panels)), 3.6)
+    axes = fig.subplots(1, max(1, len(panels)), squeeze=False)[0]
+    for ax, (title, series) in zip(axes, panels.items()):
+        for k, (name, points) in enumerate(series.items()):
+            if not points:
+                continue
+            xs, ys = zip(*points)
+            style = dict(color=f"C{k}", lw=1.8)
+            if name.startswith("train"):
+                style.update(ls="--")
+            elif name.startswith("val"):
+                style.update(marker="o", ms=3.5)
+            ax.plot(xs, ys, label=name, **style)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=8)
+        if any(series.values()):
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=min(3, len(series)), fontsize=8,
+                      frameon=False)
     path = Path(path)
-    canvas.save(path)
+    fig.savefig(path)
     return path
 
 
 def save_overlays(path: str | Path, cams: Sequence, titles: Sequence[str], dataset, device, n: int,
-                  classes: Sequence[str]) -> Path:
+                  classes: Sequence[str], model_classes: Sequence[Sequence[str]] | None = None) -> Path:
     """PNG of the first ``n`` images of ``dataset``: the image, then for each
     :class:`cgc.GradCAM` in ``cams`` (one per model) the heatmap of the class that model
-    predicts, ground-truth boxes outlined if any; captions ``label -> each model's class``."""
+    predicts, ground-truth boxes outlined if any; captions ``label -> each model's class``
+    (named from ``model_classes[m]`` when a model's classes are not the dataset's)."""
+    model_classes = model_classes or [classes] * len(cams)
     images, labels, boxes = next(eval_batches(dataset, n, n))
     x = data.normalize(images.to(device))
     heatmaps, preds = [], []
@@ -136,6 +125,50 @@ def save_overlays(path: str | Path, cams: Sequence, titles: Sequence[str], datas
             out = cam(x)
         heatmaps.append(resize_heatmaps(out.cams, tuple(x.shape[-2:])).cpu())
         preds.append(out.targets.cpu())
-    captions = [f"{classes[int(label)]} -> " + " / ".join(classes[int(p[i])] for p in preds)
+    captions = [f"{classes[int(label)]} -> " + " / ".join(names[int(p[i])] for p, names in zip(preds, model_classes))
                 for i, label in enumerate(labels)]
     return save_overlay_grid(path, images.float() / 255, heatmaps, titles, boxes=boxes, captions=captions)
+
+
+def save_randomisation(path: str | Path, cams: Sequence, titles: Sequence[str], dataset, device, settings) -> Path:
+    """The cascading-randomisation figure: one row per model (``cams``), the first image of
+    ``dataset`` with a box (else the first), then its heatmap for the class the model predicts
+    with the original weights and after each randomisation step of
+    :func:`cgc.metrics.randomised_models` (the same seed and steps as the MPRT metric)."""
+    images, _, boxes = next(eval_batches(dataset, min(len(dataset), 64), min(len(dataset), 64)))
+    pick = 0
+    if boxes is not None:
+        has = ((boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])).any(1)
+        pick = int(has.float().argmax()) if has.any() else 0
+    image = images[pick:pick + 1]
+    x = data.normalize(image.to(device))
+    size = tuple(x.shape[-2:])
+    rows = []
+    for cam in cams:
+        with eval_mode(cam.model):
+            first = cam(x)
+            tiles = [("original", resize_heatmaps(first.cams.float(), size)[0].cpu())]
+            steps = randomisation_steps(cam.model, settings.randomisation, size[0])
+            for name, twin in randomised_models(cam.model, steps, seed=settings.seed):
+                with cam.with_model(twin) as moved:
+                    tiles.append((name, resize_heatmaps(moved(x, first.targets).cams.float(), size)[0].cpu()))
+        rows.append(tiles)
+    cols = 1 + max(len(r) for r in rows)
+    fig = _figure(1.5 * cols, 1.7 * len(rows) + 0.4)
+    axes = fig.subplots(len(rows), cols, squeeze=False)
+    picture = image[0].float().permute(1, 2, 0).numpy() / 255
+    for r, (title, tiles) in enumerate(zip(titles, rows)):
+        axes[r, 0].imshow(picture)
+        axes[r, 0].set_ylabel(title, fontsize=9)
+        for c, (name, heat) in enumerate(tiles, start=1):
+            axes[r, c].imshow(overlay(image[0].float() / 255, heat).clamp(0, 1).permute(1, 2, 0).numpy())
+            axes[r, c].set_title(name, fontsize=8)
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        for ax in axes[r, 1 + len(tiles):]:
+            ax.axis("off")
+    fig.suptitle("heatmap after randomising the weights from the head down (cumulative)", fontsize=10)
+    path = Path(path)
+    fig.savefig(path)
+    return path

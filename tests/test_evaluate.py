@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -33,13 +34,15 @@ def test_evaluate_two_checkpoints(runs, tmp_path, capsys):
     assert saved["settings"]["images"] == 40 and saved["settings"]["image_size"] == 32
     for name in ("ce", "cgc"):
         r = saved["models"][name]
-        for key in ("top1", "content_heatmap", "pointing_game", "insertion_auc", "deletion_auc", "consistency"):
+        for key in ("top1", "content_heatmap", "pointing_game", "insertion_auc", "deletion_auc", "consistency",
+                    "mprt", "random_logit", "max_sensitivity", "sparseness", "complexity"):
             assert isinstance(r[key], float), (name, key)
+        assert len(r["mprt_steps"]) == len(r["mprt_step_names"]) == 4
         assert 0 <= r["content_heatmap"] <= 100 and 0 <= r["insertion_auc"] <= 1 and r["loss"] == name
         # the checkpoint's own validation top-1 is reproduced (same data rebuilt from its args)
         ckpt = torch.load((runs / name / ("last.pt" if name == "ce" else "best.pt")), weights_only=True)
         assert r["top1"] == pytest.approx(ckpt["history"][-1]["val_top1"])
-    for png in ("overlays.png", "curves.png"):
+    for png in ("overlays.png", "curves.png", "randomisation.png"):
         with Image.open(out / png) as img:
             assert img.width > 100 and img.height > 100
     table = capsys.readouterr().out
@@ -87,8 +90,10 @@ def test_explain_with_arch_and_weights(tmp_path):
     written = explain.main([str(png), "--arch", "resnet18", "--weights", str(tmp_path / "w.pt"),
                             "--image-size", "32", "--out", str(tmp_path)])
     assert written[0].is_file()
-    cats = explain.imagenet_categories("resnet18", 1000)
-    assert cats is not None and len(cats) == 1000 and explain.imagenet_categories("resnet18", 5) is None
+    from cgc.models import imagenet_categories
+
+    cats = imagenet_categories("resnet18", 1000)
+    assert cats is not None and len(cats) == 1000 and imagenet_categories("resnet18", 5) is None
 
 
 def test_explain_clear_errors(runs, tmp_path):
@@ -103,3 +108,88 @@ def test_explain_clear_errors(runs, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "cgc.explain", str(bad), "--arch", "resnet18"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "--weights" in proc.stderr
+
+
+def voc_xml(path, name, box, size=(60, 50)):
+    x0, y0, x1, y1 = box
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"<annotation><size><width>{size[0]}</width><height>{size[1]}</height></size>"
+                    f"<object><name>{name}</name><bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin>"
+                    f"<xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object></annotation>")
+
+
+def photo_folder(root, classes=("0", "3"), per_class=3):
+    """Class folders named by the model's class indices, one VOC file per photo."""
+    for i, c in enumerate(classes):
+        (root / c).mkdir(parents=True)
+        for k in range(per_class):
+            img = Image.new("RGB", (60, 50), (40 * k, 90, 200 - 50 * i))
+            img.paste((255, 255, 255), (10 + 5 * k, 8, 40 + 5 * k, 40))
+            img.save(root / c / f"p{c}_{k}.jpg")
+            voc_xml(root / "annotation" / f"p{c}_{k}.xml", c, (10 + 5 * k, 8, 40 + 5 * k, 40))
+    return root
+
+
+def test_evaluate_any_model_on_a_folder_of_photos_with_voc_boxes(tmp_path):
+    import torchvision
+
+    torch.save(torchvision.models.resnet18(num_classes=5).state_dict(), tmp_path / "w.pth")
+    root = photo_folder(tmp_path / "photos")
+    report = evaluate.main(["--arch", "resnet18", "--weights", str(tmp_path / "w.pth"), "--dataset", "folder",
+                            "--data", str(root), "--image-size", "64", "--skip-slow", "--out", str(tmp_path / "e")])
+    r = report["w"]
+    assert r["top1"] is not None and r["content_heatmap"] is not None and r["mprt"] is None  # slow: skipped
+    settings = json.loads((tmp_path / "e" / "report.json").read_text())["settings"]
+    assert settings["images"] == 6 and settings["classes"] == ["0", "3"]  # the whole folder, boxes from the XML
+    # a flat folder: each photo's class from its XML
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in sorted(root.rglob("*.jpg")):
+        p.rename(flat / p.name)
+    (root / "annotation").rename(flat / "annotation")
+    report = evaluate.main(["--arch", "resnet18", "--weights", str(tmp_path / "w.pth"), "--dataset", "folder",
+                            "--data", str(flat), "--image-size", "64", "--metrics", "top1", "pointing_game",
+                            "--out", str(tmp_path / "f")])
+    assert report["w"]["pointing_game"] is not None and report["w"]["sparseness"] is None
+
+
+def test_evaluate_bad_inputs_are_one_clear_line(tmp_path):
+    import torchvision
+
+    torch.save(torchvision.models.resnet18(num_classes=5).state_dict(), tmp_path / "w.pth")
+    base = ["--arch", "resnet18", "--weights", str(tmp_path / "w.pth"), "--dataset", "folder", "--image-size", "64",
+            "--metrics", "top1", "--out", str(tmp_path / "e")]
+
+    def error(root, pattern):
+        """The first line says what is wrong (a layout error goes on with the expected layout)."""
+        with pytest.raises(SystemExit) as info:
+            evaluate.main(base + ["--data", str(root)])
+        first = str(info.value.code).splitlines()[0]
+        assert first.startswith("error: ") and re.search(pattern, first), first
+
+    (tmp_path / "empty").mkdir()
+    error(tmp_path / "empty", "no class folders")
+    missing = photo_folder(tmp_path / "missing")
+    (missing / "annotation" / "p0_1.xml").unlink()
+    error(missing, "p0_1.xml is missing")
+    outside = photo_folder(tmp_path / "outside")
+    voc_xml(outside / "annotation" / "p3_0.xml", "3", (70, 8, 90, 40))
+    error(outside, "lies outside the 60 x 50 image")
+    named = photo_folder(tmp_path / "named", classes=("cat", "dog"))
+    error(named, "cannot tell which of the model's 5 classes")
+    torch.save(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 64 * 64, 2)).state_dict(),
+               tmp_path / "mlp.pth")
+    with pytest.raises(SystemExit, match="unknown architecture"):
+        evaluate.main(["--arch", "mlp", "--weights", str(tmp_path / "mlp.pth"), "--dataset", "synthetic",
+                       "--out", str(tmp_path / "x")])
+
+
+def test_a_model_without_a_spatial_layer_is_a_clear_error(tmp_path):
+    from cgc import GradCAM
+    from cgc.errors import UnsupportedModel
+
+    flat = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 224 * 224, 2))
+    with pytest.raises(UnsupportedModel, match="could not find a convolutional layer with a spatial output"):
+        GradCAM(flat)
+    with pytest.raises(UnsupportedModel, match="a forward pass of 224 px images failed"):
+        GradCAM(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2)))

@@ -1,6 +1,8 @@
 """Explanation metrics on cases whose answer is known by construction."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -177,12 +179,13 @@ def test_explanation_metrics_over_a_dataset(tmp_path):
     model.features[0].eval()  # a mixed state must come back as it was
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with GradCAM(model) as cam:
-        res = metrics.explanation_metrics(cam, bundle.val, "cpu", batch_size=10, limit=20, causal=True)
-        again = metrics.explanation_metrics(cam, bundle.val, "cpu", batch_size=7, limit=20, causal=True)
+        settings = metrics.Settings(sensitivity_samples=2)
+        res = metrics.explanation_metrics(cam, bundle.val, "cpu", batch_size=10, limit=20, settings=settings)
+        again = metrics.explanation_metrics(cam, bundle.val, "cpu", batch_size=7, limit=20, settings=settings)
     assert model.training and not model.features[0].training and model.features[1].training
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
-    for key in ("top1", "top5", "content_heatmap", "pointing_game", "insertion_auc", "deletion_auc"):
+    for key in metrics.METRICS:
         assert res[key] == pytest.approx(again[key]), key  # batching does not change the result
     assert 0 <= res["content_heatmap"] <= 100 and 0 <= res["pointing_game"] <= 100
     assert 0 <= res["insertion_auc"] <= 1 and 0 <= res["deletion_auc"] <= 1
@@ -195,3 +198,151 @@ def test_explanation_metrics_over_a_dataset(tmp_path):
         png = viz.save_overlays(tmp_path / "o.png", [cam], ["m"], plain, "cpu", 3, bundle.classes)
     assert res["content_heatmap"] is None and res["pointing_game"] is None and 0 <= res["top1"] <= 100
     assert png.is_file()
+
+
+# ------------------------------------------------------------------ complexity, similarity, sanity checks
+def test_sparseness_and_complexity_known_answers():
+    n = 16 * 16
+    constant = torch.ones(1, 16, 16)
+    one_hot = torch.zeros(1, 16, 16)
+    one_hot[0, 3, 5] = 2.0
+    assert metrics.sparseness(constant).item() == pytest.approx(0.0, abs=1e-6)
+    # the largest possible, (N - 1) / N, less what Quantus's 1e-7 on every pixel costs
+    assert metrics.sparseness(one_hot).item() == pytest.approx((n - 1) / n, abs=1e-4)
+    spread = torch.rand(8, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert (metrics.sparseness(spread) < metrics.sparseness(one_hot)).all()
+    assert (metrics.sparseness(spread ** 4) > metrics.sparseness(spread)).all()  # more peaked, sparser
+    assert metrics.complexity(one_hot).item() == pytest.approx(0.0, abs=1e-6)
+    assert metrics.complexity(constant).item() == pytest.approx(math.log(n), rel=1e-6)  # the largest possible
+    assert math.isnan(metrics.complexity(torch.zeros(1, 16, 16)).item())  # no mass to spread
+
+
+def test_spearman_and_ssim_against_scipy_and_skimage():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    skimage_metrics = pytest.importorskip("skimage.metrics", reason="scikit-image (a dependency of quantus)")
+    gen = torch.Generator().manual_seed(3)
+    a = torch.rand(5, 12, 14, generator=gen)
+    b = 0.5 * a + 0.5 * torch.rand(5, 12, 14, generator=gen)
+    a[0, :6] = 0.0  # ties: scipy gives them their average rank
+    b[1] = (b[1] * 4).round()
+    for i in range(5):
+        rho = scipy_stats.spearmanr(a[i].flatten(), b[i].flatten())[0]
+        assert metrics.spearman(a, b)[i].item() == pytest.approx(rho, abs=1e-12)
+        rng = float(torch.cat([a[i], b[i]]).max() - torch.cat([a[i], b[i]]).min())
+        ref = skimage_metrics.structural_similarity(a[i].double().numpy(), b[i].double().numpy(), data_range=rng)
+        assert metrics.ssim(a, b)[i].item() == pytest.approx(ref, abs=1e-10)
+    assert math.isnan(metrics.spearman(torch.ones(1, 4, 4), a[:1, :4, :4]).item())
+    assert metrics.ssim(a, a).tolist() == pytest.approx([1.0] * 5)
+    with pytest.raises(ValueError, match="at least 7"):
+        metrics.ssim(a[:, :5, :5], b[:, :5, :5])
+
+
+def _input_only(model, images, targets):
+    """An 'explanation' that ignores the model and the class: what the sanity checks must flag."""
+    return images.abs().sum(1)
+
+
+def _cam_explain(method="gradcam"):
+    def explain(model, images, targets):
+        with GradCAM(model, "features", method=method) as cam:
+            return resize_heatmaps(cam(images, targets).cams, tuple(images.shape[-2:]))
+    return explain
+
+
+def trained_compact():
+    """A compact model trained briefly on the built-in shapes: its heatmaps depend on its weights."""
+    torch.manual_seed(0)
+    bundle = data.build("synthetic", train_size=256, val_size=16, image_size=32, num_classes=3)
+    model = CompactCNN(3)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    x, y = data.normalize(bundle.train.images), bundle.train.labels
+    for _ in range(40):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), data.normalize(bundle.val.images), bundle.val.labels
+
+
+def test_model_randomisation_fails_a_heatmap_that_ignores_the_model():
+    model, x, _ = trained_compact()
+    targets = model(x).argmax(1)
+    steps = metrics.randomisation_steps(model, "stage", 32)
+    assert [name for name, _ in steps] == ["fc", "features", "stage2", "stem"]  # from the head down
+    names, rho, sim = metrics.model_randomisation(model, _input_only, x, targets, steps)
+    assert names == ["fc", "features", "stage2", "stem"] and rho.shape == sim.shape == (4, 16)
+    assert torch.allclose(rho, torch.ones_like(rho)) and torch.allclose(sim, torch.ones_like(sim))  # fails
+    _, rho, _ = metrics.model_randomisation(model, _cam_explain(), x, targets, steps)
+    assert rho[-1].nanmean() < 0.5 and rho.nanmean() < 0.6  # Grad-CAM changes with the weights: passes
+
+
+def test_random_logit_fails_a_class_blind_heatmap():
+    model, x, _ = trained_compact()
+    targets = model(x).argmax(1)
+    keys = list(range(16))
+    other = metrics.other_classes(targets, 3, keys)
+    assert (other != targets).all() and other.max() < 3
+    blind = metrics.random_logit(model, _input_only, x, targets, 3, keys)
+    assert torch.allclose(blind, torch.ones_like(blind))
+    assert metrics.random_logit(model, _cam_explain(), x, targets, 3, keys).mean() < 0.9
+
+
+def test_max_sensitivity_zero_for_constant_explanations_and_grows_with_noise():
+    model, x, _ = trained_compact()
+    targets = model(x).argmax(1)
+    flat = lambda images, t: torch.ones(images.shape[0], 32, 32)  # noqa: E731
+    small = metrics.keyed_noise(1, list(range(16)), (3, 32, 32), 0.01)
+    large = metrics.keyed_noise(1, list(range(16)), (3, 32, 32), 0.5)
+    assert torch.equal(metrics.max_sensitivity(flat, x, targets, small, samples=3), torch.zeros(16, dtype=torch.float64))
+    explain = lambda images, t: _cam_explain()(model, images, t)  # noqa: E731
+    a = metrics.max_sensitivity(explain, x, targets, small, samples=3, batch_size=20)
+    b = metrics.max_sensitivity(explain, x, targets, large, samples=3)
+    assert (a.nan_to_num(0) <= b.nan_to_num(0) + 1e-9).float().mean() > 0.8 and b.nanmean() > a.nanmean()
+    # the same noise in any batch: the keyed draws belong to the images, not to the call
+    assert torch.allclose(metrics.keyed_noise(1, [3, 4], (3, 32, 32), 0.5)(2),
+                          metrics.keyed_noise(1, [9, 3, 4], (3, 32, 32), 0.5)(2)[1:])
+
+
+def test_every_metric_leaves_the_model_bit_identical():
+    """All registered metrics on a model with BatchNorm (train mode: the statistics would move):
+    same values, same Parameter objects, same modes, no hooks left."""
+    torch.manual_seed(0)
+    bundle = data.build("synthetic", train_size=8, val_size=12, image_size=32, num_classes=3)
+    model = CompactCNN(3)
+    model.train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    params = [p for p in model.parameters()]
+    with GradCAM(model) as cam:
+        result = metrics.explanation_metrics(cam, bundle.val, "cpu", batch_size=5,
+                                             settings=metrics.Settings(sensitivity_samples=2))
+    assert set(metrics.METRICS) <= set(result)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert all(p is q for p, q in zip(params, model.parameters()))
+    assert all(m.training for m in model.modules()) and not any(m._forward_hooks for m in model.modules())
+    assert len(result["mprt_steps"]) == 4 and result["mprt_step_names"] == ["fc", "features", "stage2", "stem"]
+
+
+def test_metric_registry_and_selection():
+    assert list(metrics.METRICS)[:2] == ["top1", "top5"]
+    slow = {m.name for m in metrics.select(skip_slow=False)} - {m.name for m in metrics.select(skip_slow=True)}
+    assert slow == {"insertion_auc", "deletion_auc", "max_sensitivity", "mprt"}
+    assert "content_heatmap" not in {m.name for m in metrics.select(has_boxes=False)}
+    with pytest.raises(ValueError, match="unknown metric 'sparsenes'; did you mean 'sparseness'"):
+        metrics.select(["sparsenes"])
+    with pytest.raises(ValueError, match="already registered"):
+        metrics.register_metric(metrics.METRICS["top1"])
+
+    @metrics.register_metric
+    class Peak(metrics.Metric):  # a new metric is one class
+        name, label, higher_is_better = "test_peak", "peak", True
+
+        def update(self, batch):
+            return self.mean_of(batch.heatmaps.flatten(1).amax(1))
+
+    try:
+        bundle = data.build("synthetic", train_size=4, val_size=6, image_size=32, num_classes=3)
+        with GradCAM(CompactCNN(3).eval()) as cam:
+            out = metrics.explanation_metrics(cam, bundle.val, "cpu", metrics=metrics.select(["test_peak", "top1"]))
+        assert set(out) == {"test_peak", "top1"} and out["test_peak"] >= 0
+    finally:
+        metrics.METRICS.pop("test_peak")

@@ -61,12 +61,14 @@ class DataBundle:
 
 def build(name: str, *, seed: int = 0, image_size: int | None = None, train_size: int = 6000,
           val_size: int = 1000, num_classes: int = 10, root: str | Path | None = None, strict: bool = False,
-          ce_crop_scale: tuple[float, float] = (0.08, 1.0)) -> DataBundle:
+          ce_crop_scale: tuple[float, float] = (0.08, 1.0), everything: bool = False) -> DataBundle:
     """The train and val splits of dataset ``name``.
 
     ``train_size``, ``val_size`` and ``num_classes`` shape the synthetic dataset; ``root`` is
     the folder of a file dataset, ``strict`` makes an unreadable image an error, and
-    ``ce_crop_scale`` is the area range of a file dataset's x_ce crop.
+    ``ce_crop_scale`` is the area range of a file dataset's x_ce crop. ``everything``
+    (evaluating a model trained elsewhere): a ``folder`` tree is not split, every image is a
+    val image, and the training split may be empty.
     """
     if name == "synthetic":
         size = image_size or 64
@@ -82,8 +84,8 @@ def build(name: str, *, seed: int = 0, image_size: int | None = None, train_size
     root = Path(root)
     if not root.is_dir():
         raise LayoutError(f"{name}: {root} is not a folder; expected layout:\n{layout}")
-    listing = read(root)
-    if not listing.train or not listing.val:
+    listing = read(root, everything=True) if everything and name == "folder" else read(root)
+    if (not listing.train and not everything) or not listing.val:
         raise LayoutError(f"{name}: {root} has {len(listing.train)} training and {len(listing.val)} val "
                           f"images; both splits need some; expected layout:\n{layout}")
     size = image_size or FILE_IMAGE_SIZE

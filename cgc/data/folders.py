@@ -1,5 +1,6 @@
-"""Class-per-folder datasets: ``folder`` (any tree) and ``imagenet`` (with optional Pascal-VOC
-XML boxes for the validation images).
+"""Class-per-folder datasets: ``folder`` (any tree; with a folder of Pascal-VOC XML files, the
+boxes of its images) and ``imagenet`` (with optional Pascal-VOC XML boxes for the validation
+images).
 
 Each function reads a root and returns a :class:`Listing` (file names, labels, class names,
 boxes); :func:`cgc.data.build` turns listings into datasets. Class folders are read with
@@ -12,7 +13,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 from .files import LayoutError
 
@@ -21,7 +22,13 @@ VAL_FRACTION = 0.2
 
 FOLDER_LAYOUT = """\
   ROOT/train/<class>/<image>   and   ROOT/val/<class>/<image>   (same class names), or
-  ROOT/<class>/<image>         a single tree, split per class: 20 % val, chosen by file name"""
+  ROOT/<class>/<image>         a single tree, split per class: 20 % val, chosen by file name
+                               (evaluating a model that was not trained on it: every image), or
+  ROOT/<image>                 flat, for evaluation, each image's class named by its XML below
+  ROOT/annotation/<image stem>.xml   optional (or ROOT/Annotations/): Pascal-VOC boxes of the images,
+                               for the content heatmap and the pointing game"""
+#: where a folder dataset keeps its Pascal-VOC files (the second is VOC's own name)
+ANNOTATION_DIRS = ("annotation", "Annotations")
 
 IMAGENET_LAYOUT = """\
   ROOT/train/<wnid>/<image>          one folder per class (1000 for ImageNet-1k)
@@ -49,14 +56,18 @@ def is_image(path: Path) -> bool:
 
 
 def class_tree(root: Path, dataset: str, layout: str, class_to_idx: dict[str, int] | None = None):
-    """``(classes, samples)`` of a class-per-folder tree; with ``class_to_idx`` the folders
-    must be among those classes (a val tree may miss some)."""
+    """``(classes, samples)`` of a class-per-folder tree (an annotation folder is not a class);
+    with ``class_to_idx`` the folders must be among those classes (a val tree may miss some)."""
     try:
         if class_to_idx is None:
-            classes, class_to_idx = find_classes(str(root))
+            classes = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name not in ANNOTATION_DIRS)
+            if not classes:
+                raise FileNotFoundError(f"no class folders in {root}")
+            class_to_idx = {c: i for i, c in enumerate(classes)}
         else:
             classes = list(class_to_idx)
-            unknown = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name not in class_to_idx)
+            unknown = sorted(d.name for d in root.iterdir()
+                             if d.is_dir() and d.name not in class_to_idx and d.name not in ANNOTATION_DIRS)
             if unknown:
                 raise LayoutError(f"{dataset}: {root} has class folders that train/ lacks: {unknown[:5]}; "
                                   f"expected layout:\n{layout}")
@@ -79,23 +90,67 @@ def _name_key(path: Path) -> str:
     return hashlib.sha1(path.name.encode()).hexdigest()
 
 
-def folder(root: Path) -> Listing:
+def folder(root: Path, *, everything: bool = False) -> Listing:
     """A class-per-folder tree: ``train/`` + ``val/`` subtrees, or one tree split per class
     (every class with at least two images gives ``VAL_FRACTION`` of them, at least one, to
-    val; which ones depends only on the file names, so every seed sees the same val set)."""
+    val; which ones depends only on the file names, so every seed sees the same val set).
+    ``everything`` (evaluating a model trained elsewhere): every image of a single tree is a
+    val image, and a flat folder of images is accepted, each image's class being the first
+    ``<object><name>`` of its XML. With an ``annotation/`` (or ``Annotations/``) folder, the val
+    images get their Pascal-VOC boxes (every val image needs its XML)."""
     _require_dir(root, "folder", FOLDER_LAYOUT)
+    annotations = next((root / d for d in ANNOTATION_DIRS if (root / d).is_dir()), None)
+    flat = sorted(p for p in root.iterdir() if p.is_file() and is_image(p))
     if (root / "train").is_dir() and (root / "val").is_dir():
         classes, train = class_tree(root / "train", "folder", FOLDER_LAYOUT)
         _, val = class_tree(root / "val", "folder", FOLDER_LAYOUT, {c: i for i, c in enumerate(classes)})
-        return Listing(root, classes, train, val)
-    classes, samples = class_tree(root, "folder", FOLDER_LAYOUT)
-    train, val = [], []
-    for label in range(len(classes)):
-        files = sorted((s for s in samples if s[1] == label), key=lambda s: _name_key(s[0]))
-        n_val = max(1, round(VAL_FRACTION * len(files))) if len(files) >= 2 else 0
-        val += files[:n_val]
-        train += files[n_val:]
-    return Listing(root, classes, sorted(train), sorted(val))
+    elif flat and everything:
+        if annotations is None:
+            raise LayoutError(f"folder: {root} holds images directly but has no annotation/ folder: flat images "
+                              f"take their class from their XML; expected layout:\n{FOLDER_LAYOUT}")
+        named = [(p, voc_names(_xml_of(annotations, p))) for p in flat]
+        classes = sorted({names[0] for _, names in named if names})
+        lost = [p.name for p, names in named if not names]
+        if lost:
+            raise LayoutError(f"folder: the XML of {lost[:3]} names no object; expected layout:\n{FOLDER_LAYOUT}")
+        train, val = [], [(p, classes.index(names[0])) for p, names in named]
+    else:
+        classes, samples = class_tree(root, "folder", FOLDER_LAYOUT)
+        if everything:
+            train, val = [], samples
+        else:
+            train, val = [], []
+            for label in range(len(classes)):
+                files = sorted((s for s in samples if s[1] == label), key=lambda s: _name_key(s[0]))
+                n_val = max(1, round(VAL_FRACTION * len(files))) if len(files) >= 2 else 0
+                val += files[:n_val]
+                train += files[n_val:]
+            train, val = sorted(train), sorted(val)
+    boxes = None
+    if annotations is not None:
+        boxes = [_class_boxes(_xml_of(annotations, path), classes[label]) for path, label in val]
+    return Listing(root, classes, train, val, boxes)
+
+
+def _xml_of(annotations: Path, image: Path) -> Path:
+    xml = annotations / f"{image.stem}.xml"
+    if not xml.is_file():
+        raise LayoutError(f"folder: {xml} is missing; with an annotation folder every evaluated image needs its "
+                          f"Pascal-VOC XML; expected layout:\n{FOLDER_LAYOUT}")
+    return xml
+
+
+def voc_names(path: Path) -> list[str]:
+    """The ``<object><name>`` entries of a Pascal-VOC file."""
+    return read_voc_boxes(path)[0]
+
+
+def _class_boxes(path: Path, name: str) -> list[list[float]]:
+    """The boxes of the objects called ``name`` (the image's class), or of all objects when
+    none is called so (class folders named differently from the annotation's labels)."""
+    names, boxes = read_voc_boxes(path)
+    mine = [b for n, b in zip(names, boxes) if n == name]
+    return mine or boxes
 
 
 def read_voc_boxes(path: Path) -> tuple[list[str], list[list[float]]]:
@@ -103,13 +158,21 @@ def read_voc_boxes(path: Path) -> tuple[list[str], list[list[float]]]:
     try:
         tree = ET.parse(path)
         names, boxes = [], []
+        size = tree.getroot().find("size")
+        width, height = (float(size.findtext(k)) for k in ("width", "height")) if size is not None and \
+            size.findtext("width") else (float("inf"), float("inf"))
         for obj in tree.getroot().iter("object"):
             bb = obj.find("bndbox")
             names.append(obj.findtext("name").strip())
             boxes.append([float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")])
     except (ET.ParseError, AttributeError, TypeError, ValueError) as err:
-        raise LayoutError(f"imagenet: {path} is not a Pascal-VOC annotation with <object><name> and "
+        raise LayoutError(f"{path} is not a Pascal-VOC annotation with <object><name> and "
                           f"<bndbox> xmin/ymin/xmax/ymax ({err})") from err
+    for box in boxes:
+        if not (box[2] > box[0] and box[3] > box[1]) or min(box) < 0:
+            raise LayoutError(f"{path}: box {box} is not xmin < xmax, ymin < ymax with non-negative pixels")
+        if box[0] >= width or box[1] >= height or box[2] > width + 1 or box[3] > height + 1:
+            raise LayoutError(f"{path}: box {box} lies outside the {width:g} x {height:g} image its <size> gives")
     return names, boxes
 
 

@@ -1,0 +1,141 @@
+"""Sanity checks of explanations (Adebayo et al.; Sixt et al.): an explanation that does not
+change when the model's weights are randomised, or when another class is asked about, does not
+explain the model.
+
+- :func:`randomisation_steps`: the cascade, from the head down: ``stage`` granularity takes the
+  model's top-level blocks in reverse order of execution (ResNet: fc, layer4, ..., conv1), as
+  Adebayo et al. randomise Inception's blocks; ``module`` takes every module that has
+  ``reset_parameters`` in reverse registration order, as Quantus's MPRT does;
+- :func:`randomised_models`: copies of the model with the first 1, 2, ... steps re-initialised
+  (seeded; the user's model is never touched);
+- :func:`other_classes`: a random class other than the explained one, per image, keyed;
+- :func:`model_randomisation` and :func:`random_logit`: the two tests for any explanation
+  function ``explain(model, images, targets) -> heatmaps [B,H,W]``.
+
+How to read them: a method that explains the model gives heatmaps that stay similar to the
+original only while the weights are the trained ones. Its MPRT similarity (Spearman's rank
+correlation) falls as soon as the head and the top blocks are randomised and ends near 0; its
+random-logit similarity (SSIM between the heatmaps of two classes) is clearly below 1. Values
+near 1 mean the heatmap does not depend on the weights (or on the class): it fails the check,
+however consistent or well localised it is.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .. import transforms
+from .similarity import spearman, ssim
+
+#: an explanation of ``images`` by ``model`` for ``targets``: heatmaps [B,H,W]
+Explain = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+GRANULARITIES = ("stage", "module")
+
+
+def _execution_order(model: nn.Module, input_size: int) -> list[str]:
+    """Names of the model's top-level children in the order their forward passes finish
+    (one pass on the meta device, nothing copied); children that do not run are left out."""
+    done: list[str] = []
+    handles = [child.register_forward_hook(lambda *_, name=name: done.append(name))
+               for name, child in model.named_children()]
+    stand_ins = {n: torch.empty_like(t, device="meta") for n, t in
+                 [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]}
+    try:
+        with torch.no_grad():
+            torch.func.functional_call(model, stand_ins, (torch.empty(2, 3, input_size, input_size, device="meta"),))
+    finally:
+        for h in handles:
+            h.remove()
+    return list(dict.fromkeys(done))
+
+
+def randomisation_steps(model: nn.Module, granularity: str = "stage", input_size: int = 224) -> list[tuple[str, list[nn.Module]]]:
+    """``[(name, modules)]``: what each step of the cascade re-initialises, from the head down."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if granularity == "module":
+        found = [(n, m) for n, m in model.named_modules() if hasattr(m, "reset_parameters")]
+        return [(n, [m]) for n, m in reversed(found)]
+    children = dict(model.named_children())
+    order = [n for n in _execution_order(model, input_size) if any(True for _ in children[n].parameters())]
+    if not order:
+        raise ValueError(f"{type(model).__name__} has no top-level block with parameters to randomise")
+    return [(n, [children[n]]) for n in reversed(order)]
+
+
+def _reinitialise(module: nn.Module, seed: int) -> None:
+    """Fresh weights for ``module`` and everything in it: ``reset_parameters`` where a module
+    has it (after ``torch.manual_seed(seed)``, as Quantus does), and for parameters no such
+    method covers, normal draws with the parameter's own standard deviation."""
+    covered = set()
+    for sub in module.modules():
+        if hasattr(sub, "reset_parameters"):
+            torch.manual_seed(seed)
+            sub.reset_parameters()
+            covered.update(id(p) for p in sub.parameters(recurse=False))
+    with torch.no_grad():
+        for p in module.parameters():
+            if id(p) not in covered:
+                p.normal_(0.0, float(p.std()) if p.numel() > 1 else 1.0)
+
+
+def randomised_models(model: nn.Module, steps: list[tuple[str, list[nn.Module]]], *, seed: int = 42):
+    """``(step name, model copy)`` for the cumulative cascade: one deep copy of ``model``
+    re-initialised step after step (the copy is yielded after each step; the caller uses it
+    before asking for the next). The global RNG state is left as it was."""
+    names = {id(m): n for n, m in model.named_modules()}
+    twin = copy.deepcopy(model)
+    twins = dict(twin.named_modules())
+    devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=[d for d in devices if d is not None]):
+        for name, modules in steps:
+            for m in modules:
+                _reinitialise(twins[names[id(m)]], seed + 1)
+            yield name, twin
+
+
+def other_classes(targets: torch.Tensor, num_classes: int, keys: list[int]) -> torch.Tensor:
+    """A class other than ``targets[b]`` for every image, uniform over the other
+    ``num_classes - 1`` and drawn from the image's key."""
+    if num_classes < 2:
+        raise ValueError("the random-logit test needs at least two classes")
+    u = transforms.uniforms(len(keys), 1, keys=keys)[:, 0].to(targets.device)
+    pick = (u * (num_classes - 1)).long().clamp_max(num_classes - 2)
+    return pick + (pick >= targets).long()
+
+
+def by_max(heatmaps: torch.Tensor) -> torch.Tensor:
+    """Each map [B,H,W] divided by its largest absolute value (Quantus's normalise_by_max;
+    an all-zero map stays zero)."""
+    top = heatmaps.flatten(1).abs().amax(1).view(-1, *([1] * (heatmaps.dim() - 1)))
+    return torch.where(top > 0, heatmaps / top.clamp_min(1e-30), heatmaps)
+
+
+def model_randomisation(model: nn.Module, explain: Explain, images: torch.Tensor, targets: torch.Tensor,
+                        steps: list[tuple[str, list[nn.Module]]], *, seed: int = 42,
+                        original: torch.Tensor | None = None) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """Cascading model parameter randomisation: ``(step names, Spearman [S,B], SSIM [S,B])``
+    between the heatmap of the trained model (``original``, else computed) and that after
+    each cumulative step, for the same ``targets``. SSIM on maps divided by their maxima."""
+    base = explain(model, images, targets) if original is None else original
+    names, rho, sim = [], [], []
+    for name, twin in randomised_models(model, steps, seed=seed):
+        moved = explain(twin, images, targets)
+        names.append(name)
+        rho.append(spearman(base, moved))
+        sim.append(ssim(by_max(base), by_max(moved)))
+    return names, torch.stack(rho), torch.stack(sim)
+
+
+def random_logit(model: nn.Module, explain: Explain, images: torch.Tensor, targets: torch.Tensor, num_classes: int,
+                 keys: list[int], *, original: torch.Tensor | None = None) -> torch.Tensor:
+    """SSIM [B] between the heatmap for ``targets`` (``original``, else computed) and that for
+    a random other class (:func:`other_classes`), both divided by their maxima, as Quantus's
+    RandomLogit (which, unlike this 2-D SSIM, compares the maps flattened to 1-D)."""
+    base = explain(model, images, targets) if original is None else original
+    other = explain(model, images, other_classes(targets, num_classes, keys))
+    return ssim(by_max(base), by_max(other))

@@ -1,0 +1,401 @@
+"""Metrics as objects: one small protocol, a registry, and the loop that runs any list of them
+over a dataset, batched on the device and shared out over processes.
+
+A :class:`Metric` says its report key (``name``), table ``label``, direction
+(``higher_is_better``), what it ``needs`` (``labels``, ``boxes``), whether it is ``slow``, and
+how it turns one batch into sums (:meth:`Metric.update`) and the sums into numbers
+(:meth:`Metric.finish`). :func:`explanation_metrics` runs the chosen ones; ``cgc.evaluate``'s
+rows, ``report.json``, ``report.md`` and the tables come from :data:`METRICS`, so a new metric is
+one class with :func:`register_metric`. Heatmaps that several metrics use (the explained
+classes' CAMs at input resolution) are computed once per batch (:class:`EvalBatch`).
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from .. import data, transforms
+from ..cam import GradCAM, resize_heatmaps
+from ..errors import UnknownName
+from ..progress import progress
+from .common import box_region, eval_batches, eval_mode, topk_correct
+from .complexity import complexity, sparseness
+from .consistency import consistency
+from .faithfulness import insertion_deletion
+from .localisation import content_heatmap, pointing_game
+from .randomisation import model_randomisation, random_logit, randomisation_steps
+from .robustness import keyed_noise, max_sensitivity
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The protocols' parameters (defaults: METHOD.md and Quantus's, see README)."""
+
+    seed: int = 12345                      # every random draw of the metrics is keyed by it
+    crop_scale: tuple[float, float] = transforms.DEFAULT_SCALE  # consistency crops
+    tolerance: float = 0.0                 # pointing game, pixels
+    cam_input_size: int | None = None      # content heatmap / pointing game: resize first (448)
+    pixels_per_step: int | None = None     # insertion / deletion (default H*W / 28)
+    causal_batch: int = 256                # images per forward pass of the perturbation metrics
+    sensitivity_radius: float = 0.2        # max-sensitivity: L-inf radius, normalised input units
+    sensitivity_samples: int = 10          # max-sensitivity: noise samples per image
+    randomisation: str = "stage"           # MPRT: "stage" (Adebayo) or "module" (Quantus)
+
+
+@dataclass
+class EvalBatch:
+    """One batch of evaluation images with what several metrics share, computed on demand."""
+
+    cam: GradCAM
+    x: torch.Tensor                        # normalised images [B,C,H,W]
+    labels: torch.Tensor
+    boxes: torch.Tensor | None
+    indices: list[int]                     # the images' positions in the dataset (their keys)
+    settings: Settings
+    cache: dict = field(default_factory=dict)
+
+    def get(self, name: str, make):
+        if name not in self.cache:
+            self.cache[name] = make()
+        return self.cache[name]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return tuple(self.x.shape[-2:])
+
+    @property
+    def logits(self) -> torch.Tensor:
+        def run():
+            with torch.no_grad():
+                return self.cam.model(self.x)
+        return self.get("logits", run)
+
+    @property
+    def predicted(self) -> torch.Tensor:
+        return self.logits.argmax(1)
+
+    @property
+    def heatmaps(self) -> torch.Tensor:
+        """CAMs of the predicted classes at input resolution [B,H,W] (float32)."""
+        return self.get("heatmaps", lambda: self.explain(self.x, self.predicted))
+
+    def explain(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """CAMs of ``images`` for ``targets`` at input resolution."""
+        return resize_heatmaps(self.cam(images, targets).cams.float(), tuple(images.shape[-2:]))
+
+    def explain_with(self, model, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The same CAM method and layer on another model (a randomised copy)."""
+        if model is self.cam.model:
+            return self.explain(images, targets)
+        with self.cam.with_model(model) as cam:
+            return resize_heatmaps(cam(images, targets).cams.float(), tuple(images.shape[-2:]))
+
+    @property
+    def region(self) -> torch.Tensor:
+        return self.get("region", lambda: box_region(self.boxes.to(self.x.device).float(), self.size))
+
+    def keys(self, purpose: str) -> list[int]:
+        return transforms.sample_keys(self.settings.seed, 0, self.indices, purpose)
+
+
+class Metric(ABC):
+    """One row of the evaluation. ``update`` returns per-batch sums (``{"sum": s, "n": n}`` for
+    a mean over images; more entries for extra outputs); ``finish`` turns the totals into
+    ``{name: value, ...}`` (default: ``sum / n``, None when no image counted)."""
+
+    name: ClassVar[str]
+    label: ClassVar[str]
+    higher_is_better: ClassVar[bool | None] = None
+    needs: ClassVar[frozenset] = frozenset()
+    slow: ClassVar[bool] = False
+    fmt: ClassVar[str] = ".4f"
+    about: ClassVar[str] = ""
+
+    @abstractmethod
+    def update(self, batch: EvalBatch) -> dict[str, float]:
+        """Sums over this batch's images."""
+
+    def finish(self, totals: dict[str, float]) -> dict:
+        n = totals.get("n", 0)
+        return {self.name: totals["sum"] / n if n else None}
+
+    @staticmethod
+    def mean_of(values: torch.Tensor, scale: float = 1.0) -> dict[str, float]:
+        """Sums of the finite per-image values (NaN marks an image the metric cannot score)."""
+        v = values.double()
+        ok = torch.isfinite(v)
+        return {"sum": scale * float(v[ok].sum()), "n": float(ok.sum())}
+
+    @property
+    def arrow(self) -> str:
+        return {True: " ↑", False: " ↓", None: ""}[self.higher_is_better]
+
+
+#: name -> metric class, in the order of the table
+METRICS: dict[str, type[Metric]] = {}
+
+
+def register_metric(cls: type[Metric]) -> type[Metric]:
+    """Class decorator: add a metric to :data:`METRICS` (its ``name`` must be new)."""
+    if cls.name in METRICS:
+        raise ValueError(f"a metric called {cls.name!r} is already registered")
+    METRICS[cls.name] = cls
+    return cls
+
+
+def select(names: list[str] | None = None, *, skip_slow: bool = False, has_boxes: bool = True) -> list[Metric]:
+    """Instances of the metrics ``names`` (default: all), without the slow ones with
+    ``skip_slow`` and without those needing boxes when the data has none."""
+    chosen = list(METRICS) if not names else names
+    for name in chosen:
+        if name not in METRICS:
+            raise UnknownName("metric", name, METRICS)
+    out = [METRICS[n]() for n in chosen]
+    return [m for m in out if not (skip_slow and m.slow) and (has_boxes or "boxes" not in m.needs)]
+
+
+# ----------------------------------------------------------------------------- the metrics
+class _TopK(Metric):
+    k: ClassVar[int]
+    needs = frozenset({"labels"})
+    higher_is_better = True
+    fmt = ".2f"
+
+    def update(self, batch):
+        return {"sum": 100.0 * topk_correct(batch.logits, batch.labels, ks=(self.k,))[self.k],
+                "n": float(batch.labels.shape[0])}
+
+
+@register_metric
+class Top1(_TopK):
+    name, label, k, about = "top1", "top-1 (%)", 1, "accuracy"
+
+
+@register_metric
+class Top5(_TopK):
+    name, label, k, about = "top5", "top-5 (%)", 5, "accuracy"
+
+
+class _LabelHeatmaps(Metric):
+    """Localisation metrics: CAMs of the ground-truth class, on the image resized to
+    ``cam_input_size`` (METHOD's ImageNet protocol: 448) and back; images without a box left out."""
+
+    needs = frozenset({"labels", "boxes"})
+    higher_is_better = True
+    fmt = ".2f"
+
+    @staticmethod
+    def label_heatmaps(batch: EvalBatch) -> torch.Tensor:
+        def make():
+            x, size = batch.x, batch.settings.cam_input_size
+            xin = x if size is None else F.interpolate(x, (size, size), mode="bilinear", align_corners=False,
+                                                       antialias=True)
+            return resize_heatmaps(batch.cam(xin, batch.labels).cams.float(), batch.size)
+        return batch.get("label_heatmaps", make)
+
+
+@register_metric
+class ContentHeatmap(_LabelHeatmaps):
+    name, label = "content_heatmap", "content heatmap (%)"
+    about = "energy of the label's heatmap inside the boxes (Quantus: relevance mass accuracy x 100)"
+
+    def update(self, batch):
+        has = batch.region.flatten(1).any(1)
+        return self.mean_of(content_heatmap(self.label_heatmaps(batch), batch.region)[has])
+
+
+@register_metric
+class PointingGame(_LabelHeatmaps):
+    name, label = "pointing_game", "pointing game (%)"
+    about = "the label's heatmap peaks inside a box"
+
+    def update(self, batch):
+        has = batch.region.flatten(1).any(1)
+        hits = pointing_game(self.label_heatmaps(batch), batch.region, batch.settings.tolerance)
+        return self.mean_of(hits[has].double(), 100.0)
+
+
+class _Causal(Metric):
+    mode: ClassVar[str]
+    slow = True
+
+    def update(self, batch):
+        s = batch.settings
+        cams = batch.get("cams_pred", lambda: batch.cam(batch.x, batch.predicted).cams)
+        area, curve = insertion_deletion(batch.cam.model, batch.x, cams, mode=self.mode, step=s.pixels_per_step,
+                                         batch_size=s.causal_batch, targets=batch.predicted)
+        out = self.mean_of(area)
+        out.update({f"curve{i}": v for i, v in enumerate(curve.double().sum(0).tolist())})
+        return out
+
+    def finish(self, totals):
+        out = super().finish(totals)
+        points = sorted((int(k[5:]), v) for k, v in totals.items() if k.startswith("curve"))
+        out[f"{self.mode}_curve"] = [v / totals["n"] for _, v in points] if points and totals["n"] else None
+        return out
+
+
+@register_metric
+class Insertion(_Causal):
+    name, label, mode, higher_is_better = "insertion_auc", "insertion AUC", "insertion", True
+    about = "RISE: probability of the predicted class as its most salient pixels come back"
+
+
+@register_metric
+class Deletion(_Causal):
+    name, label, mode, higher_is_better = "deletion_auc", "deletion AUC", "deletion", False
+    about = "RISE: probability as its most salient pixels are removed"
+
+
+class _Consistency(Metric):
+    higher_is_better = True
+
+    @staticmethod
+    def pair(batch: EvalBatch):
+        def make():
+            keys = batch.keys("consistency")
+            tf = transforms.random_crop_flip(batch.x.shape[0], *batch.size, scale=batch.settings.crop_scale, keys=keys)
+            return consistency(batch.cam, batch.x, tf.theta().to(batch.x.device))
+        return batch.get("consistency", make)
+
+
+@register_metric
+class ConsistencyCosine(_Consistency):
+    name, label = "consistency", "consistency (cosine)"
+    about = "heatmap of a crop/flip vs the same crop/flip of the heatmap"
+
+    def update(self, batch):
+        return self.mean_of(self.pair(batch)[0])
+
+
+@register_metric
+class ConsistencyIoU(_Consistency):
+    name, label = "consistency_iou", "consistency (top-20% IoU)"
+    about = "the same, as IoU of the top-20 % pixels"
+
+    def update(self, batch):
+        return self.mean_of(self.pair(batch)[1])
+
+
+@register_metric
+class MaxSensitivity(Metric):
+    name, label, higher_is_better, slow = "max_sensitivity", "max-sensitivity", False, True
+    about = "largest relative change of the heatmap under uniform input noise (Yeh et al.)"
+
+    def update(self, batch):
+        s = batch.settings
+        noise = keyed_noise(s.seed, batch.indices, tuple(batch.x.shape[1:]), s.sensitivity_radius)
+        worst = max_sensitivity(batch.explain, batch.x, batch.predicted, noise, samples=s.sensitivity_samples,
+                                batch_size=s.causal_batch)
+        return self.mean_of(worst)
+
+
+@register_metric
+class Sparseness(Metric):
+    name, label, higher_is_better = "sparseness", "sparseness (Gini)", True
+    about = "Gini index of the heatmap: 0 uniform, 1 one pixel (Chalasani et al.)"
+
+    def update(self, batch):
+        return self.mean_of(sparseness(batch.heatmaps))
+
+
+@register_metric
+class Complexity(Metric):
+    name, label, higher_is_better = "complexity", "complexity (entropy)", False
+    about = "entropy of the heatmap's mass: 0 one pixel, log(H*W) uniform (Bhatt et al.)"
+
+    def update(self, batch):
+        return self.mean_of(complexity(batch.heatmaps))
+
+
+@register_metric
+class RandomLogit(Metric):
+    name, label, higher_is_better = "random_logit", "random logit (SSIM)", False
+    about = "SSIM of the predicted class's heatmap and a random other class's (Sixt et al.)"
+
+    def update(self, batch):
+        return self.mean_of(random_logit(batch.cam.model, batch.explain_with, batch.x, batch.predicted,
+                                         batch.logits.shape[1], batch.keys("random_logit"), original=batch.heatmaps))
+
+
+@register_metric
+class ModelRandomisation(Metric):
+    name, label, higher_is_better, slow = "mprt", "MPRT (Spearman)", False, True
+    about = ("cascading model parameter randomisation (Adebayo et al.): rank correlation of the heatmap "
+             "before and after each step, mean over the steps")
+
+    def update(self, batch):
+        s = batch.settings
+        model = batch.cam.model
+        steps = batch.get("mprt_steps", lambda: randomisation_steps(model, s.randomisation, batch.size[0]))
+        self.step_names, rho, sim = model_randomisation(model, batch.explain_with, batch.x, batch.predicted, steps,
+                                                        seed=s.seed, original=batch.heatmaps)
+        out = self.mean_of(rho)
+        for k in range(rho.shape[0]):
+            for key, values in (("rho", rho[k]), ("ssim", sim[k])):
+                part = self.mean_of(values)
+                out[f"{key}{k}"], out[f"{key}_n{k}"] = part["sum"], part["n"]
+        return out
+
+    def finish(self, totals):
+        out = super().finish(totals)
+        steps = sum(1 for k in totals if k.startswith("rho_n"))
+        for key, report in (("rho", "mprt_steps"), ("ssim", "mprt_ssim_steps")):
+            out[report] = [totals[f"{key}{k}"] / totals[f"{key}_n{k}"] if totals[f"{key}_n{k}"] else None
+                           for k in range(steps)]
+        out["mprt_step_names"] = list(getattr(self, "step_names", []))
+        return out
+
+
+# ----------------------------------------------------------------------------- the loop
+def explanation_metrics(cam: GradCAM, dataset, device, *, metrics: list[Metric] | None = None,
+                        settings: Settings = Settings(), batch_size: int = 64, limit: int | None = None,
+                        workers: int = 0, desc: str | None = None, rank: int = 0, world_size: int = 1,
+                        reduce=None, label_map: torch.Tensor | None = None) -> dict:
+    """Run ``metrics`` (default: every registered one) for the model of ``cam`` over
+    ``dataset`` (or its first ``limit`` images), in eval mode (restored afterwards):
+    ``{report key: value}``, None where a metric had nothing to score (the localisation
+    metrics on a dataset without boxes).
+
+    Process ``rank`` of ``world_size`` measures every ``world_size``-th image; ``reduce``
+    (:meth:`cgc.distributed.Context.sum_values`) sums the totals over the processes, so every
+    process returns the numbers of the whole dataset. Random draws (crops, noise, classes) are
+    keyed by ``settings.seed`` and each image's index: the same for every model and any split.
+    ``label_map`` turns the dataset's labels into the model's class indices (a model trained
+    elsewhere, e.g. on ImageNet's 1000 classes).
+    """
+    has_boxes = hasattr(dataset, "boxes")
+    metrics = select() if metrics is None else metrics
+    unscored = [m.name for m in metrics if "boxes" in m.needs and not has_boxes]  # reported as None
+    metrics = [m for m in metrics if m.name not in unscored]
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    if not n:
+        raise ValueError("the dataset is empty: nothing to evaluate")
+    positions = list(range(rank, n, world_size))
+    batches = eval_batches(data.take(dataset, positions), batch_size, workers=workers)
+    if desc:
+        batches = progress(batches, desc, total=math.ceil(len(positions) / batch_size), disable=rank != 0)
+    totals: dict[str, float] = {}
+    done = 0
+    with eval_mode(cam.model):
+        for images, labels, boxes in batches:
+            if label_map is not None:
+                labels = label_map[labels]
+            batch = EvalBatch(cam, data.normalize(images.to(device)), labels.to(device), boxes,
+                              positions[done:done + images.shape[0]], settings)
+            done += images.shape[0]
+            for m in metrics:
+                for k, v in m.update(batch).items():
+                    totals[f"{m.name}/{k}"] = totals.get(f"{m.name}/{k}", 0.0) + v
+    if reduce is not None and world_size > 1:
+        totals = reduce(totals)
+    result = dict.fromkeys(unscored)
+    for m in metrics:
+        mine = {k.split("/", 1)[1]: v for k, v in totals.items() if k.startswith(m.name + "/")}
+        result.update(m.finish(mine) if mine.get("n") else {m.name: None})
+    return result
