@@ -30,10 +30,13 @@ class CGCLoss(nn.Module):
       each process's loss is the mean over its own anchors;
     - ``kind="mse"``: mean over the batch of ``||q_b/|q_b| - p_b/|p_b| ||^2`` (= 2 - 2 cos),
       no negatives.
+
+    ``padding_mode`` of the positive's warp (``border``, the default, or ``zeros``) decides
+    what a crop that reaches the original's edge sees beyond it.
     """
 
     def __init__(self, temperature: float = 0.5, heatmap_size: int | tuple[int, int] | None = 224,
-                 kind: str = "infonce", backend: str | None = None, gather=None):
+                 kind: str = "infonce", backend: str | None = None, gather=None, padding_mode: str = "border"):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -44,6 +47,7 @@ class CGCLoss(nn.Module):
         self.kind = kind
         self.backend = backend
         self.gather = gather
+        self.padding_mode = padding_mode
 
     def pair(self, cam_orig: torch.Tensor, cam_aug: torch.Tensor, theta: torch.Tensor, size=None):
         """The flattened anchors ``q`` (augmented view) and positives ``p`` [B, S*S]."""
@@ -56,7 +60,8 @@ class CGCLoss(nn.Module):
         b = cam_orig.shape[0]
         ident = identity_theta(b, cam_aug.device, theta.dtype)
         q = ops.affine_warp(cam_aug[:, None], ident, size, padding_mode="border", backend=self.backend).flatten(1)
-        p = ops.affine_warp(cam_orig[:, None], theta, size, padding_mode="border", backend=self.backend).flatten(1)
+        p = ops.affine_warp(cam_orig[:, None], theta, size, padding_mode=self.padding_mode,
+                            backend=self.backend).flatten(1)
         q = q / (q.sum(1, keepdim=True) + HEATMAP_EPS) + HEATMAP_EPS
         p = p / (p.sum(1, keepdim=True) + HEATMAP_EPS) + HEATMAP_EPS
         return q, p

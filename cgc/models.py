@@ -38,6 +38,8 @@ class CompactCNN(nn.Module):
     """Four 3x3 conv-norm-ReLU layers with 2x2 max-pooling after the first three (stride 8),
     global average pooling, a linear head. ``norm``: ``batch`` (BatchNorm) or ``group``
     (GroupNorm, for runs that must not depend on how a batch is split over processes).
+    ``stride`` 4 drops the third pooling: 16x16 heatmaps at 64 px (four times the compute of the
+    last stage).
 
     ``features`` is the last convolutional stage (the Grad-CAM layer): at 64 px input it is an
     8x8 map, so heatmaps have enough resolution to be right or wrong about a small object.
@@ -46,15 +48,17 @@ class CompactCNN(nn.Module):
     Global pooling + linear head make pooled and element-wise Grad-CAM coincide, as for ResNet.
     """
 
-    def __init__(self, num_classes: int = 10, width: int = 16, norm: str = "batch"):
+    def __init__(self, num_classes: int = 10, width: int = 16, norm: str = "batch", stride: int = 8):
         super().__init__()
         if norm not in NORMS:
             raise UnknownName("norm", norm, NORMS)
+        if stride not in (4, 8):
+            raise ConfigError(f"the compact model's stride is 4 or 8, got {stride}")
         w = width
         self.stem = nn.Sequential(_conv_norm(3, w, norm), nn.MaxPool2d(2))
         self.stage2 = nn.Sequential(_conv_norm(w, 2 * w, norm), nn.MaxPool2d(2))
-        self.features = nn.Sequential(_conv_norm(2 * w, 4 * w, norm), nn.MaxPool2d(2),
-                                      _conv_norm(4 * w, 4 * w, norm))
+        third = [nn.MaxPool2d(2)] if stride == 8 else []
+        self.features = nn.Sequential(_conv_norm(2 * w, 4 * w, norm), *third, _conv_norm(4 * w, 4 * w, norm))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(4 * w, num_classes)
 
@@ -91,12 +95,12 @@ def classifier_head(model: nn.Module) -> tuple[str, nn.Module]:
     return head
 
 
-def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
+def replace_head(model: nn.Module, num_classes: int, *, fresh: bool = False) -> nn.Module:
     """Swap the classifier head for a freshly initialised one with ``num_classes`` outputs
-    (kept when it already has that many)."""
+    (kept when it already has that many, unless ``fresh``)."""
     name, old = classifier_head(model)
     out = old.out_features if isinstance(old, nn.Linear) else old.out_channels
-    if out == num_classes:
+    if out == num_classes and not fresh:
         return model
     if isinstance(old, nn.Linear):
         new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
@@ -136,24 +140,25 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def build_model(arch: str, num_classes: int, *, pretrained: bool = False,
-                weights: str | Path | None = None, norm: str = "batch") -> nn.Module:
+def build_model(arch: str, num_classes: int, *, pretrained: bool = False, weights: str | Path | None = None,
+                norm: str = "batch", stride: int = 8, new_head: bool = False) -> nn.Module:
     """A classifier with ``num_classes`` outputs.
 
-    ``arch`` is ``compact`` (with ``norm``), any torchvision classification model name, or
-    ``timm:NAME`` for any timm model (``timm`` is optional). ``pretrained`` loads the
-    library's default weights (downloaded: needs the internet or a filled cache).
+    ``arch`` is ``compact`` (with ``norm`` and ``stride``), any torchvision classification
+    model name, or ``timm:NAME`` for any timm model (``timm`` is optional). ``pretrained``
+    loads the library's default weights (downloaded: needs the internet or a filled cache).
     ``weights`` loads a local state dict, whose head may have the architecture's original
-    class count (then it is replaced) or ``num_classes``.
+    class count (then it is replaced) or ``num_classes`` (then it is kept, unless
+    ``new_head``: fine-tuning on other classes).
     """
     if pretrained and weights:
         raise ConfigError("use either --pretrained or --weights, not both")
-    if norm != "batch" and arch != COMPACT:
-        raise ConfigError(f"--norm {norm} is an option of the compact model; {arch} keeps its own normalisation")
+    if (norm != "batch" or stride != 8) and arch != COMPACT:
+        raise ConfigError(f"--norm and --compact-stride are options of the compact model; {arch} keeps its own")
     if arch == COMPACT:
         if pretrained:
             raise ConfigError("the compact model has no pretrained weights; use --weights PATH")
-        model: nn.Module = CompactCNN(num_classes, norm=norm)
+        model: nn.Module = CompactCNN(num_classes, norm=norm, stride=stride)
     elif arch.startswith(TIMM_PREFIX):
         model = _build_timm(arch[len(TIMM_PREFIX):], pretrained)
     else:
@@ -162,9 +167,11 @@ def build_model(arch: str, num_classes: int, *, pretrained: bool = False,
         state = load_state_dict_file(weights)
         head_name, _ = classifier_head(model)
         head_w = state.get(f"{head_name}.weight")
-        if head_w is not None and head_w.shape[0] == num_classes:
-            replace_head(model, num_classes)
+        if head_w is not None:
+            replace_head(model, head_w.shape[0])
         _load(model, state, weights)
+        if new_head:
+            replace_head(model, num_classes, fresh=True)
     return replace_head(model, num_classes)
 
 
@@ -253,7 +260,8 @@ def load_model(*, checkpoint_path: str | Path | None = None, arch: str | None = 
         targs = ckpt.get("args", {})
         num = len(ckpt.get("classes") or []) or targs.get("num_classes")
         classes = list(ckpt.get("classes") or [f"class {i}" for i in range(num)])
-        model = build_model(targs.get("arch", COMPACT), num, norm=targs.get("norm", "batch"))
+        model = build_model(targs.get("arch", COMPACT), num, norm=targs.get("norm", "batch"),
+                            stride=targs.get("compact_stride", 8))
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as err:

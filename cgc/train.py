@@ -43,6 +43,7 @@ from .errors import ConfigError, Preempted, TrainingFailed
 from .losses import CGCLoss
 from .models import NORMS, build_model, classifier_head
 from .progress import progress
+from .runlog import RunLog
 from .term import CGCTerm
 
 LOSSES = ("cgc", "mse", "ce")
@@ -64,12 +65,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     limited.add_argument("--train-fraction", type=float, default=None, metavar="F",
                          help="train on a fraction F of each class (stratified, fixed by --seed)")
     g.add_argument("--unlabeled", default=None, metavar="DIR",
-                   help="any tree of images: CGC loss on them (target = predicted class), CE on the labelled set")
+                   help="any tree of images: CGC loss on them (target = predicted class), CE on the labelled set; "
+                        "'rest': the training images that --samples-per-class / --train-fraction left out, without "
+                        "their labels")
     g.add_argument("--unlabeled-batch-size", type=int, default=None, help="default: --batch-size")
     g.add_argument("--image-size", type=int, default=None, help="input size (default: the dataset's, 64 for synthetic)")
     g.add_argument("--train-size", type=int, default=6000, help="synthetic: training images")
     g.add_argument("--val-size", type=int, default=1000, help="synthetic: validation images")
     g.add_argument("--num-classes", type=int, default=10, help="synthetic: number of classes (2-12)")
+    g.add_argument("--classes", default=None, metavar="NAMES",
+                   help="synthetic: the shapes to classify, comma-separated (e.g. for transfer experiments: "
+                        "pretrain on some shapes, fine-tune on others); default: the first --num-classes of "
+                        + ", ".join(data.synthetic.CLASS_SHAPES))
     g.add_argument("--workers", type=int, default=None,
                    help="loader worker processes (default: 0 for in-memory datasets, else 4)")
     g = p.add_argument_group("model")
@@ -79,6 +86,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="compact model: BatchNorm or GroupNorm (no batch statistics)")
     g.add_argument("--pretrained", action="store_true", help="torchvision's / timm's ImageNet weights (needs internet)")
     g.add_argument("--weights", default=None, help="local state dict (.pth, .pt or .safetensors) to start from")
+    g.add_argument("--new-head", action="store_true",
+                   help="with --weights: a fresh classifier head even when the weights' head has the right size "
+                        "(fine-tuning on other classes)")
+    g.add_argument("--compact-stride", type=int, default=8, choices=(4, 8),
+                   help="compact model: downsampling to the CAM layer (8: 8x8 heatmaps at 64 px; 4: 16x16)")
     g.add_argument("--target-layer", default=None, help="CAM layer (dotted name; default: last conv stage)")
     g.add_argument("--cam", default="gradcam", choices=tuple(CAM_METHODS),
                    help="CAM method of the CGC term and the explanations (hirescam: the authors' element-wise "
@@ -111,6 +123,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--heatmap-size", type=int, default=None, help="heatmap resolution (default: image size)")
     g.add_argument("--crop-scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
                    help="area range of the x_aug crop")
+    g.add_argument("--vflip", action="store_true",
+                   help="the augmented view is also flipped vertically with probability 0.5 (the recipe: horizontal only)")
+    g.add_argument("--heatmap-padding", default="border", choices=("border", "zeros"),
+                   help="padding of the heatmap warp outside the original's edge")
     g.add_argument("--ce-crop-scale", type=float, nargs=2, default=(0.25, 1.0), metavar=("MIN", "MAX"),
                    help="area range of the x_ce crop (of the decoded image for file datasets; 0.08 1 is the recipe)")
     g.add_argument("--backend", default=None, help="ops backend (default: $CGC_BACKEND or auto)")
@@ -123,9 +139,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    g.add_argument("--amp", default="off", choices=("off", "bf16"),
-                   help="bf16: forward and backward under bfloat16 autocast (GPUs from Ampere on, CPUs "
-                        "with AMX or AVX512-BF16); the CGC loss itself stays in float32")
+    g.add_argument("--amp", default="auto", choices=("auto", "off", "bf16"),
+                   help="bf16: forward and backward under bfloat16 autocast (the CGC loss stays in float32); auto: "
+                        "bf16 where the device computes it fast (GPUs from Ampere on, CPUs with AMX or AVX512-BF16), "
+                        "else off")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also log to OUT/tensorboard (scalars per step and epoch, the overlays; needs tensorboard)")
     g.add_argument("--deterministic", action="store_true",
                    help="torch.use_deterministic_algorithms for the run: bit-identical reruns on GPUs "
                         "too (the ops' auto backend then avoids the CUDA kernels that sum with atomics)")
@@ -136,6 +155,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                    help="also write OUT/last.pt every N steps, in the middle of epochs (0: at epoch ends only)")
     g.add_argument("--overlays", type=int, default=16, help="val images in the overlay PNG")
+    g.add_argument("--val-every", type=int, default=1, metavar="K",
+                   help="validate every K epochs and after the last (tiny training sets: many short epochs)")
     args = p.parse_args(argv)
     if args.cam_weighting is not None:
         p.error("--cam-weighting was replaced by --cam: use --cam hirescam for 'elementwise' or --cam gradcam "
@@ -157,8 +178,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--unlabeled needs a CGC term: use --loss cgc or mse")
     if args.unlabeled and (args.unlabeled_batch_size or args.batch_size) < 2:
         p.error("--unlabeled-batch-size must be >= 2 (the other images are the negatives)")
-    if args.checkpoint_every < 0:
-        p.error("--checkpoint-every must be >= 0")
+    if args.checkpoint_every < 0 or args.val_every < 1:
+        p.error("--checkpoint-every must be >= 0 and --val-every >= 1")
+    if args.unlabeled == "rest" and not (args.samples_per_class or args.train_fraction):
+        p.error("--unlabeled rest needs --samples-per-class or --train-fraction (the rest of what?)")
+    if args.new_head and not args.weights:
+        p.error("--new-head goes with --weights")
     return args
 
 
@@ -203,8 +228,8 @@ class Schedule:
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """What every step does besides the model and the schedule: the crops of the augmented
-    (``crop_scale``) and CE (``ce_crop_scale``) views, keyed by ``seed``; mixed precision;
-    the ops backend; channels-last input batches."""
+    (``crop_scale``; also flipped vertically with ``vflip``) and CE (``ce_crop_scale``) views,
+    keyed by ``seed``; mixed precision; the ops backend; channels-last input batches."""
 
     seed: int = 0
     crop_scale: tuple[float, float] = transforms.DEFAULT_SCALE
@@ -212,6 +237,7 @@ class Recipe:
     amp: str = "off"
     backend: str | None = None
     channels_last: bool = False
+    vflip: bool = False
 
 
 @dataclasses.dataclass
@@ -230,6 +256,28 @@ class EpochState:
 def autocast(device: torch.device, amp: str):
     """The mixed-precision context of ``--amp`` (a no-op context for ``off``)."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
+
+
+def fast_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 matrix products in hardware: CUDA GPUs from Ampere
+    (compute capability 8) on, CPUs with AMX or AVX512-BF16 (elsewhere bfloat16 is emulated and
+    slower than float32)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    if device.type == "cpu":
+        return any(getattr(torch.cpu, probe, lambda: False)()
+                   for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return False
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """``--amp``: ``auto`` becomes ``bf16`` where the device has fast bfloat16, else ``off``;
+    ``bf16`` on a CUDA device without bfloat16 is an error."""
+    if amp == "auto":
+        return "bf16" if fast_bfloat16(device) else "off"
+    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"--amp bf16 but {torch.cuda.get_device_name(device)} has no bfloat16 support")
+    return amp
 
 
 def loader_workers(workers: int | None, in_memory: bool) -> int:
@@ -283,11 +331,12 @@ def train_step(model, term: CGCTerm | None, x: torch.Tensor, y: torch.Tensor, *,
     return out
 
 
-def crop_thetas(keys_of, shape: tuple[int, int], scale, device) -> torch.Tensor:
+def crop_thetas(keys_of, shape: tuple[int, int], scale, device, *, vflip: bool = False) -> torch.Tensor:
     """Affine maps [B,2,3] of keyed random crops/flips of ``shape`` images (``keys_of``: the
-    samples' keys, :func:`cgc.transforms.sample_keys`)."""
+    samples' keys, :func:`cgc.transforms.sample_keys`); ``vflip``: vertical flips too."""
     H, W = shape
-    return transforms.random_crop_flip(len(keys_of), H, W, scale=tuple(scale), keys=keys_of, device=device).theta()
+    return transforms.random_crop_flip(len(keys_of), H, W, scale=tuple(scale), keys=keys_of, device=device,
+                                       vflip_p=0.5 if vflip else 0.0).theta()
 
 
 def train_epoch(model, term: CGCTerm | None, opt, schedule: Schedule, recipe: Recipe, loader, state: EpochState, *,
@@ -321,14 +370,16 @@ def train_epoch(model, term: CGCTerm | None, opt, schedule: Schedule, recipe: Re
         x_ce = data.normalize(x_ce[0].to(device, non_blocking=True)) if x_ce else None
         size = tuple(x.shape[-2:])
         seed, epoch = recipe.seed, state.epoch
-        theta = crop_thetas(transforms.sample_keys(seed, epoch, idx.tolist(), "aug"), size, recipe.crop_scale, device)
+        theta = crop_thetas(transforms.sample_keys(seed, epoch, idx.tolist(), "aug"), size, recipe.crop_scale, device,
+                            vflip=recipe.vflip)
         ce_theta = None if x_ce is not None else crop_thetas(
             transforms.sample_keys(seed, epoch, idx.tolist(), "ce"), size, recipe.ce_crop_scale, device)
         u_theta = None
         if u is not None:
             u = data.normalize(u.to(device, non_blocking=True))
             u_theta = crop_thetas(transforms.sample_keys(seed, epoch * steps_per_epoch + step, u_idx.tolist(),
-                                                         "unlabeled"), size, recipe.crop_scale, device)
+                                                         "unlabeled"), size, recipe.crop_scale, device,
+                                  vflip=recipe.vflip)
         with autocast(device, recipe.amp):
             losses = train_step(model, term, x, y, lam=schedule.lambda_at(epoch, step, steps_per_epoch),
                                 theta=theta, ce_theta=ce_theta, x_ce=x_ce, unlabeled=u, unlabeled_theta=u_theta,
@@ -498,19 +549,6 @@ def resume_source(resume: str | None, out: Path) -> Path | None:
     return Path(resume) if resume else None
 
 
-def start_logs(out: Path, history: list[dict], global_step: int):
-    """``log.jsonl`` written again from the checkpoint's ``history`` and ``steps.jsonl`` cut
-    after ``global_step`` (a resumed run repeats nothing, a fresh one starts empty); returns
-    ``steps.jsonl`` open for appending."""
-    (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
-    steps = out / "steps.jsonl"
-    kept = []
-    if global_step and steps.is_file():
-        kept = [line for line in steps.read_text().splitlines() if json.loads(line)["step"] <= global_step]
-    steps.write_text("".join(line + "\n" for line in kept))
-    return open(steps, "a")  # noqa: SIM115 - closed by run()
-
-
 def run(args, ctx: distributed.Context | None = None) -> dict:
     """The command: build the data, model, optimizer, CGC term and schedule from the flags,
     train and validate every epoch with atomic checkpoints, then measure the explanations and
@@ -518,8 +556,7 @@ def run(args, ctx: distributed.Context | None = None) -> dict:
     started = time.time()
     ctx = ctx or distributed.Context(distributed.pick_device(args.device))
     device = ctx.device
-    if args.amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"--amp bf16 but {torch.cuda.get_device_name(device)} has no bfloat16 support")
+    amp = resolve_amp(args.amp, device)
     unlabeled_size = args.unlabeled_batch_size or args.batch_size
     for flag, size in (("--batch-size", args.batch_size), ("--unlabeled-batch-size", unlabeled_size)):
         if size % ctx.world_size:
@@ -535,19 +572,23 @@ def run(args, ctx: distributed.Context | None = None) -> dict:
 
     bundle = data.build(args.dataset, seed=args.seed, image_size=args.image_size, train_size=args.train_size,
                         val_size=args.val_size, num_classes=args.num_classes, root=args.data,
-                        strict=args.strict, ce_crop_scale=tuple(args.ce_crop_scale))
+                        strict=args.strict, ce_crop_scale=tuple(args.ce_crop_scale),
+                        classes=args.classes.split(",") if args.classes else None)
     unlabeled = (data.unlabeled_images(args.unlabeled, bundle.image_size, strict=args.strict)
-                 if args.unlabeled else None)
+                 if args.unlabeled and args.unlabeled != "rest" else None)
+    unlabeled_in_memory = unlabeled is None and bundle.in_memory  # files can be unreadable; memory cannot
     if args.samples_per_class or args.train_fraction:
-        bundle.train = data.limit(bundle.train, per_class=args.samples_per_class, fraction=args.train_fraction,
-                                  seed=args.seed)
+        full = bundle.train
+        bundle.train = data.limit(full, per_class=args.samples_per_class, fraction=args.train_fraction, seed=args.seed)
+        if args.unlabeled == "rest":
+            unlabeled = data.WithoutLabels(data.take(full, sorted(set(range(len(full))) - set(bundle.train.indices))))
         if ctx.primary:
             data.write_file_list(out / "train_files.txt", bundle.train)
     steps_per_epoch = len(bundle.train) // args.batch_size
     if not steps_per_epoch:
         raise ConfigError(f"--batch-size {args.batch_size} is larger than the {len(bundle.train)} training images")
     model = build_model(args.arch, len(bundle.classes), pretrained=args.pretrained, weights=args.weights,
-                        norm=args.norm).to(device)
+                        norm=args.norm, new_head=args.new_head, stride=args.compact_stride).to(device)
     channels_last = device.type == "cpu"  # oneDNN's native layout: ~1.5x faster convolutions
     if channels_last:
         to_channels_last(model)
@@ -555,8 +596,8 @@ def run(args, ctx: distributed.Context | None = None) -> dict:
                           weight_decay=args.weight_decay, head_lr=args.head_lr)
     schedule = Schedule(args.lr, args.epochs, args.schedule, args.warmup_epochs, args.lr_step, args.lr_gamma,
                         args.lam, args.lambda_warmup_epochs)
-    recipe = Recipe(args.seed, tuple(args.crop_scale), tuple(args.ce_crop_scale), args.amp, args.backend,
-                    channels_last)
+    recipe = Recipe(args.seed, tuple(args.crop_scale), tuple(args.ce_crop_scale), amp, args.backend,
+                    channels_last, args.vflip)
     start, best, history, global_step = EpochState(0), -1.0, [], 0
     source = resume_source(args.resume, out)
     if source is not None:
@@ -581,7 +622,7 @@ def run(args, ctx: distributed.Context | None = None) -> dict:
     term = None if args.loss == "ce" else CGCTerm(
         net, prefix + cam.target_layer, method=args.cam, backend=args.backend, channels_last=channels_last,
         loss=CGCLoss(args.temperature, args.heatmap_size, kind="infonce" if args.loss == "cgc" else "mse",
-                     backend=args.backend, gather=gather))
+                     backend=args.backend, gather=gather, padding_mode=args.heatmap_padding))
     workers = loader_workers(args.workers, bundle.in_memory)
     val_loader = batches(bundle.val, distributed.GlobalBatchSampler(
         len(bundle.val), args.batch_size, rank=ctx.rank, world_size=ctx.world_size, shuffle=False,
@@ -589,9 +630,12 @@ def run(args, ctx: distributed.Context | None = None) -> dict:
     min_images = 2 if args.loss == "cgc" and not gathered else 1
     if ctx.primary:
         procs = f", {ctx.world_size} processes (global batch {args.batch_size})" if ctx.distributed else ""
+        precision = "bfloat16 autocast" if amp == "bf16" else "float32"
+        why = " (--amp auto: this device has fast bfloat16)" if args.amp == "auto" and amp == "bf16" else \
+            " (--amp auto: no fast bfloat16 on this device)" if args.amp == "auto" else ""
         print(f"cgc.train: {args.arch} on {args.dataset} ({len(bundle.train)} train / {len(bundle.val)} val, "
               f"{len(bundle.classes)} classes, {bundle.image_size}px), loss={args.loss}, device={device}{procs}, "
-              f"{args.cam} at '{cam.target_layer}'"
+              f"{precision}{why}, {args.cam} at '{cam.target_layer}'"
               + (f", {len(unlabeled)} unlabeled images" if unlabeled is not None else ""), file=sys.stderr)
 
     def save(state: EpochState, name: str = "last.pt", *, finished: bool = False) -> None:
@@ -610,15 +654,16 @@ def run(args, ctx: distributed.Context | None = None) -> dict:
                                       "skipped": state.skipped}
         checkpoint.save_atomic(payload, out / name)
 
-    steps_log = start_logs(out, history, global_step) if ctx.primary else None
+    log = RunLog(out, history=history, global_step=global_step, tensorboard=args.tensorboard) if ctx.primary else None
     try:
         with stop_on_sigterm() as sigterm:
             def on_step(state: EpochState, values: dict[str, float], stopping: bool) -> None:
                 nonlocal global_step
                 global_step += 1
-                if steps_log is not None:
-                    steps_log.write(json.dumps({"step": global_step, "epoch": state.epoch + 1,
-                                                "lr": opt.param_groups[0]["lr"], **values}) + "\n")
+                if log is not None:
+                    log.step(global_step, {"epoch": state.epoch + 1, "lr": opt.param_groups[0]["lr"],
+                                           "lambda": schedule.lambda_at(state.epoch, state.step - 1, steps_per_epoch),
+                                           **values})
                 periodic = args.checkpoint_every and global_step % args.checkpoint_every == 0
                 if stopping:
                     save(state)
@@ -635,11 +680,11 @@ def run(args, ctx: distributed.Context | None = None) -> dict:
                     epoch=epoch, start=state.step), workers)
                 u_batches = None if unlabeled is None else iter(batches(unlabeled, data.CyclingBatchSampler(
                     len(unlabeled), args.seed + 1, unlabeled_size, rank=ctx.rank, world_size=ctx.world_size,
-                    start=epoch * steps_per_epoch + state.step), loader_workers(args.workers, False)))
+                    start=epoch * steps_per_epoch + state.step), loader_workers(args.workers, unlabeled_in_memory)))
                 t0 = time.time()
                 state = train_epoch(net, term, opt, schedule, recipe, loader, state, steps_per_epoch=steps_per_epoch,
                                     device=device, ctx=ctx, unlabeled=u_batches, min_images=min_images,
-                                    may_drop=not bundle.in_memory or unlabeled is not None,
+                                    may_drop=not bundle.in_memory or not unlabeled_in_memory,
                                     stop=lambda: sigterm["stop"], on_step=on_step,
                                     desc=f"epoch {epoch + 1}/{args.epochs}")
                 record = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "time_s": round(time.time() - t0, 2)}
@@ -650,22 +695,24 @@ def run(args, ctx: distributed.Context | None = None) -> dict:
                     warnings.warn(f"epoch {epoch + 1}: skipped {state.skipped} unreadable images (named in the "
                                   f"warnings above; --strict stops at the first)", stacklevel=1)
                 record["train_top1"] *= 100
-                record.update(validate(model, val_loader, device, ctx, args.amp))
+                checked = (epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs
+                if checked:
+                    record.update(validate(model, val_loader, device, ctx, amp))
                 history.append(record)
-                improved = record["val_top1"] > best
-                best = max(best, record["val_top1"])
+                improved = checked and record["val_top1"] > best
+                best = max(best, record.get("val_top1", best))
                 save(state, finished=True)
                 if improved:
                     save(state, "best.pt", finished=True)
-                if ctx.primary:
-                    with open(out / "log.jsonl", "a") as fh:
-                        fh.write(json.dumps(record) + "\n")
-                    steps_log.flush()
-                    print(f"epoch {epoch + 1}: loss {record['train_loss']:.4f}, val top-1 {record['val_top1']:.2f} "
-                          f"%, top-5 {record['val_top5']:.2f} % ({record['time_s']:.0f} s)", file=sys.stderr)
-    finally:
-        if steps_log is not None:
-            steps_log.close()
+                if log is not None:
+                    log.epoch(record, global_step)
+                    val = f", val top-1 {record['val_top1']:.2f} %, top-5 {record['val_top5']:.2f} %" if checked else ""
+                    print(f"epoch {epoch + 1}: loss {record['train_loss']:.4f}{val} ({record['time_s']:.0f} s)",
+                          file=sys.stderr)
+    except BaseException:
+        if log is not None:
+            log.close()
+        raise
 
     results = {k: history[-1][k] for k in ("val_top1", "val_top5")}
     results["best_val_top1"] = best
@@ -676,8 +723,9 @@ def run(args, ctx: distributed.Context | None = None) -> dict:
     if ctx.primary and hasattr(bundle.val, "boxes"):
         viz.save_overlays(out / "overlays.png", [cam], [f"{args.cam} (predicted class)"], bundle.val, device,
                           args.overlays, bundle.classes)
+        log.image("overlays", out / "overlays.png", global_step)
     results.update({"loss": args.loss, "arch": args.arch, "dataset": args.dataset, "epochs": args.epochs,
-                    "processes": ctx.world_size, "wall_time_s": round(time.time() - started, 1)})
+                    "processes": ctx.world_size, "amp": amp, "wall_time_s": round(time.time() - started, 1)})
     cam.close()
     if term is not None:
         term.close()
@@ -686,8 +734,9 @@ def run(args, ctx: distributed.Context | None = None) -> dict:
             "training loss": {k.removeprefix("train_"): [(r["epoch"], r[k]) for r in history]
                               for k in ("train_loss", "train_ce", "train_cgc", "train_cgc_unlabeled")
                               if k in history[0]},
-            "accuracy (%)": {k: [(r["epoch"], r[k]) for r in history] for k in ("train_top1", "val_top1")}})
+            "accuracy (%)": {k: [(r["epoch"], r[k]) for r in history if k in r] for k in ("train_top1", "val_top1")}})
         (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+        log.close()
         print(results_table(results, chosen))
         print(f"wrote {out}/metrics.json, log.jsonl, steps.jsonl, last.pt, best.pt, overlays.png, curves.png",
               file=sys.stderr)

@@ -58,16 +58,18 @@ def uniforms(batch: int, n: int, *, generator: torch.Generator | None = None, ke
 
 @dataclass
 class CropFlip:
-    """A batch of crop boxes ``[B,4]`` as (top, left, height, width) and flip bits ``[B]``."""
+    """A batch of crop boxes ``[B,4]`` as (top, left, height, width), horizontal flip bits
+    ``[B]`` and, optionally, vertical flip bits ``[B]``."""
 
     boxes: torch.Tensor
     flips: torch.Tensor
     height: int
     width: int
+    vflips: torch.Tensor | None = None
 
     def theta(self) -> torch.Tensor:
         """The affine maps ``[B,2,3]`` of these crops and flips (see :func:`crop_flip_theta`)."""
-        return crop_flip_theta(self.boxes, self.flips, self.height, self.width)
+        return crop_flip_theta(self.boxes, self.flips, self.height, self.width, vflips=self.vflips)
 
 
 def boxes_from_uniforms(u: torch.Tensor, height: int, width: int, *,
@@ -124,21 +126,24 @@ def random_resized_crop_boxes(batch: int, height: int, width: int, *,
 
 
 def random_crop_flip(batch: int, height: int, width: int, *, scale=DEFAULT_SCALE,
-                     ratio=DEFAULT_RATIO, flip_p: float = 0.5,
+                     ratio=DEFAULT_RATIO, flip_p: float = 0.5, vflip_p: float = 0.0,
                      generator: torch.Generator | None = None, keys=None,
                      device: torch.device | str = "cpu") -> CropFlip:
-    """Random RandomResizedCrop boxes plus horizontal flips with probability ``flip_p``, from
-    ``generator`` or per-sample ``keys`` (:func:`sample_keys`)."""
-    u = uniforms(batch, 3 * TRIES + 2, generator=generator, keys=keys)
-    boxes = boxes_from_uniforms(u[:, :-1], height, width, scale=scale, ratio=ratio)
-    flips = u[:, -1] < flip_p
-    return CropFlip(boxes.to(device), flips.to(device), height, width)
+    """Random RandomResizedCrop boxes plus horizontal flips with probability ``flip_p`` (and
+    vertical ones with ``vflip_p``), from ``generator`` or per-sample ``keys``
+    (:func:`sample_keys`)."""
+    u = uniforms(batch, 3 * TRIES + 3, generator=generator, keys=keys)
+    boxes = boxes_from_uniforms(u[:, :3 * TRIES + 1], height, width, scale=scale, ratio=ratio)
+    flips = u[:, 3 * TRIES + 1] < flip_p
+    vflips = (u[:, 3 * TRIES + 2] < vflip_p).to(device) if vflip_p > 0 else None
+    return CropFlip(boxes.to(device), flips.to(device), height, width, vflips)
 
 
-def crop_flip_theta(boxes: torch.Tensor, flips: torch.Tensor, height: int, width: int) -> torch.Tensor:
+def crop_flip_theta(boxes: torch.Tensor, flips: torch.Tensor, height: int, width: int, *,
+                    vflips: torch.Tensor | None = None) -> torch.Tensor:
     """Affine maps ``[B,2,3]`` (output -> input, normalised, align_corners=False) of crops
     ``boxes`` [B,4] = (top, left, h, w) of an ``height x width`` image, each resized to the
-    output and flipped horizontally where ``flips`` [B] is true."""
+    output and flipped horizontally where ``flips`` [B] is true (vertically where ``vflips``)."""
     if boxes.dim() != 2 or boxes.shape[1] != 4:
         raise ValueError(f"boxes must be [B,4] (top, left, height, width), got {tuple(boxes.shape)}")
     if flips.shape != boxes.shape[:1]:
@@ -149,7 +154,7 @@ def crop_flip_theta(boxes: torch.Tensor, flips: torch.Tensor, height: int, width
     theta = torch.zeros(b.shape[0], 2, 3, dtype=torch.float32, device=b.device)
     theta[:, 0, 0] = sign * w / width
     theta[:, 0, 2] = (2 * left + w) / width - 1
-    theta[:, 1, 1] = h / height
+    theta[:, 1, 1] = h / height if vflips is None else (1.0 - 2.0 * vflips.to(torch.float32)) * h / height
     theta[:, 1, 2] = (2 * top + h) / height - 1
     return theta
 

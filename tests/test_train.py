@@ -145,3 +145,77 @@ def test_cli_rejects_bad_arguments():
     proc = subprocess.run([sys.executable, "-m", "cgc.train", "--cam-weighting", "elementwise"],
                           capture_output=True, text=True)
     assert "--cam hirescam" in proc.stderr
+
+
+def test_amp_auto_follows_the_hardware(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(train, "fast_bfloat16", lambda device: False)
+    assert train.resolve_amp("auto", torch.device("cpu")) == "off"
+    results = train.main(TOY + ["--epochs", "1", "--loss", "ce", "--out", str(tmp_path / "a")])
+    assert results["amp"] == "off" and "float32 (--amp auto: no fast bfloat16" in capsys.readouterr().err
+    monkeypatch.setattr(train, "fast_bfloat16", lambda device: True)
+    assert train.resolve_amp("auto", torch.device("cpu")) == "bf16" and train.resolve_amp("off", torch.device("cpu")) == "off"
+
+
+def test_tensorboard_event_files_load_in_tensorboards_reader(tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator",
+                                            reason="tensorboard is optional (pip install tensorboard)")
+    train.main(TOY + ["--epochs", "2", "--tensorboard", "--out", str(tmp_path)])
+    acc = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0}).Reload()
+    tags = acc.Tags()
+    assert {"step/loss", "step/cgc", "step/lr", "step/lambda", "epoch/val_top1", "epoch/train_loss"} <= set(tags["scalars"])
+    assert len(acc.Scalars("step/loss")) == 2 * 6 and [e.step for e in acc.Scalars("epoch/val_top1")] == [1, 2]
+    assert tags["images"] == ["overlays"]
+
+
+def test_results_table_says_what_each_number_means(tmp_path, capsys):
+    train.main(TOY + ["--epochs", "1", "--out", str(tmp_path)])
+    table = capsys.readouterr().out
+    assert "val top-1 (%) ↑" in table and "consistency (cosine) ↑" in table and "pointing game (%) ↑" in table
+    assert "higher is better" in table and "energy of the label's heatmap inside the boxes" in table
+
+
+def test_transfer_and_semi_supervised_flags(tmp_path):
+    """Pretrain on some shapes, fine-tune a new head on others with few images per class, and
+    use the rest of the training split as unlabeled images."""
+    base = ["--val-size", "30", "--batch-size", "8", "--image-size", "32", "--overlays", "2", "--epochs", "1"]
+    train.main(base + ["--train-size", "64", "--classes", "circle,square,ring", "--seed", "5", "--out",
+                       str(tmp_path / "pre")])
+    out = tmp_path / "ft"
+    results = train.main(base + ["--train-size", "120", "--classes", "plus,star,tee", "--weights",
+                                 str(tmp_path / "pre" / "best.pt"), "--new-head", "--samples-per-class", "4",
+                                 "--unlabeled", "rest", "--unlabeled-batch-size", "8", "--vflip",
+                                 "--heatmap-padding", "zeros", "--out", str(out)])
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    pre = torch.load(tmp_path / "pre" / "best.pt", weights_only=True)
+    assert ckpt["classes"] == ["plus", "star", "tee"] and len((out / "train_files.txt").read_text().splitlines()) == 12
+    log = json.loads((out / "log.jsonl").read_text())
+    assert "train_cgc_unlabeled" in log and "train_cgc" not in log
+    assert not torch.equal(pre["model"]["fc.weight"], ckpt["model"]["fc.weight"])
+    assert results["val_top1"] >= 0
+    with pytest.raises(SystemExit):
+        train.parse_args(["--unlabeled", "rest"])  # the rest of what?
+    with pytest.raises(SystemExit, match="unknown shape 'hexagonn'; did you mean 'hexagon'"):
+        train.main(base + ["--classes", "circle,hexagonn", "--out", str(tmp_path / "x")])
+
+
+def test_compact_stride_four_doubles_the_heatmap_resolution(tmp_path):
+    train.main(TOY + ["--epochs", "1", "--compact-stride", "4", "--out", str(tmp_path)])
+    from cgc.models import load_model
+
+    loaded = load_model(checkpoint_path=tmp_path)
+    with torch.no_grad():
+        assert loaded.model.features(loaded.model.stage2(loaded.model.stem(torch.zeros(1, 3, 32, 32)))).shape[-1] == 8
+
+
+def test_progress_lines_in_logs():
+    import io
+
+    from cgc.progress import progress
+
+    stream = io.StringIO()
+    bar = progress(range(50), "epoch 1", stream=stream)
+    for _ in bar:
+        bar.set_postfix(loss="0.5", refresh=False)
+    lines = [line for line in stream.getvalue().splitlines() if line]
+    assert 5 <= len(lines) <= 13 and all("\r" not in line and len(line) <= 100 for line in lines)
+    assert lines[-1].startswith("epoch 1: 100%") and "50/50" in lines[-1]

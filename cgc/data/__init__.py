@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UnknownName
+from ..errors import ConfigError, UnknownName
 from . import finegrained, folders
 from .files import NO_LABEL, UNREADABLE, ImageFiles, LayoutError, UnreadableImage, drop_unreadable
-from .subsets import WithIndex, base_dataset, limit, set_epoch, take, write_file_list
+from . import synthetic
+from .subsets import WithIndex, base_dataset, limit, set_epoch, take, WithoutLabels, write_file_list
 from .synthetic import SyntheticShapes
 from .unlabeled import CyclingBatchSampler, CyclingSampler, unlabeled_images
 
@@ -45,7 +46,7 @@ STD = (0.229, 0.224, 0.225)
 __all__ = ["DATASETS", "FILE_DATASETS", "DataBundle", "build", "normalize", "denormalize",
            "annotated_batches", "ImageFiles", "LayoutError", "UnreadableImage", "NO_LABEL", "UNREADABLE",
            "drop_unreadable", "limit", "write_file_list", "unlabeled_images", "CyclingSampler", "CyclingBatchSampler", "WithIndex",
-           "base_dataset", "set_epoch", "take"]
+           "base_dataset", "set_epoch", "take", "WithoutLabels", "synthetic"]
 
 
 @dataclass
@@ -61,10 +62,12 @@ class DataBundle:
 
 def build(name: str, *, seed: int = 0, image_size: int | None = None, train_size: int = 6000,
           val_size: int = 1000, num_classes: int = 10, root: str | Path | None = None, strict: bool = False,
-          ce_crop_scale: tuple[float, float] = (0.08, 1.0), everything: bool = False) -> DataBundle:
+          ce_crop_scale: tuple[float, float] = (0.08, 1.0), everything: bool = False,
+          classes: list[str] | None = None) -> DataBundle:
     """The train and val splits of dataset ``name``.
 
-    ``train_size``, ``val_size`` and ``num_classes`` shape the synthetic dataset; ``root`` is
+    ``train_size``, ``val_size`` and ``num_classes`` (or the shape names ``classes``) shape
+    the synthetic dataset; ``root`` is
     the folder of a file dataset, ``strict`` makes an unreadable image an error, and
     ``ce_crop_scale`` is the area range of a file dataset's x_ce crop. ``everything``
     (evaluating a model trained elsewhere): a ``folder`` tree is not split, every image is a
@@ -72,12 +75,14 @@ def build(name: str, *, seed: int = 0, image_size: int | None = None, train_size
     """
     if name == "synthetic":
         size = image_size or 64
-        kw = dict(seed=seed, num_classes=num_classes, image_size=size)
+        kw = dict(seed=seed, num_classes=num_classes, image_size=size, classes=classes)
         train = SyntheticShapes("train", train_size, **kw)
         val = SyntheticShapes("val", val_size, **kw)
         return DataBundle(train, val, train.classes, size, in_memory=True)
     if name not in FILE_DATASETS:
         raise UnknownName("dataset", name, DATASETS)
+    if classes is not None:
+        raise ConfigError(f"--classes picks shapes of the built-in dataset; {name} has the classes of its folders")
     read, layout = FILE_DATASETS[name]
     if root is None:
         raise LayoutError(f"{name}: give the dataset folder with --data ROOT; expected layout:\n{layout}")

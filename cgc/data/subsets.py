@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from .files import NO_LABEL
+
 
 def targets_of(dataset) -> list[int]:
     """The labels of a dataset: ``targets`` of a file dataset, ``labels`` of an in-memory one."""
@@ -100,3 +102,17 @@ def take(dataset, indices):
     if hasattr(dataset, "select"):
         return dataset.select(indices)
     return torch.utils.data.Subset(dataset, indices)
+
+
+class WithoutLabels(torch.utils.data.Dataset):
+    """``dataset``'s images as unlabeled samples (``(image, NO_LABEL)``): the semi-supervised
+    recipe's "all the other training images" (``--unlabeled rest``)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        return self.dataset[i][0], NO_LABEL

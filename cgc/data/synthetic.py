@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from ..errors import ConfigError, UnknownName
+
 CLASS_SHAPES = ("circle", "square", "triangle", "plus", "ring", "diamond", "star", "tee",
                 "crescent", "cross", "semicircle", "hexagon")
 DISTRACTOR_SHAPES = ("bar", "ellipse", "frame")
@@ -143,13 +145,30 @@ def _contrasting(bg_mean: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.where((target < luma)[:, None], dark, light).clamp(0, 1)
 
 
+def class_names(num_classes: int = 10, classes=None) -> tuple[str, ...]:
+    """The shapes to classify: ``classes`` (names of :data:`CLASS_SHAPES`, in that order of
+    labels), or the first ``num_classes``."""
+    if classes is None:
+        if not 2 <= num_classes <= len(CLASS_SHAPES):
+            raise ConfigError(f"num_classes must be in [2, {len(CLASS_SHAPES)}], got {num_classes}")
+        return CLASS_SHAPES[:num_classes]
+    classes = tuple(classes)
+    unknown = [c for c in classes if c not in CLASS_SHAPES]
+    if unknown:
+        raise UnknownName("shape", unknown[0], CLASS_SHAPES)
+    if len(set(classes)) != len(classes) or len(classes) < 2:
+        raise ConfigError(f"give at least two different shapes, got {list(classes)}")
+    return classes
+
+
 def generate_chunk(seed: int, split: str, chunk: int, *, num_classes: int = 10, image_size: int = 64,
-                   distractors: tuple[int, int] = (2, 3), clutter: tuple[int, int] = (4, 8), n: int = CHUNK):
+                   distractors: tuple[int, int] = (2, 3), clutter: tuple[int, int] = (4, 8), n: int = CHUNK,
+                   classes=None):
     """``n`` images of one chunk: uint8 images [n,3,S,S], labels [n], boxes [n,4] as
     (x0, y0, x1, y1) pixel edges, object masks [n,S,S] bool. ``distractors`` and ``clutter``
-    are the (min, max) counts of distractor objects and clutter marks per chunk."""
-    if not 2 <= num_classes <= len(CLASS_SHAPES):
-        raise ValueError(f"num_classes must be in [2, {len(CLASS_SHAPES)}], got {num_classes}")
+    are the (min, max) counts of distractor objects and clutter marks per chunk; the class
+    objects are the shapes :func:`class_names` gives."""
+    names = class_names(num_classes, classes)
     if image_size < 24:
         raise ValueError(f"image_size must be >= 24 pixels, got {image_size}")
     S = image_size
@@ -170,12 +189,12 @@ def generate_chunk(seed: int, split: str, chunk: int, *, num_classes: int = 10, 
               _rand(gen, n, lo=0.1, hi=0.9) * S, half, _rand(gen, n, hi=math.pi),
               _contrasting(bg_mean, gen), S, gen)
     # the class object, on top
-    labels = torch.randint(0, num_classes, (n,), generator=gen)
+    labels = torch.randint(0, len(names), (n,), generator=gen)
     half = _rand(gen, n, lo=0.17, hi=0.3) * S
     cx = half + _rand(gen, n) * (S - 2 * half)
     cy = half + _rand(gen, n) * (S - 2 * half)
     angle = _rand(gen, n, lo=-0.3, hi=0.3)
-    cover = _draw(canvas, labels, CLASS_SHAPES[:num_classes], cx, cy, half, angle,
+    cover = _draw(canvas, labels, names, cx, cy, half, angle,
                   _contrasting(bg_mean, gen), S, gen)
     masks = cover > 0.5
     rows, cols = masks.any(2), masks.any(1)
@@ -197,17 +216,17 @@ class SyntheticShapes(torch.utils.data.Dataset):
     """
 
     def __init__(self, split: str = "train", size: int = 5000, *, seed: int = 0, num_classes: int = 10,
-                 image_size: int = 64):
+                 image_size: int = 64, classes=None):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
         if size < 1:
             raise ValueError(f"a split needs at least one image, got size={size}")
-        parts = [generate_chunk(seed, split, c, num_classes=num_classes, image_size=image_size)
+        parts = [generate_chunk(seed, split, c, num_classes=num_classes, image_size=image_size, classes=classes)
                  for c in range(math.ceil(size / CHUNK))]
         images, labels, boxes, masks = (torch.cat(p)[:size] for p in zip(*parts))
         self.images, self.labels, self.masks = images, labels, masks
         self.boxes = boxes[:, None]
-        self.classes = list(CLASS_SHAPES[:num_classes])
+        self.classes = list(class_names(num_classes, classes))
         self.image_size = image_size
 
     def select(self, indices) -> "SyntheticShapes":
