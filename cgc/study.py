@@ -1,0 +1,285 @@
+"""``python -m cgc.study``: the runs behind README's "Does it work?", with seeds and figures.
+
+Three claims of the paper, tested on the built-in dataset with ``python -m cgc.train`` itself:
+
+1. **explanations** (``localisation``): CE vs CGC with the default recipe, and CGC with one
+   setting changed at a time (heatmap resolution, crop scale, temperature, lambda and its ramp,
+   the size the heatmaps are compared at, vertical flips, the CAM method, the warp's padding,
+   the MSE ablation): top-1, consistency, content heatmap, pointing game;
+2. **limited data** (``transfer``): a compact model pretrained (CE) on six shapes, fine-tuned
+   with a new head on six other shapes from N images per class, CE vs CGC;
+3. **unlabeled data** (``semi``): the same fine-tuning from N labelled images per class, CE on
+   them alone vs CE plus the CGC term on the rest of the training images, unlabeled.
+
+Every run is a call of :func:`cgc.train.main` (its log under ``OUT/runs/``), recorded in
+``OUT/study.json`` as it finishes, so an interrupted study continues where it stopped. At the
+end: ``OUT/study.md`` (every configuration, mean ± std over its seeds) and one figure per claim
+(``localisation.png``, ``transfer.png``, ``semi.png``). ``--quick`` runs a miniature of all three
+in about a minute (CI checks that the study runs).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import train
+from .cli import exit_on_error
+
+PRETRAIN_SHAPES = "circle,square,triangle,plus,ring,diamond"
+TARGET_SHAPES = "star,tee,crescent,cross,semicircle,hexagon"
+#: one setting changed at a time from the default recipe (the first two are the comparison)
+LOCALISATION = {
+    "ce": ["--loss", "ce"],
+    "cgc": [],
+    "ce, stride 4": ["--loss", "ce", "--compact-stride", "4"],
+    "cgc, stride 4 (16x16 heatmaps)": ["--compact-stride", "4"],
+    "cgc, crop scale 0.25-1": ["--crop-scale", "0.25", "1"],
+    "cgc, crop scale 0.5-1": ["--crop-scale", "0.5", "1"],
+    "cgc, T 0.1": ["--temperature", "0.1"],
+    "cgc, T 0.5": ["--temperature", "0.5"],
+    "cgc, lambda 0.5": ["--lambda", "0.5"],
+    "cgc, lambda 2": ["--lambda", "2"],
+    "cgc, no lambda ramp": ["--lambda-warmup-epochs", "0"],
+    "cgc, heatmaps compared at 8x8": ["--heatmap-size", "8"],
+    "cgc, vertical flips too": ["--vflip"],
+    "cgc, HiResCAM": ["--cam", "hirescam"],
+    "cgc, zero padding": ["--heatmap-padding", "zeros"],
+    "mse (no negatives)": ["--loss", "mse"],
+}
+CORE = ("ce", "cgc")
+#: what the localisation study reports, in this order
+REPORTED = ("val_top1", "consistency", "consistency_iou", "content_heatmap", "pointing_game")
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How big the study's runs are (the full study, or ``--quick``)."""
+
+    train_size: int = 6000
+    val_size: int = 1000
+    image_size: int = 64
+    epochs: int = 10
+    pool: int = 3000          # fine-tuning: training images of the target shapes (labelled + unlabeled)
+    finetune_val: int = 600
+    finetune_steps: int = 150
+    shots: tuple[int, ...] = (5, 10, 20, 50)
+    semi_shots: tuple[int, ...] = (5, 20)
+    configs: tuple[str, ...] = tuple(LOCALISATION)
+
+
+QUICK = Scale(train_size=128, val_size=48, image_size=32, epochs=1, pool=200, finetune_val=48, finetune_steps=4,
+              shots=(2, 4), semi_shots=(2,), configs=("ce", "cgc", "cgc, T 0.5"))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m cgc.study", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/study", help="output folder (runs, study.json, study.md, figures)")
+    p.add_argument("--parts", nargs="+", default=["localisation", "transfer", "semi"],
+                   choices=("localisation", "transfer", "semi"))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="seeds of the compared runs (CE and CGC, and every fine-tuning run)")
+    p.add_argument("--screen-seeds", type=int, nargs="+", default=None,
+                   help="seeds of the localisation variants (default: --seeds)")
+    p.add_argument("--quick", action="store_true", help="a miniature of the whole study (about a minute; CI)")
+    args = p.parse_args(argv)
+    if len(args.seeds) < 2:
+        p.error("give at least two --seeds: one seed cannot tell an effect from noise")
+    return args
+
+
+def plan(scale: Scale, parts, seeds, screen_seeds) -> list[tuple[str, str, int, list[str]]]:
+    """Every run: ``(part, configuration, seed, train flags)``; the pretraining run first."""
+    base = ["--train-size", str(scale.train_size), "--val-size", str(scale.val_size), "--image-size",
+            str(scale.image_size), "--epochs", str(scale.epochs)]
+    runs = []
+    if "localisation" in parts:
+        for name in scale.configs:
+            for seed in (seeds if name in CORE or screen_seeds is None else screen_seeds):
+                runs.append(("localisation", name, seed, base + ["--seed", str(seed)] + LOCALISATION[name]))
+    if "transfer" in parts or "semi" in parts:
+        runs.append(("pretrain", "ce on six other shapes", 100, base + ["--seed", "100", "--loss", "ce",
+                                                                         "--classes", PRETRAIN_SHAPES]))
+    for part, shots, variants in (("transfer", scale.shots, {"ce": ["--loss", "ce"], "cgc": []}),
+                                  ("semi", scale.semi_shots, {"ce, labelled only": ["--loss", "ce"],
+                                                              "ce + cgc on the unlabeled rest": [
+                                                                  "--unlabeled", "rest"]})):
+        if part not in parts:
+            continue
+        for n in shots:
+            images = 6 * n
+            batch = min(32, images - images % 2)
+            epochs = math.ceil(scale.finetune_steps / (images // batch))
+            finetune = ["--train-size", str(scale.pool), "--val-size", str(scale.finetune_val), "--image-size",
+                        str(scale.image_size), "--classes", TARGET_SHAPES, "--new-head", "--samples-per-class",
+                        str(n), "--batch-size", str(batch), "--epochs", str(epochs),
+                        "--val-every", str(max(1, epochs // 3)), "--lr", "0.01", "--lambda-warmup-epochs", "0",
+                        "--unlabeled-batch-size", "32"]
+            for name, flags in variants.items():
+                for seed in seeds:
+                    runs.append((part, f"{name}, {n}/class", seed, finetune + ["--seed", str(seed)] + flags))
+    return runs
+
+
+def run_key(part: str, name: str, seed: int) -> str:
+    safe = "".join(c if c.isalnum() else "-" for c in name).strip("-")
+    return f"{part}/{safe}/seed{seed}"
+
+
+def execute(out: Path, runs, record: dict) -> None:
+    """Each run not yet in ``record`` (study.json), one after another, quietly: its output goes
+    to its folder's train.log, one line per run to the terminal."""
+    pretrained = out / "runs" / run_key("pretrain", "ce on six other shapes", 100) / "best.pt"
+    done = {tuple(r["flags"]): r for r in record["runs"].values()}
+    for i, (part, name, seed, flags) in enumerate(runs, 1):
+        key = run_key(part, name, seed)
+        if key in record["runs"]:
+            continue
+        if tuple(flags) in done:  # the same run under another name (CE fine-tuning is in two claims)
+            record["runs"][key] = {**done[tuple(flags)], "part": part, "name": name}
+            continue
+        folder = out / "runs" / key
+        folder.mkdir(parents=True, exist_ok=True)
+        argv = [*flags, "--out", str(folder)] + (["--weights", str(pretrained)] if part in ("transfer", "semi") else [])
+        t0 = time.time()
+        with open(folder / "train.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            results = train.main(argv)
+        record["runs"][key] = done[tuple(flags)] = {"part": part, "name": name, "seed": seed, "flags": flags,
+                                                    "argv": argv, "results": results}
+        (out / "study.json").write_text(json.dumps(record, indent=1) + "\n")
+        shown = ", ".join(f"{k} {results[k]:.3f}" for k in REPORTED if isinstance(results.get(k), float))
+        print(f"[{i}/{len(runs)}] {key}: {shown} ({time.time() - t0:.0f} s)", flush=True)
+
+
+def summarise(record: dict) -> dict:
+    """``{part: {configuration: {metric: (mean, std, n)}}}`` over the seeds."""
+    grouped: dict = {}
+    for run in record["runs"].values():
+        slot = grouped.setdefault(run["part"], {}).setdefault(run["name"], {})
+        for k, v in run["results"].items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                slot.setdefault(k, []).append(float(v))
+    return {part: {name: {k: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v))
+                          for k, v in metrics.items()} for name, metrics in configs.items()}
+            for part, configs in grouped.items()}
+
+
+def _cell(stats, key, scale=1.0, digits=3) -> str:
+    if key not in stats:
+        return "—"
+    mean, std, n = stats[key]
+    return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}" + ("" if n > 1 else " (1 seed)")
+
+
+def report(summary: dict) -> str:
+    """Markdown tables of every configuration (mean ± std over its seeds)."""
+    lines = []
+    if "localisation" in summary:
+        lines += ["### Explanations (built-in dataset, default recipe unless stated)", "",
+                  "| configuration | seeds | val top-1 (%) | consistency (cosine) ↑ | consistency (top-20 % IoU) ↑ "
+                  "| content heatmap (%) ↑ | pointing game (%) ↑ |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for name, stats in summary["localisation"].items():
+            n = stats["val_top1"][2]
+            lines.append(f"| {name} | {n} | {_cell(stats, 'val_top1', digits=1)} | {_cell(stats, 'consistency')} | "
+                         f"{_cell(stats, 'consistency_iou')} | {_cell(stats, 'content_heatmap', digits=1)} | "
+                         f"{_cell(stats, 'pointing_game', digits=1)} |")
+        lines.append("")
+    for part, title in (("transfer", "Limited data: fine-tuning on six new shapes"),
+                        ("semi", "Unlabeled data: N labelled images per class, the rest unlabeled")):
+        if part in summary:
+            lines += [f"### {title}", "", "| configuration | seeds | val top-1 (%) | content heatmap (%) ↑ | "
+                      "consistency (cosine) ↑ |", "|---|---:|---:|---:|---:|"]
+            for name, stats in summary[part].items():
+                lines.append(f"| {name} | {stats['val_top1'][2]} | {_cell(stats, 'val_top1', digits=1)} | "
+                             f"{_cell(stats, 'content_heatmap', digits=1)} | {_cell(stats, 'consistency')} |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def figures(out: Path, summary: dict) -> list[Path]:
+    """One figure per claim: the localisation and consistency bars, accuracy against images
+    per class, and the semi-supervised comparison (error bars: std over seeds)."""
+    from .viz import _figure
+
+    written = []
+    if "localisation" in summary:
+        loc = summary["localisation"]
+        shown = [n for n in CORE if n in loc]
+        keys = [("val_top1", "top-1", 0.01), ("consistency", "consistency\n(cosine)", 1), ("consistency_iou",
+                "consistency\n(top-20% IoU)", 1), ("content_heatmap", "content\nheatmap", 0.01),
+                ("pointing_game", "pointing\ngame", 0.01)]
+        fig = _figure(7.5, 3.4)
+        ax = fig.subplots()
+        width = 0.8 / max(1, len(shown))
+        for j, name in enumerate(shown):
+            stats = loc[name]
+            xs = [i + (j - (len(shown) - 1) / 2) * width for i in range(len(keys))]
+            ax.bar(xs, [stats[k][0] * s for k, _, s in keys], width, yerr=[stats[k][1] * s for k, _, s in keys],
+                   label=f"{name} ({stats['val_top1'][2]} seeds)", capsize=3, color=f"C{j}")
+        ax.set_xticks(range(len(keys)), [label for _, label, _ in keys], fontsize=8)
+        ax.set_ylim(0, 1.22)
+        ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+        ax.set_ylabel("fraction (higher is better)")
+        ax.set_title("CE vs CGC on the built-in dataset (mean ± std over seeds)", fontsize=10)
+        ax.legend(fontsize=8, loc="upper center", ncol=len(shown), frameon=False)
+        written.append(out / "localisation.png")
+        fig.savefig(written[-1])
+    for part, title, labels in (("transfer", "fine-tuning on six new shapes", ("ce", "cgc")),
+                                ("semi", "N labelled images per class, the rest unlabeled",
+                                 ("ce, labelled only", "ce + cgc on the unlabeled rest"))):
+        if part not in summary:
+            continue
+        fig = _figure(5.5, 3.6)
+        ax = fig.subplots()
+        for j, label in enumerate(labels):
+            points = sorted((int(name.rsplit(", ", 1)[1].split("/")[0]), stats["val_top1"])
+                            for name, stats in summary[part].items() if name.rsplit(", ", 1)[0] == label)
+            if points:  # the second series a little to the right, so that the error bars do not overlap
+                ax.errorbar([n * (1.04 if j else 1.0) for n, _ in points], [s[0] for _, s in points],
+                            yerr=[s[1] for _, s in points], marker="o", capsize=3, label=label, color=f"C{j}")
+        ax.set_xscale("log")
+        ax.minorticks_off()
+        shots = sorted({int(name.rsplit(", ", 1)[1].split("/")[0]) for name in summary[part]})
+        ax.set_xticks(shots, [str(n) for n in shots])
+        ax.set_xlabel("labelled images per class")
+        ax.set_ylabel("val top-1 (%)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        written.append(out / f"{part}.png")
+        fig.savefig(written[-1])
+    return written
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    with exit_on_error():
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        scale = QUICK if args.quick else Scale()
+        path = out / "study.json"
+        record = json.loads(path.read_text()) if path.is_file() else {"runs": {}}
+        runs = plan(scale, args.parts, args.seeds, args.screen_seeds)
+        print(f"cgc.study: {len(runs)} runs ({sum(run_key(p, n, s) in record['runs'] for p, n, s, _ in runs)} "
+              f"already in {path})", file=sys.stderr)
+        execute(out, runs, record)
+        planned = {run_key(p, n, s) for p, n, s, _ in runs}
+        summary = summarise({"runs": {k: v for k, v in record["runs"].items() if k in planned}})
+        record["summary"] = {part: {name: {k: list(v) for k, v in stats.items()} for name, stats in configs.items()}
+                             for part, configs in summary.items()}
+        path.write_text(json.dumps(record, indent=1) + "\n")
+        (out / "study.md").write_text(report(summary) + "\n")
+        written = figures(out, summary)
+        print(report(summary))
+        print(f"wrote {path}, {out / 'study.md'}, " + ", ".join(str(p) for p in written), file=sys.stderr)
+        return record
+
+
+if __name__ == "__main__":
+    main()
