@@ -10,7 +10,6 @@ classes, with ``--cam`` (default: the checkpoint's method, else Grad-CAM).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np

@@ -125,3 +125,17 @@ def test_timm_safetensors_weights_and_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "timm", None)  # as if timm were not installed
     with pytest.raises(ImportError, match="pip install timm"):
         models.build_model("timm:resnet18", 4)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0"])
+def test_a_timm_model_trains_one_cgc_epoch(tmp_path, name):
+    pytest.importorskip("timm", reason="timm is an optional dependency (pip install timm)")
+    from cgc import train
+
+    results = train.main(["--arch", f"timm:{name}", "--train-size", "32", "--val-size", "16", "--batch-size", "8",
+                          "--image-size", "32", "--num-classes", "3", "--epochs", "1", "--overlays", "2",
+                          "--out", str(tmp_path)])
+    log = (tmp_path / "log.jsonl").read_text()
+    assert '"train_cgc"' in log and results["arch"] == f"timm:{name}"
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ckpt["target_layer"] == {"resnet18": "layer4", "efficientnet_b0": "bn2"}[name]

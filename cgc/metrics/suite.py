@@ -226,9 +226,8 @@ class _Causal(Metric):
 
     def update(self, batch):
         s = batch.settings
-        cams = batch.get("cams_pred", lambda: batch.cam(batch.x, batch.predicted).cams)
-        area, curve = insertion_deletion(batch.cam.model, batch.x, cams, mode=self.mode, step=s.pixels_per_step,
-                                         batch_size=s.causal_batch, targets=batch.predicted)
+        area, curve = insertion_deletion(batch.cam.model, batch.x, batch.heatmaps, mode=self.mode,
+                                         step=s.pixels_per_step, batch_size=s.causal_batch, targets=batch.predicted)
         out = self.mean_of(area)
         out.update({f"curve{i}": v for i, v in enumerate(curve.double().sum(0).tolist())})
         return out
