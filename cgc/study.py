@@ -29,6 +29,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
 from . import train
 from .cli import exit_on_error
 
@@ -257,6 +260,64 @@ def figures(out: Path, summary: dict) -> list[Path]:
     return written
 
 
+def box_profile(run_dir: Path, grid: int = 33) -> tuple[torch.Tensor, dict[str, float]]:
+    """Where a trained model's heatmaps sit relative to the object: the mean heatmap of its
+    validation images (the label's CAM, each normalised to sum 1) resampled into the frame of
+    the object's box, [grid, grid] over box coordinates -0.5 .. 1.5 (the box is 0 .. 1); and
+    the shares of heatmap mass on the object's mask, on its outline (the mask less its 2-px
+    erosion) and off the object."""
+    from . import data, resize_heatmaps
+    from .cam import GradCAM
+    from .models import load_model
+
+    loaded = load_model(checkpoint_path=run_dir)
+    targs = loaded.train_args
+    bundle = data.build("synthetic", seed=targs["seed"], image_size=loaded.image_size, train_size=1,
+                        val_size=targs["val_size"], num_classes=targs["num_classes"],
+                        classes=targs["classes"].split(",") if targs.get("classes") else None)
+    val = bundle.val
+    S = loaded.image_size
+    profile = torch.zeros(grid, grid, dtype=torch.float64)
+    shares = torch.zeros(3, dtype=torch.float64)
+    coords = torch.linspace(-0.5, 1.5, grid)
+    with GradCAM(loaded.model.eval(), loaded.target_layer, method=loaded.method) as cam:
+        for start in range(0, len(val), 100):
+            sl = slice(start, start + 100)
+            heat = resize_heatmaps(cam(data.normalize(val.images[sl]), val.labels[sl]).cams.detach().float(), S)
+            heat = heat / heat.flatten(1).sum(1).clamp_min(1e-12)[:, None, None]
+            mask = val.masks[sl].float()
+            inner = -F.max_pool2d(-mask[:, None], 5, stride=1, padding=2)[:, 0]
+            for k, region in enumerate((inner, mask - inner, 1 - mask)):
+                shares[k] += (heat * region).flatten(1).sum(1).double().sum()
+            x0, y0, x1, y1 = val.boxes[sl, 0].unbind(1)
+            gx = (x0[:, None] + coords[None] * (x1 - x0)[:, None]) / S * 2 - 1  # box coords -> [-1, 1]
+            gy = (y0[:, None] + coords[None] * (y1 - y0)[:, None]) / S * 2 - 1
+            where = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), -1)
+            profile += F.grid_sample(heat[:, None], where, align_corners=False)[:, 0].double().sum(0)
+    n = len(val)
+    return profile / n, dict(zip(("object interior", "object outline", "off the object"), (shares / n).tolist()))
+
+
+def profile_figure(out: Path, runs: dict[str, Path]) -> Path:
+    """The mean heatmap in each model's box frame, side by side (the box drawn in white)."""
+    from .viz import _figure
+
+    fig = _figure(3.0 * len(runs), 3.3)
+    axes = fig.subplots(1, len(runs), squeeze=False)[0]
+    for ax, (name, folder) in zip(axes, runs.items()):
+        profile, shares = box_profile(folder)
+        ax.imshow(profile.numpy(), extent=(-0.5, 1.5, 1.5, -0.5), cmap="jet")
+        ax.plot([0, 1, 1, 0, 0], [0, 0, 1, 1, 0], color="white", lw=1)
+        ax.set_title(f"{name}\n" + ", ".join(f"{k.split()[-1]} {100 * v:.0f}%" for k, v in shares.items()),
+                     fontsize=8)
+        ax.set_xticks([0, 1])
+        ax.set_yticks([0, 1])
+    fig.suptitle("mean heatmap in the object's box frame (box: 0-1; mass on the object's interior / outline / off)",
+                 fontsize=8)
+    fig.savefig(out / "profiles.png")
+    return out / "profiles.png"
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     with exit_on_error():
@@ -276,6 +337,11 @@ def main(argv=None) -> dict:
         path.write_text(json.dumps(record, indent=1) + "\n")
         (out / "study.md").write_text(report(summary) + "\n")
         written = figures(out, summary)
+        shown = {name: out / "runs" / run_key("localisation", name, args.seeds[0]) for name in
+                 ("ce", "cgc", "cgc, vertical flips too", "cgc, crop scale 0.5-1")
+                 if run_key("localisation", name, args.seeds[0]) in record["runs"]}
+        if shown:
+            written.append(profile_figure(out, shown))
         print(report(summary))
         print(f"wrote {path}, {out / 'study.md'}, " + ", ".join(str(p) for p in written), file=sys.stderr)
         return record
