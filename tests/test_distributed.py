@@ -25,7 +25,7 @@ from cgc.models import build_model
 
 TOY = ["--train-size", "64", "--val-size", "24", "--batch-size", "8", "--image-size", "32", "--num-classes", "3",
        "--epochs", "2", "--arch", "compact", "--norm", "group", "--lr", "0.01", "--overlays", "2",
-       "--checkpoint-every", "3", "--workers", "0"]
+       "--checkpoint-every", "3", "--workers", "0", "--amp", "off"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -81,7 +81,7 @@ def test_outputs_are_written_once(runs):
     assert [s["step"] for s in steps(run)] == list(range(1, 17))
     assert sorted(p.name for p in run.iterdir()) == ["best.pt", "curves.png", "last.pt", "log.jsonl", "metrics.json",
                                                        "overlays.png", "steps.jsonl"]
-    assert proc.stderr.count("cgc.train: compact") == 1 and proc.stdout.count("| val_top1") == 1
+    assert proc.stderr.count("cgc.train: compact") == 1 and proc.stdout.count("| val top-1") == 1
     ckpt = checkpoint.load(run)
     assert ckpt["epoch"] == 2 and "epoch_state" not in ckpt and len(ckpt["rng"]) == 2
 
