@@ -46,7 +46,9 @@ LOCALISATION = {
     "cgc, crop scale 0.25-1": ["--crop-scale", "0.25", "1"],
     "cgc, crop scale 0.5-1": ["--crop-scale", "0.5", "1"],
     "cgc, T 0.1": ["--temperature", "0.1"],
+    "cgc, T 0.3": ["--temperature", "0.3"],
     "cgc, T 0.5": ["--temperature", "0.5"],
+    "cgc, T 0.5, lambda 2": ["--temperature", "0.5", "--lambda", "2"],
     "cgc, lambda 0.5": ["--lambda", "0.5"],
     "cgc, lambda 2": ["--lambda", "2"],
     "cgc, no lambda ramp": ["--lambda-warmup-epochs", "0"],
@@ -59,6 +61,9 @@ LOCALISATION = {
 CORE = ("ce", "cgc")
 #: what the localisation study reports, in this order
 REPORTED = ("val_top1", "consistency", "consistency_iou", "content_heatmap", "pointing_game")
+#: measured again on every localisation run's final weights with one protocol (the evaluation's
+#: crops 0.08-1 for consistency, whatever the run trained with), and the sanity checks
+EVALUATED = ("consistency", "consistency_iou", "content_heatmap", "pointing_game", "sparseness", "random_logit", "mprt")
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="seeds of the compared runs (CE and CGC, and every fine-tuning run)")
     p.add_argument("--screen-seeds", type=int, nargs="+", default=None,
                    help="seeds of the localisation variants (default: --seeds)")
+    p.add_argument("--confirm", nargs="+", default=[], choices=tuple(LOCALISATION), metavar="CONFIG",
+                   help="localisation variants to run with every --seed after screening (README: the candidates)")
     p.add_argument("--quick", action="store_true", help="a miniature of the whole study (about a minute; CI)")
     args = p.parse_args(argv)
     if len(args.seeds) < 2:
@@ -97,14 +104,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def plan(scale: Scale, parts, seeds, screen_seeds) -> list[tuple[str, str, int, list[str]]]:
-    """Every run: ``(part, configuration, seed, train flags)``; the pretraining run first."""
+def plan(scale: Scale, parts, seeds, screen_seeds, confirm=()) -> list[tuple[str, str, int, list[str]]]:
+    """Every run: ``(part, configuration, seed, train flags)``; the pretraining run first.
+    The localisation variants run with ``screen_seeds``, the comparison (and ``confirm``) with
+    ``seeds``."""
     base = ["--train-size", str(scale.train_size), "--val-size", str(scale.val_size), "--image-size",
             str(scale.image_size), "--epochs", str(scale.epochs)]
     runs = []
     if "localisation" in parts:
         for name in scale.configs:
-            for seed in (seeds if name in CORE or screen_seeds is None else screen_seeds):
+            full = name in CORE or name in confirm or screen_seeds is None
+            for seed in (seeds if full else screen_seeds):
                 runs.append(("localisation", name, seed, base + ["--seed", str(seed)] + LOCALISATION[name]))
     if "transfer" in parts or "semi" in parts:
         runs.append(("pretrain", "ce on six other shapes", 100, base + ["--seed", "100", "--loss", "ce",
@@ -155,9 +165,27 @@ def execute(out: Path, runs, record: dict) -> None:
             results = train.main(argv)
         record["runs"][key] = done[tuple(flags)] = {"part": part, "name": name, "seed": seed, "flags": flags,
                                                     "argv": argv, "results": results}
+        if part == "localisation":
+            record["runs"][key]["evaluation"] = evaluate_run(folder)
         (out / "study.json").write_text(json.dumps(record, indent=1) + "\n")
         shown = ", ".join(f"{k} {results[k]:.3f}" for k in REPORTED if isinstance(results.get(k), float))
         print(f"[{i}/{len(runs)}] {key}: {shown} ({time.time() - t0:.0f} s)", flush=True)
+
+
+def evaluate_run(folder: Path) -> dict:
+    """:data:`EVALUATED` on a run's final weights (``last.pt``), the evaluation's defaults."""
+    from . import data, metrics
+    from .cam import GradCAM
+    from .models import load_model
+
+    loaded = load_model(checkpoint_path=folder)
+    targs = loaded.train_args
+    bundle = data.build("synthetic", seed=targs["seed"], image_size=loaded.image_size, train_size=1,
+                        val_size=targs["val_size"], num_classes=targs["num_classes"],
+                        classes=targs["classes"].split(",") if targs.get("classes") else None)
+    with GradCAM(loaded.model.eval(), loaded.target_layer, method=loaded.method) as cam:
+        out = metrics.explanation_metrics(cam, bundle.val, "cpu", metrics=metrics.select(list(EVALUATED)))
+    return {k: out[k] for k in (*EVALUATED, "mprt_steps")}
 
 
 def summarise(record: dict) -> dict:
@@ -165,7 +193,7 @@ def summarise(record: dict) -> dict:
     grouped: dict = {}
     for run in record["runs"].values():
         slot = grouped.setdefault(run["part"], {}).setdefault(run["name"], {})
-        for k, v in run["results"].items():
+        for k, v in {**run["results"], **run.get("evaluation", {})}.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 slot.setdefault(k, []).append(float(v))
     return {part: {name: {k: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v))
@@ -186,12 +214,14 @@ def report(summary: dict) -> str:
     if "localisation" in summary:
         lines += ["### Explanations (built-in dataset, default recipe unless stated)", "",
                   "| configuration | seeds | val top-1 (%) | consistency (cosine) ↑ | consistency (top-20 % IoU) ↑ "
-                  "| content heatmap (%) ↑ | pointing game (%) ↑ |", "|---|---:|---:|---:|---:|---:|---:|"]
+                  "| content heatmap (%) ↑ | pointing game (%) ↑ | sparseness ↑ | random logit ↓ | MPRT ↓ |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, stats in summary["localisation"].items():
             n = stats["val_top1"][2]
             lines.append(f"| {name} | {n} | {_cell(stats, 'val_top1', digits=1)} | {_cell(stats, 'consistency')} | "
                          f"{_cell(stats, 'consistency_iou')} | {_cell(stats, 'content_heatmap', digits=1)} | "
-                         f"{_cell(stats, 'pointing_game', digits=1)} |")
+                         f"{_cell(stats, 'pointing_game', digits=1)} | {_cell(stats, 'sparseness')} | "
+                         f"{_cell(stats, 'random_logit')} | {_cell(stats, 'mprt')} |")
         lines.append("")
     for part, title in (("transfer", "Limited data: fine-tuning on six new shapes"),
                         ("semi", "Unlabeled data: N labelled images per class, the rest unlabeled")):
@@ -326,10 +356,14 @@ def main(argv=None) -> dict:
         scale = QUICK if args.quick else Scale()
         path = out / "study.json"
         record = json.loads(path.read_text()) if path.is_file() else {"runs": {}}
-        runs = plan(scale, args.parts, args.seeds, args.screen_seeds)
+        runs = plan(scale, args.parts, args.seeds, args.screen_seeds, args.confirm)
         print(f"cgc.study: {len(runs)} runs ({sum(run_key(p, n, s) in record['runs'] for p, n, s, _ in runs)} "
               f"already in {path})", file=sys.stderr)
         execute(out, runs, record)
+        for key, run in record["runs"].items():  # runs recorded before the evaluation existed
+            if run["part"] == "localisation" and "evaluation" not in run:
+                run["evaluation"] = evaluate_run(out / "runs" / key)
+                path.write_text(json.dumps(record, indent=1) + "\n")
         planned = {run_key(p, n, s) for p, n, s, _ in runs}
         summary = summarise({"runs": {k: v for k, v in record["runs"].items() if k in planned}})
         record["summary"] = {part: {name: {k: list(v) for k, v in stats.items()} for name, stats in configs.items()}

@@ -717,8 +717,8 @@ def run(args, ctx: distributed.Context | None = None) -> dict:
     results = {k: history[-1][k] for k in ("val_top1", "val_top5")}
     results["best_val_top1"] = best
     chosen = metrics.select(list(EXPLANATION_METRICS), has_boxes=hasattr(bundle.val, "boxes"))
-    results.update(metrics.explanation_metrics(cam, bundle.val, device, metrics=chosen,
-                                               settings=metrics.Settings(crop_scale=tuple(args.crop_scale)),
+    # the evaluation protocol's crops (0.08-1), whatever --crop-scale trained with: comparable across recipes
+    results.update(metrics.explanation_metrics(cam, bundle.val, device, metrics=chosen, settings=metrics.Settings(),
                                                rank=ctx.rank, world_size=ctx.world_size, reduce=ctx.sum_values))
     if ctx.primary and hasattr(bundle.val, "boxes"):
         viz.save_overlays(out / "overlays.png", [cam], [f"{args.cam} (predicted class)"], bundle.val, device,
