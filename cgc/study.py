@@ -205,12 +205,18 @@ def _cell(stats, key, scale=1.0, digits=3) -> str:
     if key not in stats:
         return "—"
     mean, std, n = stats[key]
-    return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}" + ("" if n > 1 else " (1 seed)")
+    if n == 1:  # the table's seeds column says so
+        return f"{scale * mean:.{digits}f}"
+    return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
 
 
 def report(summary: dict) -> str:
     """Markdown tables of every configuration (mean ± std over its seeds)."""
-    lines = []
+    lines = ["## python -m cgc.study", "",
+             "Every configuration run, mean ± std over its seeds (the seeds column). The explanation metrics of",
+             "the localisation runs are measured on each run's final weights with one protocol (crops of 8-100 %",
+             "of the image for consistency, whatever the run trained with). README's \"Does it work?\" reads",
+             "these tables; study.json holds every run's flags and results.", ""]
     if "localisation" in summary:
         lines += ["### Explanations (built-in dataset, default recipe unless stated)", "",
                   "| configuration | seeds | val top-1 (%) | consistency (cosine) ↑ | consistency (top-20 % IoU) ↑ "
@@ -338,12 +344,13 @@ def profile_figure(out: Path, runs: dict[str, Path]) -> Path:
         profile, shares = box_profile(folder)
         ax.imshow(profile.numpy(), extent=(-0.5, 1.5, 1.5, -0.5), cmap="jet")
         ax.plot([0, 1, 1, 0, 0], [0, 0, 1, 1, 0], color="white", lw=1)
-        ax.set_title(f"{name}\n" + ", ".join(f"{k.split()[-1]} {100 * v:.0f}%" for k, v in shares.items()),
-                     fontsize=8)
+        inside, outline, off = shares.values()
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(f"interior {100 * inside:.0f}%, outline {100 * outline:.0f}%, off {100 * off:.0f}%", fontsize=8)
         ax.set_xticks([0, 1])
         ax.set_yticks([0, 1])
-    fig.suptitle("mean heatmap in the object's box frame (box: 0-1; mass on the object's interior / outline / off)",
-                 fontsize=8)
+    fig.suptitle("mean heatmap in the object's box frame (the box: 0-1); below: its mass on the object's interior, "
+                 "on its 2-px outline and off the object", fontsize=9)
     fig.savefig(out / "profiles.png")
     return out / "profiles.png"
 
@@ -372,7 +379,7 @@ def main(argv=None) -> dict:
         (out / "study.md").write_text(report(summary) + "\n")
         written = figures(out, summary)
         shown = {name: out / "runs" / run_key("localisation", name, args.seeds[0]) for name in
-                 ("ce", "cgc", "cgc, vertical flips too", "cgc, crop scale 0.5-1")
+                 ("ce", "cgc", "cgc, T 0.1", "cgc, T 0.5", "cgc, vertical flips too")
                  if run_key("localisation", name, args.seeds[0]) in record["runs"]}
         if shown:
             written.append(profile_figure(out, shown))
