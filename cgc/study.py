@@ -9,7 +9,8 @@ Three claims of the paper, tested on the built-in dataset with ``python -m cgc.t
 2. **limited data** (``transfer``): a compact model pretrained (CE) on six shapes, fine-tuned
    with a new head on six other shapes from N images per class, CE vs CGC;
 3. **unlabeled data** (``semi``): the same fine-tuning from N labelled images per class, CE on
-   them alone vs CE plus the CGC term on the rest of the training images, unlabeled.
+   them alone vs CE plus the CGC term on unlabeled images: the rest of the training images, or all
+   of them (the labelled ones too, as the paper's recipe).
 
 Every run is a call of :func:`cgc.train.main` (its log under ``OUT/runs/``), recorded in
 ``OUT/study.json`` as it finishes, so an interrupted study continues where it stopped. At the
@@ -59,6 +60,10 @@ LOCALISATION = {
     "mse (no negatives)": ["--loss", "mse"],
 }
 CORE = ("ce", "cgc")
+#: the semi-supervised comparison (the first two are transfer runs: recorded again, not rerun)
+SEMI = {"ce, labelled only": ["--loss", "ce"], "cgc, labelled only": [],
+        "ce + cgc on the unlabeled rest": ["--unlabeled", "rest"],
+        "ce + cgc on all images, unlabeled": ["--unlabeled", "all"]}
 #: what the localisation study reports, in this order
 REPORTED = ("val_top1", "consistency", "consistency_iou", "content_heatmap", "pointing_game")
 #: measured again on every localisation run's final weights with one protocol (the evaluation's
@@ -120,9 +125,7 @@ def plan(scale: Scale, parts, seeds, screen_seeds, confirm=()) -> list[tuple[str
         runs.append(("pretrain", "ce on six other shapes", 100, base + ["--seed", "100", "--loss", "ce",
                                                                          "--classes", PRETRAIN_SHAPES]))
     for part, shots, variants in (("transfer", scale.shots, {"ce": ["--loss", "ce"], "cgc": []}),
-                                  ("semi", scale.semi_shots, {"ce, labelled only": ["--loss", "ce"],
-                                                              "ce + cgc on the unlabeled rest": [
-                                                                  "--unlabeled", "rest"]})):
+                                  ("semi", scale.semi_shots, SEMI)):
         if part not in parts:
             continue
         for n in shots:
@@ -210,6 +213,13 @@ def _cell(stats, key, scale=1.0, digits=3) -> str:
     return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
 
 
+def _shots_then_variant(part: str, name: str) -> tuple[int, int]:
+    """Sort key of a fine-tuning configuration ``"<variant>, <N>/class"``: by N, then as planned."""
+    variant, shots = name.rsplit(", ", 1)
+    order = list(SEMI if part == "semi" else ("ce", "cgc"))
+    return int(shots.split("/")[0]), order.index(variant) if variant in order else len(order)
+
+
 def report(summary: dict) -> str:
     """Markdown tables of every configuration (mean ± std over its seeds)."""
     lines = ["## python -m cgc.study", "",
@@ -230,11 +240,11 @@ def report(summary: dict) -> str:
                          f"{_cell(stats, 'random_logit')} | {_cell(stats, 'mprt')} |")
         lines.append("")
     for part, title in (("transfer", "Limited data: fine-tuning on six new shapes"),
-                        ("semi", "Unlabeled data: N labelled images per class, the rest unlabeled")):
+                        ("semi", "Unlabeled data: N labelled images per class, the other training images unlabeled")):
         if part in summary:
             lines += [f"### {title}", "", "| configuration | seeds | val top-1 (%) | content heatmap (%) ↑ | "
                       "consistency (cosine) ↑ |", "|---|---:|---:|---:|---:|"]
-            for name, stats in summary[part].items():
+            for name, stats in sorted(summary[part].items(), key=lambda item: _shots_then_variant(part, item[0])):
                 lines.append(f"| {name} | {stats['val_top1'][2]} | {_cell(stats, 'val_top1', digits=1)} | "
                              f"{_cell(stats, 'content_heatmap', digits=1)} | {_cell(stats, 'consistency')} |")
             lines.append("")
@@ -270,8 +280,7 @@ def figures(out: Path, summary: dict) -> list[Path]:
         written.append(out / "localisation.png")
         fig.savefig(written[-1])
     for part, title, labels in (("transfer", "fine-tuning on six new shapes", ("ce", "cgc")),
-                                ("semi", "N labelled images per class, the rest unlabeled",
-                                 ("ce, labelled only", "ce + cgc on the unlabeled rest"))):
+                                ("semi", "N labelled images per class, the other images unlabeled", tuple(SEMI))):
         if part not in summary:
             continue
         fig = _figure(5.5, 3.6)
@@ -279,8 +288,8 @@ def figures(out: Path, summary: dict) -> list[Path]:
         for j, label in enumerate(labels):
             points = sorted((int(name.rsplit(", ", 1)[1].split("/")[0]), stats["val_top1"])
                             for name, stats in summary[part].items() if name.rsplit(", ", 1)[0] == label)
-            if points:  # the second series a little to the right, so that the error bars do not overlap
-                ax.errorbar([n * (1.04 if j else 1.0) for n, _ in points], [s[0] for _, s in points],
+            if points:  # each series a little to the right of the last, so that the error bars do not overlap
+                ax.errorbar([n * 1.04 ** j for n, _ in points], [s[0] for _, s in points],
                             yerr=[s[1] for _, s in points], marker="o", capsize=3, label=label, color=f"C{j}")
         ax.set_xscale("log")
         ax.minorticks_off()

@@ -67,7 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--unlabeled", default=None, metavar="DIR",
                    help="any tree of images: CGC loss on them (target = predicted class), CE on the labelled set; "
                         "'rest': the training images that --samples-per-class / --train-fraction left out, without "
-                        "their labels")
+                        "their labels; 'all': every training image, the labelled ones too, without labels (the "
+                        "paper's semi-supervised recipe)")
     g.add_argument("--unlabeled-batch-size", type=int, default=None, help="default: --batch-size")
     g.add_argument("--image-size", type=int, default=None, help="input size (default: the dataset's, 64 for synthetic)")
     g.add_argument("--train-size", type=int, default=6000, help="synthetic: training images")
@@ -575,15 +576,17 @@ def run(args, ctx: distributed.Context | None = None) -> dict:
                         strict=args.strict, ce_crop_scale=tuple(args.ce_crop_scale),
                         classes=args.classes.split(",") if args.classes else None)
     unlabeled = (data.unlabeled_images(args.unlabeled, bundle.image_size, strict=args.strict)
-                 if args.unlabeled and args.unlabeled != "rest" else None)
+                 if args.unlabeled and args.unlabeled not in ("rest", "all") else None)
     unlabeled_in_memory = unlabeled is None and bundle.in_memory  # files can be unreadable; memory cannot
+    full = bundle.train
     if args.samples_per_class or args.train_fraction:
-        full = bundle.train
         bundle.train = data.limit(full, per_class=args.samples_per_class, fraction=args.train_fraction, seed=args.seed)
         if args.unlabeled == "rest":
             unlabeled = data.WithoutLabels(data.take(full, sorted(set(range(len(full))) - set(bundle.train.indices))))
         if ctx.primary:
             data.write_file_list(out / "train_files.txt", bundle.train)
+    if args.unlabeled == "all":
+        unlabeled = data.WithoutLabels(full)
     steps_per_epoch = len(bundle.train) // args.batch_size
     if not steps_per_epoch:
         raise ConfigError(f"--batch-size {args.batch_size} is larger than the {len(bundle.train)} training images")

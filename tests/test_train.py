@@ -174,9 +174,9 @@ def test_results_table_says_what_each_number_means(tmp_path, capsys):
     assert "higher is better" in table and "energy of the label's heatmap inside the boxes" in table
 
 
-def test_transfer_and_semi_supervised_flags(tmp_path):
+def test_transfer_and_semi_supervised_flags(tmp_path, capsys):
     """Pretrain on some shapes, fine-tune a new head on others with few images per class, and
-    use the rest of the training split as unlabeled images."""
+    use the rest of the training split (or all of it) as unlabeled images."""
     base = ["--val-size", "30", "--batch-size", "8", "--image-size", "32", "--overlays", "2", "--epochs", "1"]
     train.main(base + ["--train-size", "64", "--classes", "circle,square,ring", "--seed", "5", "--out",
                        str(tmp_path / "pre")])
@@ -192,6 +192,10 @@ def test_transfer_and_semi_supervised_flags(tmp_path):
     assert "train_cgc_unlabeled" in log and "train_cgc" not in log
     assert not torch.equal(pre["model"]["fc.weight"], ckpt["model"]["fc.weight"])
     assert results["val_top1"] >= 0
+    assert "108 unlabeled images" in capsys.readouterr().err  # 120 training images less the 12 labelled
+    train.main(base + ["--train-size", "120", "--classes", "plus,star,tee", "--samples-per-class", "4",
+                       "--unlabeled", "all", "--unlabeled-batch-size", "8", "--out", str(tmp_path / "all")])
+    assert "12 train / 30 val" in (err := capsys.readouterr().err) and "120 unlabeled images" in err
     with pytest.raises(SystemExit):
         train.parse_args(["--unlabeled", "rest"])  # the rest of what?
     with pytest.raises(SystemExit, match="unknown shape 'hexagonn'; did you mean 'hexagon'"):

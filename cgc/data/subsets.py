@@ -106,7 +106,7 @@ def take(dataset, indices):
 
 class WithoutLabels(torch.utils.data.Dataset):
     """``dataset``'s images as unlabeled samples (``(image, NO_LABEL)``): the semi-supervised
-    recipe's "all the other training images" (``--unlabeled rest``)."""
+    recipe's unlabeled stream made from the training set itself (``--unlabeled rest`` / ``all``)."""
 
     def __init__(self, dataset):
         self.dataset = dataset
