@@ -117,20 +117,24 @@ def test_global_and_local_negatives(runs, tmp_path):
 
 def test_gather_sends_gradients_home(tmp_path):
     script = tmp_path / "gather.py"
+    # each rank writes its own result file: lines two processes print to one pipe can interleave
     script.write_text(
-        "import torch\nfrom cgc import distributed\nctx = distributed.init('cpu')\n"
+        "import json, sys\nimport torch\nfrom cgc import distributed\nctx = distributed.init('cpu')\n"
         "x = (torch.arange(6.).view(3, 2) + 10 * ctx.rank)[:3 - ctx.rank].requires_grad_()\n"
         "rows, offset = ctx.gather(x)\n(rows * torch.arange(rows.numel()).view_as(rows)).sum().backward()\n"
-        "print('RESULT', ctx.rank, offset, rows.tolist(), x.grad.tolist())\ndistributed.shutdown(ctx)\n")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+        "with open(f'{sys.argv[1]}/rank{ctx.rank}.json', 'w') as f:\n"
+        "    json.dump([offset, rows.tolist(), x.grad.tolist()], f)\n"
+        "distributed.shutdown(ctx)\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(tmp_path)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=ENV)
     assert out.returncode == 0, out.stderr
-    found = {int(line.split()[1]): line for line in out.stdout.splitlines() if line.startswith("RESULT")}
+    found = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     rows = [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0], [10.0, 11.0], [12.0, 13.0]]
     # ranks hold 3 and 2 rows; each rank's loss weights row r by 2r, 2r+1, so the gradient of
     # a row is twice its weights (one copy per process)
-    assert found[0].endswith(f"0 0 {rows} {[[0.0, 2.0], [4.0, 6.0], [8.0, 10.0]]}")
-    assert found[1].endswith(f"1 3 {rows} {[[12.0, 14.0], [16.0, 18.0]]}")
+    assert found[0] == [0, rows, [[0.0, 2.0], [4.0, 6.0], [8.0, 10.0]]]
+    assert found[1] == [3, rows, [[12.0, 14.0], [16.0, 18.0]]]
 
 
 def test_mid_epoch_resume_is_bit_identical(tmp_path, monkeypatch):
