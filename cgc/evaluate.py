@@ -132,10 +132,13 @@ def model_names(sources: list[str], names: list[str] | None) -> list[str]:
 def build_data(train_args: dict, overrides: dict, *, everything: bool = False) -> data.DataBundle:
     """The first checkpoint's dataset with the command line's ``overrides`` (None: not given).
     Only the arguments that :func:`cgc.data.build` accepts are passed (``data`` also as
-    ``root``), so datasets added to it need no change here."""
+    ``root``), so datasets added to it need no change here; a run trained on a subset of the
+    built-in shapes (``--classes``) is evaluated on the same subset."""
     chosen = {k: train_args.get(k) for k in DATA_ARGS}
     chosen.update({k: v for k, v in overrides.items() if k in DATA_ARGS and v is not None})
     chosen["root"] = chosen["data"]
+    if train_args.get("classes") and chosen["dataset"] == train_args.get("dataset"):
+        chosen["classes"] = train_args["classes"].split(",")
     accepted = inspect.signature(data.build).parameters
     kwargs = {k: v for k, v in chosen.items() if k in accepted and k != "name" and v is not None}
     return data.build(chosen["dataset"], everything=everything, **kwargs)

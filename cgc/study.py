@@ -177,15 +177,13 @@ def execute(out: Path, runs, record: dict) -> None:
 
 def evaluate_run(folder: Path) -> dict:
     """:data:`EVALUATED` on a run's final weights (``last.pt``), the evaluation's defaults."""
-    from . import data, metrics
+    from . import metrics
     from .cam import GradCAM
+    from .evaluate import build_data
     from .models import load_model
 
     loaded = load_model(checkpoint_path=folder)
-    targs = loaded.train_args
-    bundle = data.build("synthetic", seed=targs["seed"], image_size=loaded.image_size, train_size=1,
-                        val_size=targs["val_size"], num_classes=targs["num_classes"],
-                        classes=targs["classes"].split(",") if targs.get("classes") else None)
+    bundle = build_data(loaded.train_args, {"train_size": 1})
     with GradCAM(loaded.model.eval(), loaded.target_layer, method=loaded.method) as cam:
         out = metrics.explanation_metrics(cam, bundle.val, "cpu", metrics=metrics.select(list(EVALUATED)))
     return {k: out[k] for k in (*EVALUATED, "mprt_steps")}
@@ -313,13 +311,11 @@ def box_profile(run_dir: Path, grid: int = 33) -> tuple[torch.Tensor, dict[str, 
     erosion) and off the object."""
     from . import data, resize_heatmaps
     from .cam import GradCAM
+    from .evaluate import build_data
     from .models import load_model
 
     loaded = load_model(checkpoint_path=run_dir)
-    targs = loaded.train_args
-    bundle = data.build("synthetic", seed=targs["seed"], image_size=loaded.image_size, train_size=1,
-                        val_size=targs["val_size"], num_classes=targs["num_classes"],
-                        classes=targs["classes"].split(",") if targs.get("classes") else None)
+    bundle = build_data(loaded.train_args, {"train_size": 1})
     val = bundle.val
     S = loaded.image_size
     profile = torch.zeros(grid, grid, dtype=torch.float64)

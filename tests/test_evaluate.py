@@ -64,6 +64,15 @@ def test_evaluate_overrides_and_errors(runs, tmp_path):
         evaluate.main(["--checkpoint", str(runs / "cgc"), "--name", "a", "--name", "b"])
 
 
+def test_evaluate_a_run_on_a_subset_of_the_shapes(tmp_path):
+    """A run trained with --classes is evaluated on those shapes, not on the default ten."""
+    train.main(["--train-size", "24", "--val-size", "12", "--batch-size", "8", "--image-size", "32", "--epochs", "1",
+                "--overlays", "2", "--classes", "plus,star,tee", "--out", str(tmp_path / "run")])
+    report = evaluate.main(["--checkpoint", str(tmp_path / "run"), "--skip-slow", "--out", str(tmp_path / "eval")])
+    assert json.loads((tmp_path / "eval" / "report.json").read_text())["settings"]["images"] == 12
+    assert isinstance(report["run"]["top1"], float)
+
+
 def test_explain_writes_topk_overlays(runs, tmp_path, capsys):
     from cgc import data
 
