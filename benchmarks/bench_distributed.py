@@ -4,6 +4,7 @@ each, the scaling efficiency, and the time the negatives' gather takes per step
 (``benchmarks/dist_step.py`` does the timing; on a GPU machine with two or more GPUs the same
 runs use NCCL). Writes its table to ``CGC_BENCH_DIST_TABLE`` when set.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,15 @@ def launch(processes: int, threads: int) -> dict:
     if processes == 1:
         cmd = [sys.executable, str(SCRIPT)]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-               str(SCRIPT)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(processes),
+            str(SCRIPT),
+        ]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
@@ -44,16 +52,25 @@ def test_scaling(benchmark, processes, threads):
 
 def table() -> str:
     base = next((r for r in ROWS if r["processes"] == 1 and r["threads"] == 1), None)
-    lines = [f"torch {torch.__version__}, {os.cpu_count()} CPUs, gloo", "",
-             "| processes x threads | step ms | images/s | scaling efficiency | gather ms (share of step) |",
-             "|---|---:|---:|---:|---:|"]
+    lines = [
+        f"torch {torch.__version__}, {os.cpu_count()} CPUs, gloo",
+        "",
+        "| processes x threads | step ms | images/s | scaling efficiency | gather ms (share of step) |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for r in ROWS:
-        eff = "—" if base is None else f"{r['images_per_s'] / (base['images_per_s'] * r['processes'] * r['threads']):.0%}"
+        eff = (
+            "—" if base is None else f"{r['images_per_s'] / (base['images_per_s'] * r['processes'] * r['threads']):.0%}"
+        )
         gather = "—" if r["processes"] == 1 else f"{r['gather_ms']:.2f} ({r['gather_ms'] / r['step_ms']:.1%})"
-        lines.append(f"| {r['processes']} x {r['threads']} | {r['step_ms']:.1f} | {r['images_per_s']:.0f} | {eff} | "
-                     f"{gather} |")
-    lines += ["", "Scaling efficiency: images/s over (1 process x 1 thread's images/s x the cores used). Gather: "
-              "forward + backward of the differentiable all-gather of one process's heatmap rows."]
+        lines.append(
+            f"| {r['processes']} x {r['threads']} | {r['step_ms']:.1f} | {r['images_per_s']:.0f} | {eff} | {gather} |"
+        )
+    lines += [
+        "",
+        "Scaling efficiency: images/s over (1 process x 1 thread's images/s x the cores used). Gather: "
+        "forward + backward of the differentiable all-gather of one process's heatmap rows.",
+    ]
     return "\n".join(lines)
 
 
@@ -61,5 +78,9 @@ def table() -> str:
 def report(request):
     yield
     if ROWS:
-        publish(request.config.pluginmanager.get_plugin("terminalreporter"), "cgc distributed scaling", table(),
-                "CGC_BENCH_DIST_TABLE")
+        publish(
+            request.config.pluginmanager.get_plugin("terminalreporter"),
+            "cgc distributed scaling",
+            table(),
+            "CGC_BENCH_DIST_TABLE",
+        )

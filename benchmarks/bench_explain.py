@@ -10,6 +10,7 @@
 At the end of the session a markdown table is printed and, when ``CGC_BENCH_EXPLAIN_TABLE``
 names a file, written there. Run: ``pytest benchmarks/bench_explain.py --benchmark-only``.
 """
+
 from __future__ import annotations
 
 import os
@@ -49,6 +50,7 @@ def resnet(device):
 
 def timed(benchmark, case: str, device: str, impl: str, items: int, fn, rounds: int = ROUNDS):
     """Time ``fn`` with pytest-benchmark and record its median and minimum."""
+
     def call():
         fn()
         sync(device)
@@ -88,8 +90,10 @@ def test_gradcam_cgc(benchmark, resnet, device, precision):
 def test_gradcam_pytorch_grad_cam(benchmark, resnet, device, layout):
     """pytorch-grad-cam on the model as torchvision builds it, and (to show what part of the
     speed-up is layout alone) on the same model and images converted to channels-last."""
-    pgc = pytest.importorskip("pytorch_grad_cam", reason="pytorch-grad-cam is not installed "
-                              "(pip install grad-cam); it is only a benchmark baseline")
+    pgc = pytest.importorskip(
+        "pytorch_grad_cam",
+        reason="pytorch-grad-cam is not installed (pip install grad-cam); it is only a benchmark baseline",
+    )
     model, images = resnet
     name = "pytorch-grad-cam"
     if layout == "channels-last":
@@ -107,8 +111,9 @@ def test_gradcam_pytorch_grad_cam(benchmark, resnet, device, layout):
 
 
 def test_gradcam_captum(benchmark, resnet, device):
-    attr = pytest.importorskip("captum.attr", reason="captum is not installed (pip install captum); "
-                               "it is only a benchmark baseline")
+    attr = pytest.importorskip(
+        "captum.attr", reason="captum is not installed (pip install captum); it is only a benchmark baseline"
+    )
     model, images = resnet
     lgc = attr.LayerGradCam(model, model.layer4)
     with torch.no_grad():
@@ -131,14 +136,14 @@ def loop_insertion_deletion(model, images, saliency, step):
     out = []
     with metrics.eval_mode(model), torch.no_grad():
         for b in range(B):
-            img = images[b:b + 1]
+            img = images[b : b + 1]
             c = model(img).argmax(1).item()
             order = saliency[b].flatten().argsort(dim=0, descending=True)
             aucs = []
             for start, finish in ((metrics.gaussian_blur(img), img), (img, torch.zeros_like(img))):
                 cur, scores = start.clone().view(1, C, -1), []
                 for i in range(n + 1):
-                    idx = order[:i * step]
+                    idx = order[: i * step]
                     cur[..., idx] = finish.reshape(1, C, -1)[..., idx]
                     scores.append(model(cur.view(1, C, H, W)).softmax(1)[0, c])
                 aucs.append(metrics.auc(torch.stack(scores)[None]))
@@ -175,26 +180,34 @@ def test_insertion_deletion(benchmark, device, kind, impl):
     case, model, images, saliency, step = causal_setup(kind, device)
     fn = batched_insertion_deletion if impl == "batched" else loop_insertion_deletion
     if impl == "batched" and kind == "compact":  # the two agree (random saliency has no ties)
-        assert torch.allclose(fn(model, images, saliency, step), loop_insertion_deletion(
-            model, images, saliency, step), atol=1e-4)
-    timed(benchmark, case, device, impl, images.shape[0], lambda: fn(model, images, saliency, step),
-          rounds=2)
+        assert torch.allclose(
+            fn(model, images, saliency, step), loop_insertion_deletion(model, images, saliency, step), atol=1e-4
+        )
+    timed(benchmark, case, device, impl, images.shape[0], lambda: fn(model, images, saliency, step), rounds=2)
 
 
 # ------------------------------------------------------------------ table
 def table() -> str:
     """Markdown: per case and implementation, median (min) time, items per second and the
     speed-up of cgc's implementation over each other one."""
-    lines = [f"torch {torch.__version__}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}", "",
-             "| device | case | implementation | median ms (min) | per second | cgc speed-up |",
-             "|---|---|---|---:|---:|---:|"]
+    lines = [
+        f"torch {torch.__version__}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
+        "",
+        "| device | case | implementation | median ms (min) | per second | cgc speed-up |",
+        "|---|---|---|---:|---:|---:|",
+    ]
     for (case, dev), impls in TIMES.items():
         ours = impls.get("cgc.GradCAM") or impls.get("batched")
         for impl, (med, mn, items) in impls.items():
             speed = "—" if ours is None else f"{med / ours[0]:.2f}× ({mn / ours[1]:.2f}×)"
-            lines.append(f"| {dev} | {case} | {impl} | {med * 1e3:.0f} ({mn * 1e3:.0f}) | {items / med:.1f} | {speed} |")
-    lines += ["", "Per second: heatmaps (Grad-CAM) or images (insertion + deletion AUC) per second, on "
-              "medians. Speed-up: time(implementation) / time(cgc) on medians (on minima)."]
+            lines.append(
+                f"| {dev} | {case} | {impl} | {med * 1e3:.0f} ({mn * 1e3:.0f}) | {items / med:.1f} | {speed} |"
+            )
+    lines += [
+        "",
+        "Per second: heatmaps (Grad-CAM) or images (insertion + deletion AUC) per second, on "
+        "medians. Speed-up: time(implementation) / time(cgc) on medians (on minima).",
+    ]
     return "\n".join(lines)
 
 
@@ -203,5 +216,9 @@ def report(request):
     """Print (and with CGC_BENCH_EXPLAIN_TABLE, write) the table after this module's benchmarks."""
     yield
     if TIMES:
-        publish(request.config.pluginmanager.get_plugin("terminalreporter"),
-                "cgc explanation benchmark table", table(), "CGC_BENCH_EXPLAIN_TABLE")
+        publish(
+            request.config.pluginmanager.get_plugin("terminalreporter"),
+            "cgc explanation benchmark table",
+            table(),
+            "CGC_BENCH_EXPLAIN_TABLE",
+        )

@@ -7,9 +7,10 @@ and CUDA when present; Quantus is optional: skipped with the reason when absent)
   samples) and MPRT (Quantus's granularity: every module with reset_parameters, top down).
 
 Quantus computes on numpy arrays (and calls the explanation once per noise sample or
-randomised layer); cgc on torch tensors, every noise sample of a batch in one CAM pass. Writes
+randomized layer); cgc on torch tensors, every noise sample of a batch in one CAM pass. Writes
 its table to ``CGC_BENCH_METRICS_TABLE`` when set.
 """
+
 from __future__ import annotations
 
 import os
@@ -59,9 +60,12 @@ def heatmaps(device):
     return a.to(device), region.to(device)
 
 
-ON_MAPS = {"pointing game": ("pointing_game", "PointingGame", True),
-           "relevance mass": ("content_heatmap", "RelevanceMassAccuracy", True),
-           "sparseness": ("sparseness", "Sparseness", False), "complexity": ("complexity", "Complexity", False)}
+ON_MAPS = {
+    "pointing game": ("pointing_game", "PointingGame", True),
+    "relevance mass": ("content_heatmap", "RelevanceMassAccuracy", True),
+    "sparseness": ("sparseness", "Sparseness", False),
+    "complexity": ("complexity", "Complexity", False),
+}
 
 
 @pytest.mark.parametrize("impl", ["cgc", "quantus"])
@@ -102,6 +106,7 @@ def for_quantus(device):
     def explain(model, inputs, targets, **_):
         x = torch.as_tensor(inputs, device=device).float()
         return cam_explain(model, x, torch.as_tensor(targets, device=device).long()).detach().cpu().numpy()[:, None]
+
     return explain
 
 
@@ -120,10 +125,19 @@ def test_max_sensitivity(benchmark, device, model_case, impl):
 
     def run():
         draws = iter(fixed)
-        metric = quantus.MaxSensitivity(nr_samples=10, disable_warnings=True,
-                                        perturb_func=lambda arr, indices, **_: arr + next(draws).reshape(arr.shape))
-        metric(model=model, x_batch=x.cpu().numpy(), y_batch=y.cpu().numpy(), a_batch=a.copy(),
-               explain_func=for_quantus(device), device=device)
+        metric = quantus.MaxSensitivity(
+            nr_samples=10,
+            disable_warnings=True,
+            perturb_func=lambda arr, indices, **_: arr + next(draws).reshape(arr.shape),
+        )
+        metric(
+            model=model,
+            x_batch=x.cpu().numpy(),
+            y_batch=y.cpu().numpy(),
+            a_batch=a.copy(),
+            explain_func=for_quantus(device),
+            device=device,
+        )
 
     timed(benchmark, name, device, "quantus", run)
 
@@ -133,19 +147,39 @@ def test_mprt(benchmark, device, model_case, impl):
     model, x, y = model_case
     name = "MPRT (every module), compact CNN, 64 images at 64 px"
     if impl == "cgc":
-        steps = metrics.randomisation_steps(model, "module", 64)
-        timed(benchmark, name, device, "cgc",
-              lambda: metrics.model_randomisation(model, cam_explain, x, y, steps, seed=42))
+        steps = metrics.randomization_steps(model, "module", 64)
+        timed(
+            benchmark,
+            name,
+            device,
+            "cgc",
+            lambda: metrics.model_randomization(model, cam_explain, x, y, steps, seed=42),
+        )
         return
     quantus = quantus_or_skip()
-    timed(benchmark, name, device, "quantus", lambda: quantus.MPRT(seed=42, disable_warnings=True)(
-        model=model, x_batch=x.cpu().numpy(), y_batch=y.cpu().numpy(), a_batch=None,
-        explain_func=for_quantus(device), device=device))
+    timed(
+        benchmark,
+        name,
+        device,
+        "quantus",
+        lambda: quantus.MPRT(seed=42, disable_warnings=True)(
+            model=model,
+            x_batch=x.cpu().numpy(),
+            y_batch=y.cpu().numpy(),
+            a_batch=None,
+            explain_func=for_quantus(device),
+            device=device,
+        ),
+    )
 
 
 def table() -> str:
-    lines = [f"torch {torch.__version__}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}", "",
-             "| device | case | cgc ms (min) | Quantus ms (min) | cgc speed-up |", "|---|---|---:|---:|---:|"]
+    lines = [
+        f"torch {torch.__version__}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
+        "",
+        "| device | case | cgc ms (min) | Quantus ms (min) | cgc speed-up |",
+        "|---|---|---:|---:|---:|",
+    ]
     for (case, dev), impls in TIMES.items():
         ours, theirs = impls.get("cgc"), impls.get("quantus")
         fmt = lambda t: "—" if t is None else f"{t[0] * 1e3:.1f} ({t[1] * 1e3:.1f})"  # noqa: E731
@@ -159,5 +193,9 @@ def table() -> str:
 def report(request):
     yield
     if TIMES:
-        publish(request.config.pluginmanager.get_plugin("terminalreporter"), "cgc metrics vs Quantus", table(),
-                "CGC_BENCH_METRICS_TABLE")
+        publish(
+            request.config.pluginmanager.get_plugin("terminalreporter"),
+            "cgc metrics vs Quantus",
+            table(),
+            "CGC_BENCH_METRICS_TABLE",
+        )

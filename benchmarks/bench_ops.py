@@ -2,6 +2,7 @@
 negatives at distributed sizes, for the eager reference, ``torch.compile`` of the reference and
 every fast backend, on the CPU and (when present) CUDA; plus the machine's copy bandwidth and
 matmul rate (the ceilings of the floor column)."""
+
 from __future__ import annotations
 
 import pytest
@@ -59,7 +60,7 @@ def test_machine_ceilings(benchmark, device):
     t_copy = best(lambda: dst.copy_(src))
     t_mm = best(lambda: torch.mm(a, b))
     MACHINE[device]["copy_GBps"] = 2 * src.numel() * 4 / t_copy / 1e9
-    MACHINE[device]["matmul_GFLOPs"] = 2 * 4096 ** 3 / t_mm / 1e9
+    MACHINE[device]["matmul_GFLOPs"] = 2 * 4096**3 / t_mm / 1e9
     benchmark.group = f"{device} machine"
     benchmark.pedantic(lambda: (dst.copy_(src), sync(device)), rounds=3, iterations=1)
 

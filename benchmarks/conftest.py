@@ -6,6 +6,7 @@ session a markdown table of medians and speed-ups (native vs eager reference and
 ``torch.compile(reference)``) is printed and, when ``CGC_BENCH_TABLE`` names a file, written
 there together with the machine's measured copy bandwidth and matmul rate.
 """
+
 from __future__ import annotations
 
 import os
@@ -50,6 +51,7 @@ def sync(device: str) -> None:
 def run(benchmark, device: str, case: str, backend: str, fn, rounds: int = ROUNDS, warmup: int = 2):
     """Time ``fn`` (which does its own forward + backward) and record its median and minimum
     (on a shared machine the minimum is the least disturbed run)."""
+
     def timed():
         fn()
         sync(device)
@@ -74,20 +76,33 @@ def table() -> str:
     """Markdown: one row per (device, case), medians in ms and speed-ups of native."""
     lines = []
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(__file__)).stdout.strip() or "unknown"
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(__file__)
+            ).stdout.strip()
+            or "unknown"
+        )
     except OSError:
         commit = "unknown"
-    lines.append(f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs, "
-                 f"torch threads {torch.get_num_threads()}, commit {commit}"
-                 + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
+    lines.append(
+        f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch threads {torch.get_num_threads()}, commit {commit}"
+        + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
+    )
     for dev, m in MACHINE.items():
-        lines.append(f"{dev}: copy {m.get('copy_GBps', float('nan')):.1f} GB/s (read + write), "
-                     f"fp32 matmul {m.get('matmul_GFLOPs', float('nan')):.0f} GFLOP/s")
+        lines.append(
+            f"{dev}: copy {m.get('copy_GBps', float('nan')):.1f} GB/s (read + write), "
+            f"fp32 matmul {m.get('matmul_GFLOPs', float('nan')):.0f} GFLOP/s"
+        )
     lines.append("")
     extra = sorted({b for r in RESULTS.values() for b in r} - {"reference", "compiled", "native"})
-    head = ["device", "case", "eager ms", "compiled ms", "native ms"] + [f"{b} ms" for b in extra] + \
-           ["native vs eager", "native vs compiled"] + [f"native vs {b}" for b in extra] + ["floor ms"]
+    head = (
+        ["device", "case", "eager ms", "compiled ms", "native ms"]
+        + [f"{b} ms" for b in extra]
+        + ["native vs eager", "native vs compiled"]
+        + [f"native vs {b}" for b in extra]
+        + ["floor ms"]
+    )
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
     for (dev, case), r in sorted(RESULTS.items(), key=lambda kv: (kv[0][0], list(RESULTS).index(kv[0]))):
@@ -102,10 +117,12 @@ def table() -> str:
         row += ["—" if floor is None else f"{floor * 1e3:.2f}"]
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
-    lines.append("Times: median (minimum) over the rounds, in ms. Speed-ups: time(other) / "
-                 "time(native) on medians (on minima); above 1× native is faster. Floor: the op's "
-                 "minimal bytes at the measured copy bandwidth, or its FLOPs at the measured matmul "
-                 "rate, whichever is larger (inputs that fit in the caches can beat it).")
+    lines.append(
+        "Times: median (minimum) over the rounds, in ms. Speed-ups: time(other) / "
+        "time(native) on medians (on minima); above 1× native is faster. Floor: the op's "
+        "minimal bytes at the measured copy bandwidth, or its FLOPs at the measured matmul "
+        "rate, whichever is larger (inputs that fit in the caches can beat it)."
+    )
     return "\n".join(lines)
 
 

@@ -1,7 +1,8 @@
 """Per-kernel profile of forward + backward of each op at one issue size, on CUDA:
 ``python benchmarks/profile_ops.py [backend ...]`` prints, per op and backend, the wall time per
-call (synchronised) and the profiler's table of device kernels, to tell kernel time from host
+call (synchronized) and the profiler's table of device kernels, to tell kernel time from host
 overhead."""
+
 from __future__ import annotations
 
 import sys
@@ -23,8 +24,9 @@ def cases(device):
     p = torch.rand(64, 224 * 224, device=device, requires_grad=True)
     return {
         "gradcam 64x512x7x7": lambda be: ops.gradcam(A, G, pool=False, backend=be).backward(go),
-        "affine_warp 64x1x7x7->224": lambda be: ops.affine_warp(x, theta, 224, padding_mode="border",
-                                                                backend=be).sum().backward(),
+        "affine_warp 64x1x7x7->224": lambda be: (
+            ops.affine_warp(x, theta, 224, padding_mode="border", backend=be).sum().backward()
+        ),
         "info_nce 64x50176": lambda be: ops.info_nce(a, p, 0.5, backend=be).backward(),
     }
 
@@ -45,7 +47,7 @@ def main(backends):
                 for _ in range(10):
                     fn(be)
                 torch.cuda.synchronize()
-            print(f"\n=== {name} [{be}]: {wall * 1e3:.3f} ms per fwd+bwd (wall, synchronised)")
+            print(f"\n=== {name} [{be}]: {wall * 1e3:.3f} ms per fwd+bwd (wall, synchronized)")
             print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=8, max_name_column_width=60))
 
 

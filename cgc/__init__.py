@@ -12,12 +12,29 @@ adding an InfoNCE loss over heatmaps to ordinary training (Pillai et al., CVPR 2
 - :class:`cgc.CGCLoss`: the contrastive consistency loss of two heatmaps (and its MSE ablation);
 - :mod:`cgc.transforms`: random crop/flip as affine maps; ``python -m cgc.train``.
 """
+
+from importlib import metadata as _metadata
+
 from . import ops, transforms
 from .cam import GradCAM, find_target_layer, resize_heatmaps
 from .cam_methods import CAM_METHODS, register_cam_method
 from .losses import CGCLoss
 from .term import CGCOutput, CGCTerm, cgc_term
 
-__version__ = "0.1.0"
-__all__ = ["ops", "transforms", "GradCAM", "CGCLoss", "CGCTerm", "CGCOutput", "cgc_term", "CAM_METHODS",
-           "register_cam_method", "find_target_layer", "resize_heatmaps"]
+try:
+    __version__ = _metadata.version("cgc")
+except _metadata.PackageNotFoundError:  # a source tree used without installing it
+    __version__ = "0+unknown"
+__all__ = [
+    "CAM_METHODS",
+    "CGCLoss",
+    "CGCOutput",
+    "CGCTerm",
+    "GradCAM",
+    "cgc_term",
+    "find_target_layer",
+    "ops",
+    "register_cam_method",
+    "resize_heatmaps",
+    "transforms",
+]

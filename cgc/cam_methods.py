@@ -14,9 +14,10 @@ A new method is a few lines::
     def mycam(A, G):
         return G.abs().mean((2, 3)), False
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -30,11 +31,13 @@ CAM_METHODS: dict[str, CAMMethod] = {}
 
 def register_cam_method(name: str):
     """Decorator: register ``fn(A, G) -> (weights, pool)`` as the CAM method ``name``."""
+
     def add(fn: CAMMethod) -> CAMMethod:
         if name in CAM_METHODS:
             raise ValueError(f"a CAM method called {name!r} is already registered")
         CAM_METHODS[name] = fn
         return fn
+
     return add
 
 
@@ -88,4 +91,3 @@ def xgradcam(A: torch.Tensor, G: torch.Tensor):
 def layercam(A: torch.Tensor, G: torch.Tensor):
     """LayerCAM (Jiang et al.): per-pixel weights ``relu(G)``."""
     return G.clamp_min(0), False
-

@@ -8,6 +8,7 @@ processes and the differentiable gather of the CGC term's negatives.
 ``--nnodes``, ``--rdzv-backend c10d``, ``--rdzv-endpoint``; SLURM: ``srun`` one torchrun per
 node). Without them (plain ``python -m cgc.train``) there is one process and no process group.
 """
+
 from __future__ import annotations
 
 import os
@@ -67,8 +68,9 @@ class Context:
         if not self.distributed:
             return dict(values)
         keys = sorted(set().union(*self.all_gather_object(sorted(values))))
-        t = self.all_reduce_sum(torch.tensor([float(values.get(k, 0.0)) for k in keys], dtype=torch.float64,
-                                             device=self.device))
+        t = self.all_reduce_sum(
+            torch.tensor([float(values.get(k, 0.0)) for k in keys], dtype=torch.float64, device=self.device)
+        )
         return dict(zip(keys, t.tolist()))
 
     def gather(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -87,7 +89,7 @@ class Context:
         padded = x if x.shape[0] == top else torch.cat([x, x.new_zeros((top - x.shape[0], *x.shape[1:]))])
         parts = _GatherRows.apply(padded, self.gather_group, self.world_size, self.rank).chunk(self.world_size)
         rows = torch.cat([part[:n] for part, n in zip(parts, sizes)])
-        return rows, sum(sizes[:self.rank])
+        return rows, sum(sizes[: self.rank])
 
     def barrier(self) -> None:
         if self.distributed:
@@ -131,8 +133,19 @@ class _GatherRows(torch.autograd.Function):
         else:
             total = grad.clone()
             dist.all_reduce(total, group=ctx.group)
-            mine = total[ctx.rank * n:(ctx.rank + 1) * n]
+            mine = total[ctx.rank * n : (ctx.rank + 1) * n]
         return mine, None, None, None
+
+
+def device_type(name: str) -> str:
+    """The kind of device (``cpu``, ``cuda``, ...) that ``--device name`` means, known before
+    any process group is joined."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return torch.device(name).type
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device name (auto, cpu, cuda, cuda:1, ...)") from None
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
@@ -158,15 +171,22 @@ def init(device: str = "auto", *, timeout_s: float = 600) -> Context:
         return Context(pick_device(device))
     rank, world, local = (int(os.environ[v]) for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     if world > 1 and device not in ("auto", "cuda", "cpu"):
-        raise ConfigError(f"--device {device} names one device, but torchrun started {world} processes: use "
-                          f"--device cuda (each process takes cuda:LOCAL_RANK) or --device cpu")
+        raise ConfigError(
+            f"--device {device} names one device, but torchrun started {world} processes: use "
+            f"--device cuda (each process takes cuda:LOCAL_RANK) or --device cpu"
+        )
     dev = pick_device(device, local)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
         timeout = timedelta(seconds=timeout_s)
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", store=_attempt_store(rank, world, timeout),
-                                rank=rank, world_size=world, timeout=timeout)
+        dist.init_process_group(
+            "nccl" if dev.type == "cuda" else "gloo",
+            store=_attempt_store(rank, world, timeout),
+            rank=rank,
+            world_size=world,
+            timeout=timeout,
+        )
     group = dist.new_group(list(range(world))) if world > 1 else None
     return Context(dev, rank, world, local, group)
 
@@ -177,8 +197,7 @@ def _attempt_store(rank: int, world: int, timeout: timedelta):
     ones published there (they connect to dead ports and the group fails to form)."""
     host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun's agent hosts it
-    store = dist.TCPStore(host, port, world, is_master=not agent and rank == 0, timeout=timeout,
-                          multi_tenant=not agent)
+    store = dist.TCPStore(host, port, world, is_master=not agent and rank == 0, timeout=timeout, multi_tenant=not agent)
     return dist.PrefixStore(f"cgc/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
@@ -199,11 +218,23 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
     first global batches (resuming in the middle of an epoch).
     """
 
-    def __init__(self, n: int, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 epoch: int = 0, shuffle: bool = True, drop_last: bool = True, start: int = 0):
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        epoch: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        start: int = 0,
+    ):
         if batch_size % world_size:
-            raise ConfigError(f"--batch-size {batch_size} is the global batch and must divide evenly over the "
-                              f"{world_size} processes")
+            raise ConfigError(
+                f"--batch-size {batch_size} is the global batch and must divide evenly over the {world_size} processes"
+            )
         self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world_size
         self.seed, self.epoch, self.shuffle, self.drop_last, self.start = seed, epoch, shuffle, drop_last, start
 
@@ -220,8 +251,8 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
     def __iter__(self):
         order = self.order()
         for k in range(self.start, self.start + len(self)):
-            batch = order[k * self.batch_size:(k + 1) * self.batch_size]
+            batch = order[k * self.batch_size : (k + 1) * self.batch_size]
             share = -(-len(batch) // self.world)
-            mine = batch[self.rank * share:(self.rank + 1) * share]
+            mine = batch[self.rank * share : (self.rank + 1) * share]
             if mine:
                 yield mine

@@ -4,10 +4,11 @@ Library code raises these (or the built-in exception they subclass, so ``except 
 keeps working); only a command line's ``main`` turns them into a one-line ``error: ...`` exit
 (:func:`cgc.cli.exit_on_error`).
 """
+
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+from collections.abc import Iterable
 
 
 class CGCError(Exception):

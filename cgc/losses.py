@@ -1,6 +1,7 @@
 """The CGC loss: the heatmap of an augmented image must match the augmented heatmap of the
 original image better than it matches the other images' heatmaps (InfoNCE), or simply match
 it (the MSE ablation)."""
+
 from __future__ import annotations
 
 import torch
@@ -19,7 +20,7 @@ class CGCLoss(nn.Module):
     ``theta`` [B,2,3] is the crop/flip map that made the augmented image from the original
     (:mod:`cgc.transforms`). Both heatmaps are resized to ``heatmap_size`` (the anchor ``q``
     with an identity warp, the positive ``p`` with ``theta``: crop, resize and flip of the
-    original heatmap), sum-normalised with a small epsilon, flattened and compared.
+    original heatmap), sum-normalized with a small epsilon, flattened and compared.
     ``heatmap_size=None`` compares them at the ``size`` passed with them (:func:`cgc.cgc_term`
     passes the image size):
 
@@ -35,8 +36,15 @@ class CGCLoss(nn.Module):
     what a crop that reaches the original's edge sees beyond it.
     """
 
-    def __init__(self, temperature: float = 0.5, heatmap_size: int | tuple[int, int] | None = 224,
-                 kind: str = "infonce", backend: str | None = None, gather=None, padding_mode: str = "border"):
+    def __init__(
+        self,
+        temperature: float = 0.5,
+        heatmap_size: int | tuple[int, int] | None = 224,
+        kind: str = "infonce",
+        backend: str | None = None,
+        gather=None,
+        padding_mode: str = "border",
+    ):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -52,16 +60,18 @@ class CGCLoss(nn.Module):
     def pair(self, cam_orig: torch.Tensor, cam_aug: torch.Tensor, theta: torch.Tensor, size=None):
         """The flattened anchors ``q`` (augmented view) and positives ``p`` [B, S*S]."""
         if cam_orig.dim() != 3 or cam_orig.shape != cam_aug.shape:
-            raise ValueError(f"cam_orig and cam_aug must both be [B,h,w], got "
-                             f"{tuple(cam_orig.shape)} and {tuple(cam_aug.shape)}")
+            raise ValueError(
+                f"cam_orig and cam_aug must both be [B,h,w], got {tuple(cam_orig.shape)} and {tuple(cam_aug.shape)}"
+            )
         size = self.heatmap_size or size
         if size is None:
             raise ValueError("CGCLoss(heatmap_size=None) needs the size=(H, W) to compare heatmaps at")
         b = cam_orig.shape[0]
         ident = identity_theta(b, cam_aug.device, theta.dtype)
         q = ops.affine_warp(cam_aug[:, None], ident, size, padding_mode="border", backend=self.backend).flatten(1)
-        p = ops.affine_warp(cam_orig[:, None], theta, size, padding_mode=self.padding_mode,
-                            backend=self.backend).flatten(1)
+        p = ops.affine_warp(
+            cam_orig[:, None], theta, size, padding_mode=self.padding_mode, backend=self.backend
+        ).flatten(1)
         q = q / (q.sum(1, keepdim=True) + HEATMAP_EPS) + HEATMAP_EPS
         p = p / (p.sum(1, keepdim=True) + HEATMAP_EPS) + HEATMAP_EPS
         return q, p

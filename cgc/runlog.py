@@ -6,6 +6,7 @@ A resumed run repeats nothing: the epoch log is written again from the checkpoin
 and the step log cut after the checkpoint's step, so a preempted or restarted run leaves the
 same files as an uninterrupted one.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,9 @@ class RunLog:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise MissingDependency("tensorboard", "--tensorboard") from None
-            self.board = SummaryWriter(str(self.out / "tensorboard"), purge_step=global_step + 1 if global_step else None)
+            self.board = SummaryWriter(
+                str(self.out / "tensorboard"), purge_step=global_step + 1 if global_step else None
+            )
 
     def step(self, step: int, values: dict[str, float]) -> None:
         """One training step: its global index and its numbers (losses, lr, lambda)."""
@@ -62,6 +65,12 @@ class RunLog:
 
         with Image.open(path) as img:
             self.board.add_image(tag, np.asarray(img.convert("RGB")), step, dataformats="HWC")
+
+    def __enter__(self) -> RunLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def close(self) -> None:
         self._steps.close()

@@ -12,10 +12,11 @@ caller adds its own cross-entropy without a second forward pass::
     out = term(images)
     loss = F.cross_entropy(out.logits, labels) + lam * out.loss
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -47,14 +48,26 @@ class CGCOutput:
     extra_logits: list[torch.Tensor] = field(default_factory=list)
 
 
-def cgc_term(model_or_cam: nn.Module | GradCAM, x: torch.Tensor, *, theta: torch.Tensor | None = None,
-             targets: torch.Tensor | None = None, extra: Sequence[torch.Tensor] = (),
-             loss: CGCLoss | None = None, target_layer: str | None = None, method: str = "gradcam",
-             temperature: float = 0.5, heatmap_size: int | None = None, kind: str = "infonce",
-             crop_scale: tuple[float, float] = transforms.DEFAULT_SCALE,
-             ratio: tuple[float, float] = transforms.DEFAULT_RATIO, flip_p: float = 0.5,
-             generator: torch.Generator | None = None, backend: str | None = None) -> CGCOutput:
-    """The CGC term of a batch of images ``x`` (normalised, on the model's device).
+def cgc_term(
+    model_or_cam: nn.Module | GradCAM,
+    x: torch.Tensor,
+    *,
+    theta: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
+    extra: Sequence[torch.Tensor] = (),
+    loss: CGCLoss | None = None,
+    target_layer: str | None = None,
+    method: str = "gradcam",
+    temperature: float = 0.5,
+    heatmap_size: int | None = None,
+    kind: str = "infonce",
+    crop_scale: tuple[float, float] = transforms.DEFAULT_SCALE,
+    ratio: tuple[float, float] = transforms.DEFAULT_RATIO,
+    flip_p: float = 0.5,
+    generator: torch.Generator | None = None,
+    backend: str | None = None,
+) -> CGCOutput:
+    """The CGC term of a batch of images ``x`` (normalized, on the model's device).
 
     Draws a RandomResizedCrop + horizontal flip per image (``crop_scale``, ``ratio``,
     ``flip_p``, from ``generator``) unless ``theta`` [B,2,3] is given, warps ``x`` into
@@ -79,8 +92,9 @@ def _term(cam: GradCAM, x, theta, targets, extra, loss: CGCLoss, draw: dict, bac
         raise ValueError(f"cgc_term expects an image batch [B,C,H,W], got {getattr(x, 'shape', type(x).__name__)}")
     B, _, H, W = x.shape
     if B < 2 and loss.kind == "infonce" and loss.gather is None:
-        raise ValueError(f"the InfoNCE term needs a batch of at least 2 images (the other images are the "
-                         f"negatives), got {B}")
+        raise ValueError(
+            f"the InfoNCE term needs a batch of at least 2 images (the other images are the negatives), got {B}"
+        )
     if theta is None:
         theta = transforms.random_crop_flip(B, H, W, device=x.device, **draw).theta()
     elif theta.shape != (B, 2, 3):
@@ -90,7 +104,7 @@ def _term(cam: GradCAM, x, theta, targets, extra, loss: CGCLoss, draw: dict, bac
     if targets is None:
         targets = logits[:B].detach().argmax(1)
     cams = cam.heatmaps(logits, acts, targets.repeat(2), rows=slice(0, 2 * B), create_graph=True)
-    if cams.dtype in (torch.float16, torch.bfloat16):  # under autocast: normalise and exponentiate in float32
+    if cams.dtype in (torch.float16, torch.bfloat16):  # under autocast: normalize and exponentiate in float32
         cams = cams.float()
     value = loss(cams[:B], cams[B:], theta, size=(H, W))
     sizes = [B, B] + [e.shape[0] for e in extra]
@@ -113,15 +127,28 @@ class CGCTerm(nn.Module):
     ``close()`` (or leaving a ``with`` block) removes the hook.
     """
 
-    def __init__(self, model: nn.Module, target_layer: str | None = None, *, method: str = "gradcam",
-                 temperature: float = 0.5, heatmap_size: int | None = None, kind: str = "infonce",
-                 crop_scale: tuple[float, float] = transforms.DEFAULT_SCALE,
-                 ratio: tuple[float, float] = transforms.DEFAULT_RATIO, flip_p: float = 0.5,
-                 loss: CGCLoss | None = None, gather=None, backend: str | None = None, channels_last: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layer: str | None = None,
+        *,
+        method: str = "gradcam",
+        temperature: float = 0.5,
+        heatmap_size: int | None = None,
+        kind: str = "infonce",
+        crop_scale: tuple[float, float] = transforms.DEFAULT_SCALE,
+        ratio: tuple[float, float] = transforms.DEFAULT_RATIO,
+        flip_p: float = 0.5,
+        loss: CGCLoss | None = None,
+        gather=None,
+        backend: str | None = None,
+        channels_last: bool = False,
+    ):
         super().__init__()
         self.cam = GradCAM(model, target_layer, method=method, backend=backend, channels_last=channels_last)
-        self.loss = loss if loss is not None else CGCLoss(temperature, heatmap_size, kind=kind, backend=backend,
-                                                          gather=gather)
+        self.loss = (
+            loss if loss is not None else CGCLoss(temperature, heatmap_size, kind=kind, backend=backend, gather=gather)
+        )
         self.crop_scale, self.ratio, self.flip_p = tuple(crop_scale), tuple(ratio), flip_p
         self.backend = backend
 
@@ -129,22 +156,41 @@ class CGCTerm(nn.Module):
     def target_layer(self) -> str:
         return self.cam.target_layer
 
-    def forward(self, x: torch.Tensor, *, theta: torch.Tensor | None = None, targets: torch.Tensor | None = None,
-                extra: Sequence[torch.Tensor] = (), generator: torch.Generator | None = None) -> CGCOutput:
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        theta: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        extra: Sequence[torch.Tensor] = (),
+        generator: torch.Generator | None = None,
+    ) -> CGCOutput:
         """See :func:`cgc_term`."""
-        return cgc_term(self.cam, x, theta=theta, targets=targets, extra=extra, loss=self.loss,
-                        crop_scale=self.crop_scale, ratio=self.ratio, flip_p=self.flip_p,
-                        generator=generator, backend=self.backend)
+        return cgc_term(
+            self.cam,
+            x,
+            theta=theta,
+            targets=targets,
+            extra=extra,
+            loss=self.loss,
+            crop_scale=self.crop_scale,
+            ratio=self.ratio,
+            flip_p=self.flip_p,
+            generator=generator,
+            backend=self.backend,
+        )
 
     def close(self) -> None:
         self.cam.close()
 
-    def __enter__(self) -> "CGCTerm":
+    def __enter__(self) -> CGCTerm:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
     def extra_repr(self) -> str:
-        return (f"method={self.cam.method}, target_layer={self.cam.target_layer!r}, "
-                f"crop_scale={self.crop_scale}, flip_p={self.flip_p}")
+        return (
+            f"method={self.cam.method}, target_layer={self.cam.target_layer!r}, "
+            f"crop_scale={self.crop_scale}, flip_p={self.flip_p}"
+        )

@@ -2,7 +2,7 @@
 
 A RandomResizedCrop box ``(i, j, h, w)`` (top, left, height, width, in pixels of an
 ``H x W`` image) followed by an optional horizontal flip is one affine map ``theta`` [2,3]
-from output to input coordinates normalised to [-1, 1] (``align_corners=False``). The same
+from output to input coordinates normalized to [-1, 1] (``align_corners=False``). The same
 ``theta`` makes the augmented image from the original (:func:`apply`) and the positive
 heatmap from the original heatmap (:class:`cgc.losses.CGCLoss`), whatever their resolutions.
 
@@ -11,6 +11,7 @@ split over processes, from per-sample ``keys`` (:func:`sample_keys`: a hash of s
 sample index and purpose): then every image gets the same crop and flip in any batch, on any
 number of processes, and after a resume.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,7 +24,10 @@ from . import ops
 #: RandomResizedCrop defaults of the CGC recipe (METHOD.md): area fraction and aspect ratio.
 DEFAULT_SCALE = (0.08, 1.0)
 DEFAULT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-#: attempts per box before the centre-crop fallback (as torchvision's RandomResizedCrop)
+#: the area range of the training recipe's cross-entropy view here (the paper's is 0.08-1; at
+#: the built-in dataset's 64 px, smaller crops often lose the object)
+CE_SCALE = (0.25, 1.0)
+#: attempts per box before the center-crop fallback (as torchvision's RandomResizedCrop)
 TRIES = 10
 #: what a keyed draw is for: each purpose gets its own independent numbers
 STREAMS = {"aug": 1, "ce": 2, "unlabeled": 3, "consistency": 4, "robustness": 5, "random_logit": 6}
@@ -72,20 +76,25 @@ class CropFlip:
         return crop_flip_theta(self.boxes, self.flips, self.height, self.width, vflips=self.vflips)
 
 
-def boxes_from_uniforms(u: torch.Tensor, height: int, width: int, *,
-                        scale: tuple[float, float] = DEFAULT_SCALE,
-                        ratio: tuple[float, float] = DEFAULT_RATIO) -> torch.Tensor:
+def boxes_from_uniforms(
+    u: torch.Tensor,
+    height: int,
+    width: int,
+    *,
+    scale: tuple[float, float] = DEFAULT_SCALE,
+    ratio: tuple[float, float] = DEFAULT_RATIO,
+) -> torch.Tensor:
     """Boxes ``[B,4]`` (top, left, height, width; float) drawn as torchvision's
     RandomResizedCrop draws them, from uniforms ``u`` [B, 3*tries + 1]: area fraction in
     ``scale``, log-uniform aspect ratio in ``ratio``, up to ``tries`` attempts per box, then a
-    centre crop clamped to ``ratio``; position uniform over the valid integer offsets."""
+    center crop clamped to ``ratio``; position uniform over the valid integer offsets."""
     if not (0 < scale[0] <= scale[1] <= 1):
         raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}")
     if not (0 < ratio[0] <= ratio[1]):
         raise ValueError(f"ratio must satisfy 0 < min <= max, got {ratio}")
     batch, tries = u.shape[0], (u.shape[1] - 1) // 3
     area = height * width
-    u_area, u_ratio, u_top = u[:, :tries], u[:, tries:2 * tries], u[:, 2 * tries:3 * tries]
+    u_area, u_ratio, u_top = u[:, :tries], u[:, tries : 2 * tries], u[:, 2 * tries : 3 * tries]
     target_area = area * (scale[0] + (scale[1] - scale[0]) * u_area)
     log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u_ratio
     aspect = torch.exp(log_r)
@@ -93,7 +102,7 @@ def boxes_from_uniforms(u: torch.Tensor, height: int, width: int, *,
     h = torch.round(torch.sqrt(target_area / aspect))
     ok = (w > 0) & (h > 0) & (w <= width) & (h <= height)
     first = torch.where(ok.any(1), ok.float().argmax(1), torch.full_like(ok[:, 0], -1, dtype=torch.long))
-    # fallback: the largest centred box within the ratio range
+    # fallback: the largest centerd box within the ratio range
     in_ratio = width / height
     if in_ratio < ratio[0]:
         fw, fh = width, round(width / ratio[0])
@@ -108,40 +117,56 @@ def boxes_from_uniforms(u: torch.Tensor, height: int, width: int, *,
     # position uniform over the valid integer offsets, as torch.randint(0, H - h + 1) does
     top = torch.floor(u_top[rows, pick] * (height - bh + 1)).clamp_max(height - bh)
     left = torch.floor(u[:, 3 * tries] * (width - bw + 1)).clamp_max(width - bw)
-    centred = first < 0
-    top = torch.where(centred, torch.floor((height - bh) / 2), top)
-    left = torch.where(centred, torch.floor((width - bw) / 2), left)
+    centerd = first < 0
+    top = torch.where(centerd, torch.floor((height - bh) / 2), top)
+    left = torch.where(centerd, torch.floor((width - bw) / 2), left)
     return torch.stack([top, left, bh, bw], dim=1).float()
 
 
-def random_resized_crop_boxes(batch: int, height: int, width: int, *,
-                              scale: tuple[float, float] = DEFAULT_SCALE,
-                              ratio: tuple[float, float] = DEFAULT_RATIO,
-                              generator: torch.Generator | None = None, keys=None,
-                              device: torch.device | str = "cpu") -> torch.Tensor:
+def random_resized_crop_boxes(
+    batch: int,
+    height: int,
+    width: int,
+    *,
+    scale: tuple[float, float] = DEFAULT_SCALE,
+    ratio: tuple[float, float] = DEFAULT_RATIO,
+    generator: torch.Generator | None = None,
+    keys=None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
     """Boxes ``[B,4]`` (top, left, height, width) drawn as torchvision's RandomResizedCrop
     draws them (:func:`boxes_from_uniforms`), from ``generator`` or per-sample ``keys``."""
     u = uniforms(batch, 3 * TRIES + 1, generator=generator, keys=keys)
     return boxes_from_uniforms(u, height, width, scale=scale, ratio=ratio).to(device)
 
 
-def random_crop_flip(batch: int, height: int, width: int, *, scale=DEFAULT_SCALE,
-                     ratio=DEFAULT_RATIO, flip_p: float = 0.5, vflip_p: float = 0.0,
-                     generator: torch.Generator | None = None, keys=None,
-                     device: torch.device | str = "cpu") -> CropFlip:
+def random_crop_flip(
+    batch: int,
+    height: int,
+    width: int,
+    *,
+    scale=DEFAULT_SCALE,
+    ratio=DEFAULT_RATIO,
+    flip_p: float = 0.5,
+    vflip_p: float = 0.0,
+    generator: torch.Generator | None = None,
+    keys=None,
+    device: torch.device | str = "cpu",
+) -> CropFlip:
     """Random RandomResizedCrop boxes plus horizontal flips with probability ``flip_p`` (and
     vertical ones with ``vflip_p``), from ``generator`` or per-sample ``keys``
     (:func:`sample_keys`)."""
     u = uniforms(batch, 3 * TRIES + 3, generator=generator, keys=keys)
-    boxes = boxes_from_uniforms(u[:, :3 * TRIES + 1], height, width, scale=scale, ratio=ratio)
+    boxes = boxes_from_uniforms(u[:, : 3 * TRIES + 1], height, width, scale=scale, ratio=ratio)
     flips = u[:, 3 * TRIES + 1] < flip_p
     vflips = (u[:, 3 * TRIES + 2] < vflip_p).to(device) if vflip_p > 0 else None
     return CropFlip(boxes.to(device), flips.to(device), height, width, vflips)
 
 
-def crop_flip_theta(boxes: torch.Tensor, flips: torch.Tensor, height: int, width: int, *,
-                    vflips: torch.Tensor | None = None) -> torch.Tensor:
-    """Affine maps ``[B,2,3]`` (output -> input, normalised, align_corners=False) of crops
+def crop_flip_theta(
+    boxes: torch.Tensor, flips: torch.Tensor, height: int, width: int, *, vflips: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Affine maps ``[B,2,3]`` (output -> input, normalized, align_corners=False) of crops
     ``boxes`` [B,4] = (top, left, h, w) of an ``height x width`` image, each resized to the
     output and flipped horizontally where ``flips`` [B] is true (vertically where ``vflips``)."""
     if boxes.dim() != 2 or boxes.shape[1] != 4:
@@ -159,14 +184,14 @@ def crop_flip_theta(boxes: torch.Tensor, flips: torch.Tensor, height: int, width
     return theta
 
 
-def identity_theta(batch: int, device: torch.device | str = "cpu",
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def identity_theta(batch: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``[B,2,3]`` identity maps: with ``padding_mode="border"``, warping is plain resizing."""
     return torch.eye(2, 3, dtype=dtype, device=device).expand(batch, 2, 3)
 
 
-def apply(images: torch.Tensor, theta: torch.Tensor, size=None, *, padding_mode: str = "border",
-          backend: str | None = None) -> torch.Tensor:
+def apply(
+    images: torch.Tensor, theta: torch.Tensor, size=None, *, padding_mode: str = "border", backend: str | None = None
+) -> torch.Tensor:
     """Warp a batch of images [B,C,H,W] with ``theta`` to ``size`` (default: same size):
     makes the augmented view on the device with the same op as the heatmap warp."""
     size = images.shape[-2:] if size is None else size

@@ -1,23 +1,24 @@
-"""Pictures: heatmap overlays (PIL), training and metric curves and the randomisation figure
+"""Pictures: heatmap overlays (PIL), training and metric curves and the randomization figure
 (matplotlib, drawn on its Agg canvas without pyplot's global state), as PNG."""
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from . import data
 from .cam import resize_heatmaps
-from .metrics import eval_batches, eval_mode, randomisation_steps, randomised_models
+from .metrics import eval_batches, eval_mode, randomization_steps, randomized_models
 
 
 def jet(h: torch.Tensor) -> torch.Tensor:
-    """Map values in [0, 1] [...] to the jet colour map [..., 3] in [0, 1]."""
+    """Map values in [0, 1] [...] to the jet color map [..., 3] in [0, 1]."""
     x = h.clamp(0, 1)[..., None]
-    centres = torch.tensor([3.0, 2.0, 1.0], device=h.device) / 4
-    return (1.5 - (4 * (x - centres)).abs()).clamp(0, 1)
+    centers = torch.tensor([3.0, 2.0, 1.0], device=h.device) / 4
+    return (1.5 - (4 * (x - centers)).abs()).clamp(0, 1)
 
 
 def overlay(image: torch.Tensor, heatmap: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
@@ -32,10 +33,17 @@ def _to_pil(img: torch.Tensor, scale: int) -> Image.Image:
     return pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST) if scale > 1 else pil
 
 
-def save_overlay_grid(path: str | Path, images: torch.Tensor, heatmaps: Sequence[torch.Tensor],
-                      column_titles: Sequence[str], *, boxes: torch.Tensor | None = None,
-                      captions: Sequence[str] | None = None, columns: int = 4,
-                      min_size: int = 160) -> Path:
+def save_overlay_grid(
+    path: str | Path,
+    images: torch.Tensor,
+    heatmaps: Sequence[torch.Tensor],
+    column_titles: Sequence[str],
+    *,
+    boxes: torch.Tensor | None = None,
+    captions: Sequence[str] | None = None,
+    columns: int = 4,
+    min_size: int = 160,
+) -> Path:
     """A grid of tiles; each tile shows an image [3,H,W] and one overlay per heatmap set
     (``heatmaps[m][i]`` [H,W] for model/column m), ground-truth boxes [N,nb,4] (x0,y0,x1,y1)
     outlined, a caption per tile. Tiny images are enlarged (nearest) to ``min_size``."""
@@ -60,9 +68,11 @@ def save_overlay_grid(path: str | Path, images: torch.Tensor, heatmaps: Sequence
             if boxes is not None:
                 for bx in boxes[i].tolist():
                     if bx[2] > bx[0] and bx[3] > bx[1]:
-                        draw.rectangle([px + bx[0] * scale, y0 + bx[1] * scale,
-                                        px + bx[2] * scale - 1, y0 + bx[3] * scale - 1],
-                                       outline=(255, 255, 255), width=2)
+                        draw.rectangle(
+                            [px + bx[0] * scale, y0 + bx[1] * scale, px + bx[2] * scale - 1, y0 + bx[3] * scale - 1],
+                            outline=(255, 255, 255),
+                            width=2,
+                        )
         if captions is not None:
             draw.text((x0, y0 + H * scale + 4), captions[i], fill="black", font=font)
     path = Path(path)
@@ -79,11 +89,12 @@ def _figure(width: float, height: float):
     return fig
 
 
-def plot_curves(path: str | Path, panels: dict[str, dict[str, Sequence[tuple[float, float]]]],
-                xlabel: str = "epoch") -> Path:
+def plot_curves(
+    path: str | Path, panels: dict[str, dict[str, Sequence[tuple[float, float]]]], xlabel: str = "epoch"
+) -> Path:
     """Line charts side by side: ``panels[title][series] = [(x, y), ...]`` -> PNG. Series whose
     name starts with ``train`` are dashed and those with ``val`` solid with markers (the same
-    colour for the same quantity), and each panel's legend sits below its axes, clear of the
+    color for the same quantity), and each panel's legend sits below its axes, clear of the
     lines."""
     fig = _figure(4.6 * max(1, len(panels)), 3.6)
     axes = fig.subplots(1, max(1, len(panels)), squeeze=False)[0]
@@ -103,15 +114,24 @@ def plot_curves(path: str | Path, panels: dict[str, dict[str, Sequence[tuple[flo
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=8)
         if any(series.values()):
-            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=min(3, len(series)), fontsize=8,
-                      frameon=False)
+            ax.legend(
+                loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=min(3, len(series)), fontsize=8, frameon=False
+            )
     path = Path(path)
     fig.savefig(path)
     return path
 
 
-def save_overlays(path: str | Path, cams: Sequence, titles: Sequence[str], dataset, device, n: int,
-                  classes: Sequence[str], model_classes: Sequence[Sequence[str]] | None = None) -> Path:
+def save_overlays(
+    path: str | Path,
+    cams: Sequence,
+    titles: Sequence[str],
+    dataset,
+    device,
+    n: int,
+    classes: Sequence[str],
+    model_classes: Sequence[Sequence[str]] | None = None,
+) -> Path:
     """PNG of the first ``n`` images of ``dataset``: the image, then for each
     :class:`cgc.GradCAM` in ``cams`` (one per model) the heatmap of the class that model
     predicts, ground-truth boxes outlined if any; captions ``label -> each model's class``
@@ -125,22 +145,24 @@ def save_overlays(path: str | Path, cams: Sequence, titles: Sequence[str], datas
             out = cam(x)
         heatmaps.append(resize_heatmaps(out.cams, tuple(x.shape[-2:])).cpu())
         preds.append(out.targets.cpu())
-    captions = [f"{classes[int(label)]} -> " + " / ".join(names[int(p[i])] for p, names in zip(preds, model_classes))
-                for i, label in enumerate(labels)]
+    captions = [
+        f"{classes[int(label)]} -> " + " / ".join(names[int(p[i])] for p, names in zip(preds, model_classes))
+        for i, label in enumerate(labels)
+    ]
     return save_overlay_grid(path, images.float() / 255, heatmaps, titles, boxes=boxes, captions=captions)
 
 
-def save_randomisation(path: str | Path, cams: Sequence, titles: Sequence[str], dataset, device, settings) -> Path:
-    """The cascading-randomisation figure: one row per model (``cams``), the first image of
+def save_randomization(path: str | Path, cams: Sequence, titles: Sequence[str], dataset, device, settings) -> Path:
+    """The cascading-randomization figure: one row per model (``cams``), the first image of
     ``dataset`` with a box (else the first), then its heatmap for the class the model predicts
-    with the original weights and after each randomisation step of
-    :func:`cgc.metrics.randomised_models` (the same seed and steps as the MPRT metric)."""
+    with the original weights and after each randomization step of
+    :func:`cgc.metrics.randomized_models` (the same seed and steps as the MPRT metric)."""
     images, _, boxes = next(eval_batches(dataset, min(len(dataset), 64), min(len(dataset), 64)))
     pick = 0
     if boxes is not None:
         has = ((boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])).any(1)
         pick = int(has.float().argmax()) if has.any() else 0
-    image = images[pick:pick + 1]
+    image = images[pick : pick + 1]
     x = data.normalize(image.to(device))
     size = tuple(x.shape[-2:])
     rows = []
@@ -148,8 +170,8 @@ def save_randomisation(path: str | Path, cams: Sequence, titles: Sequence[str], 
         with eval_mode(cam.model):
             first = cam(x)
             tiles = [("original", resize_heatmaps(first.cams.float(), size)[0].cpu())]
-            steps = randomisation_steps(cam.model, settings.randomisation, size[0])
-            for name, twin in randomised_models(cam.model, steps, seed=settings.seed):
+            steps = randomization_steps(cam.model, settings.randomization, size[0])
+            for name, twin in randomized_models(cam.model, steps, seed=settings.seed):
                 with cam.with_model(twin) as moved:
                     tiles.append((name, resize_heatmaps(moved(x, first.targets).cams.float(), size)[0].cpu()))
         rows.append(tiles)
@@ -166,9 +188,9 @@ def save_randomisation(path: str | Path, cams: Sequence, titles: Sequence[str], 
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
-        for ax in axes[r, 1 + len(tiles):]:
+        for ax in axes[r, 1 + len(tiles) :]:
             ax.axis("off")
-    fig.suptitle("heatmap after randomising the weights from the head down (cumulative)", fontsize=10)
+    fig.suptitle("heatmap after randomizing the weights from the head down (cumulative)", fontsize=10)
     path = Path(path)
     fig.savefig(path)
     return path

@@ -24,7 +24,7 @@ TORCH_LIBRARY(cgc, m) {
   m.def("affine_warp_fwd(Tensor input, Tensor theta, SymInt out_h, SymInt out_w, int padding_mode) -> Tensor");
   // d input [B,C,in_h,in_w] of affine_warp_fwd (linear in grad_out).
   m.def("affine_warp_bwd(Tensor grad_out, Tensor theta, SymInt in_h, SymInt in_w, int padding_mode) -> Tensor");
-  // InfoNCE over L2-normalised rows; reduction 0 = none, 1 = mean, 2 = sum. Returns
+  // InfoNCE over L2-normalized rows; reduction 0 = none, 1 = mean, 2 = sum. Returns
   // (loss, logits [B,B] with the positive logit on the diagonal, stats [3,B] = 1/|a|, 1/|p|,
   // row logsumexp); logits and stats are saved for the backward, in float64.
   m.def("info_nce_fwd(Tensor anchors, Tensor positives, float temperature, int reduction)"

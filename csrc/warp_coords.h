@@ -13,16 +13,16 @@
 
 namespace cgc {
 
-// Normalised centre of output pixel i of n (align_corners=False): (2i + 1) / n - 1.
+// Normalized center of output pixel i of n (align_corners=False): (2i + 1) / n - 1.
 template <typename T>
 CGC_HD T norm_centre(int64_t i, int64_t n) {
   return (T(2) * static_cast<T>(i) + T(1)) / static_cast<T>(n) - T(1);
 }
 
-// Input pixel coordinate (pixel centres at integers) of normalised coordinate g on an axis of
+// Input pixel coordinate (pixel centers at integers) of normalized coordinate g on an axis of
 // `size` pixels; border padding clamps it to the image.
 template <typename T>
-CGC_HD T unnormalise(T g, int64_t size, bool border) {
+CGC_HD T unnormalize(T g, int64_t size, bool border) {
   T v = ((g + T(1)) * static_cast<T>(size) - T(1)) / T(2);
   if (border) v = v < T(0) ? T(0) : (v > static_cast<T>(size - 1) ? static_cast<T>(size - 1) : v);
   return v;

@@ -6,6 +6,7 @@
 PyTorch tutorial writes; CGC adds three lines, marked below: build the term, call it on the
 batch (it makes the crop/flip view and runs the model once on both views), add its loss.
 """
+
 import argparse
 
 import torch
@@ -28,21 +29,22 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     size = args.image_size
-    tf = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(),
-                    T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    tf = T.Compose(
+        [T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
+    )
     dataset = torchvision.datasets.ImageFolder(args.root, transform=tf)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = torchvision.models.resnet18(num_classes=len(dataset.classes)).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
 
-    term = cgc.CGCTerm(model, temperature=0.5)                             # CGC 1/3: the term
+    term = cgc.CGCTerm(model, temperature=0.5)  # CGC 1/3: the term
     for epoch in range(args.epochs):
         model.train()
         total = n = 0
         for images, labels in loader:
             images, labels = images.to(device), labels.to(device)
-            out = term(images)                                             # CGC 2/3: both views
+            out = term(images)  # CGC 2/3: both views
             loss = F.cross_entropy(out.logits, labels) + args.lam * out.loss  # CGC 3/3: add it
             opt.zero_grad()
             loss.backward()

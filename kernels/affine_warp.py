@@ -23,6 +23,7 @@ Two families, chosen by input size (float64 always takes the general one):
 
 Both accumulate in float32 also for 16-bit inputs; the gradient is cast at the end.
 """
+
 from __future__ import annotations
 
 import torch
@@ -43,8 +44,8 @@ _CONFIGS = [
 def _taps(theta_ptr, b, ps, pmask, w_out, h_out, H, W, BORDER: tl.constexpr, ACC: tl.constexpr):
     """Top-left source corner (x0, y0), fractional offsets (fx, fy) and the in-image masks of
     the taps of each axis (in_x0, in_x1, in_y0, in_y1; the y masks and-ed with ``pmask``) of
-    output pixels ``ps`` of batch row ``b``: the output pixel centre in normalised
-    coordinates, mapped by ``theta`` and un-normalised to the input grid (pixel centres at
+    output pixels ``ps`` of batch row ``b``: the output pixel center in normalized
+    coordinates, mapped by ``theta`` and un-normalized to the input grid (pixel centers at
     integers)."""
     t = theta_ptr + b.to(tl.int64) * 6
     t00 = tl.load(t + 0)
@@ -98,8 +99,24 @@ def _sample(plane, x0, y0, fx, fy, m00, m01, m10, m11, sh, sw, ACC: tl.constexpr
 
 @autotune(_CONFIGS, key=["HW_OUT", "C"])
 @triton.jit
-def _warp_fwd_kernel(x_ptr, theta_ptr, out_ptr, C, H, W, h_out, w_out, HW_OUT,
-                     sxb, sxc, sxh, sxw, BORDER: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _warp_fwd_kernel(
+    x_ptr,
+    theta_ptr,
+    out_ptr,
+    C,
+    H,
+    W,
+    h_out,
+    w_out,
+    HW_OUT,
+    sxb,
+    sxc,
+    sxh,
+    sxw,
+    BORDER: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """``out[b, c, p] = sum over the 4 corners of weight * x[b, c, corner]`` (contiguous out)."""
     b = tl.program_id(0)
     ps = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -114,10 +131,26 @@ def _warp_fwd_kernel(x_ptr, theta_ptr, out_ptr, C, H, W, h_out, w_out, HW_OUT,
 
 @autotune(_CONFIGS, key=["HW_OUT", "C"], reset_to_zero=["gin_ptr"])
 @triton.jit
-def _warp_bwd_kernel(gout_ptr, theta_ptr, gin_ptr, C, H, W, h_out, w_out, HW_OUT,
-                     sgb, sgc, sgh, sgw, BORDER: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _warp_bwd_kernel(
+    gout_ptr,
+    theta_ptr,
+    gin_ptr,
+    C,
+    H,
+    W,
+    h_out,
+    w_out,
+    HW_OUT,
+    sgb,
+    sgc,
+    sgh,
+    sgw,
+    BORDER: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """``gin[b, c, corner] += weight * gout[b, c, p]`` by atomic adds (``gin`` contiguous,
-    zero-initialised, accumulation dtype)."""
+    zero-initialized, accumulation dtype)."""
     b = tl.program_id(0)
     ps = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     pmask = ps < HW_OUT
@@ -149,16 +182,35 @@ def _axis_weights(idx, i0, frac, in0, in1):
     """[P, N] linear-interpolation weights of P samples on an axis of N (``idx`` = the row
     ``arange(N)[None, :]``): ``1 - frac`` at tap ``i0`` and ``frac`` at ``i0 + 1``, where those
     taps are inside the input (``in0``, ``in1``), zero elsewhere."""
-    return (tl.where((idx == i0[:, None]) & in0[:, None], (1.0 - frac)[:, None], 0.0)
-            + tl.where((idx == i0[:, None] + 1) & in1[:, None], frac[:, None], 0.0))
+    return tl.where((idx == i0[:, None]) & in0[:, None], (1.0 - frac)[:, None], 0.0) + tl.where(
+        (idx == i0[:, None] + 1) & in1[:, None], frac[:, None], 0.0
+    )
 
 
 @autotune(_SMALL_CONFIGS, key=["h_out", "w_out", "HP", "WP"])
 @triton.jit
-def _warp_bwd_small_kernel(gout_ptr, theta_ptr, part_ptr, C, H, W, h_out, w_out, SPLIT,
-                           sgb, sgc, sgh, sgw, BORDER: tl.constexpr, ACC: tl.constexpr,
-                           HP: tl.constexpr, WP: tl.constexpr, BLOCK: tl.constexpr,
-                           BH: tl.constexpr, BW: tl.constexpr):
+def _warp_bwd_small_kernel(
+    gout_ptr,
+    theta_ptr,
+    part_ptr,
+    C,
+    H,
+    W,
+    h_out,
+    w_out,
+    SPLIT,
+    sgb,
+    sgc,
+    sgh,
+    sgw,
+    BORDER: tl.constexpr,
+    ACC: tl.constexpr,
+    HP: tl.constexpr,
+    WP: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BH: tl.constexpr,
+    BW: tl.constexpr,
+):
     """``part[plane, slice] = sum_p g_p outer(wy_p, wx_p)`` [HP, WP] over the output rows of
     slice ``pid 1`` (of ``SPLIT``) of plane ``pid 0`` (= b * C + c)."""
     plane = tl.program_id(0)
@@ -181,14 +233,15 @@ def _warp_bwd_small_kernel(gout_ptr, theta_ptr, part_ptr, C, H, W, h_out, w_out,
             for c0 in range(0, w_out, BW):
                 cols = c0 + tl.arange(0, BW)
                 cmask = cols < w_out
-                x0, _, fx, _, in_x0, in_x1, _, _ = _taps(theta_ptr, b, cols, cmask, w_out, h_out, H, W,
-                                                         BORDER, ACC)
+                x0, _, fx, _, in_x0, in_x1, _, _ = _taps(theta_ptr, b, cols, cmask, w_out, h_out, H, W, BORDER, ACC)
                 xs = _axis_weights(ix, x0, fx, in_x0, in_x1)
-                g = tl.load(g_plane + rows.to(tl.int64)[:, None] * sgh + cols.to(tl.int64)[None, :] * sgw,
-                            mask=rmask[:, None] & cmask[None, :], other=0.0).to(ACC)
+                g = tl.load(
+                    g_plane + rows.to(tl.int64)[:, None] * sgh + cols.to(tl.int64)[None, :] * sgw,
+                    mask=rmask[:, None] & cmask[None, :],
+                    other=0.0,
+                ).to(ACC)
                 along_x = tl.dot(g, xs, along_x, input_precision="ieee")
-            _, y0, _, fy, _, _, in_y0, in_y1 = _taps(theta_ptr, b, rows * w_out, rmask, w_out, h_out, H, W,
-                                                     BORDER, ACC)
+            _, y0, _, fy, _, _, in_y0, in_y1 = _taps(theta_ptr, b, rows * w_out, rmask, w_out, h_out, H, W, BORDER, ACC)
             ys = _axis_weights(iy, y0, fy, in_y0, in_y1)
             acc = tl.dot(tl.trans(ys), along_x, acc, input_precision="ieee")
     else:
@@ -196,10 +249,10 @@ def _warp_bwd_small_kernel(gout_ptr, theta_ptr, part_ptr, C, H, W, h_out, w_out,
         for p0 in range(r_lo * w_out, r_hi * w_out, BLOCK):
             ps = p0 + tl.arange(0, BLOCK)
             pmask = ps < r_hi * w_out
-            x0, y0, fx, fy, in_x0, in_x1, in_y0, in_y1 = _taps(theta_ptr, b, ps, pmask, w_out, h_out, H, W,
-                                                                BORDER, ACC)
-            g = tl.load(g_plane + (ps // w_out).to(tl.int64) * sgh + (ps % w_out).to(tl.int64) * sgw,
-                        mask=pmask, other=0.0).to(ACC)
+            x0, y0, fx, fy, in_x0, in_x1, in_y0, in_y1 = _taps(theta_ptr, b, ps, pmask, w_out, h_out, H, W, BORDER, ACC)
+            g = tl.load(
+                g_plane + (ps // w_out).to(tl.int64) * sgh + (ps % w_out).to(tl.int64) * sgw, mask=pmask, other=0.0
+            ).to(ACC)
             ys = _axis_weights(iy, y0, fy, in_y0, in_y1) * g[:, None]
             xs = _axis_weights(ix, x0, fx, in_x0, in_x1)
             acc = tl.dot(tl.trans(ys), xs, acc, input_precision="ieee")
@@ -209,9 +262,27 @@ def _warp_bwd_small_kernel(gout_ptr, theta_ptr, part_ptr, C, H, W, h_out, w_out,
 
 @autotune(_SMALL_CONFIGS, key=["h_out", "w_out", "HP", "WP"])
 @triton.jit
-def _warp_fwd_small_kernel(x_ptr, theta_ptr, out_ptr, C, H, W, h_out, w_out, sxb, sxc, sxh, sxw,
-                           BORDER: tl.constexpr, ACC: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr,
-                           BLOCK: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
+def _warp_fwd_small_kernel(
+    x_ptr,
+    theta_ptr,
+    out_ptr,
+    C,
+    H,
+    W,
+    h_out,
+    w_out,
+    sxb,
+    sxc,
+    sxh,
+    sxw,
+    BORDER: tl.constexpr,
+    ACC: tl.constexpr,
+    HP: tl.constexpr,
+    WP: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BH: tl.constexpr,
+    BW: tl.constexpr,
+):
     """Output tile (row block ``pid 1``, column block ``pid 2``) of plane ``pid 0`` (= b * C + c)
     of a small input (contiguous ``out``)."""
     plane = tl.program_id(0)
@@ -227,18 +298,21 @@ def _warp_fwd_small_kernel(x_ptr, theta_ptr, out_ptr, C, H, W, h_out, w_out, sxb
         # separable: Y_rows @ (x @ X_cols^T)
         iy = tl.arange(0, HP)
         ix = tl.arange(0, WP)
-        src = tl.load(x_plane + iy.to(tl.int64)[:, None] * sxh + ix.to(tl.int64)[None, :] * sxw,
-                      mask=(iy < H)[:, None] & (ix < W)[None, :], other=0.0).to(ACC)
+        src = tl.load(
+            x_plane + iy.to(tl.int64)[:, None] * sxh + ix.to(tl.int64)[None, :] * sxw,
+            mask=(iy < H)[:, None] & (ix < W)[None, :],
+            other=0.0,
+        ).to(ACC)
         x0, _, fx, _, in_x0, in_x1, _, _ = _taps(theta_ptr, b, cols, cmask, w_out, h_out, H, W, BORDER, ACC)
-        _, y0, _, fy, _, _, in_y0, in_y1 = _taps(theta_ptr, b, rows * w_out, rmask, w_out, h_out, H, W,
-                                                 BORDER, ACC)
+        _, y0, _, fy, _, _, in_y0, in_y1 = _taps(theta_ptr, b, rows * w_out, rmask, w_out, h_out, H, W, BORDER, ACC)
         along_x = tl.dot(src, tl.trans(_axis_weights(ix[None, :], x0, fx, in_x0, in_x1)), input_precision="ieee")
         v = tl.dot(_axis_weights(iy[None, :], y0, fy, in_y0, in_y1), along_x, input_precision="ieee")
     else:
         # general: the four corners of every pixel of the tile
         ps = rows[:, None] * w_out + cols[None, :]
-        x0, y0, fx, fy, m00, m01, m10, m11 = _corners(theta_ptr, b, ps, rmask[:, None] & cmask[None, :],
-                                                      w_out, h_out, H, W, BORDER, ACC)
+        x0, y0, fx, fy, m00, m01, m10, m11 = _corners(
+            theta_ptr, b, ps, rmask[:, None] & cmask[None, :], w_out, h_out, H, W, BORDER, ACC
+        )
         v = _sample(x_plane, x0, y0, fx, fy, m00, m01, m10, m11, sxh, sxw, ACC)
     dst = out_ptr + plane.to(tl.int64) * h_out * w_out + rows[:, None] * w_out + cols[None, :]
     tl.store(dst, v.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
@@ -267,27 +341,51 @@ def _theta(theta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return theta.to(acc_dtype(dtype)).reshape(theta.shape[0], 6).contiguous()
 
 
-def warp_forward(input: torch.Tensor, theta: torch.Tensor, h_out: int, w_out: int,
-                 border: bool) -> torch.Tensor:
+def warp_forward(input: torch.Tensor, theta: torch.Tensor, h_out: int, w_out: int, border: bool) -> torch.Tensor:
     """Warped ``input`` [B,C,H,W] -> [B,C,h_out,w_out] in the input dtype."""
     B, C, H, W = input.shape
     out = torch.empty((B, C, h_out, w_out), dtype=input.dtype, device=input.device)
     small = _small(H, W, input.dtype)
     if small is not None:
-        launch(_warp_fwd_small_kernel)[lambda meta: (B * C, triton.cdiv(h_out, meta["BH"]),
-                                                     triton.cdiv(w_out, meta["BW"]))](
-            input, _theta(theta, input.dtype), out, C, H, W, h_out, w_out, *input.stride(),
-            BORDER=border, ACC=tl.float32, HP=small[0], WP=small[1])
+        launch(_warp_fwd_small_kernel)[
+            lambda meta: (B * C, triton.cdiv(h_out, meta["BH"]), triton.cdiv(w_out, meta["BW"]))
+        ](
+            input,
+            _theta(theta, input.dtype),
+            out,
+            C,
+            H,
+            W,
+            h_out,
+            w_out,
+            *input.stride(),
+            BORDER=border,
+            ACC=tl.float32,
+            HP=small[0],
+            WP=small[1],
+        )
         return out
     hw = h_out * w_out
     launch(_warp_fwd_kernel)[lambda meta: (B, triton.cdiv(hw, meta["BLOCK"]))](
-        input, _theta(theta, input.dtype), out, C, H, W, h_out, w_out, hw, *input.stride(),
-        BORDER=border, ACC=tl_dtype(acc_dtype(input.dtype)))
+        input,
+        _theta(theta, input.dtype),
+        out,
+        C,
+        H,
+        W,
+        h_out,
+        w_out,
+        hw,
+        *input.stride(),
+        BORDER=border,
+        ACC=tl_dtype(acc_dtype(input.dtype)),
+    )
     return out
 
 
-def warp_backward(grad_out: torch.Tensor, theta: torch.Tensor, H: int, W: int, border: bool,
-                  dtype: torch.dtype) -> torch.Tensor:
+def warp_backward(
+    grad_out: torch.Tensor, theta: torch.Tensor, H: int, W: int, border: bool, dtype: torch.dtype
+) -> torch.Tensor:
     """Gradient [B,C,H,W] (in ``dtype``) of :func:`warp_forward` for ``grad_out`` [B,C,h,w]."""
     B, C, h_out, w_out = grad_out.shape
     acc = acc_dtype(dtype)
@@ -297,12 +395,36 @@ def warp_backward(grad_out: torch.Tensor, theta: torch.Tensor, H: int, W: int, b
         split = _slices(B * C, h_out, w_out, grad_out.device)
         part = torch.empty((B * C, split, *small), dtype=acc, device=grad_out.device)
         launch(_warp_bwd_small_kernel)[(B * C, split)](
-            grad_out, _theta(theta, dtype), part, C, H, W, h_out, w_out, split, *grad_out.stride(),
-            BORDER=border, ACC=tl.float32, HP=small[0], WP=small[1])
+            grad_out,
+            _theta(theta, dtype),
+            part,
+            C,
+            H,
+            W,
+            h_out,
+            w_out,
+            split,
+            *grad_out.stride(),
+            BORDER=border,
+            ACC=tl.float32,
+            HP=small[0],
+            WP=small[1],
+        )
         return part.sum(1)[:, :H, :W].reshape(B, C, H, W).to(dtype)
     alert_nondeterministic("the Triton affine_warp backward", grad_out.device)
     grad_in = torch.zeros((B, C, H, W), dtype=acc, device=grad_out.device)
     launch(_warp_bwd_kernel)[lambda meta: (B, triton.cdiv(hw, meta["BLOCK"]))](
-        grad_out, _theta(theta, dtype), grad_in, C, H, W, h_out, w_out, hw, *grad_out.stride(),
-        BORDER=border, ACC=tl_dtype(acc))
+        grad_out,
+        _theta(theta, dtype),
+        grad_in,
+        C,
+        H,
+        W,
+        h_out,
+        w_out,
+        hw,
+        *grad_out.stride(),
+        BORDER=border,
+        ACC=tl_dtype(acc),
+    )
     return grad_in.to(dtype)

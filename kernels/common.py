@@ -5,6 +5,7 @@ Triton decides at decoration time whether ``@triton.jit`` compiles for the GPU o
 CPU interpreter (``TRITON_INTERPRET=1``), so :data:`INTERPRETED` is read off a decorated probe
 rather than off the environment, which may have changed since these modules were imported.
 """
+
 from __future__ import annotations
 
 import functools
@@ -47,16 +48,18 @@ def alert_nondeterministic(caller: str, device: torch.device) -> None:
     deterministic, so CPU tensors pass."""
     if device.type != "cuda" or not torch.are_deterministic_algorithms_enabled():
         return
-    msg = (f"{caller} sums with floating-point atomics on CUDA, so its result is not "
-           "deterministic, but torch.use_deterministic_algorithms(True) is set; backend='auto' "
-           "leaves it out, and backend='reference' is deterministic")
+    msg = (
+        f"{caller} sums with floating-point atomics on CUDA, so its result is not "
+        "deterministic, but torch.use_deterministic_algorithms(True) is set; backend='auto' "
+        "leaves it out, and backend='reference' is deterministic"
+    )
     if torch.is_deterministic_algorithms_warn_only_enabled():
         warnings.warn(msg, stacklevel=3)
     else:
         raise RuntimeError(msg)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -79,8 +82,12 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def tl_dtype(dtype: torch.dtype):
     """The ``tl`` dtype matching a torch floating dtype."""
-    return {torch.float64: tl.float64, torch.float32: tl.float32,
-            torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+    return {
+        torch.float64: tl.float64,
+        torch.float32: tl.float32,
+        torch.float16: tl.float16,
+        torch.bfloat16: tl.bfloat16,
+    }[dtype]
 
 
 def dot_dtype(dtype: torch.dtype):

@@ -11,6 +11,7 @@ accumulation dtype, then :func:`_elementwise_grad_kernel` (``dA = G*gm``, ``dG =
 :func:`_weighted_grad_kernel` (``dA = w*gm``, ``dw = sum_p A*gm``, spread over space as
 ``dw/HW`` when pooled) finishes.
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,8 +33,9 @@ _CONFIGS = [
 
 @autotune(_CONFIGS, key=["K", "HW"])
 @triton.jit
-def _pool_kernel(g_ptr, w_ptr, K, HW, W, sgb, sgk, sgh, sgw,
-                 ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+def _pool_kernel(
+    g_ptr, w_ptr, K, HW, W, sgb, sgk, sgh, sgw, ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr
+):
     """``w[b, k] = mean_p G[b, k, p]`` for one batch row and a block of channels."""
     b = tl.program_id(0)
     ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -49,10 +51,31 @@ def _pool_kernel(g_ptr, w_ptr, K, HW, W, sgb, sgk, sgh, sgw,
 
 @autotune(_CONFIGS, key=["K", "HW"])
 @triton.jit
-def _reduce_kernel(a_ptr, g_ptr, gout_ptr, out_ptr, K, HW, W,
-                   sab, sak, sah, saw, sgb, sgk, sgh, sgw, sob, soh, sow,
-                   ELEMENTWISE: tl.constexpr, BACKWARD: tl.constexpr, ACC: tl.constexpr,
-                   BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+def _reduce_kernel(
+    a_ptr,
+    g_ptr,
+    gout_ptr,
+    out_ptr,
+    K,
+    HW,
+    W,
+    sab,
+    sak,
+    sah,
+    saw,
+    sgb,
+    sgk,
+    sgh,
+    sgw,
+    sob,
+    soh,
+    sow,
+    ELEMENTWISE: tl.constexpr,
+    BACKWARD: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
     """``s[b, p] = sum_k w * A`` over all channels for one block of pixels, then either
     ``cam = relu(s)`` in the output dtype (forward) or ``gm = gout * (s > 0)`` in ``ACC``
     (backward: the ReLU mask recomputed instead of stored).
@@ -88,9 +111,31 @@ def _reduce_kernel(a_ptr, g_ptr, gout_ptr, out_ptr, K, HW, W,
 
 @autotune(_CONFIGS, key=["K", "HW"])
 @triton.jit
-def _elementwise_grad_kernel(a_ptr, g_ptr, gm_ptr, da_ptr, dg_ptr, K, HW, W,
-                             sab, sak, sah, saw, sgb, sgk, sgh, sgw, sdb, sdk, sdh, sdw,
-                             ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+def _elementwise_grad_kernel(
+    a_ptr,
+    g_ptr,
+    gm_ptr,
+    da_ptr,
+    dg_ptr,
+    K,
+    HW,
+    W,
+    sab,
+    sak,
+    sah,
+    saw,
+    sgb,
+    sgk,
+    sgh,
+    sgw,
+    sdb,
+    sdk,
+    sdh,
+    sdw,
+    ACC: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
     """``dA = G * gm`` and ``dG = A * gm`` for one pixel block (outputs share strides ``sd*``)."""
     b = tl.program_id(0)
     ps = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -113,10 +158,28 @@ def _elementwise_grad_kernel(a_ptr, g_ptr, gm_ptr, da_ptr, dg_ptr, K, HW, W,
 
 @autotune(_CONFIGS, key=["K", "HW"])
 @triton.jit
-def _weighted_grad_kernel(a_ptr, w_ptr, gm_ptr, da_ptr, dg_ptr, K, HW, W,
-                          sab, sak, sah, saw, sdb, sdk, sdh, sdw,
-                          POOL: tl.constexpr, ACC: tl.constexpr,
-                          BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+def _weighted_grad_kernel(
+    a_ptr,
+    w_ptr,
+    gm_ptr,
+    da_ptr,
+    dg_ptr,
+    K,
+    HW,
+    W,
+    sab,
+    sak,
+    sah,
+    saw,
+    sdb,
+    sdk,
+    sdh,
+    sdw,
+    POOL: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
     """For a block of channels: ``dA = w * gm`` and ``dw = sum_p A * gm``, stored as
     ``dG[b,k,:] = dw / HW`` when the weights were pooled from ``G`` (``dG`` strided like
     ``dA``), else as ``dW[b,k]`` (contiguous ``[B, K]``)."""
@@ -163,7 +226,8 @@ def _weights(gradients: torch.Tensor, pool: bool) -> torch.Tensor | None:
     B, K, H, W = gradients.shape
     w = torch.empty((B, K), dtype=acc_dtype(gradients.dtype), device=gradients.device)
     launch(_pool_kernel)[lambda meta: (B, triton.cdiv(K, meta["BLOCK_K"]))](
-        gradients, w, K, H * W, W, *_strides4(gradients), ACC=tl_dtype(w.dtype))
+        gradients, w, K, H * W, W, *_strides4(gradients), ACC=tl_dtype(w.dtype)
+    )
     return w
 
 
@@ -173,22 +237,34 @@ def _reduce(activations, g, gout, out, elementwise: bool, backward: bool) -> Non
     sg = _strides4(g) if elementwise else (0, 0, 0, 0)
     so = tuple(gout.stride()) if backward else (0, 0, 0)
     launch(_reduce_kernel)[lambda meta: (B, triton.cdiv(H * W, meta["BLOCK_P"]))](
-        activations, g, gout if backward else out, out, K, H * W, W,
-        *_strides4(activations), *sg, *so,
-        ELEMENTWISE=elementwise, BACKWARD=backward, ACC=tl_dtype(acc_dtype(activations.dtype)))
+        activations,
+        g,
+        gout if backward else out,
+        out,
+        K,
+        H * W,
+        W,
+        *_strides4(activations),
+        *sg,
+        *so,
+        ELEMENTWISE=elementwise,
+        BACKWARD=backward,
+        ACC=tl_dtype(acc_dtype(activations.dtype)),
+    )
 
 
 def gradcam_forward(activations: torch.Tensor, gradients: torch.Tensor, pool: bool) -> torch.Tensor:
     """``relu(sum_k w * A)`` [B,H,W] in the input dtype (see the module docstring for ``w``)."""
-    B, K, H, W = activations.shape
+    B, _K, H, W = activations.shape
     w = _weights(gradients, pool)
     out = torch.empty((B, H, W), dtype=activations.dtype, device=activations.device)
     _reduce(activations, gradients if w is None else w, None, out, w is None, False)
     return out
 
 
-def gradcam_backward(grad_out: torch.Tensor, activations: torch.Tensor, gradients: torch.Tensor,
-                     pool: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def gradcam_backward(
+    grad_out: torch.Tensor, activations: torch.Tensor, gradients: torch.Tensor, pool: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dA, dG)`` of :func:`gradcam_forward` for the upstream gradient ``grad_out`` [B,H,W];
     ``dG`` has the shape of ``gradients`` ([B,K,H,W] or [B,K])."""
     B, K, H, W = activations.shape
@@ -200,10 +276,32 @@ def gradcam_backward(grad_out: torch.Tensor, activations: torch.Tensor, gradient
     d_grad = torch.empty(gradients.shape, dtype=gradients.dtype, device=gradients.device)
     if w is None:
         launch(_elementwise_grad_kernel)[lambda meta: (B, triton.cdiv(H * W, meta["BLOCK_P"]))](
-            activations, gradients, gm, d_act, d_grad, K, H * W, W,
-            *_strides4(activations), *_strides4(gradients), *_strides4(d_act), ACC=tl_dtype(acc))
+            activations,
+            gradients,
+            gm,
+            d_act,
+            d_grad,
+            K,
+            H * W,
+            W,
+            *_strides4(activations),
+            *_strides4(gradients),
+            *_strides4(d_act),
+            ACC=tl_dtype(acc),
+        )
     else:
         launch(_weighted_grad_kernel)[lambda meta: (B, triton.cdiv(K, meta["BLOCK_K"]))](
-            activations, w, gm, d_act, d_grad, K, H * W, W, *_strides4(activations), *_strides4(d_act),
-            POOL=gradients.dim() == 4, ACC=tl_dtype(acc))
+            activations,
+            w,
+            gm,
+            d_act,
+            d_grad,
+            K,
+            H * W,
+            W,
+            *_strides4(activations),
+            *_strides4(d_act),
+            POOL=gradients.dim() == 4,
+            ACC=tl_dtype(acc),
+        )
     return d_act, d_grad

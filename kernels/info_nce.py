@@ -1,4 +1,4 @@
-"""InfoNCE kernels over L2-normalised rows, forward and backward, without normalised copies.
+"""InfoNCE kernels over L2-normalized rows, forward and backward, without normalized copies.
 
 Forward:
 1. :func:`_gram_kernel`: one pass over the raw rows of ``a`` (anchors) and ``p`` (positives)
@@ -8,13 +8,13 @@ Forward:
    those numbers and an online logsumexp: ``loss_b = lse_b - pos_b``.
 
 Backward, with ``P`` the softmax of each row's logits, ``g`` the upstream row gradients,
-hats for normalised rows and ``c_b = g_b (P_b0 - 1) / T`` (the positive's coefficient):
+hats for normalized rows and ``c_b = g_b (P_b0 - 1) / T`` (the positive's coefficient):
 ``dA_hat = S A_hat + diag(c) P_hat`` and ``dP_hat = diag(c) A_hat``, where
 ``S_bk = (g_b P_bk + g_k P_kb) / T`` (k != b) collects every logit that row ``a_k`` enters;
-then through the normalisation ``da_b = (dA_hat_b - a_hat_b (a_hat_b . dA_hat_b)) / |a_b|``
+then through the normalization ``da_b = (dA_hat_b - a_hat_b (a_hat_b . dA_hat_b)) / |a_b|``
 (likewise for ``p``), the projections ``a_hat_b . dA_hat_b`` coming from [B,B] numbers
 (cosines and ``S``). A row whose norm is under the guard ``EPS_NORM`` is divided by
-``EPS_NORM`` without projection, exactly like the reference's clamp. The normalised form
+``EPS_NORM`` without projection, exactly like the reference's clamp. The normalized form
 (rather than folding the norms into ``S``) keeps the reference's exact cancellations, e.g.
 zero gradients for ``D = 1``. :func:`_coef_kernel` computes ``S`` and the row terms;
 :func:`_grad_kernel` does the ``[B,B] x [B,D]`` product and the row terms.
@@ -27,13 +27,15 @@ negatives are separate inputs ``S`` keeps one role, ``W_bk = g_b P_bk / T``:
 the negatives' projections ``n_hat_k . dN_hat_k`` down the columns of ``W`` (in a fixed order)
 and :func:`_neg_grad_kernel` does the ``[N,b] x [b,D]`` product.
 """
+
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
-from .common import EPS_NORM as _EPS, INTERPRETED, acc_dtype, autotune, dot_dtype, launch, sm_count, tl_dtype
+from .common import EPS_NORM as _EPS
+from .common import INTERPRETED, acc_dtype, autotune, dot_dtype, launch, sm_count, tl_dtype
 
 _GRAM_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64}, num_warps=4, num_stages=3),
@@ -54,14 +56,35 @@ _COL_BLOCK = 64  # columns per step of the two [B, B] kernels
 
 @autotune(_GRAM_CONFIGS, key=["B", "N", "D"], reset_to_zero=["gram_ptr", "stats_ptr", "nsq_ptr"])
 @triton.jit
-def _gram_kernel(a_ptr, p_ptr, n_ptr, gram_ptr, stats_ptr, nsq_ptr, B, N, D, SPLIT, sab, sad, spb, spd, snb, snd,
-                 NEG: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _gram_kernel(
+    a_ptr,
+    p_ptr,
+    n_ptr,
+    gram_ptr,
+    stats_ptr,
+    nsq_ptr,
+    B,
+    N,
+    D,
+    SPLIT,
+    sab,
+    sad,
+    spb,
+    spd,
+    snb,
+    snd,
+    NEG: tl.constexpr,
+    DOT: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """Adds to ``gram[m-block, n-block]`` [B, N] (rows of ``a`` against rows of ``n``: ``a``
     itself in the square form) the product of one slice of ``D`` (slice ``pid 2`` of
     ``SPLIT``); the programs of column block 0 also add ``(a.a, p.p, a.p)`` of their rows to
     ``stats`` [B, 3], and with ``NEG`` those of row block 0 add ``n.n`` to ``nsq`` [N]. The
-    outputs are zero-initialised, in the accumulation dtype."""
+    outputs are zero-initialized, in the accumulation dtype."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     first_col = tl.program_id(1) == 0
@@ -86,8 +109,7 @@ def _gram_kernel(a_ptr, p_ptr, n_ptr, gram_ptr, stats_ptr, nsq_ptr, B, N, D, SPL
         acc = tl.dot(am.to(DOT), tl.trans(an.to(DOT)), acc, input_precision="ieee")
         if first_col:
             a32 = am.to(ACC)
-            p32 = tl.load(prow + ds.to(tl.int64)[None, :] * spd, mask=mmask[:, None] & dmask,
-                          other=0.0).to(ACC)
+            p32 = tl.load(prow + ds.to(tl.int64)[None, :] * spd, mask=mmask[:, None] & dmask, other=0.0).to(ACC)
             aa += tl.sum(a32 * a32, axis=1)
             pp += tl.sum(p32 * p32, axis=1)
             ap += tl.sum(a32 * p32, axis=1)
@@ -95,8 +117,7 @@ def _gram_kernel(a_ptr, p_ptr, n_ptr, gram_ptr, stats_ptr, nsq_ptr, B, N, D, SPL
             if tl.program_id(0) == 0:
                 n32 = an.to(ACC)
                 nn += tl.sum(n32 * n32, axis=1)
-    tl.atomic_add(gram_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], acc,
-                  mask=mmask[:, None] & nmask[None, :])
+    tl.atomic_add(gram_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], acc, mask=mmask[:, None] & nmask[None, :])
     if first_col:
         tl.atomic_add(stats_ptr + rm * 3 + 0, aa, mask=mmask)
         tl.atomic_add(stats_ptr + rm * 3 + 1, pp, mask=mmask)
@@ -148,8 +169,21 @@ def _excluded(idx_ptr, rows, mask, NEG: tl.constexpr):
 
 
 @triton.jit
-def _loss_kernel(gram_ptr, stats_ptr, nsq_ptr, idx_ptr, inv_t_ptr, loss_ptr, lse_ptr, B, N,
-                 NSQ_STRIDE: tl.constexpr, NEG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _loss_kernel(
+    gram_ptr,
+    stats_ptr,
+    nsq_ptr,
+    idx_ptr,
+    inv_t_ptr,
+    loss_ptr,
+    lse_ptr,
+    B,
+    N,
+    NSQ_STRIDE: tl.constexpr,
+    NEG: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """``loss_b = lse_b - pos_b`` with an online logsumexp over the negatives' column blocks;
     the squared norms of the columns are ``nsq[k * NSQ_STRIDE]`` (``a.a`` in ``stats``, or the
     negatives' ``n.n``).
@@ -159,7 +193,7 @@ def _loss_kernel(gram_ptr, stats_ptr, nsq_ptr, idx_ptr, inv_t_ptr, loss_ptr, lse
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mmask = rm < B
     own = _excluded(idx_ptr, rm, mmask, NEG)
-    na, np_, act_a, act_p, cos_p, inv_t = _row_terms(stats_ptr, inv_t_ptr, rm, mmask)
+    na, _np, _act_a, _act_p, cos_p, inv_t = _row_terms(stats_ptr, inv_t_ptr, rm, mmask)
     pos = cos_p * inv_t
     neg_max = tl.zeros_like(pos) + float("-inf")
     neg_sum = tl.zeros_like(pos)
@@ -167,8 +201,9 @@ def _loss_kernel(gram_ptr, stats_ptr, nsq_ptr, idx_ptr, inv_t_ptr, loss_ptr, lse
         rn = n0 + tl.arange(0, BLOCK_N)
         nmask = rn < N
         nb, _ = _norm(tl.load(nsq_ptr + rn * NSQ_STRIDE, mask=nmask, other=0.0))
-        gram = tl.load(gram_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :],
-                       mask=mmask[:, None] & nmask[None, :], other=0.0)
+        gram = tl.load(
+            gram_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], mask=mmask[:, None] & nmask[None, :], other=0.0
+        )
         logit = gram / (na[:, None] * nb[None, :]) * inv_t
         logit = tl.where(nmask[None, :] & (own[:, None] != rn[None, :]), logit, float("-inf"))
         new_max = tl.maximum(neg_max, tl.max(logit, axis=1))
@@ -182,8 +217,23 @@ def _loss_kernel(gram_ptr, stats_ptr, nsq_ptr, idx_ptr, inv_t_ptr, loss_ptr, lse
 
 
 @triton.jit
-def _coef_kernel(gram_ptr, stats_ptr, nsq_ptr, idx_ptr, inv_t_ptr, lse_ptr, g_ptr, coef_ptr, rows_ptr, B, N,
-                 NSQ_STRIDE: tl.constexpr, NEG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _coef_kernel(
+    gram_ptr,
+    stats_ptr,
+    nsq_ptr,
+    idx_ptr,
+    inv_t_ptr,
+    lse_ptr,
+    g_ptr,
+    coef_ptr,
+    rows_ptr,
+    B,
+    N,
+    NSQ_STRIDE: tl.constexpr,
+    NEG: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """``S`` [B,N] (zero in each row's excluded column) and per row ``(|a|, |p|, c,
     a_hat . dA_hat, cos(a, p))`` [B,5], the two projections zeroed for rows under the norm
     guard (module docstring); with ``NEG`` ``S`` is ``W``, the anchors' role alone.
@@ -228,8 +278,9 @@ def _coef_kernel(gram_ptr, stats_ptr, nsq_ptr, idx_ptr, inv_t_ptr, lse_ptr, g_pt
 
 
 @triton.jit
-def _neg_coef_kernel(gram_ptr, stats_ptr, nsq_ptr, coef_ptr, nrows_ptr, B, N,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _neg_coef_kernel(
+    gram_ptr, stats_ptr, nsq_ptr, coef_ptr, nrows_ptr, B, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):
     """Per negative k: its clamped norm and ``n_hat_k . dN_hat_k = sum_b W_bk cos(a_b, n_k)``
     [N,2] (zeroed under the norm guard), down the column of ``W`` in row order (no atomics)."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -251,9 +302,30 @@ def _neg_coef_kernel(gram_ptr, stats_ptr, nsq_ptr, coef_ptr, nrows_ptr, B, N,
 
 @autotune(_GRAD_CONFIGS, key=["B", "K", "D"])
 @triton.jit
-def _grad_kernel(a_ptr, p_ptr, k_ptr, coef_ptr, rows_ptr, knorm_ptr, da_ptr, dp_ptr, B, K, D, sab, sad, spb, spd,
-                 skb, skd, KNORM_STRIDE: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+def _grad_kernel(
+    a_ptr,
+    p_ptr,
+    k_ptr,
+    coef_ptr,
+    rows_ptr,
+    knorm_ptr,
+    da_ptr,
+    dp_ptr,
+    B,
+    K,
+    D,
+    sab,
+    sad,
+    spb,
+    spd,
+    skb,
+    skd,
+    KNORM_STRIDE: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """One [BLOCK_M, BLOCK_D] tile of ``da`` and ``dp`` (contiguous outputs), with
     ``S X_hat`` as ``tl.dot`` tiles in the accumulation dtype: ``X`` [K,D] are the rows the
     anchors were contrasted with (the anchors, or the negatives), their clamped norms at
@@ -267,11 +339,16 @@ def _grad_kernel(a_ptr, p_ptr, k_ptr, coef_ptr, rows_ptr, knorm_ptr, da_ptr, dp_
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         kmask = rk < K
-        coef = tl.load(coef_ptr + rm.to(tl.int64)[:, None] * K + rk[None, :],
-                       mask=mmask[:, None] & kmask[None, :], other=0.0)
+        coef = tl.load(
+            coef_ptr + rm.to(tl.int64)[:, None] * K + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0
+        )
         nk = tl.load(knorm_ptr + rk * KNORM_STRIDE, mask=kmask, other=1.0)
-        ak = tl.load(k_ptr + rk.to(tl.int64)[:, None] * skb + dcol * skd,
-                     mask=kmask[:, None] & dmask[None, :], other=0.0).to(ACC) / nk[:, None]
+        ak = (
+            tl.load(
+                k_ptr + rk.to(tl.int64)[:, None] * skb + dcol * skd, mask=kmask[:, None] & dmask[None, :], other=0.0
+            ).to(ACC)
+            / nk[:, None]
+        )
         acc = tl.dot(coef, ak, acc, input_precision="ieee")
     tile = mmask[:, None] & dmask[None, :]
     na = tl.load(rows_ptr + rm * 5 + 0, mask=mmask, other=1.0)[:, None]
@@ -289,8 +366,25 @@ def _grad_kernel(a_ptr, p_ptr, k_ptr, coef_ptr, rows_ptr, knorm_ptr, da_ptr, dp_
 
 @autotune(_GRAD_CONFIGS, key=["B", "N", "D"])
 @triton.jit
-def _neg_grad_kernel(a_ptr, n_ptr, coef_ptr, rows_ptr, nrows_ptr, dn_ptr, B, N, D, sab, sad, snb, snd,
-                     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+def _neg_grad_kernel(
+    a_ptr,
+    n_ptr,
+    coef_ptr,
+    rows_ptr,
+    nrows_ptr,
+    dn_ptr,
+    B,
+    N,
+    D,
+    sab,
+    sad,
+    snb,
+    snd,
+    ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """One [BLOCK_M, BLOCK_D] tile of ``dn`` (contiguous): ``dN_hat = W^T A_hat`` as ``tl.dot``
     tiles (``W`` [b,N] read transposed), then ``(dN_hat - n_hat (n_hat . dN_hat)) / |n|``."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -302,11 +396,16 @@ def _neg_grad_kernel(a_ptr, n_ptr, coef_ptr, rows_ptr, nrows_ptr, dn_ptr, B, N, 
     for k0 in range(0, B, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         kmask = rk < B
-        coef = tl.load(coef_ptr + rk.to(tl.int64)[None, :] * N + rm[:, None],
-                       mask=mmask[:, None] & kmask[None, :], other=0.0)
+        coef = tl.load(
+            coef_ptr + rk.to(tl.int64)[None, :] * N + rm[:, None], mask=mmask[:, None] & kmask[None, :], other=0.0
+        )
         nk = tl.load(rows_ptr + rk * 5, mask=kmask, other=1.0)
-        ak = tl.load(a_ptr + rk.to(tl.int64)[:, None] * sab + dcol * sad,
-                     mask=kmask[:, None] & dmask[None, :], other=0.0).to(ACC) / nk[:, None]
+        ak = (
+            tl.load(
+                a_ptr + rk.to(tl.int64)[:, None] * sab + dcol * sad, mask=kmask[:, None] & dmask[None, :], other=0.0
+            ).to(ACC)
+            / nk[:, None]
+        )
         acc = tl.dot(coef, ak, acc, input_precision="ieee")
     tile = mmask[:, None] & dmask[None, :]
     nn = tl.load(nrows_ptr + rm * 2 + 0, mask=mmask, other=1.0)[:, None]
@@ -345,18 +444,52 @@ def info_nce_forward(anchors: torch.Tensor, positives: torch.Tensor, temperature
     # the square form: the anchors are the Gram's columns too, their a.a the columns' squared
     # norms (stats with stride 3); the NEG=False kernels never read the nsq and index pointers
     launch(_gram_kernel)[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), triton.cdiv(B, meta["BLOCK_N"]), split)](
-        anchors, positives, anchors, gram, stats, stats, B, B, D, split, *anchors.stride(), *positives.stride(),
-        *anchors.stride(), NEG=False, DOT=dot_dtype(anchors.dtype), ACC=tl_dtype(acc))
+        anchors,
+        positives,
+        anchors,
+        gram,
+        stats,
+        stats,
+        B,
+        B,
+        D,
+        split,
+        *anchors.stride(),
+        *positives.stride(),
+        *anchors.stride(),
+        NEG=False,
+        DOT=dot_dtype(anchors.dtype),
+        ACC=tl_dtype(acc),
+    )
     loss = torch.empty((B,), dtype=acc, device=dev)
     lse = torch.empty((B,), dtype=acc, device=dev)
     launch(_loss_kernel)[(triton.cdiv(B, _ROW_BLOCK),)](
-        gram, stats, stats, stats, _inv_t(temperature, acc, dev), loss, lse, B, B, NSQ_STRIDE=3, NEG=False,
-        BLOCK_M=_ROW_BLOCK, BLOCK_N=_COL_BLOCK)
+        gram,
+        stats,
+        stats,
+        stats,
+        _inv_t(temperature, acc, dev),
+        loss,
+        lse,
+        B,
+        B,
+        NSQ_STRIDE=3,
+        NEG=False,
+        BLOCK_M=_ROW_BLOCK,
+        BLOCK_N=_COL_BLOCK,
+    )
     return loss, lse, gram, stats
 
 
-def info_nce_backward(grad_rows: torch.Tensor, anchors: torch.Tensor, positives: torch.Tensor,
-                      temperature: float, lse: torch.Tensor, gram: torch.Tensor, stats: torch.Tensor):
+def info_nce_backward(
+    grad_rows: torch.Tensor,
+    anchors: torch.Tensor,
+    positives: torch.Tensor,
+    temperature: float,
+    lse: torch.Tensor,
+    gram: torch.Tensor,
+    stats: torch.Tensor,
+):
     """``(d anchors, d positives)`` in the input dtype for upstream row gradients [B]."""
     B, D = anchors.shape
     acc = gram.dtype
@@ -364,18 +497,52 @@ def info_nce_backward(grad_rows: torch.Tensor, anchors: torch.Tensor, positives:
     coef = torch.empty((B, B), dtype=acc, device=dev)
     rows = torch.empty((B, 5), dtype=acc, device=dev)
     launch(_coef_kernel)[(triton.cdiv(B, _ROW_BLOCK),)](  # square form: see info_nce_forward
-        gram, stats, stats, stats, _inv_t(temperature, acc, dev), lse, grad_rows.to(acc).contiguous(), coef, rows,
-        B, B, NSQ_STRIDE=3, NEG=False, BLOCK_M=_ROW_BLOCK, BLOCK_N=_COL_BLOCK)
+        gram,
+        stats,
+        stats,
+        stats,
+        _inv_t(temperature, acc, dev),
+        lse,
+        grad_rows.to(acc).contiguous(),
+        coef,
+        rows,
+        B,
+        B,
+        NSQ_STRIDE=3,
+        NEG=False,
+        BLOCK_M=_ROW_BLOCK,
+        BLOCK_N=_COL_BLOCK,
+    )
     d_a = torch.empty((B, D), dtype=anchors.dtype, device=dev)
     d_p = torch.empty((B, D), dtype=positives.dtype, device=dev)
     launch(_grad_kernel)[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), triton.cdiv(D, meta["BLOCK_D"]))](
-        anchors, positives, anchors, coef, rows, rows, d_a, d_p, B, B, D, *anchors.stride(), *positives.stride(),
-        *anchors.stride(), KNORM_STRIDE=5, ACC=tl_dtype(acc))
+        anchors,
+        positives,
+        anchors,
+        coef,
+        rows,
+        rows,
+        d_a,
+        d_p,
+        B,
+        B,
+        D,
+        *anchors.stride(),
+        *positives.stride(),
+        *anchors.stride(),
+        KNORM_STRIDE=5,
+        ACC=tl_dtype(acc),
+    )
     return d_a, d_p
 
 
-def info_nce_neg_forward(anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor,
-                         anchor_index: torch.Tensor, temperature: float):
+def info_nce_neg_forward(
+    anchors: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor,
+    anchor_index: torch.Tensor,
+    temperature: float,
+):
     """Explicit negatives [N,D]: per-row losses [b] and, for the backward, row logsumexps [b],
     the raw Gram ``a n^T`` [b,N], the row statistics [b,3] and the negatives' ``n.n`` [N]."""
     B, D = anchors.shape
@@ -387,19 +554,55 @@ def info_nce_neg_forward(anchors: torch.Tensor, positives: torch.Tensor, negativ
     nsq = torch.zeros((N,), dtype=acc, device=dev)
     split = _split(B, N, D, dev)
     launch(_gram_kernel)[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), split)](
-        anchors, positives, negatives, gram, stats, nsq, B, N, D, split, *anchors.stride(), *positives.stride(),
-        *negatives.stride(), NEG=True, DOT=dot_dtype(anchors.dtype), ACC=tl_dtype(acc))
+        anchors,
+        positives,
+        negatives,
+        gram,
+        stats,
+        nsq,
+        B,
+        N,
+        D,
+        split,
+        *anchors.stride(),
+        *positives.stride(),
+        *negatives.stride(),
+        NEG=True,
+        DOT=dot_dtype(anchors.dtype),
+        ACC=tl_dtype(acc),
+    )
     loss = torch.empty((B,), dtype=acc, device=dev)
     lse = torch.empty((B,), dtype=acc, device=dev)
     launch(_loss_kernel)[(triton.cdiv(B, _ROW_BLOCK),)](
-        gram, stats, nsq, anchor_index.contiguous(), _inv_t(temperature, acc, dev), loss, lse, B, N, NSQ_STRIDE=1, NEG=True,
-        BLOCK_M=_ROW_BLOCK, BLOCK_N=_COL_BLOCK)
+        gram,
+        stats,
+        nsq,
+        anchor_index.contiguous(),
+        _inv_t(temperature, acc, dev),
+        loss,
+        lse,
+        B,
+        N,
+        NSQ_STRIDE=1,
+        NEG=True,
+        BLOCK_M=_ROW_BLOCK,
+        BLOCK_N=_COL_BLOCK,
+    )
     return loss, lse, gram, stats, nsq
 
 
-def info_nce_neg_backward(grad_rows: torch.Tensor, anchors: torch.Tensor, positives: torch.Tensor,
-                          negatives: torch.Tensor, anchor_index: torch.Tensor, temperature: float,
-                          lse: torch.Tensor, gram: torch.Tensor, stats: torch.Tensor, nsq: torch.Tensor):
+def info_nce_neg_backward(
+    grad_rows: torch.Tensor,
+    anchors: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor,
+    anchor_index: torch.Tensor,
+    temperature: float,
+    lse: torch.Tensor,
+    gram: torch.Tensor,
+    stats: torch.Tensor,
+    nsq: torch.Tensor,
+):
     """``(d anchors, d positives, d negatives)`` in the input dtype for row gradients [b]."""
     B, D = anchors.shape
     N = negatives.shape[0]
@@ -409,17 +612,47 @@ def info_nce_neg_backward(grad_rows: torch.Tensor, anchors: torch.Tensor, positi
     rows = torch.empty((B, 5), dtype=acc, device=dev)
     nrows = torch.empty((N, 2), dtype=acc, device=dev)
     launch(_coef_kernel)[(triton.cdiv(B, _ROW_BLOCK),)](
-        gram, stats, nsq, anchor_index.contiguous(), _inv_t(temperature, acc, dev), lse, grad_rows.to(acc).contiguous(), coef,
-        rows, B, N, NSQ_STRIDE=1, NEG=True, BLOCK_M=_ROW_BLOCK, BLOCK_N=_COL_BLOCK)
+        gram,
+        stats,
+        nsq,
+        anchor_index.contiguous(),
+        _inv_t(temperature, acc, dev),
+        lse,
+        grad_rows.to(acc).contiguous(),
+        coef,
+        rows,
+        B,
+        N,
+        NSQ_STRIDE=1,
+        NEG=True,
+        BLOCK_M=_ROW_BLOCK,
+        BLOCK_N=_COL_BLOCK,
+    )
     launch(_neg_coef_kernel)[(triton.cdiv(N, _COL_BLOCK),)](
-        gram, stats, nsq, coef, nrows, B, N, BLOCK_M=_ROW_BLOCK, BLOCK_N=_COL_BLOCK)
+        gram, stats, nsq, coef, nrows, B, N, BLOCK_M=_ROW_BLOCK, BLOCK_N=_COL_BLOCK
+    )
     d_a = torch.empty((B, D), dtype=anchors.dtype, device=dev)
     d_p = torch.empty((B, D), dtype=positives.dtype, device=dev)
     d_n = torch.empty((N, D), dtype=negatives.dtype, device=dev)
     launch(_grad_kernel)[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), triton.cdiv(D, meta["BLOCK_D"]))](
-        anchors, positives, negatives, coef, rows, nrows, d_a, d_p, B, N, D, *anchors.stride(), *positives.stride(),
-        *negatives.stride(), KNORM_STRIDE=2, ACC=tl_dtype(acc))
+        anchors,
+        positives,
+        negatives,
+        coef,
+        rows,
+        nrows,
+        d_a,
+        d_p,
+        B,
+        N,
+        D,
+        *anchors.stride(),
+        *positives.stride(),
+        *negatives.stride(),
+        KNORM_STRIDE=2,
+        ACC=tl_dtype(acc),
+    )
     launch(_neg_grad_kernel)[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), triton.cdiv(D, meta["BLOCK_D"]))](
-        anchors, negatives, coef, rows, nrows, d_n, B, N, D, *anchors.stride(), *negatives.stride(),
-        ACC=tl_dtype(acc))
+        anchors, negatives, coef, rows, nrows, d_n, B, N, D, *anchors.stride(), *negatives.stride(), ACC=tl_dtype(acc)
+    )
     return d_a, d_p, d_n

@@ -4,6 +4,7 @@ Every backend that can run here is tested against the pure-PyTorch reference: ``
 when ``cgc._C`` is built, ``triton`` on CUDA or on the CPU under ``TRITON_INTERPRET=1``,
 CUDA devices when one is visible. Unavailable pairs are skipped with the reason.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,7 +17,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 
 from cgc import ops
 

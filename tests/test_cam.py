@@ -1,6 +1,7 @@
 """cgc.GradCAM: exact on a hand-checkable net, Grad-CAM == HiResCAM where theory says so, every
 CAM method equal to pytorch-grad-cam's and differentiable for training, and harmless to the
 model it explains."""
+
 from __future__ import annotations
 
 import gc
@@ -109,9 +110,17 @@ def test_default_target_targets_and_shapes():
             cam(torch.randn(0, 3, 32, 32))
 
 
-@pytest.mark.parametrize("arch,layer", [("resnet18", "layer4"), ("vgg11", "features"),
-                                         ("densenet121", "features"), ("mobilenet_v3_small", "features"),
-                                         ("efficientnet_b0", "features"), ("convnext_tiny", "features")])
+@pytest.mark.parametrize(
+    "arch,layer",
+    [
+        ("resnet18", "layer4"),
+        ("vgg11", "features"),
+        ("densenet121", "features"),
+        ("mobilenet_v3_small", "features"),
+        ("efficientnet_b0", "features"),
+        ("convnext_tiny", "features"),
+    ],
+)
 def test_find_target_layer_for_torchvision_families(arch, layer):
     model = torchvision.models.get_model(arch)
     model.train()

@@ -1,6 +1,7 @@
 """CAM methods: each equals pytorch-grad-cam's implementation of the same method, is
 differentiable twice (float64 gradcheck / gradgradcheck through the fused op on every backend),
 and trains: a CGC step with it lowers its loss. A new method is a few lines."""
+
 from __future__ import annotations
 
 import pytest
@@ -22,8 +23,9 @@ class FlattenHead(nn.Module):
 
     def __init__(self, classes: int = 5):
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                                      nn.Conv2d(8, 12, 3, padding=1), nn.ReLU())
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 12, 3, padding=1), nn.ReLU()
+        )
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(12 * 8 * 8, 16), nn.ReLU(), nn.Linear(16, classes))
 
     def forward(self, x):
@@ -36,6 +38,7 @@ def test_registry_lists_the_five_methods_and_takes_new_ones():
         register_cam_method("gradcam")(lambda A, G: (G, True))
     name = "test-absgrad"
     try:
+
         @register_cam_method(name)
         def absgrad(A, G):
             return G.abs().mean((2, 3)), False
@@ -63,11 +66,19 @@ def test_method_equals_pytorch_grad_cam(method, arch):
     from pytorch_grad_cam.utils.image import scale_cam_image
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    peers = {"gradcam": pgc.GradCAM, "hirescam": pgc.HiResCAM, "gradcam++": pgc.GradCAMPlusPlus,
-             "xgradcam": pgc.XGradCAM, "layercam": pgc.LayerCAM}
+    peers = {
+        "gradcam": pgc.GradCAM,
+        "hirescam": pgc.HiResCAM,
+        "gradcam++": pgc.GradCAMPlusPlus,
+        "xgradcam": pgc.XGradCAM,
+        "layercam": pgc.LayerCAM,
+    }
     torch.manual_seed(0)
-    make, layer, size = ((lambda: torchvision.models.resnet18(num_classes=5)), "layer4", 64) if arch == "resnet18" \
+    make, layer, size = (
+        ((lambda: torchvision.models.resnet18(num_classes=5)), "layer4", 64)
+        if arch == "resnet18"
         else ((lambda: FlattenHead(5)), "features", 16)
+    )
     model, twin = make().eval(), make()
     twin.load_state_dict(model.state_dict())
     twin.eval()
@@ -107,7 +118,9 @@ def test_cgc_steps_with_each_method_lower_its_loss(method):
     model = CompactCNN(4).train()
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,))
-    theta = cgc.transforms.random_crop_flip(8, 32, 32, scale=(0.3, 1.0), generator=torch.Generator().manual_seed(2)).theta()
+    theta = cgc.transforms.random_crop_flip(
+        8, 32, 32, scale=(0.3, 1.0), generator=torch.Generator().manual_seed(2)
+    ).theta()
     losses = []
     with cgc.CGCTerm(model, method=method, temperature=0.5) as term:
         for _ in range(15):

@@ -1,5 +1,9 @@
 """The built-in synthetic dataset: deterministic, varied, with exact ground truth."""
+
 from __future__ import annotations
+
+import functools
+import operator
 
 import pytest
 import torch
@@ -42,7 +46,7 @@ def data_box_region(boxes, s):
     return box_region(boxes, (s, s))
 
 
-def test_bundle_and_normalisation():
+def test_bundle_and_normalization():
     bundle = data.build("synthetic", train_size=64, val_size=32, image_size=32, num_classes=4)
     assert len(bundle.train) == 64 and len(bundle.val) == 32 and bundle.classes == list(CLASS_SHAPES[:4])
     x = bundle.train.images[:8]
@@ -73,7 +77,7 @@ def test_global_batches_hold_the_same_images_for_any_number_of_processes():
     for world in (2, 3, 4):
         shares = [list(GlobalBatchSampler(50, 12, rank=r, world_size=world, seed=3, epoch=1)) for r in range(world)]
         assert all(len(s) == 4 for s in shares)
-        assert [sum((s[k] for s in shares), []) for k in range(4)] == one
+        assert [functools.reduce(operator.iadd, (s[k] for s in shares), []) for k in range(4)] == one
     resumed = list(GlobalBatchSampler(50, 12, seed=3, epoch=1, start=2))
     assert resumed == one[2:] and len(GlobalBatchSampler(50, 12, seed=3, epoch=1, start=2)) == 2
     assert list(GlobalBatchSampler(50, 12, seed=3, epoch=2)) != one  # reshuffled every epoch

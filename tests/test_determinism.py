@@ -4,6 +4,7 @@ those kernels raise (or warn) when named, and everything ``auto`` picks repeats 
 
 CPU cases check the policy; the CUDA cases (skipped without a GPU) run it.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -58,7 +59,7 @@ def test_triton_alert():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     common.alert_nondeterministic("k", cuda)  # the mode is off: nothing to say
     with deterministic(True):
-        with pytest.raises(RuntimeError, match="k sums with floating-point atomics.*backend='reference'"):
+        with pytest.raises(RuntimeError, match=r"k sums with floating-point atomics.*backend='reference'"):
             common.alert_nondeterministic("k", cuda)
         common.alert_nondeterministic("k", cpu)  # interpreted atomics run one at a time
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -85,7 +86,9 @@ def test_cuda_heatmap_warp_repeats_bit_for_bit(det, rng, backend, maps):
     if backend is not None and backend not in ops.available_backends():
         pytest.skip(f"backend {backend} unavailable")
     x = torch.randn(64, 1, 7, 7, generator=rng).cuda()
-    theta = random_theta(rng, 64) if maps == "affine" else transforms.random_crop_flip(64, 224, 224, generator=rng).theta()
+    theta = (
+        random_theta(rng, 64) if maps == "affine" else transforms.random_crop_flip(64, 224, 224, generator=rng).theta()
+    )
     first, second = (_warp_grad(backend, x, theta.cuda()) for _ in range(2))
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 

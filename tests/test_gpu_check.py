@@ -1,5 +1,6 @@
 """benchmarks/gpu_check.sh runs only on a lent GPU, in one call of a few minutes: a syntax error
 or a renamed test file would waste that call, so CI checks both here."""
+
 from __future__ import annotations
 
 import re

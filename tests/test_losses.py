@@ -1,4 +1,5 @@
 """CGCLoss: consistent heatmaps score better than inconsistent ones; zero heatmaps stay finite."""
+
 from __future__ import annotations
 
 import pytest
@@ -32,7 +33,7 @@ def test_infonce_loss_equals_the_op_on_the_pair(rng):
     q, p = loss.pair(cam_orig, cam_aug, theta)
     assert q.shape == (6, 24 * 24)
     assert torch.allclose(loss(cam_orig, cam_aug, theta), ops.info_nce(q, p, 0.3))
-    # sum-normalised (+eps) heatmaps, as in the recipe
+    # sum-normalized (+eps) heatmaps, as in the recipe
     assert torch.allclose(q.sum(1), torch.ones(6, dtype=torch.float64), atol=1e-4)
 
 

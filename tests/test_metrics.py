@@ -1,4 +1,5 @@
 """Explanation metrics on cases whose answer is known by construction."""
+
 from __future__ import annotations
 
 import math
@@ -81,7 +82,7 @@ def test_gaussian_blur_matches_2d_kernel():
         metrics.gaussian_blur(x, kernel_size=4)
 
 
-def test_auc_normalised_trapezoid():
+def test_auc_normalized_trapezoid():
     assert metrics.auc(torch.full((1, 29), 0.7)).item() == pytest.approx(0.7)
     assert metrics.auc(torch.linspace(0, 1, 11)[None]).item() == pytest.approx(0.5)
 
@@ -96,7 +97,7 @@ def loop_curve(model, image, saliency, mode, step):
         c = model(image[None]).argmax(1).item()
         cur, scores = start.clone().view(C, -1), []
         for i in range(-(-H * W // step) + 1):
-            idx = order[:i * step]
+            idx = order[: i * step]
             cur[:, idx] = finish.reshape(C, -1)[:, idx]
             scores.append(model(cur.view(1, C, H, W)).softmax(1)[0, c].item())
     return torch.tensor(scores)
@@ -104,7 +105,7 @@ def loop_curve(model, image, saliency, mode, step):
 
 @pytest.mark.parametrize("mode", ["insertion", "deletion"])
 def test_insertion_deletion_matches_per_image_loop(mode):
-    model, images, mask = probe_case()
+    model, images, _mask = probe_case()
     model.eval()
     sal = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(2))
     area, curves = metrics.insertion_deletion(model, images, sal, mode=mode, step=10, batch_size=7)
@@ -117,8 +118,9 @@ def test_insertion_deletion_matches_per_image_loop(mode):
     assert default.shape == (3, 27)  # 16 x 16: 10 pixels per step
     big = torch.zeros(224, 224, dtype=torch.bool)
     big[50:120, 60:150] = True
-    _, curves224 = metrics.insertion_deletion(MaskProbe(big), torch.randn(1, 3, 224, 224), torch.rand(1, 224, 224),
-                                              mode=mode, batch_size=64)
+    _, curves224 = metrics.insertion_deletion(
+        MaskProbe(big), torch.randn(1, 3, 224, 224), torch.rand(1, 224, 224), mode=mode, batch_size=64
+    )
     assert curves224.shape == (1, 29)
 
 
@@ -134,12 +136,14 @@ def test_perfect_saliency_beats_reversed_on_both_aucs():
     assert (del_good < del_bad - 0.1).all(), (del_good, del_bad)
     # a low-resolution map is resized to the image first: same order, same result
     coarse = F.avg_pool2d(mask.float()[None, None], 2)[0].expand(3, -1, -1)
-    assert torch.equal(metrics.insertion_deletion(model, images, coarse)[1],
-                       metrics.insertion_deletion(model, images, resize_heatmaps(coarse, (16, 16)))[1])
+    assert torch.equal(
+        metrics.insertion_deletion(model, images, coarse)[1],
+        metrics.insertion_deletion(model, images, resize_heatmaps(coarse, (16, 16)))[1],
+    )
 
 
 def test_insertion_deletion_keeps_mode_and_statistics():
-    model, images, mask = probe_case()
+    model, images, _mask = probe_case()
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     metrics.insertion_deletion(model, images, torch.rand(3, 16, 16), mode="insertion")
@@ -167,8 +171,9 @@ def test_cosine_and_topk_iou_known_values():
     b = torch.tensor([[0.0, 1.0, 0.0, 0.0]])
     assert metrics.cosine(a, a).item() == pytest.approx(1.0) and metrics.cosine(a, b).item() == 0.0
     assert metrics.topk_iou(a, b, fraction=0.25).item() == 0.0
-    assert metrics.topk_iou(torch.tensor([[4.0, 3.0, 0.0, 0.0]]), torch.tensor([[3.0, 0.0, 4.0, 0.0]]),
-                            fraction=0.5).item() == pytest.approx(1 / 3)
+    assert metrics.topk_iou(
+        torch.tensor([[4.0, 3.0, 0.0, 0.0]]), torch.tensor([[3.0, 0.0, 4.0, 0.0]]), fraction=0.5
+    ).item() == pytest.approx(1 / 3)
 
 
 def test_explanation_metrics_over_a_dataset(tmp_path):
@@ -211,7 +216,7 @@ def test_sparseness_and_complexity_known_answers():
     assert metrics.sparseness(one_hot).item() == pytest.approx((n - 1) / n, abs=1e-4)
     spread = torch.rand(8, 16, 16, generator=torch.Generator().manual_seed(0))
     assert (metrics.sparseness(spread) < metrics.sparseness(one_hot)).all()
-    assert (metrics.sparseness(spread ** 4) > metrics.sparseness(spread)).all()  # more peaked, sparser
+    assert (metrics.sparseness(spread**4) > metrics.sparseness(spread)).all()  # more peaked, sparser
     assert metrics.complexity(one_hot).item() == pytest.approx(0.0, abs=1e-6)
     assert metrics.complexity(constant).item() == pytest.approx(math.log(n), rel=1e-6)  # the largest possible
     assert math.isnan(metrics.complexity(torch.zeros(1, 16, 16)).item())  # no mass to spread
@@ -246,6 +251,7 @@ def _cam_explain(method="gradcam"):
     def explain(model, images, targets):
         with GradCAM(model, "features", method=method) as cam:
             return resize_heatmaps(cam(images, targets).cams, tuple(images.shape[-2:]))
+
     return explain
 
 
@@ -264,15 +270,15 @@ def trained_compact():
     return model.eval(), data.normalize(bundle.val.images), bundle.val.labels
 
 
-def test_model_randomisation_fails_a_heatmap_that_ignores_the_model():
+def test_model_randomization_fails_a_heatmap_that_ignores_the_model():
     model, x, _ = trained_compact()
     targets = model(x).argmax(1)
-    steps = metrics.randomisation_steps(model, "stage", 32)
+    steps = metrics.randomization_steps(model, "stage", 32)
     assert [name for name, _ in steps] == ["fc", "features", "stage2", "stem"]  # from the head down
-    names, rho, sim = metrics.model_randomisation(model, _input_only, x, targets, steps)
+    names, rho, sim = metrics.model_randomization(model, _input_only, x, targets, steps)
     assert names == ["fc", "features", "stage2", "stem"] and rho.shape == sim.shape == (4, 16)
     assert torch.allclose(rho, torch.ones_like(rho)) and torch.allclose(sim, torch.ones_like(sim))  # fails
-    _, rho, _ = metrics.model_randomisation(model, _cam_explain(), x, targets, steps)
+    _, rho, _ = metrics.model_randomization(model, _cam_explain(), x, targets, steps)
     assert rho[-1].nanmean() < 0.5 and rho.nanmean() < 0.6  # Grad-CAM changes with the weights: passes
 
 
@@ -293,14 +299,17 @@ def test_max_sensitivity_zero_for_constant_explanations_and_grows_with_noise():
     flat = lambda images, t: torch.ones(images.shape[0], 32, 32)  # noqa: E731
     small = metrics.keyed_noise(1, list(range(16)), (3, 32, 32), 0.01)
     large = metrics.keyed_noise(1, list(range(16)), (3, 32, 32), 0.5)
-    assert torch.equal(metrics.max_sensitivity(flat, x, targets, small, samples=3), torch.zeros(16, dtype=torch.float64))
+    assert torch.equal(
+        metrics.max_sensitivity(flat, x, targets, small, samples=3), torch.zeros(16, dtype=torch.float64)
+    )
     explain = lambda images, t: _cam_explain()(model, images, t)  # noqa: E731
     a = metrics.max_sensitivity(explain, x, targets, small, samples=3, batch_size=20)
     b = metrics.max_sensitivity(explain, x, targets, large, samples=3)
     assert (a.nan_to_num(0) <= b.nan_to_num(0) + 1e-9).float().mean() > 0.8 and b.nanmean() > a.nanmean()
     # the same noise in any batch: the keyed draws belong to the images, not to the call
-    assert torch.allclose(metrics.keyed_noise(1, [3, 4], (3, 32, 32), 0.5)(2),
-                          metrics.keyed_noise(1, [9, 3, 4], (3, 32, 32), 0.5)(2)[1:])
+    assert torch.allclose(
+        metrics.keyed_noise(1, [3, 4], (3, 32, 32), 0.5)(2), metrics.keyed_noise(1, [9, 3, 4], (3, 32, 32), 0.5)(2)[1:]
+    )
 
 
 def test_every_metric_leaves_the_model_bit_identical():
@@ -311,10 +320,11 @@ def test_every_metric_leaves_the_model_bit_identical():
     model = CompactCNN(3)
     model.train()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     with GradCAM(model) as cam:
-        result = metrics.explanation_metrics(cam, bundle.val, "cpu", batch_size=5,
-                                             settings=metrics.Settings(sensitivity_samples=2))
+        result = metrics.explanation_metrics(
+            cam, bundle.val, "cpu", batch_size=5, settings=metrics.Settings(sensitivity_samples=2)
+        )
     assert set(metrics.METRICS) <= set(result)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     assert all(p is q for p, q in zip(params, model.parameters()))

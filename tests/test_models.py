@@ -1,4 +1,5 @@
 """Model factory: heads sized for the dataset, local weights, clear errors."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,11 +9,13 @@ import torchvision
 from cgc import models
 
 
-@pytest.mark.parametrize("arch,head", [("resnet18", "fc"), ("mobilenet_v3_small", "classifier.3"),
-                                        ("squeezenet1_0", "classifier.1"), ("compact", "fc")])
+@pytest.mark.parametrize(
+    "arch,head",
+    [("resnet18", "fc"), ("mobilenet_v3_small", "classifier.3"), ("squeezenet1_0", "classifier.1"), ("compact", "fc")],
+)
 def test_head_has_dataset_classes(arch, head):
     model = models.build_model(arch, 7)
-    name, module = models.classifier_head(model)
+    name, _module = models.classifier_head(model)
     assert name == head
     out = model.eval()(torch.randn(1, 3, 64, 64) if arch != "squeezenet1_0" else torch.randn(1, 3, 96, 96))
     assert out.shape == (1, 7)
@@ -86,8 +89,12 @@ def test_weights_that_run_code_are_refused_in_one_line(tmp_path):
     assert "\n" not in message and "Python objects" in message and "state_dict" in message
 
 
-TIMM_FAMILIES = [("resnet18", "layer4", "fc"), ("efficientnet_b0", "bn2", "classifier"),
-                 ("convnext_atto", "stages", "head.fc"), ("regnetx_002", "s4", "head.fc")]
+TIMM_FAMILIES = [
+    ("resnet18", "layer4", "fc"),
+    ("efficientnet_b0", "bn2", "classifier"),
+    ("convnext_atto", "stages", "head.fc"),
+    ("regnetx_002", "s4", "head.fc"),
+]
 
 
 @pytest.mark.parametrize("name,layer,head", TIMM_FAMILIES)
@@ -132,9 +139,28 @@ def test_a_timm_model_trains_one_cgc_epoch(tmp_path, name):
     pytest.importorskip("timm", reason="timm is an optional dependency (pip install timm)")
     from cgc import train
 
-    results = train.main(["--arch", f"timm:{name}", "--train-size", "32", "--val-size", "16", "--batch-size", "8",
-                          "--image-size", "32", "--num-classes", "3", "--epochs", "1", "--overlays", "2",
-                          "--out", str(tmp_path)])
+    results = train.main(
+        [
+            "--arch",
+            f"timm:{name}",
+            "--train-size",
+            "32",
+            "--val-size",
+            "16",
+            "--batch-size",
+            "8",
+            "--image-size",
+            "32",
+            "--num-classes",
+            "3",
+            "--epochs",
+            "1",
+            "--overlays",
+            "2",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     log = (tmp_path / "log.jsonl").read_text()
     assert '"train_cgc"' in log and results["arch"] == f"timm:{name}"
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)

@@ -4,6 +4,7 @@ explicit negatives, the separable fast path of the CPU warp, higher-order gradie
 direct-call errors, and ``import cgc`` without the extension. The numerical comparison against
 the reference for every backend lives in ``test_ops.py``. CUDA cases skip without a GPU.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -17,13 +18,18 @@ from cgc import ops, transforms
 from cgc.ops import reference
 
 native = pytest.importorskip("cgc.ops.native")
-pytestmark = pytest.mark.skipif(native.unavailable_reason() is not None,
-                                reason=str(native.unavailable_reason()))
+pytestmark = pytest.mark.skipif(native.unavailable_reason() is not None, reason=str(native.unavailable_reason()))
 
-DEVICES = [pytest.param("cpu"),
-           pytest.param("cuda", marks=pytest.mark.skipif(not native.supports(torch.device("cuda"))
-                                                         if torch.cuda.is_available() else True,
-                                                         reason="no GPU or no CUDA kernels"))]
+DEVICES = [
+    pytest.param("cpu"),
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(
+            not native.supports(torch.device("cuda")) if torch.cuda.is_available() else True,
+            reason="no GPU or no CUDA kernels",
+        ),
+    ),
+]
 C = torch.ops.cgc
 
 
@@ -89,8 +95,9 @@ def test_opcheck_info_nce_negatives(device, dtype):
         _, logits, stats, norms = C.info_nce_neg_fwd(a.detach(), p.detach(), n.detach(), index, 0.3, reduction)
         assert torch.isinf(logits[[0, 2, 3], [7, 1, 7]]).all() and torch.isfinite(logits[1]).all()
         gl = randn(*((4,) if reduction == 0 else ()), device=device, dtype=dtype)
-        torch.library.opcheck(C.info_nce_neg_bwd, (gl, a.detach(), p.detach(), n.detach(), logits, stats, norms,
-                                                   0.3, reduction))
+        torch.library.opcheck(
+            C.info_nce_neg_bwd, (gl, a.detach(), p.detach(), n.detach(), logits, stats, norms, 0.3, reduction)
+        )
 
 
 # ------------------------------------------------------------------------------- torch.compile
@@ -127,7 +134,10 @@ def test_compile_fullgraph_cgc_step(device):
 def test_compile_fullgraph_info_nce_negatives(device):
     """The explicit-negatives op traces into one graph (fake implementations) and matches eager."""
     torch._dynamo.reset()
-    step = lambda a, p, n, idx: native.info_nce_neg(a, p, n, idx, 0.5, "sum")
+
+    def step(a, p, n, idx):
+        return native.info_nce_neg(a, p, n, idx, 0.5, "sum")
+
     a0, p0, n0 = randn(4, 20, device=device), randn(4, 20, device=device), randn(8, 20, device=device)
     idx = torch.arange(2, 6, device=device)
     results = []
@@ -147,8 +157,12 @@ def test_cpu_separable_warp(mode, dtype):
     path, and crops reach outside the image."""
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
     gen = torch.Generator().manual_seed(0)
-    for (B, Cc, H, W), size in [((6, 1, 7, 7), (224, 224)), ((4, 3, 40, 30), (17, 23)), ((3, 2, 50, 60), (7, 5)),
-                                ((2, 1, 1, 1), (3, 4))]:
+    for (B, Cc, H, W), size in [
+        ((6, 1, 7, 7), (224, 224)),
+        ((4, 3, 40, 30), (17, 23)),
+        ((3, 2, 50, 60), (7, 5)),
+        ((2, 1, 1, 1), (3, 4)),
+    ]:
         theta = crop_thetas(B, generator=gen)
         theta[0] = torch.tensor([[-1.3, 0.0, 0.4], [0.0, 1.5, -0.5]])  # flipped, partly outside
         theta[-1, 0, 1] = 0.2  # sheared: general path in the same batch
@@ -169,7 +183,9 @@ def test_higher_order_gradients(device):
     A, G = randn(2, 3, 3, 4, device=device, grad=True), randn(2, 3, 3, 4, device=device, grad=True)
     W = randn(2, 3, device=device, grad=True)
     for pool in (True, False):
-        assert torch.autograd.gradgradcheck(lambda a, g: ops.gradcam(a, g, pool=pool, backend="native"), (A, G))
+        assert torch.autograd.gradgradcheck(
+            lambda a, g, pool=pool: ops.gradcam(a, g, pool=pool, backend="native"), (A, G)
+        )
     assert torch.autograd.gradgradcheck(lambda a, w: ops.gradcam(a, w, backend="native"), (A, W))
     x = randn(2, 2, 5, 4, device=device, grad=True)
     theta = torch.cat([crop_thetas(1, device), torch.eye(2, 3, device=device)[None] + 0.2])
@@ -185,8 +201,9 @@ def test_info_nce_double_backward_raises():
 
 def test_info_nce_negatives_double_backward_raises():
     a, p, n = randn(3, 4, grad=True), randn(3, 4, grad=True), randn(5, 4, grad=True)
-    (gn,) = torch.autograd.grad(ops.info_nce(a, p, 0.5, negatives=n, anchor_index=1, backend="native"), n,
-                                create_graph=True)
+    (gn,) = torch.autograd.grad(
+        ops.info_nce(a, p, 0.5, negatives=n, anchor_index=1, backend="native"), n, create_graph=True
+    )
     with pytest.raises(RuntimeError, match="differentiable once"):
         gn.sum().backward()
 
@@ -315,12 +332,14 @@ def test_backend_unavailable_without_extension(monkeypatch):
 
 def test_import_cgc_without_extension():
     """A fresh interpreter where cgc._C cannot be imported still runs the package."""
-    code = ("import sys; sys.modules['cgc._C'] = None\n"
-            "import torch, cgc\n"
-            "from cgc import ops\n"
-            "assert 'native' not in ops.available_backends(), ops.available_backends()\n"
-            "a = torch.randn(3, 4)\n"
-            "print(float(ops.info_nce(a, a, 0.5)))\n")
+    code = (
+        "import sys; sys.modules['cgc._C'] = None\n"
+        "import torch, cgc\n"
+        "from cgc import ops\n"
+        "assert 'native' not in ops.available_backends(), ops.available_backends()\n"
+        "a = torch.randn(3, 4)\n"
+        "print(float(ops.info_nce(a, a, 0.5)))\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
 
@@ -330,17 +349,24 @@ def test_import_cgc_without_extension():
 def test_cgc_term_matches_reference_backend(device):
     """The CGC term of a small CNN: loss and parameter gradients agree across backends."""
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
-                              torch.nn.Conv2d(8, 16, 3, stride=2, padding=1), torch.nn.ReLU(),
-                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 5))
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16, 5),
+    )
     net = net.double().to(device)
     x = torch.randn(6, 3, 32, 32, dtype=torch.float64, device=device)
     theta = transforms.random_crop_flip(6, 32, 32, device=device).theta()
     grads = {}
     for backend in ("reference", "native"):
         net.zero_grad()
-        loss = cgc.cgc_term(net, x, theta=theta, target_layer="2", method="hirescam", heatmap_size=24,
-                            backend=backend).loss
+        loss = cgc.cgc_term(
+            net, x, theta=theta, target_layer="2", method="hirescam", heatmap_size=24, backend=backend
+        ).loss
         loss.backward()
         # the CGC term does not depend on the head's bias: no gradient there
         grads[backend] = (loss.detach(), [p.grad for p in net.parameters() if p.grad is not None])

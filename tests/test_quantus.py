@@ -1,13 +1,14 @@
 """The batched metrics equal Quantus's implementations on the same inputs (Quantus is a
 test-only oracle: skipped with the reason when it is not installed).
 
-Localisation (PointingGame, RelevanceMassAccuracy), complexity (Sparseness, Complexity) on
+Localization (PointingGame, RelevanceMassAccuracy), complexity (Sparseness, Complexity) on
 precomputed heatmaps; robustness (MaxSensitivity) with the same explanation function and the
-same noise (replayed into Quantus's perturbation hook); randomisation (MPRT) at Quantus's
+same noise (replayed into Quantus's perturbation hook); randomization (MPRT) at Quantus's
 granularity (every module with reset_parameters, top down, the same seed). Tolerance 1e-5
-(MPRT: 1e-4): Quantus normalises the heatmaps in float32, which rounds some near-equal values
+(MPRT: 1e-4): Quantus normalizes the heatmaps in float32, which rounds some near-equal values
 to ties and moves a rank correlation in its fifth digit.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -33,14 +34,18 @@ def maps(rng):
 
 
 def quantus_args(a: torch.Tensor, region: torch.Tensor | None = None) -> dict:
-    kw = dict(model=None, x_batch=np.zeros((a.shape[0], 3, *a.shape[1:]), np.float32),
-              y_batch=np.zeros(a.shape[0], int), a_batch=a[:, None].numpy().copy())
+    kw = dict(
+        model=None,
+        x_batch=np.zeros((a.shape[0], 3, *a.shape[1:]), np.float32),
+        y_batch=np.zeros(a.shape[0], int),
+        a_batch=a[:, None].numpy().copy(),
+    )
     if region is not None:
         kw["s_batch"] = region[:, None].float().numpy()
     return kw
 
 
-def test_localisation_equals_quantus(maps):
+def test_localization_equals_quantus(maps):
     a, region = maps
     pg = quantus.PointingGame(disable_warnings=True)(**quantus_args(a, region))
     assert metrics.pointing_game(a, region).tolist() == [bool(v) for v in pg]
@@ -50,7 +55,7 @@ def test_localisation_equals_quantus(maps):
 
 def test_complexity_equals_quantus(maps):
     a, _ = maps
-    a = a ** 3  # some spread
+    a = a**3  # some spread
     sparse = quantus.Sparseness(disable_warnings=True)(**quantus_args(a))
     assert np.allclose(metrics.sparseness(a).numpy(), sparse, atol=1e-6)
     entropy = quantus.Complexity(disable_warnings=True)(**quantus_args(a))
@@ -89,18 +94,24 @@ def test_max_sensitivity_equals_quantus(model_case):
         return arr + next(draws).reshape(arr.shape)
 
     theirs = quantus.MaxSensitivity(nr_samples=samples, perturb_func=replay, disable_warnings=True)(
-        model=model, x_batch=x.numpy(), y_batch=y.numpy(), a_batch=for_quantus(model, x, y),
-        explain_func=for_quantus, device="cpu")
+        model=model,
+        x_batch=x.numpy(),
+        y_batch=y.numpy(),
+        a_batch=for_quantus(model, x, y),
+        explain_func=for_quantus,
+        device="cpu",
+    )
     assert np.allclose(ours.numpy(), theirs, atol=1e-5)
 
 
 def test_mprt_equals_quantus_at_its_granularity(model_case):
     model, x, y = model_case
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    steps = metrics.randomisation_steps(model, "module", 32)
-    names, rho, _ = metrics.model_randomisation(model, cam_explain, x, y, steps, seed=42)
-    theirs = quantus.MPRT(seed=42, disable_warnings=True)(model=model, x_batch=x.numpy(), y_batch=y.numpy(),
-                                                          a_batch=None, explain_func=for_quantus, device="cpu")
+    steps = metrics.randomization_steps(model, "module", 32)
+    names, rho, _ = metrics.model_randomization(model, cam_explain, x, y, steps, seed=42)
+    theirs = quantus.MPRT(seed=42, disable_warnings=True)(
+        model=model, x_batch=x.numpy(), y_batch=y.numpy(), a_batch=None, explain_func=for_quantus, device="cpu"
+    )
     assert names == [n for n in theirs if n != "original"]
     for name, values in zip(names, rho):
         assert np.allclose(values.numpy(), theirs[name], atol=1e-4), name

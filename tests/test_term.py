@@ -1,6 +1,7 @@
 """cgc.CGCTerm / cgc.cgc_term: one forward pass of both views, the same numbers as the pieces
 it is made of, the model untouched and unowned, clear errors; the README's library example
 and examples/cgc_imagefolder.py run as written."""
+
 from __future__ import annotations
 
 import re
@@ -34,7 +35,9 @@ def test_term_equals_its_pieces():
         orig = cam(x, create_graph=True)
         aug = cam(x_aug, orig.targets, create_graph=True)
     assert torch.equal(out.targets, orig.targets)
-    assert torch.allclose(out.logits, orig.logits, atol=1e-12) and torch.allclose(out.logits_aug, aug.logits, atol=1e-12)
+    assert torch.allclose(out.logits, orig.logits, atol=1e-12) and torch.allclose(
+        out.logits_aug, aug.logits, atol=1e-12
+    )
     assert torch.allclose(out.cams, orig.cams, atol=1e-12) and torch.allclose(out.cams_aug, aug.cams, atol=1e-12)
     expected = cgc.CGCLoss(0.3, 24)(orig.cams, aug.cams, theta)
     assert torch.allclose(out.loss, expected, atol=1e-12)
@@ -89,8 +92,8 @@ def test_term_errors():
 
 def _readme_library_blocks() -> list[str]:
     text = (ROOT / "README.md").read_text()
-    section = text[text.index("## The library"):]
-    section = section[:section.index("\n## ", 3)]
+    section = text[text.index("## The library") :]
+    section = section[: section.index("\n## ", 3)]
     return re.findall(r"```python\n(.*?)```", section, flags=re.S)
 
 
@@ -111,15 +114,30 @@ def test_readme_library_example_runs_as_written():
 
 
 def test_example_script_trains_on_an_image_folder(tmp_path):
-    for c, colour in enumerate(((220, 40, 40), (40, 40, 220))):
+    for c, color in enumerate(((220, 40, 40), (40, 40, 220))):
         for k in range(4):
             d = tmp_path / "images" / f"class{c}"
             d.mkdir(parents=True, exist_ok=True)
-            Image.new("RGB", (40 + k, 36), colour).save(d / f"{k}.png")
+            Image.new("RGB", (40 + k, 36), color).save(d / f"{k}.png")
     out = tmp_path / "w.pt"
-    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "cgc_imagefolder.py"), str(tmp_path / "images"),
-                           "--epochs", "1", "--batch-size", "4", "--image-size", "32", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "cgc_imagefolder.py"),
+            str(tmp_path / "images"),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--image-size",
+            "32",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "epoch 1: loss" in proc.stdout
     state = torch.load(out, weights_only=True)

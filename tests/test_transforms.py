@@ -1,4 +1,5 @@
 """Crop/flip boxes and their affine maps: the warp reproduces torchvision's crop+resize+flip."""
+
 from __future__ import annotations
 
 import math
@@ -12,8 +13,7 @@ from cgc import transforms
 
 def test_boxes_follow_random_resized_crop_rules(rng):
     H, W = 40, 56
-    boxes = transforms.random_resized_crop_boxes(2000, H, W, scale=(0.08, 1.0), ratio=(0.75, 4 / 3),
-                                                 generator=rng)
+    boxes = transforms.random_resized_crop_boxes(2000, H, W, scale=(0.08, 1.0), ratio=(0.75, 4 / 3), generator=rng)
     top, left, h, w = boxes.unbind(1)
     assert (top >= 0).all() and (left >= 0).all() and (h >= 1).all() and (w >= 1).all()
     assert (top + h <= H).all() and (left + w <= W).all()
@@ -87,8 +87,12 @@ def test_keyed_crops_do_not_depend_on_the_batch():
     assert torch.equal(part.boxes, whole.boxes[[9, 2, 5, 0]]) and torch.equal(part.flips, whole.flips[[9, 2, 5, 0]])
     assert len(set(keys)) == 10 and all(0 <= k < 2**63 for k in keys)
     # seed, epoch, index and purpose each change the key
-    others = [transforms.sample_keys(8, 3, [0], "aug"), transforms.sample_keys(7, 4, [0], "aug"),
-              transforms.sample_keys(7, 3, [1], "aug"), transforms.sample_keys(7, 3, [0], "ce")]
+    others = [
+        transforms.sample_keys(8, 3, [0], "aug"),
+        transforms.sample_keys(7, 4, [0], "aug"),
+        transforms.sample_keys(7, 3, [1], "aug"),
+        transforms.sample_keys(7, 3, [0], "ce"),
+    ]
     assert len({keys[0], *(o[0] for o in others)}) == 5
     many = transforms.random_crop_flip(2000, 40, 56, keys=transforms.sample_keys(0, 0, range(2000), "aug"))
     assert 0.45 < many.flips.float().mean() < 0.55 and many.boxes[:, 2].std() > 5  # still random

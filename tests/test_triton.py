@@ -11,6 +11,7 @@ The float64 oracle here runs on the inputs already rounded to the tested dtype (
 what the kernel is asked to compute. Otherwise a ReLU mask whose sign flips only because a
 bfloat16 input was rounded counts as the kernel's error.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -30,19 +31,23 @@ def exact(gen, dtype, *shape):
     """Random float64 values that ``dtype`` represents exactly."""
     return randn(gen, *shape).to(dtype).double()
 
-triton_mod = pytest.importorskip("cgc.ops.triton", reason="the Triton backend does not import here",
-                                 exc_type=ImportError)
+
+triton_mod = pytest.importorskip(
+    "cgc.ops.triton", reason="the Triton backend does not import here", exc_type=ImportError
+)
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from cgc.kernels import common  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_backend = pytest.mark.skipif(triton_mod.unavailable_reason() is not None,
-                                   reason=f"Triton backend unavailable: {triton_mod.unavailable_reason()}")
-gpu_only = pytest.mark.skipif(not torch.cuda.is_available() or common.INTERPRETED,
-                              reason="needs compiled Triton on a CUDA GPU (the interpreter has no "
-                                     "compiled kernels to trace or fake-run)")
+needs_backend = pytest.mark.skipif(
+    triton_mod.unavailable_reason() is not None, reason=f"Triton backend unavailable: {triton_mod.unavailable_reason()}"
+)
+gpu_only = pytest.mark.skipif(
+    not torch.cuda.is_available() or common.INTERPRETED,
+    reason="needs compiled Triton on a CUDA GPU (the interpreter has no compiled kernels to trace or fake-run)",
+)
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -230,7 +235,7 @@ def test_plane_offset_is_64_bit():
 def test_double_backward_of_weighted_gradcam(rng, form):
     """The shared suite checks the elementwise form; the channel-weight forms too."""
     A = randn(rng, 2, 2, 2, 3, device=DEVICE).requires_grad_()
-    G = (randn(rng, 2, 2, device=DEVICE) if form == "weights" else randn(rng, 2, 2, 2, 3, device=DEVICE))
+    G = randn(rng, 2, 2, device=DEVICE) if form == "weights" else randn(rng, 2, 2, 2, 3, device=DEVICE)
     G.requires_grad_()
     assert torch.autograd.gradgradcheck(lambda a, g: ops.gradcam(a, g, pool=True, backend="triton"), (A, G))
 
@@ -240,7 +245,8 @@ def test_double_backward_of_affine_warp(rng):
     x = randn(rng, 2, 1, 3, 4, device=DEVICE).requires_grad_()
     theta = random_theta(rng, 2, DEVICE)
     assert torch.autograd.gradgradcheck(
-        lambda t: ops.affine_warp(t, theta, (4, 3), padding_mode="border", backend="triton"), (x,))
+        lambda t: ops.affine_warp(t, theta, (4, 3), padding_mode="border", backend="triton"), (x,)
+    )
 
 
 # ------------------------------------------------------------------------------ opcheck
@@ -260,14 +266,26 @@ def _opcheck_cases(gen):
         (ops_.gradcam_backward.default, (randn(gen, 2, 4, 5, device=DEVICE), A, G, True)),
         (ops_.affine_warp.default, (x, theta, 3, 7, False)),  # float64: the general kernels
         (ops_.affine_warp.default, (x.detach().float().requires_grad_(), theta.float(), 3, 7, True)),
-        (ops_.affine_warp_backward.default, (randn(gen, 2, 2, 3, 7, device=DEVICE), theta, 5, 4, True,
-                                             torch.float64)),  # the general kernels
-        (ops_.affine_warp_backward.default, (randn(gen, 2, 2, 3, 7, device=DEVICE).float(), theta.float(), 5, 4,
-                                             False, torch.float32)),  # the small-input kernels
+        (
+            ops_.affine_warp_backward.default,
+            (randn(gen, 2, 2, 3, 7, device=DEVICE), theta, 5, 4, True, torch.float64),
+        ),  # the general kernels
+        (
+            ops_.affine_warp_backward.default,
+            (randn(gen, 2, 2, 3, 7, device=DEVICE).float(), theta.float(), 5, 4, False, torch.float32),
+        ),  # the small-input kernels
         (ops_.info_nce.default, (a, p, 0.5)),
         (ops_.info_nce_neg.default, (a, p, n, index, 0.5)),
-        (ops_.info_nce_neg.default, (a.detach().float().requires_grad_(), p.detach().float().requires_grad_(),
-                                     n.detach().float().requires_grad_(), index, 0.5)),
+        (
+            ops_.info_nce_neg.default,
+            (
+                a.detach().float().requires_grad_(),
+                p.detach().float().requires_grad_(),
+                n.detach().float().requires_grad_(),
+                index,
+                0.5,
+            ),
+        ),
     ]
 
 
@@ -308,6 +326,7 @@ def test_torch_compile_fullgraph_cgc_step(rng):
 @gpu_only
 def test_torch_compile_fullgraph_info_nce_negatives(rng):
     """The explicit-negatives op compiles with fullgraph=True and matches eager."""
+
     def step(a, p, n, idx):
         return ops.info_nce(a, p, 0.5, negatives=n, anchor_index=idx, backend="triton")
 

@@ -1,5 +1,5 @@
 """Datasets by name. Every dataset yields ``(image uint8 [3,S,S], label)`` pairs of one
-fixed size ``S``; normalisation and the augmented views are made on the device.
+fixed size ``S``; normalization and the augmented views are made on the device.
 
 File datasets (``folder``, ``imagenet``, ``cub``, ``cars``, ``flowers``, ``aircraft``) decode
 and resize in loader workers; their training split yields ``(x_orig, label, x_ce)`` with the
@@ -11,6 +11,7 @@ A dataset with ground truth for explanations has a ``boxes`` attribute; read it 
 image as fed to the model (empty boxes padded with zeros). The built-in dataset also has
 ``masks`` [N,S,S].
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,10 +20,9 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, UnknownName
-from . import finegrained, folders
+from . import finegrained, folders, synthetic
 from .files import NO_LABEL, UNREADABLE, ImageFiles, LayoutError, UnreadableImage, drop_unreadable
-from . import synthetic
-from .subsets import WithIndex, base_dataset, limit, set_epoch, take, WithoutLabels, write_file_list
+from .subsets import WithIndex, WithoutLabels, base_dataset, limit, set_epoch, take, write_file_list
 from .synthetic import SyntheticShapes
 from .unlabeled import CyclingBatchSampler, CyclingSampler, unlabeled_images
 
@@ -39,14 +39,36 @@ DATASETS = ("synthetic", *FILE_DATASETS)
 #: input size of the file datasets unless --image-size says otherwise
 FILE_IMAGE_SIZE = 224
 
-#: normalisation of torchvision's ImageNet models, used for every dataset
+#: normalization of torchvision's ImageNet models, used for every dataset
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
-__all__ = ["DATASETS", "FILE_DATASETS", "DataBundle", "build", "normalize", "denormalize",
-           "annotated_batches", "ImageFiles", "LayoutError", "UnreadableImage", "NO_LABEL", "UNREADABLE",
-           "drop_unreadable", "limit", "write_file_list", "unlabeled_images", "CyclingSampler", "CyclingBatchSampler", "WithIndex",
-           "base_dataset", "set_epoch", "take", "WithoutLabels", "synthetic"]
+__all__ = [
+    "DATASETS",
+    "FILE_DATASETS",
+    "NO_LABEL",
+    "UNREADABLE",
+    "CyclingBatchSampler",
+    "CyclingSampler",
+    "DataBundle",
+    "ImageFiles",
+    "LayoutError",
+    "UnreadableImage",
+    "WithIndex",
+    "WithoutLabels",
+    "annotated_batches",
+    "base_dataset",
+    "build",
+    "denormalize",
+    "drop_unreadable",
+    "limit",
+    "normalize",
+    "set_epoch",
+    "synthetic",
+    "take",
+    "unlabeled_images",
+    "write_file_list",
+]
 
 
 @dataclass
@@ -60,10 +82,20 @@ class DataBundle:
     in_memory: bool  # True: batches are cheap slices, worker processes would only add cost
 
 
-def build(name: str, *, seed: int = 0, image_size: int | None = None, train_size: int = 6000,
-          val_size: int = 1000, num_classes: int = 10, root: str | Path | None = None, strict: bool = False,
-          ce_crop_scale: tuple[float, float] = (0.08, 1.0), everything: bool = False,
-          classes: list[str] | None = None) -> DataBundle:
+def build(
+    name: str,
+    *,
+    seed: int = 0,
+    image_size: int | None = None,
+    train_size: int = 6000,
+    val_size: int = 1000,
+    num_classes: int = 10,
+    root: str | Path | None = None,
+    strict: bool = False,
+    ce_crop_scale: tuple[float, float] = (0.08, 1.0),
+    everything: bool = False,
+    classes: list[str] | None = None,
+) -> DataBundle:
     """The train and val splits of dataset ``name``.
 
     ``train_size``, ``val_size`` and ``num_classes`` (or the shape names ``classes``) shape
@@ -91,8 +123,10 @@ def build(name: str, *, seed: int = 0, image_size: int | None = None, train_size
         raise LayoutError(f"{name}: {root} is not a folder; expected layout:\n{layout}")
     listing = read(root, everything=True) if everything and name == "folder" else read(root)
     if (not listing.train and not everything) or not listing.val:
-        raise LayoutError(f"{name}: {root} has {len(listing.train)} training and {len(listing.val)} val "
-                          f"images; both splits need some; expected layout:\n{layout}")
+        raise LayoutError(
+            f"{name}: {root} has {len(listing.train)} training and {len(listing.val)} val "
+            f"images; both splits need some; expected layout:\n{layout}"
+        )
     size = image_size or FILE_IMAGE_SIZE
     kw = dict(image_size=size, strict=strict)
     train = ImageFiles(listing.root, listing.train, listing.classes, train=True, ce_scale=ce_crop_scale, **kw)
@@ -101,7 +135,7 @@ def build(name: str, *, seed: int = 0, image_size: int | None = None, train_size
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [B,3,H,W] (any device) -> float32 normalised with :data:`MEAN`/:data:`STD`."""
+    """uint8 [B,3,H,W] (any device) -> float32 normalized with :data:`MEAN`/:data:`STD`."""
     mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
     return (images.float() / 255 - mean) / std
@@ -124,8 +158,9 @@ def annotated_batches(dataset, batch_size: int, *, workers: int = 0):
             sl = slice(start, start + batch_size)
             yield dataset.images[sl], dataset.labels[sl], dataset.boxes[sl]
         return
-    loader = torch.utils.data.DataLoader(dataset.annotated(), batch_size=batch_size, num_workers=workers,
-                                         pin_memory=torch.cuda.is_available())
+    loader = torch.utils.data.DataLoader(
+        dataset.annotated(), batch_size=batch_size, num_workers=workers, pin_memory=torch.cuda.is_available()
+    )
     for batch in loader:
         (images, labels, boxes), _ = drop_unreadable(batch)
         if len(labels):

@@ -15,6 +15,7 @@ sample comes back with the label :data:`UNREADABLE` (and zero pixels, so batches
 shape); :func:`drop_unreadable` removes such rows after collation and counts them. With
 ``strict=True`` the first unreadable image raises :class:`UnreadableImage` instead.
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,14 +29,12 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from ..errors import CGCError
-from ..transforms import TRIES, boxes_from_uniforms, sample_keys, uniforms
+from ..transforms import DEFAULT_RATIO, TRIES, boxes_from_uniforms, sample_keys, uniforms
 
 #: label of an image without one (unlabeled data)
 NO_LABEL = -1
 #: label of a sample whose image could not be decoded; such rows are dropped from batches
 UNREADABLE = -2
-#: aspect-ratio range of the x_ce crop (torchvision's RandomResizedCrop default)
-CE_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 
 class LayoutError(CGCError, ValueError):
@@ -47,7 +46,7 @@ class UnreadableImage(CGCError, RuntimeError):
 
 
 def resize_size(image_size: int) -> int:
-    """Shorter side before the centre crop: 256 for 224, the same ratio for other sizes."""
+    """Shorter side before the center crop: 256 for 224, the same ratio for other sizes."""
     return round(image_size * 256 / 224)
 
 
@@ -63,16 +62,25 @@ def drop_unreadable(batch):
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Labelled (or :data:`NO_LABEL`) image files as fixed-size uint8 views.
+    """Labeled (or :data:`NO_LABEL`) image files as fixed-size uint8 views.
 
     Items: ``(x_orig, label)``; with ``train=True`` ``(x_orig, label, x_ce)``; from
     :meth:`annotated` ``(x_orig, label, boxes [max_boxes, 4])`` with zero rows as padding.
     ``root`` is where the relative names of :meth:`name` start (the dataset folder).
     """
 
-    def __init__(self, root: Path, samples: list[tuple[Path, int]], classes: list[str], image_size: int, *,
-                 train: bool = False, ce_scale: tuple[float, float] = (0.08, 1.0),
-                 boxes: list[list[list[float]]] | None = None, strict: bool = False):
+    def __init__(
+        self,
+        root: Path,
+        samples: list[tuple[Path, int]],
+        classes: list[str],
+        image_size: int,
+        *,
+        train: bool = False,
+        ce_scale: tuple[float, float] = (0.08, 1.0),
+        boxes: list[list[list[float]]] | None = None,
+        strict: bool = False,
+    ):
         self.root = Path(root)
         self.samples = samples
         self.targets = [label for _, label in samples]
@@ -125,7 +133,7 @@ class ImageFiles(torch.utils.data.Dataset):
         path, label = self.samples[index]
         try:
             image, original_size = self._decode(path)
-        except Exception as err:  # noqa: BLE001 - PIL reports bad files with many exception types
+        except Exception as err:
             if self.strict:
                 raise UnreadableImage(f"cannot read image {path}: {err} (drop --strict to skip such files)") from err
             warnings.warn(f"skipping unreadable image {path}: {err}", stacklevel=2)
@@ -149,21 +157,24 @@ class ImageFiles(torch.utils.data.Dataset):
             return im.convert("RGB"), size
 
     def _center_view(self, image: Image.Image):
-        """Resize + centre crop; also the (sx, sy, left, top) map from decoded pixels."""
+        """Resize + center crop; also the (sx, sy, left, top) map from decoded pixels."""
         s = self.image_size
         resized = TF.resize(image, resize_size(s), interpolation=InterpolationMode.BILINEAR, antialias=True)
         w, h = resized.size
-        left, top = int(round((w - s) / 2.0)), int(round((h - s) / 2.0))
+        left, top = round((w - s) / 2.0), round((h - s) / 2.0)
         x = TF.pil_to_tensor(TF.crop(resized, top, left, s, s))
         return x, (w, h, left, top)
 
     def _ce_view(self, image: Image.Image, index: int) -> torch.Tensor:
         s = self.image_size
         u = uniforms(1, 3 * TRIES + 2, keys=sample_keys(self.seed, self.epoch, [index], "ce"))
-        top, left, h, w = (int(v) for v in boxes_from_uniforms(u[:, :-1], image.height, image.width,
-                                                                scale=self.ce_scale, ratio=CE_RATIO)[0])
-        crop = TF.resized_crop(image, top, left, h, w, [s, s], interpolation=InterpolationMode.BILINEAR,
-                               antialias=True)
+        top, left, h, w = (
+            int(v)
+            for v in boxes_from_uniforms(
+                u[:, :-1], image.height, image.width, scale=self.ce_scale, ratio=DEFAULT_RATIO
+            )[0]
+        )
+        crop = TF.resized_crop(image, top, left, h, w, [s, s], interpolation=InterpolationMode.BILINEAR, antialias=True)
         if u[0, -1] < 0.5:
             crop = TF.hflip(crop)
         return TF.pil_to_tensor(crop)

@@ -7,6 +7,7 @@ torchvision's ``Flowers102`` reads, but that class insists on the md5 sums of th
 ``.mat`` files, so it is parsed here. Splits: the official training images (train + val
 where the dataset has both) train, the official test images are ``val``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -56,8 +57,10 @@ def _read_table(path: Path, columns: int, layout: str) -> dict[int, list[str]]:
             continue
         fields = line.split(maxsplit=columns - 1)
         if len(fields) != columns or not fields[0].isdigit():
-            raise LayoutError(f"cub: {path}, line {n}: expected {columns} fields starting with an image or "
-                              f"class id, got {line!r}; expected layout:\n{layout}")
+            raise LayoutError(
+                f"cub: {path}, line {n}: expected {columns} fields starting with an image or "
+                f"class id, got {line!r}; expected layout:\n{layout}"
+            )
         table[int(fields[0])] = fields[1:]
     return table
 
@@ -82,8 +85,10 @@ def cub(root: Path) -> Listing:
             is_train = split[image_id][0] == "1"
             x, y, w, h = (float(v) for v in boxes[image_id])
         except (KeyError, ValueError) as err:
-            raise LayoutError(f"cub: image id {image_id} of images.txt lacks a valid class, split or box "
-                              f"({err!r}); expected layout:\n{CUB_LAYOUT}") from err
+            raise LayoutError(
+                f"cub: image id {image_id} of images.txt lacks a valid class, split or box "
+                f"({err!r}); expected layout:\n{CUB_LAYOUT}"
+            ) from err
         sample = (root / "images" / names[image_id][0], label)
         if is_train:
             train.append(sample)
@@ -116,17 +121,20 @@ def flowers(root: Path) -> Listing:
         ids = loadmat(str(base / "setid.mat"), squeeze_me=True)
         splits = [ids["trnid"].tolist() + ids["valid"].tolist(), ids["tstid"].tolist()]
     except (OSError, KeyError, ValueError) as err:
-        raise LayoutError(f"flowers: cannot read the labels and splits in {base} ({err!r}); expected layout:\n"
-                          f"{FLOWERS_LAYOUT}") from err
+        raise LayoutError(
+            f"flowers: cannot read the labels and splits in {base} ({err!r}); expected layout:\n{FLOWERS_LAYOUT}"
+        ) from err
     if not (base / "jpg").is_dir():
         raise LayoutError(f"flowers: {base / 'jpg'} is not a folder; expected layout:\n{FLOWERS_LAYOUT}")
     num_classes = max(labels)
     try:
-        train, val = ([(base / "jpg" / f"image_{i:05d}.jpg", labels[i - 1] - 1) for i in sorted(split)]
-                      for split in splits)
+        train, val = (
+            [(base / "jpg" / f"image_{i:05d}.jpg", labels[i - 1] - 1) for i in sorted(split)] for split in splits
+        )
     except IndexError as err:
-        raise LayoutError(f"flowers: setid.mat names an image id beyond imagelabels.mat ({len(labels)} "
-                          f"labels)") from err
+        raise LayoutError(
+            f"flowers: setid.mat names an image id beyond imagelabels.mat ({len(labels)} labels)"
+        ) from err
     return Listing(base, [str(c) for c in range(1, num_classes + 1)], train, val)
 
 
@@ -137,8 +145,10 @@ def aircraft(root: Path) -> Listing:
 
     tv_root = _parent_of(root, "fgvc-aircraft-2013b")
     try:
-        splits = [FGVCAircraft(str(tv_root), split=s, annotation_level="variant", download=False)
-                  for s in ("trainval", "test")]
+        splits = [
+            FGVCAircraft(str(tv_root), split=s, annotation_level="variant", download=False)
+            for s in ("trainval", "test")
+        ]
     except (RuntimeError, OSError, KeyError, ValueError) as err:
         raise LayoutError(f"aircraft: cannot read {tv_root} ({err!r}); expected layout:\n{AIRCRAFT_LAYOUT}") from err
     train, val = ([(Path(p), int(label)) for p, label in zip(ds._image_files, ds._labels)] for ds in splits)

@@ -6,6 +6,7 @@ Each function reads a root and returns a :class:`Listing` (file names, labels, c
 boxes); :func:`cgc.data.build` turns listings into datasets. Class folders are read with
 torchvision's ``find_classes`` / ``make_dataset`` (sorted, so labels are reproducible).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -66,17 +67,23 @@ def class_tree(root: Path, dataset: str, layout: str, class_to_idx: dict[str, in
             class_to_idx = {c: i for i, c in enumerate(classes)}
         else:
             classes = list(class_to_idx)
-            unknown = sorted(d.name for d in root.iterdir()
-                             if d.is_dir() and d.name not in class_to_idx and d.name not in ANNOTATION_DIRS)
+            unknown = sorted(
+                d.name
+                for d in root.iterdir()
+                if d.is_dir() and d.name not in class_to_idx and d.name not in ANNOTATION_DIRS
+            )
             if unknown:
-                raise LayoutError(f"{dataset}: {root} has class folders that train/ lacks: {unknown[:5]}; "
-                                  f"expected layout:\n{layout}")
+                raise LayoutError(
+                    f"{dataset}: {root} has class folders that train/ lacks: {unknown[:5]}; expected layout:\n{layout}"
+                )
         samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
     except FileNotFoundError as err:
         raise LayoutError(f"{dataset}: {err}; expected layout:\n{layout}") from err
     if not samples:
-        raise LayoutError(f"{dataset}: no images ({', '.join(IMG_EXTENSIONS)}) in the class folders of "
-                          f"{root}; expected layout:\n{layout}")
+        raise LayoutError(
+            f"{dataset}: no images ({', '.join(IMG_EXTENSIONS)}) in the class folders of "
+            f"{root}; expected layout:\n{layout}"
+        )
     return classes, [(Path(p), label) for p, label in samples]
 
 
@@ -106,8 +113,10 @@ def folder(root: Path, *, everything: bool = False) -> Listing:
         _, val = class_tree(root / "val", "folder", FOLDER_LAYOUT, {c: i for i, c in enumerate(classes)})
     elif flat and everything:
         if annotations is None:
-            raise LayoutError(f"folder: {root} holds images directly but has no annotation/ folder: flat images "
-                              f"take their class from their XML; expected layout:\n{FOLDER_LAYOUT}")
+            raise LayoutError(
+                f"folder: {root} holds images directly but has no annotation/ folder: flat images "
+                f"take their class from their XML; expected layout:\n{FOLDER_LAYOUT}"
+            )
         named = [(p, voc_names(_xml_of(annotations, p))) for p in flat]
         classes = sorted({names[0] for _, names in named if names})
         lost = [p.name for p, names in named if not names]
@@ -135,8 +144,10 @@ def folder(root: Path, *, everything: bool = False) -> Listing:
 def _xml_of(annotations: Path, image: Path) -> Path:
     xml = annotations / f"{image.stem}.xml"
     if not xml.is_file():
-        raise LayoutError(f"folder: {xml} is missing; with an annotation folder every evaluated image needs its "
-                          f"Pascal-VOC XML; expected layout:\n{FOLDER_LAYOUT}")
+        raise LayoutError(
+            f"folder: {xml} is missing; with an annotation folder every evaluated image needs its "
+            f"Pascal-VOC XML; expected layout:\n{FOLDER_LAYOUT}"
+        )
     return xml
 
 
@@ -159,15 +170,19 @@ def read_voc_boxes(path: Path) -> tuple[list[str], list[list[float]]]:
         tree = ET.parse(path)
         names, boxes = [], []
         size = tree.getroot().find("size")
-        width, height = (float(size.findtext(k)) for k in ("width", "height")) if size is not None and \
-            size.findtext("width") else (float("inf"), float("inf"))
+        width, height = (
+            (float(size.findtext(k)) for k in ("width", "height"))
+            if size is not None and size.findtext("width")
+            else (float("inf"), float("inf"))
+        )
         for obj in tree.getroot().iter("object"):
             bb = obj.find("bndbox")
             names.append(obj.findtext("name").strip())
             boxes.append([float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")])
     except (ET.ParseError, AttributeError, TypeError, ValueError) as err:
-        raise LayoutError(f"{path} is not a Pascal-VOC annotation with <object><name> and "
-                          f"<bndbox> xmin/ymin/xmax/ymax ({err})") from err
+        raise LayoutError(
+            f"{path} is not a Pascal-VOC annotation with <object><name> and <bndbox> xmin/ymin/xmax/ymax ({err})"
+        ) from err
     for box in boxes:
         if not (box[2] > box[0] and box[3] > box[1]) or min(box) < 0:
             raise LayoutError(f"{path}: box {box} is not xmin < xmax, ymin < ymax with non-negative pixels")
@@ -185,25 +200,30 @@ def imagenet(root: Path) -> Listing:
     annotations = root / "annotation"
     flat = sorted(p for p in (root / "val").iterdir() if p.is_file() and is_image(p))
     if flat and not annotations.is_dir():
-        raise LayoutError(f"imagenet: {root / 'val'} holds images directly but {annotations} is missing: "
-                          f"flat val images take their labels from the XML files; expected layout:\n"
-                          f"{IMAGENET_LAYOUT}")
+        raise LayoutError(
+            f"imagenet: {root / 'val'} holds images directly but {annotations} is missing: "
+            f"flat val images take their labels from the XML files; expected layout:\n"
+            f"{IMAGENET_LAYOUT}"
+        )
     if not flat:
         _, val = class_tree(root / "val", "imagenet", IMAGENET_LAYOUT, class_to_idx)
         if not annotations.is_dir():
             return Listing(root, classes, train, val)
-    boxes, labelled = [], []
-    for path, label in ([(p, None) for p in flat] or val):
+    boxes, labeled = [], []
+    for path, label in [(p, None) for p in flat] or val:
         xml = annotations / f"{path.stem}.xml"
         if not xml.is_file():
-            raise LayoutError(f"imagenet: {xml} is missing; with annotation/ every val image needs its XML; "
-                              f"expected layout:\n{IMAGENET_LAYOUT}")
+            raise LayoutError(
+                f"imagenet: {xml} is missing; with annotation/ every val image needs its XML; "
+                f"expected layout:\n{IMAGENET_LAYOUT}"
+            )
         names, image_boxes = read_voc_boxes(xml)
         if label is None:
             if not names or names[0] not in class_to_idx:
-                raise LayoutError(f"imagenet: {xml} names no class of train/ (first <object><name>: "
-                                  f"{names[0] if names else 'none'})")
+                raise LayoutError(
+                    f"imagenet: {xml} names no class of train/ (first <object><name>: {names[0] if names else 'none'})"
+                )
             label = class_to_idx[names[0]]
-        labelled.append((path, label))
+        labeled.append((path, label))
         boxes.append(image_boxes)
-    return Listing(root, classes, train, labelled, boxes)
+    return Listing(root, classes, train, labeled, boxes)

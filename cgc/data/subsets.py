@@ -1,6 +1,7 @@
 """Views of a dataset: class-balanced training subsets that a seed fixes and their file lists
 (saved with every run so that a result can be traced to the images it saw), samples that carry
 their index (for per-sample random keys), and one process's share for evaluation."""
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -18,8 +19,9 @@ def targets_of(dataset) -> list[int]:
     return [int(v) for v in dataset.labels]
 
 
-def stratified_indices(targets: list[int], *, per_class: int | None = None, fraction: float | None = None,
-                       seed: int = 0) -> list[int]:
+def stratified_indices(
+    targets: list[int], *, per_class: int | None = None, fraction: float | None = None, seed: int = 0
+) -> list[int]:
     """Sorted indices of ``per_class`` samples of every class (all of a smaller class), or of a
     ``fraction`` of every class (at least one sample each).
 
@@ -46,8 +48,9 @@ def stratified_indices(targets: list[int], *, per_class: int | None = None, frac
     return sorted(chosen)
 
 
-def limit(dataset, *, per_class: int | None = None, fraction: float | None = None,
-          seed: int = 0) -> torch.utils.data.Subset:
+def limit(
+    dataset, *, per_class: int | None = None, fraction: float | None = None, seed: int = 0
+) -> torch.utils.data.Subset:
     """The stratified subset of ``dataset`` chosen by :func:`stratified_indices`."""
     indices = stratified_indices(targets_of(dataset), per_class=per_class, fraction=fraction, seed=seed)
     return torch.utils.data.Subset(dataset, indices)

@@ -2,7 +2,7 @@
 for explanations. No files, no downloads; the same seed always gives the same images.
 
 Each image shows exactly one *class object* (its class is the label and only its shape tells
-it: colour, size, position and a small rotation are random) on a textured background, among
+it: color, size, position and a small rotation are random) on a textured background, among
 *distractor objects* (shapes of no class: bars, elongated ellipses, frames) and small clutter
 (dots, short strokes). The class object is drawn last, so its mask and box are exact. A
 heatmap on the class object is right; on a distractor or the background it is wrong.
@@ -10,6 +10,7 @@ heatmap on the class object is right; on a distractor or the background it is wr
 Images are made in chunks of :data:`CHUNK` from a generator seeded by (seed, split, chunk),
 so image ``i`` of a split does not depend on how many images the split has.
 """
+
 from __future__ import annotations
 
 import copy
@@ -19,8 +20,20 @@ import torch
 
 from ..errors import ConfigError, UnknownName
 
-CLASS_SHAPES = ("circle", "square", "triangle", "plus", "ring", "diamond", "star", "tee",
-                "crescent", "cross", "semicircle", "hexagon")
+CLASS_SHAPES = (
+    "circle",
+    "square",
+    "triangle",
+    "plus",
+    "ring",
+    "diamond",
+    "star",
+    "tee",
+    "crescent",
+    "cross",
+    "semicircle",
+    "hexagon",
+)
 DISTRACTOR_SHAPES = ("bar", "ellipse", "frame")
 SPLITS = {"train": 0, "val": 1, "test": 2}
 CHUNK = 256
@@ -109,19 +122,19 @@ def _draw(canvas, shape_ids, names, cx, cy, half, angle, color, S, gen):
 
 
 def _background(n: int, S: int, gen: torch.Generator) -> torch.Tensor:
-    """Textured backgrounds [n,3,S,S]: a colour and a nearby second colour mixed by oriented
+    """Textured backgrounds [n,3,S,S]: a color and a nearby second color mixed by oriented
     stripes and a smooth random field, plus grain. Kept at moderate contrast so that objects
     stand out by luminance while the texture still produces edges everywhere."""
     c1 = _rand(gen, n, 3, 1, 1)
     c2 = (c1 + 0.15 * torch.randn(n, 3, 1, 1, generator=gen)).clamp(0, 1)
-    yy, xx = torch.meshgrid(torch.arange(S, dtype=torch.float32), torch.arange(S, dtype=torch.float32),
-                            indexing="ij")
+    yy, xx = torch.meshgrid(torch.arange(S, dtype=torch.float32), torch.arange(S, dtype=torch.float32), indexing="ij")
     theta = _rand(gen, n, 1, 1, hi=math.pi)
     freq = _rand(gen, n, 1, 1, lo=0.1, hi=0.5)
     phase = _rand(gen, n, 1, 1, hi=2 * math.pi)
     stripes = 0.5 + 0.5 * torch.sin(freq * (xx * torch.cos(theta) + yy * torch.sin(theta)) + phase)
-    field = torch.nn.functional.interpolate(torch.rand(n, 1, 5, 5, generator=gen), size=(S, S),
-                                            mode="bicubic", align_corners=False)[:, 0]
+    field = torch.nn.functional.interpolate(
+        torch.rand(n, 1, 5, 5, generator=gen), size=(S, S), mode="bicubic", align_corners=False
+    )[:, 0]
     mix = _rand(gen, n, 1, 1)
     t = (mix * stripes + (1 - mix) * field).clamp(0, 1)[:, None]
     bg = c1 * (1 - t) + c2 * t
@@ -138,7 +151,7 @@ def _contrasting(bg_mean: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     col = _rand(gen, n, 3, lo=0.05)
     bg_luma = bg_mean @ LUMA
     target = torch.where(bg_luma > 0.5, _rand(gen, n, lo=0.05, hi=0.3), _rand(gen, n, lo=0.7, hi=0.95))
-    # scale the colour towards the target luminance: darken multiplicatively, lighten towards white
+    # scale the color towards the target luminance: darken multiplicatively, lighten towards white
     luma = col @ LUMA
     dark = col * (target / luma)[:, None]
     light = 1 - (1 - col) * ((1 - target) / (1 - luma).clamp_min(1e-3))[:, None]
@@ -161,9 +174,18 @@ def class_names(num_classes: int = 10, classes=None) -> tuple[str, ...]:
     return classes
 
 
-def generate_chunk(seed: int, split: str, chunk: int, *, num_classes: int = 10, image_size: int = 64,
-                   distractors: tuple[int, int] = (2, 3), clutter: tuple[int, int] = (4, 8), n: int = CHUNK,
-                   classes=None):
+def generate_chunk(
+    seed: int,
+    split: str,
+    chunk: int,
+    *,
+    num_classes: int = 10,
+    image_size: int = 64,
+    distractors: tuple[int, int] = (2, 3),
+    clutter: tuple[int, int] = (4, 8),
+    n: int = CHUNK,
+    classes=None,
+):
     """``n`` images of one chunk: uint8 images [n,3,S,S], labels [n], boxes [n,4] as
     (x0, y0, x1, y1) pixel edges, object masks [n,S,S] bool. ``distractors`` and ``clutter``
     are the (min, max) counts of distractor objects and clutter marks per chunk; the class
@@ -179,23 +201,41 @@ def generate_chunk(seed: int, split: str, chunk: int, *, num_classes: int = 10, 
     for _ in range(int(torch.randint(clutter[0], clutter[1] + 1, (1,), generator=gen))):
         kind = torch.randint(0, 2, (n,), generator=gen)
         half = _rand(gen, n, lo=0.025, hi=0.05) * S
-        _draw(canvas, kind, ("circle", "bar"), _rand(gen, n, hi=S), _rand(gen, n, hi=S), half,
-              _rand(gen, n, hi=math.pi), _rand(gen, n, 3), S, gen)
+        _draw(
+            canvas,
+            kind,
+            ("circle", "bar"),
+            _rand(gen, n, hi=S),
+            _rand(gen, n, hi=S),
+            half,
+            _rand(gen, n, hi=math.pi),
+            _rand(gen, n, 3),
+            S,
+            gen,
+        )
     # distractor objects of no class
     for _ in range(int(torch.randint(distractors[0], distractors[1] + 1, (1,), generator=gen))):
         kind = torch.randint(0, len(DISTRACTOR_SHAPES), (n,), generator=gen)
         half = _rand(gen, n, lo=0.09, hi=0.2) * S
-        _draw(canvas, kind, DISTRACTOR_SHAPES, _rand(gen, n, lo=0.1, hi=0.9) * S,
-              _rand(gen, n, lo=0.1, hi=0.9) * S, half, _rand(gen, n, hi=math.pi),
-              _contrasting(bg_mean, gen), S, gen)
+        _draw(
+            canvas,
+            kind,
+            DISTRACTOR_SHAPES,
+            _rand(gen, n, lo=0.1, hi=0.9) * S,
+            _rand(gen, n, lo=0.1, hi=0.9) * S,
+            half,
+            _rand(gen, n, hi=math.pi),
+            _contrasting(bg_mean, gen),
+            S,
+            gen,
+        )
     # the class object, on top
     labels = torch.randint(0, len(names), (n,), generator=gen)
     half = _rand(gen, n, lo=0.17, hi=0.3) * S
     cx = half + _rand(gen, n) * (S - 2 * half)
     cy = half + _rand(gen, n) * (S - 2 * half)
     angle = _rand(gen, n, lo=-0.3, hi=0.3)
-    cover = _draw(canvas, labels, names, cx, cy, half, angle,
-                  _contrasting(bg_mean, gen), S, gen)
+    cover = _draw(canvas, labels, names, cx, cy, half, angle, _contrasting(bg_mean, gen), S, gen)
     masks = cover > 0.5
     rows, cols = masks.any(2), masks.any(1)
     ar = torch.arange(S)
@@ -215,26 +255,37 @@ class SyntheticShapes(torch.utils.data.Dataset):
     and ``masks`` [N,S,S] are the ground truth of the explanation metrics.
     """
 
-    def __init__(self, split: str = "train", size: int = 5000, *, seed: int = 0, num_classes: int = 10,
-                 image_size: int = 64, classes=None):
+    def __init__(
+        self,
+        split: str = "train",
+        size: int = 5000,
+        *,
+        seed: int = 0,
+        num_classes: int = 10,
+        image_size: int = 64,
+        classes=None,
+    ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
         if size < 1:
             raise ValueError(f"a split needs at least one image, got size={size}")
-        parts = [generate_chunk(seed, split, c, num_classes=num_classes, image_size=image_size, classes=classes)
-                 for c in range(math.ceil(size / CHUNK))]
+        parts = [
+            generate_chunk(seed, split, c, num_classes=num_classes, image_size=image_size, classes=classes)
+            for c in range(math.ceil(size / CHUNK))
+        ]
         images, labels, boxes, masks = (torch.cat(p)[:size] for p in zip(*parts))
         self.images, self.labels, self.masks = images, labels, masks
         self.boxes = boxes[:, None]
         self.classes = list(class_names(num_classes, classes))
         self.image_size = image_size
 
-    def select(self, indices) -> "SyntheticShapes":
+    def select(self, indices) -> SyntheticShapes:
         """The images ``indices`` with their boxes and masks, e.g. one process's share."""
         view = copy.copy(self)
         idx = torch.as_tensor(list(indices), dtype=torch.long)
-        view.images, view.labels, view.masks, view.boxes = (t[idx] for t in (self.images, self.labels, self.masks,
-                                                                              self.boxes))
+        view.images, view.labels, view.masks, view.boxes = (
+            t[idx] for t in (self.images, self.labels, self.masks, self.boxes)
+        )
         return view
 
     def __len__(self) -> int:

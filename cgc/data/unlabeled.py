@@ -1,5 +1,6 @@
 """Unlabeled images for the semi-supervised recipe: any tree of image files, and an endless
-sampler so the unlabeled loader cycles while one epoch is one pass over the labelled data."""
+sampler so the unlabeled loader cycles while one epoch is one pass over the labeled data."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -46,14 +47,21 @@ class CyclingBatchSampler(torch.utils.data.Sampler):
 
     def __init__(self, n: int, seed: int, batch_size: int, *, rank: int = 0, world_size: int = 1, start: int = 0):
         if batch_size % world_size:
-            raise ConfigError(f"--unlabeled-batch-size {batch_size} is global and must divide evenly over the "
-                              f"{world_size} processes")
-        self.n, self.seed, self.batch_size, self.rank, self.world, self.start = n, seed, batch_size, rank, \
-            world_size, start
+            raise ConfigError(
+                f"--unlabeled-batch-size {batch_size} is global and must divide evenly over the {world_size} processes"
+            )
+        self.n, self.seed, self.batch_size, self.rank, self.world, self.start = (
+            n,
+            seed,
+            batch_size,
+            rank,
+            world_size,
+            start,
+        )
 
     def __iter__(self):
         stream = iter(CyclingSampler(self.n, self.seed, start=self.start * self.batch_size))
         share = self.batch_size // self.world
         while True:
             batch = [next(stream) for _ in range(self.batch_size)]
-            yield batch[self.rank * share:(self.rank + 1) * share]
+            yield batch[self.rank * share : (self.rank + 1) * share]

@@ -1,5 +1,6 @@
 """What every metric needs: the model in eval mode, accuracy counts, box regions and the
 evaluation images in order."""
+
 from __future__ import annotations
 
 import contextlib
@@ -28,7 +29,7 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[
     kmax = min(max(ks), logits.shape[1])
     top = logits.topk(kmax, dim=1).indices
     hit = top == labels[:, None]
-    return {k: int(hit[:, :min(k, kmax)].any(1).sum()) for k in ks}
+    return {k: int(hit[:, : min(k, kmax)].any(1).sum()) for k in ks}
 
 
 def box_region(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -2,6 +2,7 @@
 Chalasani et al.) and how spread its mass (complexity, the entropy of Bhatt et al.), computed as
 Quantus's Sparseness and Complexity compute them (absolute values, each map divided by its
 maximum first)."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
-"""Consistency of explanations under crops and flips: what CGC optimises, measured directly."""
+"""Consistency of explanations under crops and flips: what CGC optimizes, measured directly."""
+
 from __future__ import annotations
 
 import torch
@@ -8,8 +9,9 @@ from ..cam import GradCAM, resize_heatmaps
 from .similarity import cosine, topk_iou
 
 
-def consistency(cam: GradCAM, images: torch.Tensor, theta: torch.Tensor,
-                size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def consistency(
+    cam: GradCAM, images: torch.Tensor, theta: torch.Tensor, size: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Agreement between the heatmap of each transformed image and the transformed heatmap of
     the original, both at ``size`` (default: the images' size), for the class predicted on
     the original: ``(cosine [B], top-20 % IoU [B])``. The model is run as it is (mode kept)."""

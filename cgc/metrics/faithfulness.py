@@ -1,5 +1,6 @@
 """Faithfulness: RISE's insertion and deletion curves (does the model's confidence follow the
 pixels the heatmap ranks highest?)."""
+
 from __future__ import annotations
 
 import math
@@ -36,25 +37,33 @@ def auc(curves: torch.Tensor) -> torch.Tensor:
     return (curves.sum(1) - curves[:, 0] / 2 - curves[:, -1] / 2) / (curves.shape[1] - 1)
 
 
-def insertion_deletion(model: nn.Module, images: torch.Tensor, saliency: torch.Tensor, *,
-                       mode: str = "insertion", step: int | None = None, batch_size: int = 256,
-                       targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """RISE's causal metrics of saliency maps [B,h,w] for normalised images [B,C,H,W]:
+def insertion_deletion(
+    model: nn.Module,
+    images: torch.Tensor,
+    saliency: torch.Tensor,
+    *,
+    mode: str = "insertion",
+    step: int | None = None,
+    batch_size: int = 256,
+    targets: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RISE's causal metrics of saliency maps [B,h,w] for normalized images [B,C,H,W]:
     ``(auc [B], curves [B,n+1])``.
 
     Pixels are taken in order of decreasing saliency (maps are resized to the image first),
     ``step`` at a time (default ``ceil(H*W / 28)``: RISE's 224 * 8 at 224 px). Insertion starts
     from :func:`gaussian_blur` (k=11, sigma=5) of the image and puts the original pixels back;
     deletion starts from the image and sets pixels to zero (the dataset mean, once
-    normalised). ``curves[:, i]`` is the softmax probability, after ``i`` steps, of
+    normalized). ``curves[:, i]`` is the softmax probability, after ``i`` steps, of
     ``targets`` (default: the class predicted on the clean image). All ``B * (n+1)`` images
     are made on the fly and go through the model ``batch_size`` at a time, in eval mode.
     """
     if mode not in ("insertion", "deletion"):
         raise ValueError(f"mode must be 'insertion' or 'deletion', got {mode!r}")
     if images.dim() != 4 or saliency.dim() != 3 or saliency.shape[0] != images.shape[0]:
-        raise ValueError(f"images [B,C,H,W] and saliency [B,h,w] expected, got "
-                         f"{tuple(images.shape)} and {tuple(saliency.shape)}")
+        raise ValueError(
+            f"images [B,C,H,W] and saliency [B,h,w] expected, got {tuple(images.shape)} and {tuple(saliency.shape)}"
+        )
     B, _, H, W = images.shape
     HW = H * W
     step = math.ceil(HW / REFERENCE_STEPS) if step is None else step
@@ -82,6 +91,6 @@ def insertion_deletion(model: nn.Module, images: torch.Tensor, saliency: torch.T
             changed = rank[b] < (i * step).view(-1, 1, 1, 1)
             x = torch.where(changed, finish[b], start[b])
             probs = model(x).float().softmax(1)
-            scores[p0:p0 + p.shape[0]] = probs.gather(1, targets[b, None])[:, 0]
+            scores[p0 : p0 + p.shape[0]] = probs.gather(1, targets[b, None])[:, 0]
     curves = scores.view(B, n + 1)
     return auc(curves), curves

@@ -1,8 +1,9 @@
 """Robustness: max-sensitivity (Yeh et al.), the largest relative change of an explanation under
 small input noise, batched over the images and the noise samples."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -13,16 +14,24 @@ def keyed_noise(seed: int, indices: list[int], shape: tuple[int, ...], radius: f
     """``noise(s) -> [B, *shape]``: uniform noise in [-radius, radius] (the L-inf ball of
     Quantus's MaxSensitivity) for noise sample ``s`` of the images ``indices``, each drawn
     from a key of (seed, s, index): the same for any batch and any number of processes."""
+
     def noise(s: int) -> torch.Tensor:
         rows = transforms.sample_keys(seed, s, indices, "robustness")
         u = torch.stack([torch.rand(shape, generator=torch.Generator().manual_seed(k)) for k in rows])
         return (2 * u - 1) * radius
+
     return noise
 
 
-def max_sensitivity(explain: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], images: torch.Tensor,
-                    targets: torch.Tensor, noise: Callable[[int], torch.Tensor], *, samples: int = 10,
-                    batch_size: int = 256) -> torch.Tensor:
+def max_sensitivity(
+    explain: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    noise: Callable[[int], torch.Tensor],
+    *,
+    samples: int = 10,
+    batch_size: int = 256,
+) -> torch.Tensor:
     """``max_s ||e(x + n_s) - e(x)|| / ||e(x)||`` [B] (Frobenius norms), as Quantus's
     MaxSensitivity: ``explain(images, targets)`` gives the explanations (the same ``targets``
     for the noisy copies), ``noise(s)`` the perturbation [B,C,H,W] of sample ``s``. The

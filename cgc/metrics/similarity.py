@@ -1,5 +1,6 @@
 """Similarities of two batches of heatmaps, row by row: cosine, top-k IoU, Spearman's rank
-correlation and SSIM (the measures of the consistency, randomisation and sanity checks)."""
+correlation and SSIM (the measures of the consistency, randomization and sanity checks)."""
+
 from __future__ import annotations
 
 import torch
@@ -45,7 +46,9 @@ def ssim(a: torch.Tensor, b: torch.Tensor, *, win_size: int = 7, data_range: flo
     sample covariances, the border of half a window left out); ``data_range`` defaults to each
     pair's max - min, as Quantus passes it. NaN for two equal constant maps."""
     if a.dim() != 3 or a.shape != b.shape:
-        raise ValueError(f"ssim expects two batches of maps [B,H,W] of one shape, got {tuple(a.shape)}, {tuple(b.shape)}")
+        raise ValueError(
+            f"ssim expects two batches of maps [B,H,W] of one shape, got {tuple(a.shape)}, {tuple(b.shape)}"
+        )
     if min(a.shape[-2:]) < win_size:
         raise ValueError(f"ssim needs maps of at least {win_size} pixels a side, got {tuple(a.shape[-2:])}")
     x, y = a.double()[:, None], b.double()[:, None]

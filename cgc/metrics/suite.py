@@ -9,6 +9,7 @@ rows, ``report.json``, ``report.md`` and the tables come from :data:`METRICS`, s
 one class with :func:`register_metric`. Heatmaps that several metrics use (the explained
 classes' CAMs at input resolution) are computed once per batch (:class:`EvalBatch`).
 """
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,8 @@ from .common import box_region, eval_batches, eval_mode, topk_correct
 from .complexity import complexity, sparseness
 from .consistency import consistency
 from .faithfulness import insertion_deletion
-from .localisation import content_heatmap, pointing_game
-from .randomisation import model_randomisation, random_logit, randomisation_steps
+from .localization import content_heatmap, pointing_game
+from .randomization import model_randomization, random_logit, randomization_steps
 from .robustness import keyed_noise, max_sensitivity
 
 
@@ -36,15 +37,15 @@ from .robustness import keyed_noise, max_sensitivity
 class Settings:
     """The protocols' parameters (defaults: METHOD.md and Quantus's, see README)."""
 
-    seed: int = 12345                      # every random draw of the metrics is keyed by it
+    seed: int = 12345  # every random draw of the metrics is keyed by it
     crop_scale: tuple[float, float] = transforms.DEFAULT_SCALE  # consistency crops
-    tolerance: float = 0.0                 # pointing game, pixels
-    cam_input_size: int | None = None      # content heatmap / pointing game: resize first (448)
-    pixels_per_step: int | None = None     # insertion / deletion (default H*W / 28)
-    causal_batch: int = 256                # images per forward pass of the perturbation metrics
-    sensitivity_radius: float = 0.2        # max-sensitivity: L-inf radius, normalised input units
-    sensitivity_samples: int = 10          # max-sensitivity: noise samples per image
-    randomisation: str = "stage"           # MPRT: "stage" (Adebayo) or "module" (Quantus)
+    tolerance: float = 0.0  # pointing game, pixels
+    cam_input_size: int | None = None  # content heatmap / pointing game: resize first (448)
+    pixels_per_step: int | None = None  # insertion / deletion (default H*W / 28)
+    causal_batch: int = 256  # images per forward pass of the perturbation metrics
+    sensitivity_radius: float = 0.2  # max-sensitivity: L-inf radius, normalized input units
+    sensitivity_samples: int = 10  # max-sensitivity: noise samples per image
+    randomization: str = "stage"  # MPRT: "stage" (Adebayo) or "module" (Quantus)
 
 
 @dataclass
@@ -52,10 +53,10 @@ class EvalBatch:
     """One batch of evaluation images with what several metrics share, computed on demand."""
 
     cam: GradCAM
-    x: torch.Tensor                        # normalised images [B,C,H,W]
+    x: torch.Tensor  # normalized images [B,C,H,W]
     labels: torch.Tensor
     boxes: torch.Tensor | None
-    indices: list[int]                     # the images' positions in the dataset (their keys)
+    indices: list[int]  # the images' positions in the dataset (their keys)
     settings: Settings
     cache: dict = field(default_factory=dict)
 
@@ -73,6 +74,7 @@ class EvalBatch:
         def run():
             with torch.no_grad():
                 return self.cam.model(self.x)
+
         return self.get("logits", run)
 
     @property
@@ -89,7 +91,7 @@ class EvalBatch:
         return resize_heatmaps(self.cam(images, targets).cams.float(), tuple(images.shape[-2:]))
 
     def explain_with(self, model, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The same CAM method and layer on another model (a randomised copy)."""
+        """The same CAM method and layer on another model (a randomized copy)."""
         if model is self.cam.model:
             return self.explain(images, targets)
         with self.cam.with_model(model) as cam:
@@ -138,6 +140,8 @@ class Metric(ABC):
 
 #: name -> metric class, in the order of the table
 METRICS: dict[str, type[Metric]] = {}
+#: the explanation metrics every training run measures at its end (the rest: ``cgc.evaluate``)
+TRAINING_METRICS = ("consistency", "consistency_iou", "content_heatmap", "pointing_game")
 
 
 def register_metric(cls: type[Metric]) -> type[Metric]:
@@ -151,7 +155,7 @@ def register_metric(cls: type[Metric]) -> type[Metric]:
 def select(names: list[str] | None = None, *, skip_slow: bool = False, has_boxes: bool = True) -> list[Metric]:
     """Instances of the metrics ``names`` (default: all), without the slow ones with
     ``skip_slow`` and without those needing boxes when the data has none."""
-    chosen = list(METRICS) if not names else names
+    chosen = names if names else list(METRICS)
     for name in chosen:
         if name not in METRICS:
             raise UnknownName("metric", name, METRICS)
@@ -167,8 +171,10 @@ class _TopK(Metric):
     fmt = ".2f"
 
     def update(self, batch):
-        return {"sum": 100.0 * topk_correct(batch.logits, batch.labels, ks=(self.k,))[self.k],
-                "n": float(batch.labels.shape[0])}
+        return {
+            "sum": 100.0 * topk_correct(batch.logits, batch.labels, ks=(self.k,))[self.k],
+            "n": float(batch.labels.shape[0]),
+        }
 
 
 @register_metric
@@ -182,7 +188,7 @@ class Top5(_TopK):
 
 
 class _LabelHeatmaps(Metric):
-    """Localisation metrics: CAMs of the ground-truth class, on the image resized to
+    """Localization metrics: CAMs of the ground-truth class, on the image resized to
     ``cam_input_size`` (METHOD's ImageNet protocol: 448) and back; images without a box left out."""
 
     needs = frozenset({"labels", "boxes"})
@@ -193,9 +199,13 @@ class _LabelHeatmaps(Metric):
     def label_heatmaps(batch: EvalBatch) -> torch.Tensor:
         def make():
             x, size = batch.x, batch.settings.cam_input_size
-            xin = x if size is None else F.interpolate(x, (size, size), mode="bilinear", align_corners=False,
-                                                       antialias=True)
+            xin = (
+                x
+                if size is None
+                else F.interpolate(x, (size, size), mode="bilinear", align_corners=False, antialias=True)
+            )
             return resize_heatmaps(batch.cam(xin, batch.labels).cams.float(), batch.size)
+
         return batch.get("label_heatmaps", make)
 
 
@@ -226,8 +236,15 @@ class _Causal(Metric):
 
     def update(self, batch):
         s = batch.settings
-        area, curve = insertion_deletion(batch.cam.model, batch.x, batch.heatmaps, mode=self.mode,
-                                         step=s.pixels_per_step, batch_size=s.causal_batch, targets=batch.predicted)
+        area, curve = insertion_deletion(
+            batch.cam.model,
+            batch.x,
+            batch.heatmaps,
+            mode=self.mode,
+            step=s.pixels_per_step,
+            batch_size=s.causal_batch,
+            targets=batch.predicted,
+        )
         out = self.mean_of(area)
         out.update({f"curve{i}": v for i, v in enumerate(curve.double().sum(0).tolist())})
         return out
@@ -260,6 +277,7 @@ class _Consistency(Metric):
             keys = batch.keys("consistency")
             tf = transforms.random_crop_flip(batch.x.shape[0], *batch.size, scale=batch.settings.crop_scale, keys=keys)
             return consistency(batch.cam, batch.x, tf.theta().to(batch.x.device))
+
         return batch.get("consistency", make)
 
 
@@ -289,8 +307,9 @@ class MaxSensitivity(Metric):
     def update(self, batch):
         s = batch.settings
         noise = keyed_noise(s.seed, batch.indices, tuple(batch.x.shape[1:]), s.sensitivity_radius)
-        worst = max_sensitivity(batch.explain, batch.x, batch.predicted, noise, samples=s.sensitivity_samples,
-                                batch_size=s.causal_batch)
+        worst = max_sensitivity(
+            batch.explain, batch.x, batch.predicted, noise, samples=s.sensitivity_samples, batch_size=s.causal_batch
+        )
         return self.mean_of(worst)
 
 
@@ -318,22 +337,34 @@ class RandomLogit(Metric):
     about = "SSIM of the predicted class's heatmap and a random other class's (Sixt et al.)"
 
     def update(self, batch):
-        return self.mean_of(random_logit(batch.cam.model, batch.explain_with, batch.x, batch.predicted,
-                                         batch.logits.shape[1], batch.keys("random_logit"), original=batch.heatmaps))
+        return self.mean_of(
+            random_logit(
+                batch.cam.model,
+                batch.explain_with,
+                batch.x,
+                batch.predicted,
+                batch.logits.shape[1],
+                batch.keys("random_logit"),
+                original=batch.heatmaps,
+            )
+        )
 
 
 @register_metric
-class ModelRandomisation(Metric):
+class ModelRandomization(Metric):
     name, label, higher_is_better, slow = "mprt", "MPRT (Spearman)", False, True
-    about = ("cascading model parameter randomisation (Adebayo et al.): rank correlation of the heatmap "
-             "before and after each step, mean over the steps")
+    about = (
+        "cascading model parameter randomization (Adebayo et al.): rank correlation of the heatmap "
+        "before and after each step, mean over the steps"
+    )
 
     def update(self, batch):
         s = batch.settings
         model = batch.cam.model
-        steps = batch.get("mprt_steps", lambda: randomisation_steps(model, s.randomisation, batch.size[0]))
-        self.step_names, rho, sim = model_randomisation(model, batch.explain_with, batch.x, batch.predicted, steps,
-                                                        seed=s.seed, original=batch.heatmaps)
+        steps = batch.get("mprt_steps", lambda: randomization_steps(model, s.randomization, batch.size[0]))
+        self.step_names, rho, sim = model_randomization(
+            model, batch.explain_with, batch.x, batch.predicted, steps, seed=s.seed, original=batch.heatmaps
+        )
         out = self.mean_of(rho)
         for k in range(rho.shape[0]):
             for key, values in (("rho", rho[k]), ("ssim", sim[k])):
@@ -345,20 +376,33 @@ class ModelRandomisation(Metric):
         out = super().finish(totals)
         steps = sum(1 for k in totals if k.startswith("rho_n"))
         for key, report in (("rho", "mprt_steps"), ("ssim", "mprt_ssim_steps")):
-            out[report] = [totals[f"{key}{k}"] / totals[f"{key}_n{k}"] if totals[f"{key}_n{k}"] else None
-                           for k in range(steps)]
+            out[report] = [
+                totals[f"{key}{k}"] / totals[f"{key}_n{k}"] if totals[f"{key}_n{k}"] else None for k in range(steps)
+            ]
         out["mprt_step_names"] = list(getattr(self, "step_names", []))
         return out
 
 
 # ----------------------------------------------------------------------------- the loop
-def explanation_metrics(cam: GradCAM, dataset, device, *, metrics: list[Metric] | None = None,
-                        settings: Settings = Settings(), batch_size: int = 64, limit: int | None = None,
-                        workers: int = 0, desc: str | None = None, rank: int = 0, world_size: int = 1,
-                        reduce=None, label_map: torch.Tensor | None = None) -> dict:
+def explanation_metrics(
+    cam: GradCAM,
+    dataset,
+    device,
+    *,
+    metrics: list[Metric] | None = None,
+    settings: Settings = Settings(),
+    batch_size: int = 64,
+    limit: int | None = None,
+    workers: int = 0,
+    desc: str | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    reduce=None,
+    label_map: torch.Tensor | None = None,
+) -> dict:
     """Run ``metrics`` (default: every registered one) for the model of ``cam`` over
     ``dataset`` (or its first ``limit`` images), in eval mode (restored afterwards):
-    ``{report key: value}``, None where a metric had nothing to score (the localisation
+    ``{report key: value}``, None where a metric had nothing to score (the localization
     metrics on a dataset without boxes).
 
     Process ``rank`` of ``world_size`` measures every ``world_size``-th image; ``reduce``
@@ -385,8 +429,14 @@ def explanation_metrics(cam: GradCAM, dataset, device, *, metrics: list[Metric] 
         for images, labels, boxes in batches:
             if label_map is not None:
                 labels = label_map[labels]
-            batch = EvalBatch(cam, data.normalize(images.to(device)), labels.to(device), boxes,
-                              positions[done:done + images.shape[0]], settings)
+            batch = EvalBatch(
+                cam,
+                data.normalize(images.to(device)),
+                labels.to(device),
+                boxes,
+                positions[done : done + images.shape[0]],
+                settings,
+            )
             done += images.shape[0]
             for m in metrics:
                 for k, v in m.update(batch).items():

@@ -14,13 +14,14 @@ reference, so a package without its extension still works. Under
 ``torch.use_deterministic_algorithms(True)`` it avoids the CUDA kernels that are not
 deterministic, and those kernels raise (or warn, with ``warn_only=True``) when named.
 """
+
 from __future__ import annotations
 
 import importlib
 import math
 import os
+from collections.abc import Sequence
 from types import ModuleType
-from typing import Sequence
 
 import torch
 
@@ -64,6 +65,17 @@ def available_backends() -> list[str]:
             continue
         names.append(name)
     return names
+
+
+def unavailable(name: str, device_type: str | None = None) -> str | None:
+    """Why backend ``name`` cannot run here (on ``device_type`` devices, when given), or None."""
+    try:
+        mod = _module(name)
+    except BackendUnavailable as err:
+        return str(err)
+    if device_type is not None and mod is not reference and not mod.supports(torch.device(device_type)):
+        return f"backend {name!r} does not run on {device_type} tensors here"
+    return None
 
 
 # ``auto``'s order on CUDA tensors, per op, fastest first, from the H100 forward+backward timings
@@ -139,8 +151,7 @@ def _tensor(x, name: str, dims: int, op: str) -> torch.Tensor:
     if not x.is_floating_point():
         raise TypeError(f"{op}: {name} must be a floating-point tensor, got {x.dtype}")
     if x.numel() == 0:
-        raise ValueError(f"{op}: {name} is empty (shape {tuple(x.shape)}); an empty batch has "
-                         "nothing to compute")
+        raise ValueError(f"{op}: {name} is empty (shape {tuple(x.shape)}); an empty batch has nothing to compute")
     return x
 
 
@@ -164,8 +175,9 @@ def _size(size, op: str) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------- public ops
-def gradcam(activations: torch.Tensor, gradients: torch.Tensor, *, pool: bool = True,
-            backend: str | None = None) -> torch.Tensor:
+def gradcam(
+    activations: torch.Tensor, gradients: torch.Tensor, *, pool: bool = True, backend: str | None = None
+) -> torch.Tensor:
     """Grad-CAM map ``relu(sum_k w_k * A_k)`` of activations ``A`` [B,K,H,W] -> [B,H,W].
 
     ``gradients`` is either ``d score / d A`` [B,K,H,W] (weights ``w`` = its spatial mean when
@@ -175,31 +187,38 @@ def gradcam(activations: torch.Tensor, gradients: torch.Tensor, *, pool: bool = 
     op = "gradcam"
     _tensor(activations, "activations", 4, op)
     if not isinstance(gradients, torch.Tensor) or gradients.dim() not in (2, 4):
-        raise ValueError(f"{op}: gradients must be a [B,K,H,W] or [B,K] tensor, got "
-                         f"{getattr(gradients, 'shape', type(gradients).__name__)}")
+        raise ValueError(
+            f"{op}: gradients must be a [B,K,H,W] or [B,K] tensor, got "
+            f"{getattr(gradients, 'shape', type(gradients).__name__)}"
+        )
     _tensor(gradients, "gradients", gradients.dim(), op)
     expect = activations.shape if gradients.dim() == 4 else activations.shape[:2]
     if gradients.shape != expect:
-        raise ValueError(f"{op}: gradients shape {tuple(gradients.shape)} does not match "
-                         f"activations {tuple(activations.shape)} (expected {tuple(expect)})")
+        raise ValueError(
+            f"{op}: gradients shape {tuple(gradients.shape)} does not match "
+            f"activations {tuple(activations.shape)} (expected {tuple(expect)})"
+        )
     _same(activations, gradients, "activations and gradients", op)
     return _resolve(backend, op, activations.device).gradcam(activations, gradients, bool(pool))
 
 
-def affine_warp(input: torch.Tensor, theta: torch.Tensor, size, *, padding_mode: str = "zeros",
-                backend: str | None = None) -> torch.Tensor:
+def affine_warp(
+    input: torch.Tensor, theta: torch.Tensor, size, *, padding_mode: str = "zeros", backend: str | None = None
+) -> torch.Tensor:
     """Bilinearly resample ``input`` [B,C,H,W] on the affine grid ``theta`` [B,2,3] of an
     output of ``size`` (int or (h, w)); equals ``F.grid_sample(input, F.affine_grid(theta,
     (B,C,h,w), align_corners=False), align_corners=False, padding_mode=padding_mode)``.
 
-    ``theta`` maps output to input coordinates, both normalised to [-1, 1]; it is data
+    ``theta`` maps output to input coordinates, both normalized to [-1, 1]; it is data
     (not differentiated). Identity theta with ``padding_mode="border"`` is bilinear resizing.
     """
     op = "affine_warp"
     _tensor(input, "input", 4, op)
     if not isinstance(theta, torch.Tensor) or theta.dim() != 3 or theta.shape[1:] != (2, 3):
-        raise ValueError(f"{op}: theta must be a [B,2,3] tensor, got "
-                         f"{tuple(theta.shape) if isinstance(theta, torch.Tensor) else type(theta).__name__}")
+        raise ValueError(
+            f"{op}: theta must be a [B,2,3] tensor, got "
+            f"{tuple(theta.shape) if isinstance(theta, torch.Tensor) else type(theta).__name__}"
+        )
     _tensor(theta, "theta", 3, op)
     if theta.shape[0] != input.shape[0]:
         raise ValueError(f"{op}: theta has {theta.shape[0]} rows for a batch of {input.shape[0]}")
@@ -211,10 +230,17 @@ def affine_warp(input: torch.Tensor, theta: torch.Tensor, size, *, padding_mode:
     return _resolve(backend, op, input.device, grad).affine_warp(input, theta.detach(), (h, w), padding_mode)
 
 
-def info_nce(anchors: torch.Tensor, positives: torch.Tensor, temperature: float = 0.5, *,
-             negatives: torch.Tensor | None = None, anchor_index: torch.Tensor | int | None = None,
-             reduction: str = "mean", backend: str | None = None) -> torch.Tensor:
-    """InfoNCE of anchors [B,D] against their positives [B,D]; rows are L2-normalised first.
+def info_nce(
+    anchors: torch.Tensor,
+    positives: torch.Tensor,
+    temperature: float = 0.5,
+    *,
+    negatives: torch.Tensor | None = None,
+    anchor_index: torch.Tensor | int | None = None,
+    reduction: str = "mean",
+    backend: str | None = None,
+) -> torch.Tensor:
+    """InfoNCE of anchors [B,D] against their positives [B,D]; rows are L2-normalized first.
 
     Without ``negatives`` the other anchors are the negatives (needs B >= 2). With
     ``negatives`` [N,D] (e.g. the anchors of the whole batch, all-gathered across processes)
@@ -227,8 +253,9 @@ def info_nce(anchors: torch.Tensor, positives: torch.Tensor, temperature: float 
     _tensor(anchors, "anchors", 2, op)
     _tensor(positives, "positives", 2, op)
     if anchors.shape != positives.shape:
-        raise ValueError(f"{op}: anchors {tuple(anchors.shape)} and positives "
-                         f"{tuple(positives.shape)} must have the same shape")
+        raise ValueError(
+            f"{op}: anchors {tuple(anchors.shape)} and positives {tuple(positives.shape)} must have the same shape"
+        )
     _same(anchors, positives, "anchors and positives", op)
     t = float(temperature)
     if not (t > 0 and math.isfinite(t)):
@@ -237,54 +264,69 @@ def info_nce(anchors: torch.Tensor, positives: torch.Tensor, temperature: float 
         raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if negatives is None:
         if anchor_index is not None:
-            raise ValueError(f"{op}: anchor_index is given without negatives; it says where each "
-                             "anchor sits among explicit negatives")
+            raise ValueError(
+                f"{op}: anchor_index is given without negatives; it says where each "
+                "anchor sits among explicit negatives"
+            )
         if anchors.shape[0] < 2:
-            raise ValueError(f"{op}: needs a batch of at least 2 (the other rows are the negatives), "
-                             f"got B={anchors.shape[0]}")
+            raise ValueError(
+                f"{op}: needs a batch of at least 2 (the other rows are the negatives), got B={anchors.shape[0]}"
+            )
         return _resolve(backend, op, anchors.device).info_nce(anchors, positives, t, reduction)
     _tensor(negatives, "negatives", 2, op)
     if negatives.shape[1] != anchors.shape[1]:
-        raise ValueError(f"{op}: negatives {tuple(negatives.shape)} have D={negatives.shape[1]}, "
-                         f"the anchors D={anchors.shape[1]}")
+        raise ValueError(
+            f"{op}: negatives {tuple(negatives.shape)} have D={negatives.shape[1]}, the anchors D={anchors.shape[1]}"
+        )
     _same(anchors, negatives, "anchors and negatives", op)
     index = _anchor_index(anchor_index, anchors.shape[0], negatives.shape[0], anchors.device, op)
-    return _resolve(backend, op, anchors.device).info_nce_neg(anchors, positives, negatives, index, t,
-                                                              reduction)
+    return _resolve(backend, op, anchors.device).info_nce_neg(anchors, positives, negatives, index, t, reduction)
 
 
 def _anchor_index(index, b: int, n: int, device: torch.device, op: str) -> torch.Tensor:
     """``anchor_index`` as the int64 tensor [b] the backends take, checked: values in [-1, n)
     and no row left without a negative (n = 1 and the anchor is that one row). A tensor's
-    values are checked with one device synchronisation."""
+    values are checked with one device synchronization."""
     if index is None:
         return torch.full((b,), -1, dtype=torch.int64, device=device)
     if isinstance(index, torch.Tensor):
         if index.dtype != torch.int64:
             raise TypeError(f"{op}: anchor_index must be an int64 tensor, got {index.dtype}")
         if index.shape != (b,):
-            raise ValueError(f"{op}: anchor_index must have shape ({b},), one entry per anchor, got "
-                             f"{tuple(index.shape)}")
+            raise ValueError(
+                f"{op}: anchor_index must have shape ({b},), one entry per anchor, got {tuple(index.shape)}"
+            )
         if index.device != device:
             raise ValueError(f"{op}: anchor_index is on {index.device}, the anchors on {device}")
         lo, hi = (int(v) for v in torch.stack(torch.aminmax(index)).tolist())
         if lo < -1 or hi >= n:
-            raise ValueError(f"{op}: anchor_index values must be in [0, {n}) or -1 (not among the "
-                             f"negatives), got values in [{lo}, {hi}]")
+            raise ValueError(
+                f"{op}: anchor_index values must be in [0, {n}) or -1 (not among the "
+                f"negatives), got values in [{lo}, {hi}]"
+            )
     elif isinstance(index, int) and not isinstance(index, bool):
         lo, hi = index, index + b - 1
         if lo < 0 or hi >= n:
-            raise ValueError(f"{op}: anchor_index={index} puts the {b} anchors at rows {lo}..{hi}, "
-                             f"outside the {n} negatives (use None for anchors not among them)")
+            raise ValueError(
+                f"{op}: anchor_index={index} puts the {b} anchors at rows {lo}..{hi}, "
+                f"outside the {n} negatives (use None for anchors not among them)"
+            )
         index = torch.arange(lo, hi + 1, dtype=torch.int64, device=device)
     else:
-        raise TypeError(f"{op}: anchor_index must be None, an int or an int64 tensor, got "
-                        f"{type(index).__name__}")
+        raise TypeError(f"{op}: anchor_index must be None, an int or an int64 tensor, got {type(index).__name__}")
     if n == 1 and hi >= 0:
-        raise ValueError(f"{op}: with a single negative, an anchor that is that negative "
-                         "(anchor_index 0) has no negative left")
+        raise ValueError(
+            f"{op}: with a single negative, an anchor that is that negative (anchor_index 0) has no negative left"
+        )
     return index
 
 
-__all__ = ["gradcam", "affine_warp", "info_nce", "available_backends", "auto_order",
-           "BackendUnavailable", "BACKENDS"]
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailable",
+    "affine_warp",
+    "auto_order",
+    "available_backends",
+    "gradcam",
+    "info_nce",
+]

@@ -12,6 +12,7 @@ because the CGC loss differentiates a heatmap built from ``create_graph`` gradie
 also with explicit negatives, to first order (its backward raises if differentiated again: use
 the reference for that).
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,8 +20,10 @@ import torch
 try:
     from cgc import _C  # noqa: F401  (loading the library registers torch.ops.cgc)
 except ImportError as err:  # not built: ``pip install --no-build-isolation -e .``
-    _IMPORT_ERROR: str | None = (f"the extension cgc._C is not built or cannot be loaded ({err}); "
-                                 "build it with `pip install --no-build-isolation -e .`")
+    _IMPORT_ERROR: str | None = (
+        f"the extension cgc._C is not built or cannot be loaded ({err}); "
+        "build it with `pip install --no-build-isolation -e .`"
+    )
 else:
     _IMPORT_ERROR = None
 
@@ -46,8 +49,7 @@ def supports(device: torch.device) -> bool:
         return False
     if kind not in _HAS_KERNELS:
         key = {"cpu": "CPU", "cuda": "CUDA"}.get(kind)
-        _HAS_KERNELS[kind] = key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-            "cgc::gradcam_fwd", key)
+        _HAS_KERNELS[kind] = key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("cgc::gradcam_fwd", key)
     return _HAS_KERNELS[kind]
 
 
@@ -64,10 +66,17 @@ def info_nce(anchors: torch.Tensor, positives: torch.Tensor, temperature: float,
     return torch.ops.cgc.info_nce_fwd(anchors, positives, temperature, REDUCTION[reduction])[0]
 
 
-def info_nce_neg(anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor,
-                 anchor_index: torch.Tensor, temperature: float, reduction: str) -> torch.Tensor:
-    return torch.ops.cgc.info_nce_neg_fwd(anchors, positives, negatives, anchor_index, temperature,
-                                          REDUCTION[reduction])[0]
+def info_nce_neg(
+    anchors: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor,
+    anchor_index: torch.Tensor,
+    temperature: float,
+    reduction: str,
+) -> torch.Tensor:
+    return torch.ops.cgc.info_nce_neg_fwd(
+        anchors, positives, negatives, anchor_index, temperature, REDUCTION[reduction]
+    )[0]
 
 
 # ----------------------------------------------------------------------------- registrations
@@ -108,8 +117,12 @@ def _register() -> None:
         b, n = anchors.shape[0], negatives.shape[0]
         loss = anchors.new_empty((b,) if reduction == REDUCTION["none"] else ())
         f64 = torch.float64
-        return (loss, anchors.new_empty((b, n + 1), dtype=f64), anchors.new_empty((3, b), dtype=f64),
-                anchors.new_empty((n,), dtype=f64))
+        return (
+            loss,
+            anchors.new_empty((b, n + 1), dtype=f64),
+            anchors.new_empty((3, b), dtype=f64),
+            anchors.new_empty((n,), dtype=f64),
+        )
 
     @torch.library.register_fake(lib + "info_nce_neg_bwd")
     def _(grad_loss, anchors, positives, negatives, logits, stats, neg_norms, temperature, reduction):

@@ -3,6 +3,7 @@
 Written for clarity and float64 use, not speed. Inputs are assumed validated by
 :mod:`cgc.ops` (shapes, dtypes, devices); these functions only compute.
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,23 +26,30 @@ def gradcam(activations: torch.Tensor, weights: torch.Tensor, pool: bool = True)
 def _source_coords(theta: torch.Tensor, size: tuple[int, int], in_hw: tuple[int, int]):
     """Pixel coordinates (x, y), each ``[B, h, w]``, that every output pixel samples.
 
-    Output pixel centres in normalised coordinates (align_corners=False) are mapped by theta
-    and un-normalised to the input's pixel grid, where pixel centres sit at integers.
+    Output pixel centers in normalized coordinates (align_corners=False) are mapped by theta
+    and un-normalized to the input's pixel grid, where pixel centers sit at integers.
     """
     h, w = size
     H, W = in_hw
     dtype, device = theta.dtype, theta.device
     xs = (2.0 * torch.arange(w, dtype=dtype, device=device) + 1.0) / w - 1.0
     ys = (2.0 * torch.arange(h, dtype=dtype, device=device) + 1.0) / h - 1.0
-    gx = theta[:, 0, 0, None, None] * xs[None, None, :] + theta[:, 0, 1, None, None] * ys[None, :, None] \
+    gx = (
+        theta[:, 0, 0, None, None] * xs[None, None, :]
+        + theta[:, 0, 1, None, None] * ys[None, :, None]
         + theta[:, 0, 2, None, None]
-    gy = theta[:, 1, 0, None, None] * xs[None, None, :] + theta[:, 1, 1, None, None] * ys[None, :, None] \
+    )
+    gy = (
+        theta[:, 1, 0, None, None] * xs[None, None, :]
+        + theta[:, 1, 1, None, None] * ys[None, :, None]
         + theta[:, 1, 2, None, None]
+    )
     return ((gx + 1.0) * W - 1.0) / 2.0, ((gy + 1.0) * H - 1.0) / 2.0
 
 
-def affine_warp(input: torch.Tensor, theta: torch.Tensor, size: tuple[int, int],
-                padding_mode: str = "zeros") -> torch.Tensor:
+def affine_warp(
+    input: torch.Tensor, theta: torch.Tensor, size: tuple[int, int], padding_mode: str = "zeros"
+) -> torch.Tensor:
     """Bilinear sampling of ``input`` [B,C,H,W] at the affine map ``theta`` [B,2,3] of an
     ``size`` output grid; equals ``grid_sample(affine_grid(...), align_corners=False)``.
 
@@ -63,8 +71,7 @@ def affine_warp(input: torch.Tensor, theta: torch.Tensor, size: tuple[int, int],
     y0 = y0.long()
     flat = input.reshape(B, C, H * W)
     out = input.new_zeros(B, C, h * w)
-    for dy, dx, wgt in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx),
-                        (1, 0, fy * (1 - fx)), (1, 1, fy * fx)):
+    for dy, dx, wgt in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx), (1, 0, fy * (1 - fx)), (1, 1, fy * fx)):
         xi = x0 + dx
         yi = y0 + dy
         inside = (xi >= 0) & (xi < W) & (yi >= 0) & (yi < H)
@@ -79,9 +86,10 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp_min(EPS_NORM)
 
 
-def info_nce(anchors: torch.Tensor, positives: torch.Tensor, temperature: float,
-             reduction: str = "mean") -> torch.Tensor:
-    """InfoNCE over L2-normalised rows: the positive of anchor b is ``positives[b]``, its
+def info_nce(
+    anchors: torch.Tensor, positives: torch.Tensor, temperature: float, reduction: str = "mean"
+) -> torch.Tensor:
+    """InfoNCE over L2-normalized rows: the positive of anchor b is ``positives[b]``, its
     negatives are the other anchors ``anchors[k], k != b``.
 
     ``loss_b = logsumexp([a_b.p_b, a_b.a_k (k != b)] / T) - a_b.p_b / T``.
@@ -96,9 +104,15 @@ def info_nce(anchors: torch.Tensor, positives: torch.Tensor, temperature: float,
     return _reduce(torch.logsumexp(logits, dim=1) - pos, reduction)
 
 
-def info_nce_neg(anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor,
-                 anchor_index: torch.Tensor, temperature: float, reduction: str = "mean") -> torch.Tensor:
-    """InfoNCE with explicit negatives [N,D] over L2-normalised rows: the positive of anchor b
+def info_nce_neg(
+    anchors: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor,
+    anchor_index: torch.Tensor,
+    temperature: float,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """InfoNCE with explicit negatives [N,D] over L2-normalized rows: the positive of anchor b
     is ``positives[b]``, its negatives every ``negatives[k]`` but ``k = anchor_index[b]`` (the
     anchor's own row among them; -1: none). Anchors and negatives are separate inputs, each with
     its own gradient, also when the negatives hold a copy of the anchors (an all_gather).

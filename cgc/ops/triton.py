@@ -11,35 +11,40 @@ differentiated twice, as the CGC loss does through ``autograd.grad(create_graph=
 Runs on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before this
 module was first imported (the Triton interpreter: slow, for tests). Needs torch >= 2.6.
 """
+
 # no `from __future__ import annotations`: triton_op infers each op's schema from the
 # annotations, which older torch versions read only as real types
 import os
-from typing import Optional
 
 import torch
 
 if not hasattr(torch.library, "triton_op"):
-    raise ImportError(f"the Triton backend needs torch >= 2.6 (torch.library.triton_op); "
-                      f"this is torch {torch.__version__}")
+    raise ImportError(
+        f"the Triton backend needs torch >= 2.6 (torch.library.triton_op); this is torch {torch.__version__}"
+    )
 
 # a missing triton surfaces here as the ImportError that cgc.ops reports as the reason
-from cgc.kernels import affine_warp as _warp  # noqa: E402
-from cgc.kernels import common as _common  # noqa: E402
-from cgc.kernels import gradcam as _cam  # noqa: E402
-from cgc.kernels import info_nce as _nce  # noqa: E402
+from cgc.kernels import affine_warp as _warp
+from cgc.kernels import common as _common
+from cgc.kernels import gradcam as _cam
+from cgc.kernels import info_nce as _nce
 
 Tensor = torch.Tensor
 
 
-def unavailable_reason() -> Optional[str]:
+def unavailable_reason() -> str | None:
     """None when the kernels can run in this process, else why not."""
     if _common.INTERPRETED or torch.cuda.is_available():
         return None
     if os.environ.get("TRITON_INTERPRET") == "1":
-        return ("TRITON_INTERPRET=1 was set after the Triton kernels had been compiled for the "
-                "GPU; set it before cgc.ops.triton is first imported")
-    return ("no CUDA device is visible; set TRITON_INTERPRET=1 before importing cgc to run the "
-            "Triton kernels on the CPU through the (slow) Triton interpreter")
+        return (
+            "TRITON_INTERPRET=1 was set after the Triton kernels had been compiled for the "
+            "GPU; set it before cgc.ops.triton is first imported"
+        )
+    return (
+        "no CUDA device is visible; set TRITON_INTERPRET=1 before importing cgc to run the "
+        "Triton kernels on the CPU through the (slow) Triton interpreter"
+    )
 
 
 def supports(device: torch.device) -> bool:
@@ -54,8 +59,7 @@ def _gradcam(activations: Tensor, gradients: Tensor, pool: bool) -> Tensor:
 
 
 @torch.library.triton_op("cgc_triton::gradcam_backward", mutates_args=())
-def _gradcam_backward(grad_out: Tensor, activations: Tensor, gradients: Tensor,
-                      pool: bool) -> tuple[Tensor, Tensor]:
+def _gradcam_backward(grad_out: Tensor, activations: Tensor, gradients: Tensor, pool: bool) -> tuple[Tensor, Tensor]:
     return _cam.gradcam_backward(grad_out, activations, gradients, pool)
 
 
@@ -116,8 +120,9 @@ def _gradcam_double_grad(ctx, gg_act, gg_grad):
 
 
 torch.library.register_autograd("cgc_triton::gradcam", _gradcam_grad, setup_context=_gradcam_setup)
-torch.library.register_autograd("cgc_triton::gradcam_backward", _gradcam_double_grad,
-                                setup_context=_gradcam_backward_setup)
+torch.library.register_autograd(
+    "cgc_triton::gradcam_backward", _gradcam_double_grad, setup_context=_gradcam_backward_setup
+)
 
 
 # -------------------------------------------------------------------------------- affine_warp
@@ -127,8 +132,9 @@ def _affine_warp(input: Tensor, theta: Tensor, height: int, width: int, border: 
 
 
 @torch.library.triton_op("cgc_triton::affine_warp_backward", mutates_args=())
-def _affine_warp_backward(grad_out: Tensor, theta: Tensor, in_height: int, in_width: int,
-                          border: bool, dtype: torch.dtype) -> Tensor:
+def _affine_warp_backward(
+    grad_out: Tensor, theta: Tensor, in_height: int, in_width: int, border: bool, dtype: torch.dtype
+) -> Tensor:
     return _warp.warp_backward(grad_out, theta, in_height, in_width, border, dtype)
 
 
@@ -162,20 +168,21 @@ def _warp_double_grad(ctx, gg):
 
 
 torch.library.register_autograd("cgc_triton::affine_warp", _warp_grad, setup_context=_warp_setup)
-torch.library.register_autograd("cgc_triton::affine_warp_backward", _warp_double_grad,
-                                setup_context=_warp_backward_setup)
+torch.library.register_autograd(
+    "cgc_triton::affine_warp_backward", _warp_double_grad, setup_context=_warp_backward_setup
+)
 
 
 # ----------------------------------------------------------------------------------- info_nce
 @torch.library.triton_op("cgc_triton::info_nce", mutates_args=())
-def _info_nce(anchors: Tensor, positives: Tensor,
-              temperature: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _info_nce(anchors: Tensor, positives: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return _nce.info_nce_forward(anchors, positives, temperature)
 
 
 @torch.library.triton_op("cgc_triton::info_nce_backward", mutates_args=())
-def _info_nce_backward(grad_rows: Tensor, anchors: Tensor, positives: Tensor, temperature: float,
-                       lse: Tensor, gram: Tensor, stats: Tensor) -> tuple[Tensor, Tensor]:
+def _info_nce_backward(
+    grad_rows: Tensor, anchors: Tensor, positives: Tensor, temperature: float, lse: Tensor, gram: Tensor, stats: Tensor
+) -> tuple[Tensor, Tensor]:
     return _nce.info_nce_backward(grad_rows, anchors, positives, temperature, lse, gram, stats)
 
 
@@ -190,8 +197,7 @@ def _nce_grad(ctx, grad_rows, _lse, _gram, _stats):
     anchors, positives, lse, gram, stats = ctx.saved_tensors
     if grad_rows is None:
         grad_rows = torch.zeros_like(lse)
-    d_a, d_p = torch.ops.cgc_triton.info_nce_backward(grad_rows, anchors, positives, ctx.temperature,
-                                                      lse, gram, stats)
+    d_a, d_p = torch.ops.cgc_triton.info_nce_backward(grad_rows, anchors, positives, ctx.temperature, lse, gram, stats)
     return d_a, d_p, None
 
 
@@ -199,17 +205,28 @@ torch.library.register_autograd("cgc_triton::info_nce", _nce_grad, setup_context
 
 
 @torch.library.triton_op("cgc_triton::info_nce_neg", mutates_args=())
-def _info_nce_neg(anchors: Tensor, positives: Tensor, negatives: Tensor, anchor_index: Tensor,
-                  temperature: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _info_nce_neg(
+    anchors: Tensor, positives: Tensor, negatives: Tensor, anchor_index: Tensor, temperature: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _nce.info_nce_neg_forward(anchors, positives, negatives, anchor_index, temperature)
 
 
 @torch.library.triton_op("cgc_triton::info_nce_neg_backward", mutates_args=())
-def _info_nce_neg_backward(grad_rows: Tensor, anchors: Tensor, positives: Tensor, negatives: Tensor,
-                           anchor_index: Tensor, temperature: float, lse: Tensor, gram: Tensor, stats: Tensor,
-                           nsq: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    return _nce.info_nce_neg_backward(grad_rows, anchors, positives, negatives, anchor_index, temperature,
-                                      lse, gram, stats, nsq)
+def _info_nce_neg_backward(
+    grad_rows: Tensor,
+    anchors: Tensor,
+    positives: Tensor,
+    negatives: Tensor,
+    anchor_index: Tensor,
+    temperature: float,
+    lse: Tensor,
+    gram: Tensor,
+    stats: Tensor,
+    nsq: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _nce.info_nce_neg_backward(
+        grad_rows, anchors, positives, negatives, anchor_index, temperature, lse, gram, stats, nsq
+    )
 
 
 def _nce_neg_setup(ctx, inputs, output):
@@ -224,7 +241,8 @@ def _nce_neg_grad(ctx, grad_rows, _lse, _gram, _stats, _nsq):
     if grad_rows is None:
         grad_rows = torch.zeros_like(lse)
     d_a, d_p, d_n = torch.ops.cgc_triton.info_nce_neg_backward(
-        grad_rows, anchors, positives, negatives, anchor_index, ctx.temperature, lse, gram, stats, nsq)
+        grad_rows, anchors, positives, negatives, anchor_index, ctx.temperature, lse, gram, stats, nsq
+    )
     return d_a, d_p, d_n, None, None
 
 
@@ -249,8 +267,9 @@ def info_nce(anchors: Tensor, positives: Tensor, temperature: float, reduction: 
     return _reduce(rows, reduction).to(anchors.dtype)
 
 
-def info_nce_neg(anchors: Tensor, positives: Tensor, negatives: Tensor, anchor_index: Tensor,
-                 temperature: float, reduction: str) -> Tensor:
+def info_nce_neg(
+    anchors: Tensor, positives: Tensor, negatives: Tensor, anchor_index: Tensor, temperature: float, reduction: str
+) -> Tensor:
     """See :func:`cgc.ops.info_nce` with ``negatives``: reduced as :func:`info_nce`."""
     rows = torch.ops.cgc_triton.info_nce_neg(anchors, positives, negatives, anchor_index, temperature)[0]
     return _reduce(rows, reduction).to(anchors.dtype)

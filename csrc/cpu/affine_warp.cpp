@@ -35,7 +35,7 @@ void axis_taps(const Affine<coord_t>& th, bool x_axis, int64_t out_n, int64_t in
   const coord_t a = x_axis ? th.t[0] : th.t[4], c = x_axis ? th.t[2] : th.t[5];
   for (int64_t i = 0; i < out_n; ++i) {
     const coord_t g = a * norm_centre<coord_t>(i, out_n) + c;  // the other axis' term is 0
-    taps_out[i] = taps(unnormalise(g, in_n, border), in_n);
+    taps_out[i] = taps(unnormalize(g, in_n, border), in_n);
   }
 }
 
@@ -118,8 +118,8 @@ void warp_fwd_kernel(const at::Tensor& x, const at::Tensor& theta, at::Tensor& o
       const coord_t ys = norm_centre<coord_t>(oy, h);
       for (int64_t ox = 0; ox < w; ++ox) {
         const coord_t xs = norm_centre<coord_t>(ox, w);
-        const Taps<coord_t> tx = taps(unnormalise(a.t[0] * xs + a.t[1] * ys + a.t[2], W, border), W);
-        const Taps<coord_t> ty = taps(unnormalise(a.t[3] * xs + a.t[4] * ys + a.t[5], H, border), H);
+        const Taps<coord_t> tx = taps(unnormalize(a.t[0] * xs + a.t[1] * ys + a.t[2], W, border), W);
+        const Taps<coord_t> ty = taps(unnormalize(a.t[3] * xs + a.t[4] * ys + a.t[5], H, border), H);
         const acc_t w00 = ty.w0 * tx.w0, w01 = ty.w0 * tx.w1, w10 = ty.w1 * tx.w0, w11 = ty.w1 * tx.w1;
         for (int64_t c = 0; c < C; ++c) {
           const scalar_t* src = in + (b * C + c) * H * W;
@@ -185,8 +185,8 @@ void warp_bwd_kernel(const at::Tensor& go, const at::Tensor& theta, at::Tensor& 
           const coord_t ys = norm_centre<coord_t>(oy, h);
           for (int64_t ox = 0; ox < w; ++ox) {
             const coord_t xs = norm_centre<coord_t>(ox, w);
-            const Taps<coord_t> tx1 = taps(unnormalise(a.t[0] * xs + a.t[1] * ys + a.t[2], W, border), W);
-            const Taps<coord_t> ty1 = taps(unnormalise(a.t[3] * xs + a.t[4] * ys + a.t[5], H, border), H);
+            const Taps<coord_t> tx1 = taps(unnormalize(a.t[0] * xs + a.t[1] * ys + a.t[2], W, border), W);
+            const Taps<coord_t> ty1 = taps(unnormalize(a.t[3] * xs + a.t[4] * ys + a.t[5], H, border), H);
             const acc_t v = static_cast<acc_t>(src[oy * w + ox]);
             acc[ty1.i0 * W + tx1.i0] += v * (ty1.w0 * tx1.w0);
             acc[ty1.i0 * W + tx1.i1] += v * (ty1.w0 * tx1.w1);

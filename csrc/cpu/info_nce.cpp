@@ -1,8 +1,8 @@
 // InfoNCE on the CPU. The forward reads anchors and positives once for the norms and the
 // positive dots, and the anchors once more inside the Gram matmul (on the raw rows: the
-// normalisation is applied to the B x B result, never to a copy of the data). The backward is
+// normalization is applied to the B x B result, never to a copy of the data). The backward is
 // one matmul (B x B coefficients times the anchors) plus one fused pass per row that adds the
-// positive term, projects out the normalisation and writes both gradients. B x B quantities
+// positive term, projects out the normalization and writes both gradients. B x B quantities
 // and per-element coefficients are computed in double (see cgc.h). The explicit-negatives form
 // (info_nce_neg) is the same algorithm on a b x N Gram of anchors and negatives, with one more
 // matmul and fused row pass for the negatives' gradient.
@@ -113,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_fwd_cpu(const at::Tensor
   at::Tensor logits = at::empty({B, B}, f64);
   at::Tensor stats = at::empty({3, B}, f64);
   at::Tensor rows = at::empty({B}, f64);
-  // Gram of the raw anchors (normalised below), accumulated in the BLAS' precision
+  // Gram of the raw anchors (normalized below), accumulated in the BLAS' precision
   const at::Tensor gram = at::mm(a, a.t()).to(at::kDouble);
   std::vector<double> dots(B);
   double* st = stats.data_ptr<double>();
@@ -207,7 +207,7 @@ std::tuple<at::Tensor, at::Tensor> info_nce_bwd_cpu(const at::Tensor& grad_loss,
 }
 
 // Explicit negatives: logits [b,1+N] = [a_hat_b . p_hat_b, a_hat_b . n_hat_k] / T with -inf where
-// k = anchor_index[b]; the Gram a n^T is taken on the raw rows and normalised here.
+// k = anchor_index[b]; the Gram a n^T is taken on the raw rows and normalized here.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_neg_fwd_cpu(
     const at::Tensor& anchors, const at::Tensor& positives, const at::Tensor& negatives,
     const at::Tensor& anchor_index, double temperature, int64_t reduction) {
@@ -227,7 +227,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_neg_fwd_cpu(
   at::Tensor stats = at::empty({3, B}, f64);
   at::Tensor norms = at::empty({N}, f64);
   at::Tensor rows = at::empty({B}, f64);
-  const at::Tensor gram = at::mm(a, n.t()).to(at::kDouble);  // raw rows, normalised below
+  const at::Tensor gram = at::mm(a, n.t()).to(at::kDouble);  // raw rows, normalized below
   std::vector<double> dots(B);
   double* st = stats.data_ptr<double>();
   double* nn = norms.data_ptr<double>();
@@ -277,7 +277,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_neg_fwd_cpu(
 // With W_bk = g_b P_bk / T (P the softmax of row b's logits; 0 in the excluded column):
 // d a_hat_b = sum_k W_bk n_hat_k + c_b p_hat_b / T, d n_hat_k = sum_b W_bk a_hat_b and
 // d p_hat_b = c_b a_hat_b / T, c_b = -g_b (1 - P_b0) summed over the negatives' probabilities (no
-// cancellation when the positive dominates); then each through its normalisation (finish_rows).
+// cancellation when the positive dominates); then each through its normalization (finish_rows).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_neg_bwd_cpu(
     const at::Tensor& grad_loss, const at::Tensor& anchors, const at::Tensor& positives, const at::Tensor& negatives,
     const at::Tensor& logits, const at::Tensor& stats, const at::Tensor& neg_norms, double temperature,

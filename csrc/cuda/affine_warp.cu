@@ -37,8 +37,8 @@ __device__ __forceinline__ PixelTaps<coord_t> pixel_taps(const coord_t* __restri
                                                          int64_t h, int64_t w, int64_t H, int64_t W, bool border) {
   const coord_t xs = norm_centre<coord_t>(ox, w), ys = norm_centre<coord_t>(oy, h);
   PixelTaps<coord_t> t;
-  t.x = taps(unnormalise(th[0] * xs + th[1] * ys + th[2], W, border), W);
-  t.y = taps(unnormalise(th[3] * xs + th[4] * ys + th[5], H, border), H);
+  t.x = taps(unnormalize(th[0] * xs + th[1] * ys + th[2], W, border), W);
+  t.y = taps(unnormalize(th[3] * xs + th[4] * ys + th[5], H, border), H);
   return t;
 }
 

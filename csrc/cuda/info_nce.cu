@@ -2,7 +2,7 @@
 // (row chunks reduced in double, partial sums per chunk), the Gram of the raw anchors by
 // cuBLAS, and one block per row for the logits and log-sum-exp. Backward: one block per row
 // for the B x B coefficients (double), one cuBLAS matmul, and two passes over the rows that
-// add the positive term, write d positives and project out the normalisation (see
+// add the positive term, write d positives and project out the normalization (see
 // cpu/info_nce.cpp for the formulas and cgc.h for why the coefficients are in double). The
 // explicit-negatives form mirrors the CPU algorithm with the same kernels on a b x N Gram, plus a
 // row pass for the negatives' norms and two for their gradient.
@@ -259,7 +259,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_fwd_cuda(const at::Tenso
                                                                    stats.data_ptr<double>(), dots.data_ptr<double>(),
                                                                    B, chunks);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const at::Tensor gram = at::mm(a, a.t()).to(at::kDouble);  // raw anchors; normalised in the logits
+  const at::Tensor gram = at::mm(a, a.t()).to(at::kDouble);  // raw anchors; normalized in the logits
   nce_logits_kernel<<<B, kThreads, 0, stream>>>(gram.const_data_ptr<double>(), dots.const_data_ptr<double>(),
                                                 stats.data_ptr<double>(), logits.data_ptr<double>(),
                                                 rows.data_ptr<double>(), B, 1.0 / temperature);
@@ -340,7 +340,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_neg_fwd_cuda
   nce_sqrt_sum_kernel<<<ceil_div(N, kThreads), kThreads, 0, stream>>>(npartial.const_data_ptr<double>(),
                                                                       norms.data_ptr<double>(), N, chunks);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const at::Tensor gram = at::mm(a, n.t()).to(at::kDouble);  // raw rows; normalised in the logits
+  const at::Tensor gram = at::mm(a, n.t()).to(at::kDouble);  // raw rows; normalized in the logits
   nce_neg_logits_kernel<<<B, kThreads, 0, stream>>>(gram.const_data_ptr<double>(), dots.const_data_ptr<double>(),
                                                     stats.data_ptr<double>(), norms.const_data_ptr<double>(),
                                                     index.const_data_ptr<int64_t>(), logits.data_ptr<double>(),

@@ -1,28 +1,29 @@
 """Sanity checks of explanations (Adebayo et al.; Sixt et al.): an explanation that does not
-change when the model's weights are randomised, or when another class is asked about, does not
+change when the model's weights are randomized, or when another class is asked about, does not
 explain the model.
 
-- :func:`randomisation_steps`: the cascade, from the head down: ``stage`` granularity takes the
+- :func:`randomization_steps`: the cascade, from the head down: ``stage`` granularity takes the
   model's top-level blocks in reverse order of execution (ResNet: fc, layer4, ..., conv1), as
-  Adebayo et al. randomise Inception's blocks; ``module`` takes every module that has
+  Adebayo et al. randomize Inception's blocks; ``module`` takes every module that has
   ``reset_parameters`` in reverse registration order, as Quantus's MPRT does;
-- :func:`randomised_models`: copies of the model with the first 1, 2, ... steps re-initialised
+- :func:`randomized_models`: copies of the model with the first 1, 2, ... steps re-initialized
   (seeded; the user's model is never touched);
 - :func:`other_classes`: a random class other than the explained one, per image, keyed;
-- :func:`model_randomisation` and :func:`random_logit`: the two tests for any explanation
+- :func:`model_randomization` and :func:`random_logit`: the two tests for any explanation
   function ``explain(model, images, targets) -> heatmaps [B,H,W]``.
 
 How to read them: a method that explains the model gives heatmaps that stay similar to the
 original only while the weights are the trained ones. Its MPRT similarity (Spearman's rank
-correlation) falls as soon as the head and the top blocks are randomised and ends near 0; its
+correlation) falls as soon as the head and the top blocks are randomized and ends near 0; its
 random-logit similarity (SSIM between the heatmaps of two classes) is clearly below 1. Values
 near 1 mean the heatmap does not depend on the weights (or on the class): it fails the check,
-however consistent or well localised it is.
+however consistent or well localized it is.
 """
+
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -40,10 +41,13 @@ def _execution_order(model: nn.Module, input_size: int) -> list[str]:
     """Names of the model's top-level children in the order their forward passes finish
     (one pass on the meta device, nothing copied); children that do not run are left out."""
     done: list[str] = []
-    handles = [child.register_forward_hook(lambda *_, name=name: done.append(name))
-               for name, child in model.named_children()]
-    stand_ins = {n: torch.empty_like(t, device="meta") for n, t in
-                 [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]}
+    handles = [
+        child.register_forward_hook(lambda *_, name=name: done.append(name)) for name, child in model.named_children()
+    ]
+    stand_ins = {
+        n: torch.empty_like(t, device="meta")
+        for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    }
     try:
         with torch.no_grad():
             torch.func.functional_call(model, stand_ins, (torch.empty(2, 3, input_size, input_size, device="meta"),))
@@ -53,8 +57,10 @@ def _execution_order(model: nn.Module, input_size: int) -> list[str]:
     return list(dict.fromkeys(done))
 
 
-def randomisation_steps(model: nn.Module, granularity: str = "stage", input_size: int = 224) -> list[tuple[str, list[nn.Module]]]:
-    """``[(name, modules)]``: what each step of the cascade re-initialises, from the head down."""
+def randomization_steps(
+    model: nn.Module, granularity: str = "stage", input_size: int = 224
+) -> list[tuple[str, list[nn.Module]]]:
+    """``[(name, modules)]``: what each step of the cascade re-initializes, from the head down."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     if granularity == "module":
@@ -63,11 +69,11 @@ def randomisation_steps(model: nn.Module, granularity: str = "stage", input_size
     children = dict(model.named_children())
     order = [n for n in _execution_order(model, input_size) if any(True for _ in children[n].parameters())]
     if not order:
-        raise ValueError(f"{type(model).__name__} has no top-level block with parameters to randomise")
+        raise ValueError(f"{type(model).__name__} has no top-level block with parameters to randomize")
     return [(n, [children[n]]) for n in reversed(order)]
 
 
-def _reinitialise(module: nn.Module, seed: int) -> None:
+def _reinitialize(module: nn.Module, seed: int) -> None:
     """Fresh weights for ``module`` and everything in it: ``reset_parameters`` where a module
     has it (after ``torch.manual_seed(seed)``, as Quantus does), and for parameters no such
     method covers, normal draws with the parameter's own standard deviation."""
@@ -83,9 +89,9 @@ def _reinitialise(module: nn.Module, seed: int) -> None:
                 p.normal_(0.0, float(p.std()) if p.numel() > 1 else 1.0)
 
 
-def randomised_models(model: nn.Module, steps: list[tuple[str, list[nn.Module]]], *, seed: int = 42):
+def randomized_models(model: nn.Module, steps: list[tuple[str, list[nn.Module]]], *, seed: int = 42):
     """``(step name, model copy)`` for the cumulative cascade: one deep copy of ``model``
-    re-initialised step after step (the copy is yielded after each step; the caller uses it
+    re-initialized step after step (the copy is yielded after each step; the caller uses it
     before asking for the next). The global RNG state is left as it was."""
     names = {id(m): n for n, m in model.named_modules()}
     twin = copy.deepcopy(model)
@@ -94,7 +100,7 @@ def randomised_models(model: nn.Module, steps: list[tuple[str, list[nn.Module]]]
     with torch.random.fork_rng(devices=[d for d in devices if d is not None]):
         for name, modules in steps:
             for m in modules:
-                _reinitialise(twins[names[id(m)]], seed + 1)
+                _reinitialize(twins[names[id(m)]], seed + 1)
             yield name, twin
 
 
@@ -109,21 +115,28 @@ def other_classes(targets: torch.Tensor, num_classes: int, keys: list[int]) -> t
 
 
 def by_max(heatmaps: torch.Tensor) -> torch.Tensor:
-    """Each map [B,H,W] divided by its largest absolute value (Quantus's normalise_by_max;
+    """Each map [B,H,W] divided by its largest absolute value (Quantus's normalize_by_max;
     an all-zero map stays zero)."""
     top = heatmaps.flatten(1).abs().amax(1).view(-1, *([1] * (heatmaps.dim() - 1)))
     return torch.where(top > 0, heatmaps / top.clamp_min(1e-30), heatmaps)
 
 
-def model_randomisation(model: nn.Module, explain: Explain, images: torch.Tensor, targets: torch.Tensor,
-                        steps: list[tuple[str, list[nn.Module]]], *, seed: int = 42,
-                        original: torch.Tensor | None = None) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """Cascading model parameter randomisation: ``(step names, Spearman [S,B], SSIM [S,B])``
+def model_randomization(
+    model: nn.Module,
+    explain: Explain,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    steps: list[tuple[str, list[nn.Module]]],
+    *,
+    seed: int = 42,
+    original: torch.Tensor | None = None,
+) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """Cascading model parameter randomization: ``(step names, Spearman [S,B], SSIM [S,B])``
     between the heatmap of the trained model (``original``, else computed) and that after
     each cumulative step, for the same ``targets``. SSIM on maps divided by their maxima."""
     base = explain(model, images, targets) if original is None else original
     names, rho, sim = [], [], []
-    for name, twin in randomised_models(model, steps, seed=seed):
+    for name, twin in randomized_models(model, steps, seed=seed):
         moved = explain(twin, images, targets)
         names.append(name)
         rho.append(spearman(base, moved))
@@ -131,8 +144,16 @@ def model_randomisation(model: nn.Module, explain: Explain, images: torch.Tensor
     return names, torch.stack(rho), torch.stack(sim)
 
 
-def random_logit(model: nn.Module, explain: Explain, images: torch.Tensor, targets: torch.Tensor, num_classes: int,
-                 keys: list[int], *, original: torch.Tensor | None = None) -> torch.Tensor:
+def random_logit(
+    model: nn.Module,
+    explain: Explain,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    num_classes: int,
+    keys: list[int],
+    *,
+    original: torch.Tensor | None = None,
+) -> torch.Tensor:
     """SSIM [B] between the heatmap for ``targets`` (``original``, else computed) and that for
     a random other class (:func:`other_classes`), both divided by their maxima, as Quantus's
     RandomLogit (which, unlike this 2-D SSIM, compares the maps flattened to 1-D)."""
