@@ -13,6 +13,7 @@ autograd saves (CPU; an allocator-independent count) and ``max_memory_allocated`
 user can size a GPU batch for CGC. Tables: the shared ratio table (steps) and, with
 ``CGC_BENCH_TRAIN_TABLE=path``, the method and memory table.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,8 @@ import torch.nn.functional as F
 
 import cgc
 from cgc.cam import to_channels_last
+from cgc.engine import train_step
 from cgc.losses import HEATMAP_EPS
-from cgc.train import train_step
 
 from .conftest import backends_for, publish, run, sync
 
@@ -47,7 +48,7 @@ class LoopWarpLoss(cgc.CGCLoss):
         for b, ((sx, _, tx), (_, sy, ty)) in enumerate(theta.tolist()):
             w, h = abs(sx) * S, sy * S
             i, j, h, w = int(((ty + 1) * S - h) / 2), int(((tx + 1) * S - w) / 2), int(h), int(w)
-            crop = F.interpolate(up[b:b + 1, :, i:i + h, j:j + w], (S, S), mode="bilinear", align_corners=False)
+            crop = F.interpolate(up[b : b + 1, :, i : i + h, j : j + w], (S, S), mode="bilinear", align_corners=False)
             rows.append(crop.flip(-1) if sx < 0 else crop)
         p = torch.cat(rows).flatten(1)
         q = q / (q.sum(1, keepdim=True) + HEATMAP_EPS) + HEATMAP_EPS
@@ -55,8 +56,16 @@ class LoopWarpLoss(cgc.CGCLoss):
         return q, p
 
 
-def make_step(device: str, backend: str, *, method: str = "hirescam", loss: str = "cgc", loop_warp: bool = False,
-              batch: int = BATCH, size: int = SIZE):
+def make_step(
+    device: str,
+    backend: str,
+    *,
+    method: str = "hirescam",
+    loss: str = "cgc",
+    loop_warp: bool = False,
+    batch: int = BATCH,
+    size: int = SIZE,
+):
     """One training step as ``cgc.train`` runs it (channels-last on CPU) with fixed inputs."""
     from torchvision.models import resnet18
 
@@ -74,11 +83,14 @@ def make_step(device: str, backend: str, *, method: str = "hirescam", loss: str 
     x = torch.rand(batch, 3, size, size, generator=gen).to(device)
     y = torch.randint(0, 100, (batch,), generator=gen).to(device)
     theta = cgc.transforms.random_crop_flip(batch, size, size, generator=gen, device=device).theta()
-    ce_theta = cgc.transforms.random_crop_flip(batch, size, size, scale=(0.08, 1.0), generator=gen, device=device).theta()
+    ce_theta = cgc.transforms.random_crop_flip(
+        batch, size, size, scale=(0.08, 1.0), generator=gen, device=device
+    ).theta()
 
     def step():
-        losses = train_step(model, term, x, y, lam=0.5, theta=theta, ce_theta=ce_theta, backend=backend,
-                            channels_last=channels_last)
+        losses = train_step(
+            model, term, x, y, lam=0.5, theta=theta, ce_theta=ce_theta, backend=backend, channels_last=channels_last
+        )
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         opt.step()
@@ -104,8 +116,14 @@ def test_step_cost_of_each_cam_method(benchmark, device, method):
     """The step with each CAM method as the CGC target (ResNet-18, batch 16 at 160 px, native
     backend where built), next to the CE-only step on the same three views."""
     backend = "native" if "native" in backends_for(device) else "reference"
-    step = make_step(device, backend, method="hirescam" if method == "ce only" else method,
-                     loss="ce" if method == "ce only" else "cgc", batch=METHOD_BATCH, size=METHOD_SIZE)
+    step = make_step(
+        device,
+        backend,
+        method="hirescam" if method == "ce only" else method,
+        loss="ce" if method == "ce only" else "cgc",
+        batch=METHOD_BATCH,
+        size=METHOD_SIZE,
+    )
 
     def timed():
         step()
@@ -172,5 +190,9 @@ def table() -> str:
 def report(request):
     yield
     if EXTRA:
-        publish(request.config.pluginmanager.get_plugin("terminalreporter"),
-                "cgc training step: CAM methods and memory", table(), "CGC_BENCH_TRAIN_TABLE")
+        publish(
+            request.config.pluginmanager.get_plugin("terminalreporter"),
+            "cgc training step: CAM methods and memory",
+            table(),
+            "CGC_BENCH_TRAIN_TABLE",
+        )

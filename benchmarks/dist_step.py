@@ -1,12 +1,13 @@
 """Throughput of cgc.train's own training epoch on 1 or N processes: run it under torchrun
 (``torchrun --standalone --nproc_per_node N benchmarks/dist_step.py``) or as a plain script.
 
-Times ``--steps`` steps of :func:`cgc.train.train_epoch` (the default recipe: compact model,
+Times ``--steps`` steps of :func:`cgc.engine.train_one_epoch` (the default recipe: compact model,
 64 px, global batch ``--batch-size``, CGC with global negatives) after ``--warmup`` steps, from
 the per-step callback (called after the step's all-reduce, so every process is in step), and
 separately the negatives' gather (forward + backward of :meth:`cgc.distributed.Context.gather`
 on this process's heatmap rows). The first process prints one JSON line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,9 +16,12 @@ import time
 
 import torch
 
-from cgc import CGCLoss, CGCTerm, data, distributed, train
+from cgc import CGCLoss, CGCTerm, data, distributed, engine, train
 from cgc.cam import to_channels_last
+from cgc.checkpoint import Progress
+from cgc.config import TrainConfig
 from cgc.models import build_model
+from cgc.schedule import Schedule
 
 
 def main(argv=None) -> None:
@@ -35,20 +39,23 @@ def main(argv=None) -> None:
     model = to_channels_last(build_model("compact", len(bundle.classes), norm=args.norm))
     net = train.distribute(model, ctx, sync_bn=False)
     prefix = "module." if net is not model else ""
-    term = CGCTerm(net, prefix + "features", channels_last=True,
-                   loss=CGCLoss(0.2, None, gather=ctx.gather if ctx.distributed else None))
-    opt = train.build_optimizer(model, "sgd", lr=0.05, momentum=0.9, weight_decay=5e-4)
-    schedule = train.Schedule(0.05, 1, lam=1.0)
-    recipe = train.Recipe(channels_last=True)
-    loader = train.batches(bundle.train, distributed.GlobalBatchSampler(
-        n, args.batch_size, rank=ctx.rank, world_size=ctx.world_size), 0)
+    term = CGCTerm(
+        net,
+        prefix + "features",
+        channels_last=True,
+        loss=CGCLoss(0.2, None, gather=ctx.gather if ctx.distributed else None),
+    )
+    opt = train.build_optimizer(model, TrainConfig())
+    loader = engine.batches(
+        bundle.train, distributed.GlobalBatchSampler(n, args.batch_size, rank=ctx.rank, world_size=ctx.world_size), 0
+    )
+    loop = engine.EpochLoop(opt, Schedule(0.05, 1, lam=1.0), engine.Recipe(channels_last=True), ctx, len(loader))
     stamps: list[float] = []
-    train.train_epoch(net, term, opt, schedule, recipe, loader, train.EpochState(0), steps_per_epoch=len(loader),
-                      device=ctx.device, ctx=ctx, on_step=lambda *_: stamps.append(time.perf_counter()))
-    timed = stamps[args.warmup - 1:]
+    engine.train_one_epoch(net, term, loop, loader, Progress(), on_step=lambda *_: stamps.append(time.perf_counter()))
+    timed = stamps[args.warmup - 1 :]
     step_s = (timed[-1] - timed[0]) / (len(timed) - 1)
 
-    q = torch.rand(args.batch_size // ctx.world_size, args.image_size ** 2, requires_grad=True)
+    q = torch.rand(args.batch_size // ctx.world_size, args.image_size**2, requires_grad=True)
     gather_s = 0.0
     for rep in range(12):
         ctx.barrier()
@@ -59,9 +66,18 @@ def main(argv=None) -> None:
         if rep >= 2:
             gather_s += (time.perf_counter() - t0) / 10
     if ctx.primary:
-        print(json.dumps({"processes": ctx.world_size, "threads": torch.get_num_threads(),
-                          "batch": args.batch_size, "step_ms": 1e3 * step_s,
-                          "images_per_s": args.batch_size / step_s, "gather_ms": 1e3 * gather_s}))
+        print(
+            json.dumps(
+                {
+                    "processes": ctx.world_size,
+                    "threads": torch.get_num_threads(),
+                    "batch": args.batch_size,
+                    "step_ms": 1e3 * step_s,
+                    "images_per_s": args.batch_size / step_s,
+                    "gather_ms": 1e3 * gather_s,
+                }
+            )
+        )
     term.close()
     distributed.shutdown(ctx)
 

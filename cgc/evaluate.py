@@ -4,30 +4,32 @@ The models are cgc checkpoints (``--checkpoint``) and/or any torchvision or timm
 local weights (``--arch NAME --weights PATH``). Every model is evaluated on the same images (the
 validation set of the first checkpoint's dataset, or ``--dataset`` / ``--data``: e.g. a folder
 of photos with Pascal-VOC boxes) with the metrics of :data:`cgc.metrics.METRICS` (``--metrics``
-to choose, ``--skip-slow``): accuracy, localisation (content heatmap, pointing game),
+to choose, ``--skip-slow``): accuracy, localization (content heatmap, pointing game),
 faithfulness (insertion / deletion), consistency under crops and flips, robustness
 (max-sensitivity), complexity (sparseness, entropy) and the sanity checks (random logit,
-cascading model parameter randomisation). Writes ``report.json``, ``report.md`` (the table),
+cascading model parameter randomization). Writes ``report.json``, ``report.md`` (the table),
 ``overlays.png`` (each image, then every model's heatmap), ``curves.png`` (the mean insertion and
-deletion curves) and ``randomisation.png`` (each model's heatmap after each randomisation step).
+deletion curves) and ``randomization.png`` (each model's heatmap after each randomization step).
 """
+
 from __future__ import annotations
 
 import argparse
 import inspect
 import json
-import sys
+import logging
 from pathlib import Path
 
 import torch
 
-from . import data, distributed, metrics, transforms, viz
+from . import cli, data, distributed, metrics, runtime, tables, transforms, viz
 from .cam import GradCAM
 from .cam_methods import CAM_METHODS
-from .cli import exit_on_error
 from .errors import ConfigError
-from .metrics.randomisation import GRANULARITIES
+from .metrics.randomization import GRANULARITIES
 from .models import LoadedModel, load_model
+
+log = logging.getLogger("cgc.evaluate")
 
 #: data arguments taken from the first checkpoint unless given on the command line
 DATA_ARGS = ("dataset", "data", "image_size", "train_size", "val_size", "num_classes", "seed")
@@ -35,59 +37,135 @@ CAUSAL = ("insertion_auc", "deletion_auc")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m cgc.evaluate", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.ArgumentParser(
+        prog="python -m cgc.evaluate",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     g = p.add_argument_group("models (repeat to compare; checkpoints first, then --arch models)")
-    g.add_argument("--checkpoint", action="append", default=[], metavar="PATH",
-                   help="cgc checkpoint file or run folder (its last.pt)")
-    g.add_argument("--arch", action="append", default=[], metavar="NAME",
-                   help="a torchvision model name or timm:NAME, with its --weights")
-    g.add_argument("--weights", action="append", default=[], metavar="PATH",
-                   help="local state dict of the --arch given in the same position (.pth, .pt, .safetensors)")
-    g.add_argument("--name", action="append", default=None,
-                   help="column name of each model, in order (default: run folder or weights file name)")
+    g.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="cgc checkpoint file or run folder (its last.pt)",
+    )
+    g.add_argument(
+        "--arch",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a torchvision model name or timm:NAME, with its --weights",
+    )
+    g.add_argument(
+        "--weights",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="local state dict of the --arch given in the same position (.pth, .pt, .safetensors)",
+    )
+    g.add_argument(
+        "--name",
+        action="append",
+        default=None,
+        help="column name of each model, in order (default: run folder or weights file name)",
+    )
     g = p.add_argument_group("data (default: what the first checkpoint was trained on)")
     g.add_argument("--dataset", default=None, choices=data.DATASETS)
-    g.add_argument("--data", default=None, metavar="ROOT",
-                   help="dataset root folder; for --arch models a 'folder' tree is evaluated whole")
+    g.add_argument(
+        "--data",
+        default=None,
+        metavar="ROOT",
+        help="dataset root folder; for --arch models a 'folder' tree is evaluated whole",
+    )
     g.add_argument("--image-size", type=int, default=None)
     g.add_argument("--train-size", type=int, default=None, help="synthetic: training images")
     g.add_argument("--val-size", type=int, default=None, help="synthetic: validation images")
     g.add_argument("--num-classes", type=int, default=None, help="synthetic: number of classes")
     g.add_argument("--seed", type=int, default=None, help="dataset seed")
     g.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
-    g.add_argument("--workers", type=int, default=None,
-                   help="image decoding processes (default: 0 for in-memory datasets, else 4)")
+    g.add_argument(
+        "--workers", type=int, default=None, help="image decoding processes (default: 0 for in-memory datasets, else 4)"
+    )
     g = p.add_argument_group("explanations")
-    g.add_argument("--cam", default=None, choices=tuple(CAM_METHODS),
-                   help="CAM method (default: each checkpoint's training method; gradcam for --arch models)")
+    g.add_argument(
+        "--cam",
+        default=None,
+        choices=tuple(CAM_METHODS),
+        help="CAM method (default: each checkpoint's training method; gradcam for --arch models)",
+    )
     g.add_argument("--target-layer", default=None, help="CAM layer (default: each checkpoint's, else found)")
     g = p.add_argument_group("metrics")
-    g.add_argument("--metrics", nargs="+", default=None, choices=tuple(metrics.METRICS), metavar="NAME",
-                   help=f"metrics to report (default: all): {', '.join(metrics.METRICS)}")
-    g.add_argument("--skip-slow", action="store_true",
-                   help="leave out the slow metrics: " + ", ".join(n for n, m in metrics.METRICS.items() if m.slow))
+    g.add_argument(
+        "--metrics",
+        nargs="+",
+        default=None,
+        choices=tuple(metrics.METRICS),
+        metavar="NAME",
+        help=f"metrics to report (default: all): {', '.join(metrics.METRICS)}",
+    )
+    g.add_argument(
+        "--skip-slow",
+        action="store_true",
+        help="leave out the slow metrics: " + ", ".join(n for n, m in metrics.METRICS.items() if m.slow),
+    )
     g.add_argument("--no-causal", action="store_true", help="leave out insertion/deletion")
     g.add_argument("--batch-size", type=int, default=64)
-    g.add_argument("--pixels-per-step", type=int, default=None,
-                   help="insertion/deletion: pixels per step (default: H*W/28, RISE's 224*8 at 224 px)")
-    g.add_argument("--causal-batch", type=int, default=256,
-                   help="insertion/deletion and max-sensitivity: images per forward pass (bounds memory)")
-    g.add_argument("--tolerance", type=float, default=0.0,
-                   help="pointing game tolerance in pixels (the original game used 15 at 224 px)")
-    g.add_argument("--cam-input-size", type=int, default=None,
-                   help="content heatmap / pointing game: resize images to this size for the CAM and the "
-                        "heatmap back (METHOD's ImageNet protocol: 448; default: no resizing)")
-    g.add_argument("--crop-scale", type=float, nargs=2, default=transforms.DEFAULT_SCALE, metavar=("MIN", "MAX"),
-                   help="consistency: area range of the random crops")
-    g.add_argument("--sensitivity-radius", type=float, default=0.2,
-                   help="max-sensitivity: uniform noise in [-r, r] per normalised input value (Quantus's default)")
+    g.add_argument(
+        "--pixels-per-step",
+        type=int,
+        default=None,
+        help="insertion/deletion: pixels per step (default: H*W/28, RISE's 224*8 at 224 px)",
+    )
+    g.add_argument(
+        "--causal-batch",
+        type=int,
+        default=256,
+        help="insertion/deletion and max-sensitivity: images per forward pass (bounds memory)",
+    )
+    g.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.0,
+        help="pointing game tolerance in pixels (the original game used 15 at 224 px)",
+    )
+    g.add_argument(
+        "--cam-input-size",
+        type=int,
+        default=None,
+        help="content heatmap / pointing game: resize images to this size for the CAM and the "
+        "heatmap back (METHOD's ImageNet protocol: 448; default: no resizing)",
+    )
+    g.add_argument(
+        "--crop-scale",
+        type=float,
+        nargs=2,
+        default=transforms.DEFAULT_SCALE,
+        metavar=("MIN", "MAX"),
+        help="consistency: area range of the random crops",
+    )
+    g.add_argument(
+        "--sensitivity-radius",
+        type=float,
+        default=0.2,
+        help="max-sensitivity: uniform noise in [-r, r] per normalized input value (Quantus's default)",
+    )
     g.add_argument("--sensitivity-samples", type=int, default=10, help="max-sensitivity: noise samples per image")
-    g.add_argument("--randomisation", default="stage", choices=GRANULARITIES,
-                   help="MPRT steps: the model's top-level blocks from the head down (Adebayo et al.), or every "
-                        "module with reset_parameters (Quantus)")
-    g.add_argument("--metric-seed", "--consistency-seed", dest="metric_seed", type=int, default=12345,
-                   help="seed of the metrics' random draws (crops, noise, classes, randomised weights)")
+    g.add_argument(
+        "--randomization",
+        default="stage",
+        choices=GRANULARITIES,
+        help="MPRT steps: the model's top-level blocks from the head down (Adebayo et al.), or every "
+        "module with reset_parameters (Quantus)",
+    )
+    g.add_argument(
+        "--metric-seed",
+        "--consistency-seed",
+        dest="metric_seed",
+        type=int,
+        default=12345,
+        help="seed of the metrics' random draws (crops, noise, classes, randomized weights)",
+    )
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--backend", default=None, help="ops backend (default: $CGC_BACKEND or auto)")
@@ -102,8 +180,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--arch models need --dataset (and --data for files): no checkpoint says what to evaluate on")
     if args.name is not None and len(args.name) != len(args.checkpoint) + len(args.arch):
         p.error(f"give one --name per model ({len(args.checkpoint) + len(args.arch)}), got {len(args.name)}")
-    for name in ("batch_size", "causal_batch", "overlays", "limit", "pixels_per_step", "cam_input_size",
-                 "sensitivity_samples"):
+    for name in (
+        "batch_size",
+        "causal_batch",
+        "overlays",
+        "limit",
+        "pixels_per_step",
+        "cam_input_size",
+        "sensitivity_samples",
+    ):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -138,7 +223,7 @@ def build_data(train_args: dict, overrides: dict, *, everything: bool = False) -
     chosen.update({k: v for k, v in overrides.items() if k in DATA_ARGS and v is not None})
     chosen["root"] = chosen["data"]
     if train_args.get("classes") and chosen["dataset"] == train_args.get("dataset"):
-        chosen["classes"] = train_args["classes"].split(",")
+        chosen["classes"] = list(train_args["classes"])
     accepted = inspect.signature(data.build).parameters
     kwargs = {k: v for k, v in chosen.items() if k in accepted and k != "name" and v is not None}
     return data.build(chosen["dataset"], everything=everything, **kwargs)
@@ -154,8 +239,10 @@ def label_map(loaded: LoadedModel, classes: list[str]) -> torch.Tensor | None:
     if list(mine) == list(classes):
         return None
     if loaded.from_checkpoint:
-        raise ConfigError(f"{loaded.source} was trained on classes {list(mine)[:6]}..., not the evaluation "
-                          f"dataset's {classes[:6]}...; evaluate checkpoints of one dataset together")
+        raise ConfigError(
+            f"{loaded.source} was trained on classes {list(mine)[:6]}..., not the evaluation "
+            f"dataset's {classes[:6]}...; evaluate checkpoints of one dataset together"
+        )
     if all(c.isdigit() and int(c) < len(mine) for c in classes):
         return torch.tensor([int(c) for c in classes])
     index = {c: i for i, c in enumerate(mine)}
@@ -165,31 +252,34 @@ def label_map(loaded: LoadedModel, classes: list[str]) -> torch.Tensor | None:
     if generic and len(mine) == len(classes):
         return None
     missing = [c for c in classes if c not in index][:4]
-    raise ConfigError(f"cannot tell which of the model's {len(mine)} classes the dataset's {missing} are: name the "
-                      f"class folders (or the XML <name>s) by the model's class names or class indices")
+    raise ConfigError(
+        f"cannot tell which of the model's {len(mine)} classes the dataset's {missing} are: name the "
+        f"class folders (or the XML <name>s) by the model's class names or class indices"
+    )
 
 
 def format_table(report: dict[str, dict], chosen: list[metrics.Metric]) -> str:
     """Markdown: one row per metric (with its direction and what it measures), one column per model."""
     names = list(report)
-    lines = ["| metric | " + " | ".join(names) + " | what it measures |", "|---|" + "---:|" * len(names) + "---|"]
-    for m in chosen:
-        cells = [("—" if report[n].get(m.name) is None else format(report[n][m.name], m.fmt)) for n in names]
-        lines.append(f"| {m.label}{m.arrow} | " + " | ".join(cells) + f" | {m.about} |")
-    lines += ["", "↑ higher is better, ↓ lower is better; — not measured (no boxes, or nothing to score)."]
-    return "\n".join(lines)
+    rows = [
+        [
+            m.label + m.arrow,
+            *(None if report[n].get(m.name) is None else format(report[n][m.name], m.fmt) for n in names),
+            m.about,
+        ]
+        for m in chosen
+    ]
+    table = tables.markdown(["metric", *names, "what it measures"], rows, "l" + "r" * len(names) + "l")
+    return table + "\n\n↑ higher is better, ↓ lower is better; — not measured (no boxes, or nothing to score)."
 
 
 def main(argv=None) -> dict:
     """``python -m cgc.evaluate``: parse the flags and evaluate (see :func:`run`); a library
     error ends the process with one ``error: ...`` line."""
     args = parse_args(argv)
-    with exit_on_error():
-        ctx = distributed.init(args.device)
-        try:
-            return run(args, ctx)
-        finally:
-            distributed.shutdown(ctx)
+    with cli.exit_on_error():
+        cli.setup_logging()
+        return cli.run_in_job(lambda ctx: run(args, ctx), args.device)
 
 
 def run(args, ctx: distributed.Context | None = None) -> dict:
@@ -214,63 +304,121 @@ def run(args, ctx: distributed.Context | None = None) -> dict:
     chosen = metrics.select(args.metrics, skip_slow=args.skip_slow, has_boxes=hasattr(bundle.val, "boxes"))
     if args.no_causal:
         chosen = [m for m in chosen if m.name not in CAUSAL]
-    settings = metrics.Settings(seed=args.metric_seed, crop_scale=tuple(args.crop_scale), tolerance=args.tolerance,
-                                cam_input_size=args.cam_input_size, pixels_per_step=args.pixels_per_step,
-                                causal_batch=args.causal_batch, sensitivity_radius=args.sensitivity_radius,
-                                sensitivity_samples=args.sensitivity_samples, randomisation=args.randomisation)
-    cams = [GradCAM(m.model.to(device).eval(), args.target_layer or m.target_layer, method=args.cam or m.method,
-                    backend=args.backend, channels_last=device.type == "cpu") for m in loaded]
+    settings = metrics.Settings(
+        seed=args.metric_seed,
+        crop_scale=tuple(args.crop_scale),
+        tolerance=args.tolerance,
+        cam_input_size=args.cam_input_size,
+        pixels_per_step=args.pixels_per_step,
+        causal_batch=args.causal_batch,
+        sensitivity_radius=args.sensitivity_radius,
+        sensitivity_samples=args.sensitivity_samples,
+        randomization=args.randomization,
+    )
+    cams = [
+        GradCAM(
+            m.model.to(device).eval(),
+            args.target_layer or m.target_layer,
+            method=args.cam or m.method,
+            backend=args.backend,
+            channels_last=runtime.channels_last(device),
+        )
+        for m in loaded
+    ]
     n = len(bundle.val) if args.limit is None else min(args.limit, len(bundle.val))
     if ctx.primary:
         procs = f" x {ctx.world_size} processes" if ctx.distributed else ""
-        print(f"cgc.evaluate: {len(cams)} model(s) on {bundle.val.__class__.__name__} val ({n} images, "
-              f"{len(bundle.classes)} classes, {bundle.image_size}px), device={device}{procs}; metrics: "
-              f"{', '.join(m.name for m in chosen)}", file=sys.stderr)
+        log.info(
+            f"cgc.evaluate: {len(cams)} model(s) on {bundle.val.__class__.__name__} val ({n} images, "
+            f"{len(bundle.classes)} classes, {bundle.image_size}px), device={device}{procs}; metrics: "
+            f"{', '.join(m.name for m in chosen)}"
+        )
     out.mkdir(parents=True, exist_ok=True)
-    workers = args.workers if args.workers is not None else (0 if bundle.in_memory else 4)
+    workers = runtime.loader_workers(args.workers, bundle.in_memory)
     report: dict[str, dict] = {}
     for name, cam, model, mapping in zip(names, cams, loaded, maps):
         result = metrics.explanation_metrics(
-            cam, bundle.val, device, metrics=chosen, settings=settings, batch_size=args.batch_size, limit=args.limit,
-            workers=workers, desc=f"evaluate {name}", rank=ctx.rank, world_size=ctx.world_size,
-            reduce=ctx.sum_values, label_map=mapping)
-        result.update(source=model.source, arch=model.train_args.get("arch"), loss=model.train_args.get("loss"),
-                      target_layer=cam.target_layer, cam=cam.method)
+            cam,
+            bundle.val,
+            device,
+            metrics=chosen,
+            settings=settings,
+            batch_size=args.batch_size,
+            limit=args.limit,
+            workers=workers,
+            desc=f"evaluate {name}",
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            reduce=ctx.sum_values,
+            label_map=mapping,
+        )
+        result.update(
+            source=model.source,
+            arch=model.train_args.get("arch"),
+            loss=model.train_args.get("loss"),
+            target_layer=cam.target_layer,
+            cam=cam.method,
+        )
         report[name] = {**dict.fromkeys(metrics.METRICS), **result}  # every key, None where not measured
     if ctx.primary:
-        write(out, report, chosen, settings, bundle, n, cams, names, [m.classes for m in loaded], device,
-              args.overlays)
+        write(out, report, chosen, settings, bundle, n, cams, names, [m.classes for m in loaded], device, args.overlays)
     for cam in cams:
         cam.close()
     return report
 
 
-def write(out: Path, report: dict, chosen, settings: metrics.Settings, bundle, n: int, cams, names,
-          model_classes: list[list[str]], device, overlays: int) -> None:
+def write(
+    out: Path,
+    report: dict,
+    chosen,
+    settings: metrics.Settings,
+    bundle,
+    n: int,
+    cams,
+    names,
+    model_classes: list[list[str]],
+    device,
+    overlays: int,
+) -> None:
     """The report, the table and the pictures."""
     table = format_table(report, chosen)
-    info = {"dataset": bundle.val.__class__.__name__, "images": n, "image_size": bundle.image_size,
-            "classes": bundle.classes, "metrics": [m.name for m in chosen],
-            "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(settings).items()}}
+    info = {
+        "dataset": bundle.val.__class__.__name__,
+        "images": n,
+        "image_size": bundle.image_size,
+        "classes": bundle.classes,
+        "metrics": [m.name for m in chosen],
+        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(settings).items()},
+    }
     (out / "report.json").write_text(json.dumps({"settings": info, "models": report}, indent=2) + "\n")
     (out / "report.md").write_text(table + "\n")
     written = ["report.json", "report.md"]
-    viz.save_overlays(out / "overlays.png", cams, list(names), bundle.val, device, min(overlays, n), bundle.classes,
-                      model_classes)
+    viz.save_overlays(
+        out / "overlays.png", cams, list(names), bundle.val, device, min(overlays, n), bundle.classes, model_classes
+    )
     written.append("overlays.png")
-    curves = {mode: {name: r[f"{mode}_curve"] for name, r in report.items() if r.get(f"{mode}_curve")}
-              for mode in ("insertion", "deletion")}
+    curves = {
+        mode: {name: r[f"{mode}_curve"] for name, r in report.items() if r.get(f"{mode}_curve")}
+        for mode in ("insertion", "deletion")
+    }
     if any(curves.values()):
-        viz.plot_curves(out / "curves.png", {
-            f"{mode} (mean prob. of the predicted class)": {
-                name: [(i / (len(c) - 1), v) for i, v in enumerate(c)] for name, c in by_model.items()}
-            for mode, by_model in curves.items() if by_model}, xlabel="fraction of pixels")
+        viz.plot_curves(
+            out / "curves.png",
+            {
+                f"{mode} (mean prob. of the predicted class)": {
+                    name: [(i / (len(c) - 1), v) for i, v in enumerate(c)] for name, c in by_model.items()
+                }
+                for mode, by_model in curves.items()
+                if by_model
+            },
+            xlabel="fraction of pixels",
+        )
         written.append("curves.png")
     if any(m.name == "mprt" for m in chosen):
-        viz.save_randomisation(out / "randomisation.png", cams, list(names), bundle.val, device, settings)
-        written.append("randomisation.png")
+        viz.save_randomization(out / "randomization.png", cams, list(names), bundle.val, device, settings)
+        written.append("randomization.png")
     print(table)
-    print(f"wrote {', '.join(str(out / w) for w in written)}", file=sys.stderr)
+    log.info(f"wrote {', '.join(str(out / w) for w in written)}")
 
 
 if __name__ == "__main__":

@@ -3,10 +3,11 @@
 The model comes from a cgc checkpoint (``--checkpoint``, with its class names, image size,
 CAM layer and method) or from a torchvision or timm architecture (``--arch`` with ``--weights
 FILE`` or ``--pretrained``; ImageNet class names from torchvision's weight metadata when the
-head has its 1000 classes). Each image is resized (shorter side) and centre-cropped to the
+head has its 1000 classes). Each image is resized (shorter side) and center-cropped to the
 model's input size; one PNG per image shows it and the heatmap of each of the ``--top-k``
 classes, with ``--cam`` (default: the checkpoint's method, else Grad-CAM).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,10 +18,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from . import data, viz
+from . import cli, data, runtime, viz
 from .cam import GradCAM, resize_heatmaps
 from .cam_methods import CAM_METHODS
-from .cli import exit_on_error
 from .distributed import pick_device
 from .errors import BadFile, MissingFile
 from .metrics import eval_mode
@@ -28,21 +28,30 @@ from .models import load_model
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m cgc.explain", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.ArgumentParser(
+        prog="python -m cgc.explain",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="cgc checkpoint file or run folder")
     src.add_argument("--arch", help="torchvision architecture or timm:NAME (with --weights or --pretrained)")
     p.add_argument("--weights", default=None, help="--arch: local state dict file")
     p.add_argument("--pretrained", action="store_true", help="--arch: the library's ImageNet weights")
-    p.add_argument("--num-classes", type=int, default=None,
-                   help="--arch: classes of the head (default: read from --weights, else 1000)")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="model input size (default: the checkpoint's, else 224)")
+    p.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="--arch: classes of the head (default: read from --weights, else 1000)",
+    )
+    p.add_argument(
+        "--image-size", type=int, default=None, help="model input size (default: the checkpoint's, else 224)"
+    )
     p.add_argument("--target-layer", default=None, help="CAM layer (default: the checkpoint's / last conv stage)")
-    p.add_argument("--cam", default=None, choices=tuple(CAM_METHODS),
-                   help="CAM method (default: the checkpoint's, else gradcam)")
+    p.add_argument(
+        "--cam", default=None, choices=tuple(CAM_METHODS), help="CAM method (default: the checkpoint's, else gradcam)"
+    )
     p.add_argument("--top-k", type=int, default=3, help="explain the k most probable classes")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="runs/explain", help="output folder")
@@ -57,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def read_image(path: str | Path, size: int) -> torch.Tensor:
-    """uint8 [3,size,size]: the file as RGB, shorter side resized to ``size``, centre crop."""
+    """uint8 [3,size,size]: the file as RGB, shorter side resized to ``size``, center crop."""
     path = Path(path)
     if not path.is_file():
         raise MissingFile(f"image not found: {path}")
@@ -72,22 +81,27 @@ def read_image(path: str | Path, size: int) -> torch.Tensor:
     nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
     x = F.interpolate(x, (nh, nw), mode="bilinear", align_corners=False, antialias=True)
     top, left = (nh - size) // 2, (nw - size) // 2
-    return x[0, :, top:top + size, left:left + size].round().clamp(0, 255).byte()
+    return x[0, :, top : top + size, left : left + size].round().clamp(0, 255).byte()
 
 
 def main(argv=None) -> list[Path]:
     """``python -m cgc.explain``: parse the flags and explain (see :func:`run`); a library error
     ends the process with one ``error: ...`` line."""
     args = parse_args(argv)
-    with exit_on_error():
+    with cli.exit_on_error():
         return run(args)
 
 
 def run(args) -> list[Path]:
     """Explain every image file and write one PNG per image."""
     device = pick_device(args.device)
-    loaded = load_model(checkpoint_path=args.checkpoint, arch=args.arch, weights=args.weights,
-                        pretrained=args.pretrained, num_classes=args.num_classes)
+    loaded = load_model(
+        checkpoint_path=args.checkpoint,
+        arch=args.arch,
+        weights=args.weights,
+        pretrained=args.pretrained,
+        num_classes=args.num_classes,
+    )
     model, classes = loaded.model, loaded.classes
     size = args.image_size or loaded.image_size
     images = torch.stack([read_image(p, size) for p in args.images])  # every file checked before any work
@@ -96,8 +110,15 @@ def run(args) -> list[Path]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    with GradCAM(model, args.target_layer or loaded.target_layer, method=args.cam or loaded.method,
-                 channels_last=device.type == "cpu") as cam, eval_mode(model):
+    with (
+        GradCAM(
+            model,
+            args.target_layer or loaded.target_layer,
+            method=args.cam or loaded.method,
+            channels_last=runtime.channels_last(device),
+        ) as cam,
+        eval_mode(model),
+    ):
         for path, img in zip(args.images, images):
             x = data.normalize(img[None].to(device)).expand(k, -1, -1, -1)
             with torch.no_grad():
@@ -106,8 +127,9 @@ def run(args) -> list[Path]:
             heat = resize_heatmaps(cam(x, top.indices).cams, (size, size)).cpu()
             titles = [f"{classes[int(c)]} ({100 * float(p):.1f}%)" for p, c in zip(top.values, top.indices)]
             dest = out / f"{Path(path).stem}_gradcam.png"
-            viz.save_overlay_grid(dest, img[None].float() / 255, [h[None] for h in heat], titles,
-                                  captions=[Path(path).name])
+            viz.save_overlay_grid(
+                dest, img[None].float() / 255, [h[None] for h in heat], titles, captions=[Path(path).name]
+            )
             written.append(dest)
             print(f"{path}: " + ", ".join(titles) + f" -> {dest}")
     return written

@@ -7,6 +7,7 @@ the dataset's classes. The training script builds the optimizer and restores che
 after :func:`build_model` returns, so the new head is trained and a resumed head is kept (the
 reference script got both wrong).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -87,8 +88,9 @@ def classifier_head(model: nn.Module) -> tuple[str, nn.Module]:
     (or 1x1 ``nn.Conv2d`` for SqueezeNet-style heads) in module order."""
     head = None
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1)
-                                             and name.startswith("classifier")):
+        if isinstance(module, nn.Linear) or (
+            isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and name.startswith("classifier")
+        ):
             head = (name, module)
     if head is None:
         raise UnsupportedModel(f"cannot find a classifier head (nn.Linear) in {type(model).__name__}")
@@ -96,7 +98,7 @@ def classifier_head(model: nn.Module) -> tuple[str, nn.Module]:
 
 
 def replace_head(model: nn.Module, num_classes: int, *, fresh: bool = False) -> nn.Module:
-    """Swap the classifier head for a freshly initialised one with ``num_classes`` outputs
+    """Swap the classifier head for a freshly initialized one with ``num_classes`` outputs
     (kept when it already has that many, unless ``fresh``)."""
     name, old = classifier_head(model)
     out = old.out_features if isinstance(old, nn.Linear) else old.out_channels
@@ -128,7 +130,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
             raise MissingDependency("safetensors", f"reading {path.name}") from None
         try:
             obj = load_file(str(path))
-        except Exception as err:  # noqa: BLE001 - the reader raises its own types for bad files
+        except Exception as err:
             raise BadFile(f"cannot read weights {path}: not a valid safetensors file ({err})") from err
     else:
         obj = safe_load(path, "weights file")
@@ -140,8 +142,16 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def build_model(arch: str, num_classes: int, *, pretrained: bool = False, weights: str | Path | None = None,
-                norm: str = "batch", stride: int = 8, new_head: bool = False) -> nn.Module:
+def build_model(
+    arch: str,
+    num_classes: int,
+    *,
+    pretrained: bool = False,
+    weights: str | Path | None = None,
+    norm: str = "batch",
+    stride: int = 8,
+    new_head: bool = False,
+) -> nn.Module:
     """A classifier with ``num_classes`` outputs.
 
     ``arch`` is ``compact`` (with ``norm`` and ``stride``), any torchvision classification
@@ -160,7 +170,7 @@ def build_model(arch: str, num_classes: int, *, pretrained: bool = False, weight
             raise ConfigError("the compact model has no pretrained weights; use --weights PATH")
         model: nn.Module = CompactCNN(num_classes, norm=norm, stride=stride)
     elif arch.startswith(TIMM_PREFIX):
-        model = _build_timm(arch[len(TIMM_PREFIX):], pretrained)
+        model = _build_timm(arch[len(TIMM_PREFIX) :], pretrained)
     else:
         model = _build_torchvision(arch, pretrained)
     if weights is not None:
@@ -180,16 +190,19 @@ def _build_torchvision(arch: str, pretrained: bool) -> nn.Module:
 
     known = torchvision.models.list_models(module=torchvision.models)
     if arch not in known:
-        raise UnknownName("architecture", arch, [COMPACT, *known],
-                          hint="'compact', a torchvision classifier name, or timm:NAME")
+        raise UnknownName(
+            "architecture", arch, [COMPACT, *known], hint="'compact', a torchvision classifier name, or timm:NAME"
+        )
     if not pretrained:
         return torchvision.models.get_model(arch)
     tv_weights = torchvision.models.get_model_weights(arch).DEFAULT
     try:
         return torchvision.models.get_model(arch, weights=tv_weights)
-    except Exception as err:  # noqa: BLE001 - network/cache failures come in many types
-        raise MissingFile(f"could not fetch torchvision's pretrained weights for {arch} ({err}). Download "
-                          f"them where the internet works ({tv_weights.url}) and pass --weights PATH") from err
+    except Exception as err:
+        raise MissingFile(
+            f"could not fetch torchvision's pretrained weights for {arch} ({err}). Download "
+            f"them where the internet works ({tv_weights.url}) and pass --weights PATH"
+        ) from err
 
 
 def _build_timm(name: str, pretrained: bool) -> nn.Module:
@@ -199,11 +212,13 @@ def _build_timm(name: str, pretrained: bool) -> nn.Module:
         raise UnknownName("timm architecture", name, known, hint="any name of timm.list_models()")
     try:
         return timm.create_model(name, pretrained=pretrained)
-    except Exception as err:  # noqa: BLE001 - hub/network failures come in many types
+    except Exception as err:
         if not pretrained:
             raise
-        raise MissingFile(f"could not fetch timm's pretrained weights for {name} ({err}); download the "
-                          f"model's .safetensors where the internet works and pass --weights PATH") from err
+        raise MissingFile(
+            f"could not fetch timm's pretrained weights for {name} ({err}); download the "
+            f"model's .safetensors where the internet works and pass --weights PATH"
+        ) from err
 
 
 def _load(model: nn.Module, state: dict, source) -> None:
@@ -211,12 +226,15 @@ def _load(model: nn.Module, state: dict, source) -> None:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches
         first = str(err).strip().splitlines()
-        raise UnsupportedModel(f"weights in {source} do not fit {type(model).__name__}: "
-                               f"{' '.join(line.strip() for line in first[:3])}") from err
+        raise UnsupportedModel(
+            f"weights in {source} do not fit {type(model).__name__}: {' '.join(line.strip() for line in first[:3])}"
+        ) from err
     if missing or unexpected:
-        raise UnsupportedModel(f"weights in {source} do not fit {type(model).__name__}: "
-                               f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                               f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        raise UnsupportedModel(
+            f"weights in {source} do not fit {type(model).__name__}: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
 
 
 def imagenet_categories(arch: str, num_classes: int) -> list[str] | None:
@@ -249,27 +267,42 @@ class LoadedModel:
     from_checkpoint: bool
 
 
-def load_model(*, checkpoint_path: str | Path | None = None, arch: str | None = None,
-               weights: str | Path | None = None, pretrained: bool = False,
-               num_classes: int | None = None) -> LoadedModel:
+def load_model(
+    *,
+    checkpoint_path: str | Path | None = None,
+    arch: str | None = None,
+    weights: str | Path | None = None,
+    pretrained: bool = False,
+    num_classes: int | None = None,
+) -> LoadedModel:
     """A cgc checkpoint's model (its classes, image size, CAM layer and method), or ``arch``
     with its local ``weights`` (head size read from them unless ``num_classes``) or the
     library's ``pretrained`` ones (ImageNet class names for 1000-class heads)."""
     if checkpoint_path:
         ckpt = checkpoint.load(checkpoint_path)
-        targs = ckpt.get("args", {})
+        targs = ckpt["config"]
         num = len(ckpt.get("classes") or []) or targs.get("num_classes")
         classes = list(ckpt.get("classes") or [f"class {i}" for i in range(num)])
-        model = build_model(targs.get("arch", COMPACT), num, norm=targs.get("norm", "batch"),
-                            stride=targs.get("compact_stride", 8))
+        model = build_model(
+            targs.get("arch", COMPACT), num, norm=targs.get("norm", "batch"), stride=targs.get("compact_stride", 8)
+        )
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as err:
-            raise UnsupportedModel(f"the weights in {checkpoint_path} do not fit {targs.get('arch')}: "
-                                   f"{str(err).splitlines()[0]}") from err
-        size = ckpt.get("image_size") or targs.get("image_size") or 224
-        return LoadedModel(model, classes, size, ckpt.get("target_layer"),
-                           checkpoint.cam_method(targs), targs, str(checkpoint_path), True)
+            raise UnsupportedModel(
+                f"the weights in {checkpoint_path} do not fit {targs.get('arch')}: {str(err).splitlines()[0]}"
+            ) from err
+        size = ckpt["image_size"]
+        return LoadedModel(
+            model,
+            classes,
+            size,
+            ckpt.get("target_layer"),
+            ckpt["cam"],
+            targs,
+            str(checkpoint_path),
+            True,
+        )
     num = num_classes
     if num is None and weights:
         head, _ = classifier_head(build_model(arch, 1000))
@@ -278,5 +311,6 @@ def load_model(*, checkpoint_path: str | Path | None = None, arch: str | None = 
     num = num or 1000
     model = build_model(arch, num, pretrained=pretrained, weights=weights)
     classes = imagenet_categories(arch, num) or [f"class {i}" for i in range(num)]
-    return LoadedModel(model, classes, 224, None, "gradcam", {"arch": arch}, str(weights or f"{arch} (pretrained)"),
-                       False)
+    return LoadedModel(
+        model, classes, 224, None, "gradcam", {"arch": arch}, str(weights or f"{arch} (pretrained)"), False
+    )

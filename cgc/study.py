@@ -2,27 +2,29 @@
 
 Three claims of the paper, tested on the built-in dataset with ``python -m cgc.train`` itself:
 
-1. **explanations** (``localisation``): CE vs CGC with the default recipe, and CGC with one
+1. **explanations** (``localization``): CE vs CGC with the default recipe, and CGC with one
    setting changed at a time (heatmap resolution, crop scale, temperature, lambda and its ramp,
    the size the heatmaps are compared at, vertical flips, the CAM method, the warp's padding,
    the MSE ablation): top-1, consistency, content heatmap, pointing game;
 2. **limited data** (``transfer``): a compact model pretrained (CE) on six shapes, fine-tuned
    with a new head on six other shapes from N images per class, CE vs CGC;
-3. **unlabeled data** (``semi``): the same fine-tuning from N labelled images per class, CE on
+3. **unlabeled data** (``semi``): the same fine-tuning from N labeled images per class, CE on
    them alone vs CE plus the CGC term on unlabeled images: the rest of the training images, or all
-   of them (the labelled ones too, as the paper's recipe).
+   of them (the labeled ones too, as the paper's recipe).
 
 Every run is a call of :func:`cgc.train.main` (its log under ``OUT/runs/``), recorded in
 ``OUT/study.json`` as it finishes, so an interrupted study continues where it stopped. At the
 end: ``OUT/study.md`` (every configuration, mean ± std over its seeds) and one figure per claim
-(``localisation.png``, ``transfer.png``, ``semi.png``). ``--quick`` runs a miniature of all three
+(``localization.png``, ``transfer.png``, ``semi.png``). ``--quick`` runs a miniature of all three
 in about a minute (CI checks that the study runs).
 """
+
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import logging
 import math
 import statistics
 import sys
@@ -33,42 +35,45 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import train
-from .cli import exit_on_error
+from . import cli, metrics, tables, train
+from .config import TrainConfig
 
-PRETRAIN_SHAPES = "circle,square,triangle,plus,ring,diamond"
-TARGET_SHAPES = "star,tee,crescent,cross,semicircle,hexagon"
+PRETRAIN_SHAPES = ("circle", "square", "triangle", "plus", "ring", "diamond")
+TARGET_SHAPES = ("star", "tee", "crescent", "cross", "semicircle", "hexagon")
 #: one setting changed at a time from the default recipe (the first two are the comparison)
-LOCALISATION = {
-    "ce": ["--loss", "ce"],
-    "cgc": [],
-    "ce, stride 4": ["--loss", "ce", "--compact-stride", "4"],
-    "cgc, stride 4 (16x16 heatmaps)": ["--compact-stride", "4"],
-    "cgc, crop scale 0.25-1": ["--crop-scale", "0.25", "1"],
-    "cgc, crop scale 0.5-1": ["--crop-scale", "0.5", "1"],
-    "cgc, T 0.1": ["--temperature", "0.1"],
-    "cgc, T 0.3": ["--temperature", "0.3"],
-    "cgc, T 0.5": ["--temperature", "0.5"],
-    "cgc, T 0.5, lambda 2": ["--temperature", "0.5", "--lambda", "2"],
-    "cgc, lambda 0.5": ["--lambda", "0.5"],
-    "cgc, lambda 2": ["--lambda", "2"],
-    "cgc, no lambda ramp": ["--lambda-warmup-epochs", "0"],
-    "cgc, heatmaps compared at 8x8": ["--heatmap-size", "8"],
-    "cgc, vertical flips too": ["--vflip"],
-    "cgc, HiResCAM": ["--cam", "hirescam"],
-    "cgc, zero padding": ["--heatmap-padding", "zeros"],
-    "mse (no negatives)": ["--loss", "mse"],
+LOCALIZATION: dict[str, dict] = {
+    "ce": {"loss": "ce"},
+    "cgc": {},
+    "ce, stride 4": {"loss": "ce", "compact_stride": 4},
+    "cgc, stride 4 (16x16 heatmaps)": {"compact_stride": 4},
+    "cgc, crop scale 0.25-1": {"crop_scale": (0.25, 1.0)},
+    "cgc, crop scale 0.5-1": {"crop_scale": (0.5, 1.0)},
+    "cgc, T 0.1": {"temperature": 0.1},
+    "cgc, T 0.3": {"temperature": 0.3},
+    "cgc, T 0.5": {"temperature": 0.5},
+    "cgc, T 0.5, lambda 2": {"temperature": 0.5, "lam": 2.0},
+    "cgc, lambda 0.5": {"lam": 0.5},
+    "cgc, lambda 2": {"lam": 2.0},
+    "cgc, no lambda ramp": {"lambda_warmup_epochs": 0.0},
+    "cgc, heatmaps compared at 8x8": {"heatmap_size": 8},
+    "cgc, vertical flips too": {"vflip": True},
+    "cgc, HiResCAM": {"cam": "hirescam"},
+    "cgc, zero padding": {"heatmap_padding": "zeros"},
+    "mse (no negatives)": {"loss": "mse"},
 }
 CORE = ("ce", "cgc")
 #: the semi-supervised comparison (the first two are transfer runs: recorded again, not rerun)
-SEMI = {"ce, labelled only": ["--loss", "ce"], "cgc, labelled only": [],
-        "ce + cgc on the unlabeled rest": ["--unlabeled", "rest"],
-        "ce + cgc on all images, unlabeled": ["--unlabeled", "all"]}
-#: what the localisation study reports, in this order
-REPORTED = ("val_top1", "consistency", "consistency_iou", "content_heatmap", "pointing_game")
-#: measured again on every localisation run's final weights with one protocol (the evaluation's
+SEMI: dict[str, dict] = {
+    "ce, labeled only": {"loss": "ce"},
+    "cgc, labeled only": {},
+    "ce + cgc on the unlabeled rest": {"unlabeled": "rest"},
+    "ce + cgc on all images, unlabeled": {"unlabeled": "all"},
+}
+#: what the localization study reports, in this order
+REPORTED = ("val_top1", *metrics.TRAINING_METRICS)
+#: measured again on every localization run's final weights with one protocol (the evaluation's
 #: crops 0.08-1 for consistency, whatever the run trained with), and the sanity checks
-EVALUATED = ("consistency", "consistency_iou", "content_heatmap", "pointing_game", "sparseness", "random_logit", "mprt")
+EVALUATED = (*metrics.TRAINING_METRICS, "sparseness", "random_logit", "mprt")
 
 
 @dataclass(frozen=True)
@@ -79,29 +84,56 @@ class Scale:
     val_size: int = 1000
     image_size: int = 64
     epochs: int = 10
-    pool: int = 3000          # fine-tuning: training images of the target shapes (labelled + unlabeled)
+    pool: int = 3000  # fine-tuning: training images of the target shapes (labeled + unlabeled)
     finetune_val: int = 600
     finetune_steps: int = 150
     shots: tuple[int, ...] = (5, 10, 20, 50)
     semi_shots: tuple[int, ...] = (5, 20)
-    configs: tuple[str, ...] = tuple(LOCALISATION)
+    configs: tuple[str, ...] = tuple(LOCALIZATION)
 
 
-QUICK = Scale(train_size=128, val_size=48, image_size=32, epochs=1, pool=200, finetune_val=48, finetune_steps=4,
-              shots=(2, 4), semi_shots=(2,), configs=("ce", "cgc", "cgc, T 0.5"))
+QUICK = Scale(
+    train_size=128,
+    val_size=48,
+    image_size=32,
+    epochs=1,
+    pool=200,
+    finetune_val=48,
+    finetune_steps=4,
+    shots=(2, 4),
+    semi_shots=(2,),
+    configs=("ce", "cgc", "cgc, T 0.5"),
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m cgc.study", description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(prog="python -m cgc.study", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/study", help="output folder (runs, study.json, study.md, figures)")
-    p.add_argument("--parts", nargs="+", default=["localisation", "transfer", "semi"],
-                   choices=("localisation", "transfer", "semi"))
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
-                   help="seeds of the compared runs (CE and CGC, and every fine-tuning run)")
-    p.add_argument("--screen-seeds", type=int, nargs="+", default=None,
-                   help="seeds of the localisation variants (default: --seeds)")
-    p.add_argument("--confirm", nargs="+", default=[], choices=tuple(LOCALISATION), metavar="CONFIG",
-                   help="localisation variants to run with every --seed after screening (README: the candidates)")
+    p.add_argument(
+        "--parts", nargs="+", default=["localization", "transfer", "semi"], choices=("localization", "transfer", "semi")
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="seeds of the compared runs (CE and CGC, and every fine-tuning run)",
+    )
+    p.add_argument(
+        "--screen-seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="seeds of the localization variants (default: --seeds)",
+    )
+    p.add_argument(
+        "--confirm",
+        nargs="+",
+        default=[],
+        choices=tuple(LOCALIZATION),
+        metavar="CONFIG",
+        help="localization variants to run with every --seed after screening (README: the candidates)",
+    )
     p.add_argument("--quick", action="store_true", help="a miniature of the whole study (about a minute; CI)")
     args = p.parse_args(argv)
     if len(args.seeds) < 2:
@@ -109,38 +141,57 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def plan(scale: Scale, parts, seeds, screen_seeds, confirm=()) -> list[tuple[str, str, int, list[str]]]:
-    """Every run: ``(part, configuration, seed, train flags)``; the pretraining run first.
-    The localisation variants run with ``screen_seeds``, the comparison (and ``confirm``) with
-    ``seeds``."""
-    base = ["--train-size", str(scale.train_size), "--val-size", str(scale.val_size), "--image-size",
-            str(scale.image_size), "--epochs", str(scale.epochs)]
+def plan(scale: Scale, parts, seeds, screen_seeds, confirm=()) -> list[tuple[str, str, int, TrainConfig]]:
+    """Every run: ``(part, configuration, seed, config)``; the pretraining run first.
+    The localization variants run with ``screen_seeds``, the comparison (and ``confirm``) with
+    ``seeds``. The fine-tuning configs get their ``weights`` (the pretraining run's) when they run."""
+    base = TrainConfig(
+        train_size=scale.train_size, val_size=scale.val_size, image_size=scale.image_size, epochs=scale.epochs
+    )
     runs = []
-    if "localisation" in parts:
+    if "localization" in parts:
         for name in scale.configs:
             full = name in CORE or name in confirm or screen_seeds is None
-            for seed in (seeds if full else screen_seeds):
-                runs.append(("localisation", name, seed, base + ["--seed", str(seed)] + LOCALISATION[name]))
+            for seed in seeds if full else screen_seeds:
+                runs.append(("localization", name, seed, base.replace(seed=seed, **LOCALIZATION[name])))
     if "transfer" in parts or "semi" in parts:
-        runs.append(("pretrain", "ce on six other shapes", 100, base + ["--seed", "100", "--loss", "ce",
-                                                                         "--classes", PRETRAIN_SHAPES]))
-    for part, shots, variants in (("transfer", scale.shots, {"ce": ["--loss", "ce"], "cgc": []}),
-                                  ("semi", scale.semi_shots, SEMI)):
+        pretrain = base.replace(seed=100, loss="ce", classes=PRETRAIN_SHAPES)
+        runs.append(("pretrain", "ce on six other shapes", 100, pretrain))
+    for part, shots, variants in (
+        ("transfer", scale.shots, {"ce": {"loss": "ce"}, "cgc": {}}),
+        ("semi", scale.semi_shots, SEMI),
+    ):
         if part not in parts:
             continue
         for n in shots:
             images = 6 * n
             batch = min(32, images - images % 2)
             epochs = math.ceil(scale.finetune_steps / (images // batch))
-            finetune = ["--train-size", str(scale.pool), "--val-size", str(scale.finetune_val), "--image-size",
-                        str(scale.image_size), "--classes", TARGET_SHAPES, "--new-head", "--samples-per-class",
-                        str(n), "--batch-size", str(batch), "--epochs", str(epochs),
-                        "--val-every", str(max(1, epochs // 3)), "--lr", "0.01", "--lambda-warmup-epochs", "0",
-                        "--unlabeled-batch-size", "32"]
-            for name, flags in variants.items():
+            finetune = base.replace(
+                train_size=scale.pool,
+                val_size=scale.finetune_val,
+                classes=TARGET_SHAPES,
+                new_head=True,
+                samples_per_class=n,
+                batch_size=batch,
+                epochs=epochs,
+                val_every=max(1, epochs // 3),
+                lr=0.01,
+                lambda_warmup_epochs=0.0,
+                unlabeled_batch_size=32,
+            )
+            for name, changes in variants.items():
                 for seed in seeds:
-                    runs.append((part, f"{name}, {n}/class", seed, finetune + ["--seed", str(seed)] + flags))
+                    runs.append((part, f"{name}, {n}/class", seed, finetune.replace(seed=seed, **changes)))
     return runs
+
+
+def identity(config: TrainConfig) -> str:
+    """What makes two planned runs the same run (everything but where they write)."""
+    values = config.to_dict()
+    for where in ("out", "weights"):
+        values.pop(where)
+    return json.dumps(values, sort_keys=True)
 
 
 def run_key(part: str, name: str, seed: int) -> str:
@@ -148,27 +199,55 @@ def run_key(part: str, name: str, seed: int) -> str:
     return f"{part}/{safe}/seed{seed}"
 
 
+@contextlib.contextmanager
+def log_to(path: Path):
+    """While the block runs, the library's log (progress lines included) goes to ``path``
+    only."""
+    logger = logging.getLogger("cgc")
+    handler = logging.FileHandler(path, mode="w")
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    before = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        logger.setLevel(before[0])
+        logger.propagate = before[1]
+
+
 def execute(out: Path, runs, record: dict) -> None:
-    """Each run not yet in ``record`` (study.json), one after another, quietly: its output goes
-    to its folder's train.log, one line per run to the terminal."""
+    """Each run not yet in ``record`` (study.json), one after another, quietly: its log goes to
+    its folder's train.log, one line per run to the terminal."""
     pretrained = out / "runs" / run_key("pretrain", "ce on six other shapes", 100) / "best.pt"
-    done = {tuple(r["flags"]): r for r in record["runs"].values()}
-    for i, (part, name, seed, flags) in enumerate(runs, 1):
+    done = {r["identity"]: r for r in record["runs"].values()}
+    for i, (part, name, seed, config) in enumerate(runs, 1):
         key = run_key(part, name, seed)
         if key in record["runs"]:
             continue
-        if tuple(flags) in done:  # the same run under another name (CE fine-tuning is in two claims)
-            record["runs"][key] = {**done[tuple(flags)], "part": part, "name": name}
+        same = identity(config)
+        if same in done:  # the same run under another name (CE fine-tuning is in two claims)
+            record["runs"][key] = {**done[same], "part": part, "name": name}
             continue
         folder = out / "runs" / key
         folder.mkdir(parents=True, exist_ok=True)
-        argv = [*flags, "--out", str(folder)] + (["--weights", str(pretrained)] if part in ("transfer", "semi") else [])
+        weights = str(pretrained) if part in ("transfer", "semi") else None
+        config = config.replace(out=str(folder), weights=weights)
         t0 = time.time()
-        with open(folder / "train.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            results = train.main(argv)
-        record["runs"][key] = done[tuple(flags)] = {"part": part, "name": name, "seed": seed, "flags": flags,
-                                                    "argv": argv, "results": results}
-        if part == "localisation":
+        with log_to(folder / "train.log"):
+            results = train.run(config)
+        record["runs"][key] = done[same] = {
+            "part": part,
+            "name": name,
+            "seed": seed,
+            "identity": same,
+            "config": config.to_dict(),
+            "results": results,
+        }
+        if part == "localization":
             record["runs"][key]["evaluation"] = evaluate_run(folder)
         (out / "study.json").write_text(json.dumps(record, indent=1) + "\n")
         shown = ", ".join(f"{k} {results[k]:.3f}" for k in REPORTED if isinstance(results.get(k), float))
@@ -177,7 +256,6 @@ def execute(out: Path, runs, record: dict) -> None:
 
 def evaluate_run(folder: Path) -> dict:
     """:data:`EVALUATED` on a run's final weights (``last.pt``), the evaluation's defaults."""
-    from . import metrics
     from .cam import GradCAM
     from .evaluate import build_data
     from .models import load_model
@@ -189,7 +267,7 @@ def evaluate_run(folder: Path) -> dict:
     return {k: out[k] for k in (*EVALUATED, "mprt_steps")}
 
 
-def summarise(record: dict) -> dict:
+def summarize(record: dict) -> dict:
     """``{part: {configuration: {metric: (mean, std, n)}}}`` over the seeds."""
     grouped: dict = {}
     for run in record["runs"].values():
@@ -197,9 +275,15 @@ def summarise(record: dict) -> dict:
         for k, v in {**run["results"], **run.get("evaluation", {})}.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 slot.setdefault(k, []).append(float(v))
-    return {part: {name: {k: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v))
-                          for k, v in metrics.items()} for name, metrics in configs.items()}
-            for part, configs in grouped.items()}
+    return {
+        part: {
+            name: {
+                k: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v)) for k, v in values.items()
+            }
+            for name, values in configs.items()
+        }
+        for part, configs in grouped.items()
+    }
 
 
 def _cell(stats, key, scale=1.0, digits=3) -> str:
@@ -218,82 +302,123 @@ def _shots_then_variant(part: str, name: str) -> tuple[int, int]:
     return int(shots.split("/")[0]), order.index(variant) if variant in order else len(order)
 
 
+#: the columns of the study's tables: (report key, header, digits)
+LOCALIZATION_COLUMNS = (
+    ("val_top1", "val top-1 (%)", 1),
+    ("consistency", "consistency (cosine) ↑", 3),
+    ("consistency_iou", "consistency (top-20 % IoU) ↑", 3),
+    ("content_heatmap", "content heatmap (%) ↑", 1),
+    ("pointing_game", "pointing game (%) ↑", 1),
+    ("sparseness", "sparseness ↑", 3),
+    ("random_logit", "random logit ↓", 3),
+    ("mprt", "MPRT ↓", 3),
+)
+FINETUNE_COLUMNS = (
+    ("val_top1", "val top-1 (%)", 1),
+    ("content_heatmap", "content heatmap (%) ↑", 1),
+    ("consistency", "consistency (cosine) ↑", 3),
+)
+
+
+def _table(configs: list[tuple[str, dict]], columns) -> str:
+    rows = [
+        [name, stats["val_top1"][2], *(_cell(stats, k, digits=d) for k, _, d in columns)] for name, stats in configs
+    ]
+    return tables.markdown(["configuration", "seeds", *(header for _, header, _ in columns)], rows)
+
+
 def report(summary: dict) -> str:
     """Markdown tables of every configuration (mean ± std over its seeds)."""
-    lines = ["## python -m cgc.study", "",
-             "Every configuration run, mean ± std over its seeds (the seeds column). The explanation metrics of",
-             "the localisation runs are measured on each run's final weights with one protocol (crops of 8-100 %",
-             "of the image for consistency, whatever the run trained with). README's \"Does it work?\" reads",
-             "these tables; study.json holds every run's flags and results.", ""]
-    if "localisation" in summary:
-        lines += ["### Explanations (built-in dataset, default recipe unless stated)", "",
-                  "| configuration | seeds | val top-1 (%) | consistency (cosine) ↑ | consistency (top-20 % IoU) ↑ "
-                  "| content heatmap (%) ↑ | pointing game (%) ↑ | sparseness ↑ | random logit ↓ | MPRT ↓ |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for name, stats in summary["localisation"].items():
-            n = stats["val_top1"][2]
-            lines.append(f"| {name} | {n} | {_cell(stats, 'val_top1', digits=1)} | {_cell(stats, 'consistency')} | "
-                         f"{_cell(stats, 'consistency_iou')} | {_cell(stats, 'content_heatmap', digits=1)} | "
-                         f"{_cell(stats, 'pointing_game', digits=1)} | {_cell(stats, 'sparseness')} | "
-                         f"{_cell(stats, 'random_logit')} | {_cell(stats, 'mprt')} |")
-        lines.append("")
-    for part, title in (("transfer", "Limited data: fine-tuning on six new shapes"),
-                        ("semi", "Unlabeled data: N labelled images per class, the other training images unlabeled")):
+    lines = [
+        "## python -m cgc.study",
+        "",
+        "Every configuration run, mean ± std over its seeds (the seeds column). The explanation metrics of",
+        "the localization runs are measured on each run's final weights with one protocol (crops of 8-100 %",
+        "of the image for consistency, whatever the run trained with). docs/study.md reads these tables;",
+        "study.json holds every run's config and results.",
+        "",
+    ]
+    if "localization" in summary:
+        lines += ["### Explanations (built-in dataset, default recipe unless stated)", ""]
+        lines += [_table(list(summary["localization"].items()), LOCALIZATION_COLUMNS), ""]
+    for part, title in (
+        ("transfer", "Limited data: fine-tuning on six new shapes"),
+        ("semi", "Unlabeled data: N labeled images per class, the other training images unlabeled"),
+    ):
         if part in summary:
-            lines += [f"### {title}", "", "| configuration | seeds | val top-1 (%) | content heatmap (%) ↑ | "
-                      "consistency (cosine) ↑ |", "|---|---:|---:|---:|---:|"]
-            for name, stats in sorted(summary[part].items(), key=lambda item: _shots_then_variant(part, item[0])):
-                lines.append(f"| {name} | {stats['val_top1'][2]} | {_cell(stats, 'val_top1', digits=1)} | "
-                             f"{_cell(stats, 'content_heatmap', digits=1)} | {_cell(stats, 'consistency')} |")
-            lines.append("")
+            ordered = sorted(summary[part].items(), key=lambda item, part=part: _shots_then_variant(part, item[0]))
+            lines += [f"### {title}", "", _table(ordered, FINETUNE_COLUMNS), ""]
     return "\n".join(lines)
 
 
 def figures(out: Path, summary: dict) -> list[Path]:
-    """One figure per claim: the localisation and consistency bars, accuracy against images
+    """One figure per claim: the localization and consistency bars, accuracy against images
     per class, and the semi-supervised comparison (error bars: std over seeds)."""
     from .viz import _figure
 
     written = []
-    if "localisation" in summary:
-        loc = summary["localisation"]
+    if "localization" in summary:
+        loc = summary["localization"]
         shown = [n for n in CORE if n in loc]
-        keys = [("val_top1", "top-1", 0.01), ("consistency", "consistency\n(cosine)", 1), ("consistency_iou",
-                "consistency\n(top-20% IoU)", 1), ("content_heatmap", "content\nheatmap", 0.01),
-                ("pointing_game", "pointing\ngame", 0.01)]
+        keys = [
+            ("val_top1", "top-1", 0.01),
+            ("consistency", "consistency\n(cosine)", 1),
+            ("consistency_iou", "consistency\n(top-20% IoU)", 1),
+            ("content_heatmap", "content\nheatmap", 0.01),
+            ("pointing_game", "pointing\ngame", 0.01),
+        ]
         fig = _figure(7.5, 3.4)
         ax = fig.subplots()
         width = 0.8 / max(1, len(shown))
         for j, name in enumerate(shown):
             stats = loc[name]
             xs = [i + (j - (len(shown) - 1) / 2) * width for i in range(len(keys))]
-            ax.bar(xs, [stats[k][0] * s for k, _, s in keys], width, yerr=[stats[k][1] * s for k, _, s in keys],
-                   label=f"{name} ({stats['val_top1'][2]} seeds)", capsize=3, color=f"C{j}")
+            ax.bar(
+                xs,
+                [stats[k][0] * s for k, _, s in keys],
+                width,
+                yerr=[stats[k][1] * s for k, _, s in keys],
+                label=f"{name} ({stats['val_top1'][2]} seeds)",
+                capsize=3,
+                color=f"C{j}",
+            )
         ax.set_xticks(range(len(keys)), [label for _, label, _ in keys], fontsize=8)
         ax.set_ylim(0, 1.22)
         ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
         ax.set_ylabel("fraction (higher is better)")
         ax.set_title("CE vs CGC on the built-in dataset (mean ± std over seeds)", fontsize=10)
         ax.legend(fontsize=8, loc="upper center", ncol=len(shown), frameon=False)
-        written.append(out / "localisation.png")
+        written.append(out / "localization.png")
         fig.savefig(written[-1])
-    for part, title, labels in (("transfer", "fine-tuning on six new shapes", ("ce", "cgc")),
-                                ("semi", "N labelled images per class, the other images unlabeled", tuple(SEMI))):
+    for part, title, labels in (
+        ("transfer", "fine-tuning on six new shapes", ("ce", "cgc")),
+        ("semi", "N labeled images per class, the other images unlabeled", tuple(SEMI)),
+    ):
         if part not in summary:
             continue
         fig = _figure(5.5, 3.6)
         ax = fig.subplots()
         for j, label in enumerate(labels):
-            points = sorted((int(name.rsplit(", ", 1)[1].split("/")[0]), stats["val_top1"])
-                            for name, stats in summary[part].items() if name.rsplit(", ", 1)[0] == label)
+            points = sorted(
+                (int(name.rsplit(", ", 1)[1].split("/")[0]), stats["val_top1"])
+                for name, stats in summary[part].items()
+                if name.rsplit(", ", 1)[0] == label
+            )
             if points:  # each series a little to the right of the last, so that the error bars do not overlap
-                ax.errorbar([n * 1.04 ** j for n, _ in points], [s[0] for _, s in points],
-                            yerr=[s[1] for _, s in points], marker="o", capsize=3, label=label, color=f"C{j}")
+                ax.errorbar(
+                    [n * 1.04**j for n, _ in points],
+                    [s[0] for _, s in points],
+                    yerr=[s[1] for _, s in points],
+                    marker="o",
+                    capsize=3,
+                    label=label,
+                    color=f"C{j}",
+                )
         ax.set_xscale("log")
         ax.minorticks_off()
         shots = sorted({int(name.rsplit(", ", 1)[1].split("/")[0]) for name in summary[part]})
         ax.set_xticks(shots, [str(n) for n in shots])
-        ax.set_xlabel("labelled images per class")
+        ax.set_xlabel("labeled images per class")
         ax.set_ylabel("val top-1 (%)")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
@@ -305,7 +430,7 @@ def figures(out: Path, summary: dict) -> list[Path]:
 
 def box_profile(run_dir: Path, grid: int = 33) -> tuple[torch.Tensor, dict[str, float]]:
     """Where a trained model's heatmaps sit relative to the object: the mean heatmap of its
-    validation images (the label's CAM, each normalised to sum 1) resampled into the frame of
+    validation images (the label's CAM, each normalized to sum 1) resampled into the frame of
     the object's box, [grid, grid] over box coordinates -0.5 .. 1.5 (the box is 0 .. 1); and
     the shares of heatmap mass on the object's mask, on its outline (the mask less its 2-px
     erosion) and off the object."""
@@ -354,38 +479,48 @@ def profile_figure(out: Path, runs: dict[str, Path]) -> Path:
         ax.set_xlabel(f"interior {100 * inside:.0f}%, outline {100 * outline:.0f}%, off {100 * off:.0f}%", fontsize=8)
         ax.set_xticks([0, 1])
         ax.set_yticks([0, 1])
-    fig.suptitle("mean heatmap in the object's box frame (the box: 0-1); below: its mass on the object's interior, "
-                 "on its 2-px outline and off the object", fontsize=9)
+    fig.suptitle(
+        "mean heatmap in the object's box frame (the box: 0-1); below: its mass on the object's interior, "
+        "on its 2-px outline and off the object",
+        fontsize=9,
+    )
     fig.savefig(out / "profiles.png")
     return out / "profiles.png"
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    with exit_on_error():
+    with cli.exit_on_error():
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         scale = QUICK if args.quick else Scale()
         path = out / "study.json"
         record = json.loads(path.read_text()) if path.is_file() else {"runs": {}}
         runs = plan(scale, args.parts, args.seeds, args.screen_seeds, args.confirm)
-        print(f"cgc.study: {len(runs)} runs ({sum(run_key(p, n, s) in record['runs'] for p, n, s, _ in runs)} "
-              f"already in {path})", file=sys.stderr)
+        print(
+            f"cgc.study: {len(runs)} runs ({sum(run_key(p, n, s) in record['runs'] for p, n, s, _ in runs)} "
+            f"already in {path})",
+            file=sys.stderr,
+        )
         execute(out, runs, record)
         for key, run in record["runs"].items():  # runs recorded before the evaluation existed
-            if run["part"] == "localisation" and "evaluation" not in run:
+            if run["part"] == "localization" and "evaluation" not in run:
                 run["evaluation"] = evaluate_run(out / "runs" / key)
                 path.write_text(json.dumps(record, indent=1) + "\n")
         planned = {run_key(p, n, s) for p, n, s, _ in runs}
-        summary = summarise({"runs": {k: v for k, v in record["runs"].items() if k in planned}})
-        record["summary"] = {part: {name: {k: list(v) for k, v in stats.items()} for name, stats in configs.items()}
-                             for part, configs in summary.items()}
+        summary = summarize({"runs": {k: v for k, v in record["runs"].items() if k in planned}})
+        record["summary"] = {
+            part: {name: {k: list(v) for k, v in stats.items()} for name, stats in configs.items()}
+            for part, configs in summary.items()
+        }
         path.write_text(json.dumps(record, indent=1) + "\n")
         (out / "study.md").write_text(report(summary) + "\n")
         written = figures(out, summary)
-        shown = {name: out / "runs" / run_key("localisation", name, args.seeds[0]) for name in
-                 ("ce", "cgc", "cgc, T 0.1", "cgc, T 0.5", "cgc, vertical flips too")
-                 if run_key("localisation", name, args.seeds[0]) in record["runs"]}
+        shown = {
+            name: out / "runs" / run_key("localization", name, args.seeds[0])
+            for name in ("ce", "cgc", "cgc, T 0.1", "cgc, T 0.5", "cgc, vertical flips too")
+            if run_key("localization", name, args.seeds[0]) in record["runs"]
+        }
         if shown:
             written.append(profile_figure(out, shown))
         print(report(summary))

@@ -1,6 +1,8 @@
 """Checkpoints: atomic, safe to load (weights_only), RNG states round-trip."""
+
 from __future__ import annotations
 
+import pickle
 import random
 
 import pytest
@@ -10,18 +12,17 @@ from cgc import checkpoint
 
 
 def test_atomic_save_and_safe_load(tmp_path):
-    state = {"model": {"w": torch.randn(3)}, "epoch": 2, "args": {"lr": 0.1, "scale": [0.08, 1.0]},
-             "rng": checkpoint.rng_state()}
+    state = {"format": checkpoint.FORMAT, "model": {"w": torch.randn(3)}, "rng": [checkpoint.rng_state()]}
     checkpoint.save_atomic(state, tmp_path / "run" / "last.pt")
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["last.pt"]  # no temp files left
     loaded = checkpoint.load(tmp_path / "run")  # a run folder means its last.pt
-    assert torch.equal(loaded["model"]["w"], state["model"]["w"]) and loaded["epoch"] == 2
+    assert torch.equal(loaded["model"]["w"], state["model"]["w"])
 
 
 def test_failed_write_keeps_the_old_checkpoint(tmp_path):
     path = tmp_path / "last.pt"
-    checkpoint.save_atomic({"model": {"w": torch.ones(2)}}, path)
-    with pytest.raises(Exception):
+    checkpoint.save_atomic({"format": checkpoint.FORMAT, "model": {"w": torch.ones(2)}}, path)
+    with pytest.raises((pickle.PicklingError, AttributeError)):  # a lambda cannot be pickled
         checkpoint.save_atomic({"model": {"w": torch.ones(2)}, "bad": lambda: 0}, path)
     assert torch.equal(checkpoint.load(path)["model"]["w"], torch.ones(2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
@@ -44,3 +45,63 @@ def test_rng_state_round_trip():
     checkpoint.set_rng_state(state)
     b = (torch.rand(3), random.random())
     assert torch.equal(a[0], b[0]) and a[1] == b[1]
+
+
+def format_one_checkpoint(tmp_path, **args):
+    """A checkpoint as the first format wrote it: the command line's namespace as ``args``
+    (``cam_weighting`` before CAM methods had names, ``classes`` comma-separated), one RNG
+    state, the mid-epoch position as ``epoch_state``."""
+    from cgc import train
+    from cgc.config import TrainConfig
+    from cgc.models import build_model
+
+    model = build_model("compact", 3)
+    opt = train.build_optimizer(model, TrainConfig())
+    flags = {"arch": "compact", "dataset": "synthetic", "image_size": 32, "train_size": 48, "val_size": 12,
+             "classes": "circle,square,ring", "lam": 0.5, "crop_scale": [0.2, 1.0], "cam_weighting": "elementwise",
+             "epochs": 3, "out": str(tmp_path / "old")}  # fmt: skip
+    flags.update(args)
+    payload = {
+        "model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 1, "global_step": 5, "args": flags,
+        "classes": ["circle", "square", "ring"], "image_size": 32, "target_layer": "features",
+        "rng": checkpoint.rng_state(), "best_top1": 50.0, "history": [{"epoch": 1, "val_top1": 50.0}],
+        "epoch_state": {"step": 2, "sums": {"loss": 3.0}, "steps": 2, "skipped": 0},
+    }  # fmt: skip
+    checkpoint.save_atomic(payload, tmp_path / "old" / "last.pt")
+    return model
+
+
+def test_checkpoints_of_the_first_format_still_load(tmp_path):
+    """load() brings a first-format checkpoint to today's: its config, CAM method, position and
+    RNG states, and the evaluation's model loader rebuilds the model from it."""
+    from cgc.config import TrainConfig
+    from cgc.models import load_model
+
+    model = format_one_checkpoint(tmp_path)
+    ckpt = checkpoint.load(tmp_path / "old")
+    assert ckpt["format"] == checkpoint.FORMAT and ckpt["cam"] == "hirescam"
+    config = TrainConfig.from_dict(ckpt["config"])
+    assert config.classes == ("circle", "square", "ring") and config.lam == 0.5 and config.crop_scale == (0.2, 1.0)
+    assert config.epochs == 3 and config.batch_size == TrainConfig().batch_size  # absent then: the default
+    progress = checkpoint.Progress(**ckpt["progress"])
+    assert (progress.epoch, progress.step, progress.global_step, progress.best_top1) == (1, 2, 5, 50.0)
+    assert progress.sums == {"loss": 3.0} and isinstance(ckpt["rng"], list) and len(ckpt["rng"]) == 1
+    loaded = load_model(checkpoint_path=tmp_path / "old")
+    assert loaded.method == "hirescam" and loaded.image_size == 32 and loaded.target_layer == "features"
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.model.state_dict().items())
+    cut = tmp_path / "newer"
+    checkpoint.save_atomic({"format": checkpoint.FORMAT + 1, "model": {}}, cut / "last.pt")
+    with pytest.raises(ValueError, match="written by a newer cgc"):
+        checkpoint.load(cut)
+
+
+def test_a_first_format_run_resumes(tmp_path):
+    """python -m cgc.train --resume continues a first-format checkpoint where it stopped."""
+    from cgc import train
+    from cgc.config import TrainConfig
+
+    format_one_checkpoint(tmp_path)
+    cfg = TrainConfig.from_dict(checkpoint.load(tmp_path / "old")["config"])
+    results = train.run(cfg.replace(batch_size=16, resume=str(tmp_path / "old"), overlays=2, cam="hirescam"))
+    history = checkpoint.load(tmp_path / "old")["progress"]["history"]
+    assert [r["epoch"] for r in history] == [1, 2, 3] and results["epochs"] == 3

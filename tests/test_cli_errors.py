@@ -1,6 +1,7 @@
 """Every command line answers a bad input with one ``error: ...`` line and a non-zero exit, not a
 traceback: a corrupt checkpoint, weights that ``torch.load(weights_only=True)`` refuses, an
 unknown architecture or CAM layer (with the closest names suggested)."""
+
 from __future__ import annotations
 
 import subprocess
@@ -11,9 +12,24 @@ import torch
 from PIL import Image
 
 from cgc import evaluate, explain, train
+from cgc.config import TrainConfig
 
-TOY = ["--train-size", "32", "--val-size", "16", "--batch-size", "8", "--image-size", "32",
-       "--num-classes", "3", "--overlays", "2", "--epochs", "1"]
+TOY = [
+    "--train-size",
+    "32",
+    "--val-size",
+    "16",
+    "--batch-size",
+    "8",
+    "--image-size",
+    "32",
+    "--num-classes",
+    "3",
+    "--overlays",
+    "2",
+    "--epochs",
+    "1",
+]
 
 
 class RunsCode:
@@ -24,7 +40,8 @@ class RunsCode:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    train.main(TOY + ["--loss", "ce", "--out", str(root / "run")])
+    train.run(TrainConfig(train_size=32, val_size=16, batch_size=8, image_size=32, num_classes=3, overlays=2,
+                          epochs=1, loss="ce", out=str(root / "run")))  # fmt: skip
     (root / "corrupt.pt").write_bytes(b"PK\x03\x04 cut short")
     torch.save({"conv1.weight": RunsCode()}, root / "code.pth")
     Image.new("RGB", (40, 40), (120, 20, 200)).save(root / "img.png")
@@ -41,38 +58,69 @@ def one_line_error(call, argv) -> str:
 
 def test_corrupt_checkpoint(files):
     corrupt = str(files / "corrupt.pt")
-    for call, argv in ((train.main, TOY + ["--resume", corrupt, "--out", str(files / "r")]),
-                       (evaluate.main, ["--checkpoint", corrupt, "--out", str(files / "e")]),
-                       (explain.main, [str(files / "img.png"), "--checkpoint", corrupt, "--out", str(files / "x")])):
+    for call, argv in (
+        (train.main, TOY + ["--resume", corrupt, "--out", str(files / "r")]),
+        (evaluate.main, ["--checkpoint", corrupt, "--out", str(files / "e")]),
+        (explain.main, [str(files / "img.png"), "--checkpoint", corrupt, "--out", str(files / "x")]),
+    ):
         assert "corrupt" in one_line_error(call, argv)
 
 
 def test_weights_with_code_are_refused(files):
     code = str(files / "code.pth")
-    for call, argv in ((train.main, TOY + ["--arch", "resnet18", "--weights", code, "--out", str(files / "r")]),
-                       (explain.main, [str(files / "img.png"), "--arch", "resnet18", "--weights", code])):
+    for call, argv in (
+        (train.main, TOY + ["--arch", "resnet18", "--weights", code, "--out", str(files / "r")]),
+        (explain.main, [str(files / "img.png"), "--arch", "resnet18", "--weights", code]),
+    ):
         message = one_line_error(call, argv)
         assert "Python objects" in message and "state_dict" in message
 
 
 def test_unknown_architecture(files):
-    for call, argv in ((train.main, TOY + ["--arch", "resnet19", "--out", str(files / "r")]),
-                       (explain.main, [str(files / "img.png"), "--arch", "resnet19", "--pretrained"])):
+    for call, argv in (
+        (train.main, TOY + ["--arch", "resnet19", "--out", str(files / "r")]),
+        (explain.main, [str(files / "img.png"), "--arch", "resnet19", "--pretrained"]),
+    ):
         assert "did you mean 'resnet18'" in one_line_error(call, argv)
 
 
 def test_unknown_target_layer(files):
-    for call, argv in ((train.main, TOY + ["--target-layer", "featurez", "--out", str(files / "r")]),
-                       (evaluate.main, ["--checkpoint", str(files / "run"), "--target-layer", "featurez",
-                                        "--no-causal", "--out", str(files / "e")]),
-                       (explain.main, [str(files / "img.png"), "--checkpoint", str(files / "run"),
-                                       "--target-layer", "featurez", "--out", str(files / "x")])):
+    for call, argv in (
+        (train.main, TOY + ["--target-layer", "featurez", "--out", str(files / "r")]),
+        (
+            evaluate.main,
+            [
+                "--checkpoint",
+                str(files / "run"),
+                "--target-layer",
+                "featurez",
+                "--no-causal",
+                "--out",
+                str(files / "e"),
+            ],
+        ),
+        (
+            explain.main,
+            [
+                str(files / "img.png"),
+                "--checkpoint",
+                str(files / "run"),
+                "--target-layer",
+                "featurez",
+                "--out",
+                str(files / "x"),
+            ],
+        ),
+    ):
         assert "did you mean 'features'" in one_line_error(call, argv)
 
 
 def test_the_real_command_prints_no_traceback(files):
-    proc = subprocess.run([sys.executable, "-m", "cgc.train", *TOY, "--resume", str(files / "corrupt.pt"),
-                           "--out", str(files / "r")], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cgc.train", *TOY, "--resume", str(files / "corrupt.pt"), "--out", str(files / "r")],
+        capture_output=True,
+        text=True,
+    )
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert lines[-1].startswith("error: ") and "corrupt" in lines[-1]

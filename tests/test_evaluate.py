@@ -1,4 +1,5 @@
 """python -m cgc.evaluate and python -m cgc.explain end to end on toy checkpoints."""
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,12 @@ import torch
 from PIL import Image
 
 from cgc import evaluate, explain, train
+from cgc.config import TrainConfig
 
-TOY = ["--train-size", "96", "--val-size", "40", "--batch-size", "16", "--image-size", "32",
-       "--num-classes", "4", "--overlays", "4", "--epochs", "1"]
+#: float32 (amp off): the evaluation, in float32, must reproduce the training's validation exactly
+TOY = TrainConfig(
+    train_size=96, val_size=40, batch_size=16, image_size=32, num_classes=4, overlays=4, epochs=1, amp="off"
+)
 
 
 @pytest.fixture(scope="module")
@@ -21,38 +25,74 @@ def runs(tmp_path_factory):
     """Two tiny trained checkpoints of the same data: CE only and CGC."""
     root = tmp_path_factory.mktemp("runs")
     for loss in ("ce", "cgc"):
-        train.main(TOY + ["--loss", loss, "--out", str(root / loss)])
+        train.run(TOY.replace(loss=loss, out=str(root / loss)))
     return root
 
 
 def test_evaluate_two_checkpoints(runs, tmp_path, capsys):
     out = tmp_path / "eval"
-    report = evaluate.main(["--checkpoint", str(runs / "ce"), "--checkpoint", str(runs / "cgc" / "best.pt"),
-                            "--out", str(out), "--overlays", "3"])
+    report = evaluate.main(
+        [
+            "--checkpoint",
+            str(runs / "ce"),
+            "--checkpoint",
+            str(runs / "cgc" / "best.pt"),
+            "--out",
+            str(out),
+            "--overlays",
+            "3",
+        ]
+    )
     assert list(report) == ["ce", "cgc"]
     saved = json.loads((out / "report.json").read_text())
     assert saved["settings"]["images"] == 40 and saved["settings"]["image_size"] == 32
     for name in ("ce", "cgc"):
         r = saved["models"][name]
-        for key in ("top1", "content_heatmap", "pointing_game", "insertion_auc", "deletion_auc", "consistency",
-                    "mprt", "random_logit", "max_sensitivity", "sparseness", "complexity"):
+        for key in (
+            "top1",
+            "content_heatmap",
+            "pointing_game",
+            "insertion_auc",
+            "deletion_auc",
+            "consistency",
+            "mprt",
+            "random_logit",
+            "max_sensitivity",
+            "sparseness",
+            "complexity",
+        ):
             assert isinstance(r[key], float), (name, key)
         assert len(r["mprt_steps"]) == len(r["mprt_step_names"]) == 4
         assert 0 <= r["content_heatmap"] <= 100 and 0 <= r["insertion_auc"] <= 1 and r["loss"] == name
         # the checkpoint's own validation top-1 is reproduced (same data rebuilt from its args)
         ckpt = torch.load((runs / name / ("last.pt" if name == "ce" else "best.pt")), weights_only=True)
-        assert r["top1"] == pytest.approx(ckpt["history"][-1]["val_top1"])
-    for png in ("overlays.png", "curves.png", "randomisation.png"):
+        assert r["top1"] == pytest.approx(ckpt["progress"]["history"][-1]["val_top1"])
+    for png in ("overlays.png", "curves.png", "randomization.png"):
         with Image.open(out / png) as img:
             assert img.width > 100 and img.height > 100
     table = capsys.readouterr().out
-    assert "| metric | ce | cgc |" in table and "deletion AUC" in table
+    assert re.search(r"\| metric +\| +ce \| +cgc \|", table) and "deletion AUC" in table
     assert (out / "report.md").read_text().strip() == table.strip()
 
 
 def test_evaluate_overrides_and_errors(runs, tmp_path):
-    report = evaluate.main(["--checkpoint", str(runs / "cgc"), "--name", "mine", "--limit", "8",
-                            "--no-causal", "--tolerance", "2", "--cam-input-size", "48", "--out", str(tmp_path)])
+    report = evaluate.main(
+        [
+            "--checkpoint",
+            str(runs / "cgc"),
+            "--name",
+            "mine",
+            "--limit",
+            "8",
+            "--no-causal",
+            "--tolerance",
+            "2",
+            "--cam-input-size",
+            "48",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert report["mine"]["insertion_auc"] is None and report["mine"]["deletion_auc"] is None
     assert not (tmp_path / "curves.png").exists() and (tmp_path / "overlays.png").is_file()
     assert json.loads((tmp_path / "report.json").read_text())["settings"]["images"] == 8
@@ -66,8 +106,16 @@ def test_evaluate_overrides_and_errors(runs, tmp_path):
 
 def test_evaluate_a_run_on_a_subset_of_the_shapes(tmp_path):
     """A run trained with --classes is evaluated on those shapes, not on the default ten."""
-    train.main(["--train-size", "24", "--val-size", "12", "--batch-size", "8", "--image-size", "32", "--epochs", "1",
-                "--overlays", "2", "--classes", "plus,star,tee", "--out", str(tmp_path / "run")])
+    train.run(
+        TOY.replace(
+            train_size=24,
+            val_size=12,
+            batch_size=8,
+            overlays=2,
+            classes=("plus", "star", "tee"),
+            out=str(tmp_path / "run"),
+        )
+    )
     report = evaluate.main(["--checkpoint", str(tmp_path / "run"), "--skip-slow", "--out", str(tmp_path / "eval")])
     assert json.loads((tmp_path / "eval" / "report.json").read_text())["settings"]["images"] == 12
     assert isinstance(report["run"]["top1"], float)
@@ -79,8 +127,9 @@ def test_explain_writes_topk_overlays(runs, tmp_path, capsys):
     bundle = data.build("synthetic", train_size=1, val_size=2, image_size=48, num_classes=4)
     png = tmp_path / "shape.png"
     Image.fromarray(bundle.val.images[0].permute(1, 2, 0).numpy()).save(png)
-    written = explain.main([str(png), "--checkpoint", str(runs / "cgc"), "--top-k", "2",
-                            "--out", str(tmp_path / "out")])
+    written = explain.main(
+        [str(png), "--checkpoint", str(runs / "cgc"), "--top-k", "2", "--out", str(tmp_path / "out")]
+    )
     assert [p.name for p in written] == ["shape_gradcam.png"]
     with Image.open(written[0]) as img:
         assert img.width > img.height  # image + two overlays side by side
@@ -96,8 +145,19 @@ def test_explain_with_arch_and_weights(tmp_path):
     torch.save(model.state_dict(), tmp_path / "w.pt")
     png = tmp_path / "x.png"
     Image.new("RGB", (50, 40), (200, 30, 30)).save(png)
-    written = explain.main([str(png), "--arch", "resnet18", "--weights", str(tmp_path / "w.pt"),
-                            "--image-size", "32", "--out", str(tmp_path)])
+    written = explain.main(
+        [
+            str(png),
+            "--arch",
+            "resnet18",
+            "--weights",
+            str(tmp_path / "w.pt"),
+            "--image-size",
+            "32",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert written[0].is_file()
     from cgc.models import imagenet_categories
 
@@ -114,17 +174,20 @@ def test_explain_clear_errors(runs, tmp_path):
         explain.main([str(bad), "--checkpoint", str(runs / "cgc")])
     with pytest.raises(SystemExit, match="checkpoint not found"):
         explain.main([str(bad), "--checkpoint", str(tmp_path / "none.pt")])
-    proc = subprocess.run([sys.executable, "-m", "cgc.explain", str(bad), "--arch", "resnet18"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cgc.explain", str(bad), "--arch", "resnet18"], capture_output=True, text=True
+    )
     assert proc.returncode == 2 and "--weights" in proc.stderr
 
 
 def voc_xml(path, name, box, size=(60, 50)):
     x0, y0, x1, y1 = box
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"<annotation><size><width>{size[0]}</width><height>{size[1]}</height></size>"
-                    f"<object><name>{name}</name><bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin>"
-                    f"<xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object></annotation>")
+    path.write_text(
+        f"<annotation><size><width>{size[0]}</width><height>{size[1]}</height></size>"
+        f"<object><name>{name}</name><bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin>"
+        f"<xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object></annotation>"
+    )
 
 
 def photo_folder(root, classes=("0", "3"), per_class=3):
@@ -144,8 +207,23 @@ def test_evaluate_any_model_on_a_folder_of_photos_with_voc_boxes(tmp_path):
 
     torch.save(torchvision.models.resnet18(num_classes=5).state_dict(), tmp_path / "w.pth")
     root = photo_folder(tmp_path / "photos")
-    report = evaluate.main(["--arch", "resnet18", "--weights", str(tmp_path / "w.pth"), "--dataset", "folder",
-                            "--data", str(root), "--image-size", "64", "--skip-slow", "--out", str(tmp_path / "e")])
+    report = evaluate.main(
+        [
+            "--arch",
+            "resnet18",
+            "--weights",
+            str(tmp_path / "w.pth"),
+            "--dataset",
+            "folder",
+            "--data",
+            str(root),
+            "--image-size",
+            "64",
+            "--skip-slow",
+            "--out",
+            str(tmp_path / "e"),
+        ]
+    )
     r = report["w"]
     assert r["top1"] is not None and r["content_heatmap"] is not None and r["mprt"] is None  # slow: skipped
     settings = json.loads((tmp_path / "e" / "report.json").read_text())["settings"]
@@ -156,9 +234,25 @@ def test_evaluate_any_model_on_a_folder_of_photos_with_voc_boxes(tmp_path):
     for p in sorted(root.rglob("*.jpg")):
         p.rename(flat / p.name)
     (root / "annotation").rename(flat / "annotation")
-    report = evaluate.main(["--arch", "resnet18", "--weights", str(tmp_path / "w.pth"), "--dataset", "folder",
-                            "--data", str(flat), "--image-size", "64", "--metrics", "top1", "pointing_game",
-                            "--out", str(tmp_path / "f")])
+    report = evaluate.main(
+        [
+            "--arch",
+            "resnet18",
+            "--weights",
+            str(tmp_path / "w.pth"),
+            "--dataset",
+            "folder",
+            "--data",
+            str(flat),
+            "--image-size",
+            "64",
+            "--metrics",
+            "top1",
+            "pointing_game",
+            "--out",
+            str(tmp_path / "f"),
+        ]
+    )
     assert report["w"]["pointing_game"] is not None and report["w"]["sparseness"] is None
 
 
@@ -166,8 +260,20 @@ def test_evaluate_bad_inputs_are_one_clear_line(tmp_path):
     import torchvision
 
     torch.save(torchvision.models.resnet18(num_classes=5).state_dict(), tmp_path / "w.pth")
-    base = ["--arch", "resnet18", "--weights", str(tmp_path / "w.pth"), "--dataset", "folder", "--image-size", "64",
-            "--metrics", "top1", "--out", str(tmp_path / "e")]
+    base = [
+        "--arch",
+        "resnet18",
+        "--weights",
+        str(tmp_path / "w.pth"),
+        "--dataset",
+        "folder",
+        "--image-size",
+        "64",
+        "--metrics",
+        "top1",
+        "--out",
+        str(tmp_path / "e"),
+    ]
 
     def error(root, pattern):
         """The first line says what is wrong (a layout error goes on with the expected layout)."""
@@ -186,11 +292,22 @@ def test_evaluate_bad_inputs_are_one_clear_line(tmp_path):
     error(outside, "lies outside the 60 x 50 image")
     named = photo_folder(tmp_path / "named", classes=("cat", "dog"))
     error(named, "cannot tell which of the model's 5 classes")
-    torch.save(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 64 * 64, 2)).state_dict(),
-               tmp_path / "mlp.pth")
+    torch.save(
+        torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 64 * 64, 2)).state_dict(), tmp_path / "mlp.pth"
+    )
     with pytest.raises(SystemExit, match="unknown architecture"):
-        evaluate.main(["--arch", "mlp", "--weights", str(tmp_path / "mlp.pth"), "--dataset", "synthetic",
-                       "--out", str(tmp_path / "x")])
+        evaluate.main(
+            [
+                "--arch",
+                "mlp",
+                "--weights",
+                str(tmp_path / "mlp.pth"),
+                "--dataset",
+                "synthetic",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
 
 
 def test_a_model_without_a_spatial_layer_is_a_clear_error(tmp_path):

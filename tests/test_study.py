@@ -1,9 +1,11 @@
 """python -m cgc.study --quick: the study that backs README's "Does it work?" runs end to end
 (a miniature: every part, every kind of run, >= 2 seeds), writes its record, tables and
 figures, and continues an interrupted study without repeating runs."""
+
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from PIL import Image
@@ -16,18 +18,18 @@ def test_quick_study_runs_and_resumes(tmp_path, capsys):
     record = study.main(["--quick", "--out", str(out), "--seeds", "0", "1"])
     runs = record["runs"]
     parts = {r["part"] for r in runs.values()}
-    assert parts == {"localisation", "pretrain", "transfer", "semi"}
+    assert parts == {"localization", "pretrain", "transfer", "semi"}
     assert all(isinstance(r["results"]["val_top1"], float) for r in runs.values())
     summary = record["summary"]
-    assert summary["localisation"]["cgc"]["consistency"][2] == 2  # two seeds
+    assert summary["localization"]["cgc"]["consistency"][2] == 2  # two seeds
     assert set(summary["transfer"]) == {"ce, 2/class", "cgc, 2/class", "ce, 4/class", "cgc, 4/class"}
     table = (out / "study.md").read_text()
-    assert "| cgc, T 0.5 |" in table and "± " in table
-    for png in ("localisation.png", "transfer.png", "semi.png"):
+    assert re.search(r"\| cgc, T 0.5 +\|", table) and "± " in table
+    for png in ("localization.png", "transfer.png", "semi.png"):
         with Image.open(out / png) as img:
             assert img.width > 300
     # the semi-supervised CE runs are the transfer CE runs: run once, recorded twice
-    semi_ce = runs["semi/ce--labelled-only--2-class/seed0"]
+    semi_ce = runs["semi/ce--labeled-only--2-class/seed0"]
     assert semi_ce["results"] == runs["transfer/ce--2-class/seed0"]["results"]
     capsys.readouterr()
     again = study.main(["--quick", "--out", str(out), "--seeds", "0", "1"])
