@@ -22,6 +22,10 @@ class Schedule:
     - ``step``: ``lr`` times ``gamma`` every ``step_epochs`` epochs;
     - ``constant``: ``lr``.
 
+    The warm-up gives each step the rate of the position it ends at, ``lr * t_end /
+    warmup_epochs``, capped at ``lr``: it rises to ``lr`` and never past it, however few steps
+    an epoch has (a warm-up shorter than one step is no warm-up: the first step gets ``lr``).
+
     CGC weight: ``lam``, ramped up linearly over ``lambda_warmup_epochs`` (again by the position
     each step ends at) so that the explanation term acts once the classifier predicts.
     """
@@ -39,7 +43,7 @@ class Schedule:
         """The learning rate of step ``step`` of epoch ``epoch``."""
         t = epoch + step / steps_per_epoch
         if t < self.warmup_epochs:
-            return self.lr * (t + 1 / steps_per_epoch) / self.warmup_epochs
+            return self.lr * min(1.0, (t + 1 / steps_per_epoch) / self.warmup_epochs)
         if self.kind == "cosine":
             span = max(self.epochs - self.warmup_epochs, 1e-8)
             return 0.5 * self.lr * (1 + math.cos(math.pi * min((t - self.warmup_epochs) / span, 1.0)))
