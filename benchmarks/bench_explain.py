@@ -1,4 +1,4 @@
-"""Explanation throughput (issue 5), on the CPU (and CUDA when present):
+"""Explanation throughput, on the CPU (and CUDA when present):
 
 - heatmaps per second of Grad-CAM at input resolution for a batch of 32 images at 224 px on
   torchvision's ResNet-18 (``layer4``, predicted classes): ``cgc.GradCAM`` +
@@ -7,7 +7,7 @@
 - images per second of insertion + deletion AUC (RISE protocol, 28 steps): the batched
   :func:`cgc.metrics.insertion_deletion` vs a per-image, per-step loop as RISE runs it.
 
-At the end of the session a markdown table is printed and, when ``CGC_BENCH_EXPLAIN_TABLE``
+At the end of the pytest run a markdown table is printed and, when ``CGC_BENCH_EXPLAIN_TABLE``
 names a file, written there. Run: ``pytest benchmarks/bench_explain.py --benchmark-only``.
 """
 

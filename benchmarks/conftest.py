@@ -2,7 +2,7 @@
 
 Every benchmark runs forward + backward of one op (or one CGC training step) through
 ``benchmark.pedantic`` with a few rounds, and records its median time here. At the end of the
-session a markdown table of medians and speed-ups (native vs eager reference and vs
+pytest run a markdown table of medians and speed-ups (native vs eager reference and vs
 ``torch.compile(reference)``) is printed and, when ``CGC_BENCH_TABLE`` names a file, written
 there together with the machine's measured copy bandwidth and matmul rate.
 """

@@ -3,8 +3,8 @@
 # builds cgc._C (CPU + CUDA), runs the test suite (CUDA cases included), the CUDA benchmarks
 # (with the device's copy bandwidth and matmul rate), and writes a markdown report to
 # $OUT/gpu_results.md (logs beside it). Needs no network. Its stages are capped (build 150 s, tests
-# 150 + 120 s, benchmarks 180 s, profile 60 s); a typical run (build about 40 s) fits the device
-# tool's 10-minute call limit. A failed build is reported and the rest still runs (reference, Triton).
+# 150 + 120 s, benchmarks 180 s, profile 60 s); a typical run (build about 40 s) fits in 10
+# minutes. A failed build is reported and the rest still runs (reference, Triton).
 # Usage: OUT=/some/dir benchmarks/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu_check_out}

@@ -1,4 +1,4 @@
-"""Per-kernel profile of forward + backward of each op at one issue size, on CUDA:
+"""Per-kernel profile of forward + backward of each op at one benchmark size, on CUDA:
 ``python benchmarks/profile_ops.py [backend ...]`` prints, per op and backend, the wall time per
 call (synchronized) and the profiler's table of device kernels, to tell kernel time from host
 overhead."""

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, UnknownName
-from .transforms import CE_SCALE, DEFAULT_SCALE
+from .transforms import CE_SCALE, DEFAULT_SCALE, SAMPLERS
 
 #: the groups of the flag reference and of ``--help``, in order
 GROUPS = ("data", "model", "optimization", "CGC", "distributed", "run")
@@ -87,7 +87,7 @@ class TrainConfig:
 
     # data
     dataset: str = setting(
-        "synthetic", "synthetic (built in, no files), cub, cars, flowers, aircraft, imagenet, folder", "data"
+        "synthetic", "the dataset: synthetic is built in (no files), the others read --data ROOT", "data"
     )
     data: str | None = setting(None, "root folder of a file dataset", "data", metavar="ROOT")
     strict: bool = setting(False, "stop at the first unreadable image instead of skipping it", "data")
@@ -190,6 +190,21 @@ class TrainConfig:
     )
     crop_scale: tuple[float, float] = setting(
         DEFAULT_SCALE, "area range of the augmented view's crop", "CGC", check=area_range, metavar=("MIN", "MAX")
+    )
+    crop_sampler: str = setting(
+        "rrc",
+        "where the augmented view's crops lie: rrc (RandomResizedCrop: inside the image, so the center is covered "
+        "most often) or uniform (anywhere they overlap the image, every pixel covered equally often; the padding "
+        "is left out of the comparison)",
+        "CGC",
+        choices=SAMPLERS,
+    )
+    class_negatives: int = setting(
+        0,
+        "K: the augmented image's heatmaps for its K most probable other classes join the InfoNCE negatives (0: none)",
+        "CGC",
+        check=at_least(0),
+        metavar="K",
     )
     vflip: bool = setting(False, "flip the augmented view vertically too, with probability 0.5", "CGC")
     heatmap_padding: str = setting(
@@ -342,6 +357,16 @@ class TrainConfig:
                 add("--unlabeled rest needs --samples-per-class or --train-fraction (the rest of what?)")
             if self.unlabeled not in ("rest", "all") and not Path(self.unlabeled).is_dir():
                 add(f"--unlabeled {self.unlabeled} is not a folder (or 'rest' / 'all')")
+        if self.crop_sampler != "rrc" and not cgc:
+            add(f"--crop-sampler {self.crop_sampler} places the CGC term's crops: use --loss cgc or mse")
+        if self.class_negatives:
+            if self.loss != "cgc":
+                add("--class-negatives are InfoNCE negatives: use --loss cgc")
+            classes = len(self.classes) if self.classes else self.num_classes
+            if self.dataset == "synthetic" and self.class_negatives >= classes:
+                add(
+                    f"--class-negatives {self.class_negatives} needs more than {self.class_negatives} classes, got {classes}"
+                )
         if self.new_head and not self.weights:
             add("--new-head goes with --weights")
         if self.pretrained and self.weights:
@@ -440,6 +465,22 @@ def _base_type(hint) -> type:
     return origin if origin is not None else hint
 
 
+def choices_of(field: dataclasses.Field) -> tuple | None:
+    """The values a setting takes, when they form a list: its own, or a registry's (datasets,
+    CAM methods: known when asked, so that registered additions count)."""
+    if field.metadata["choices"] is not None:
+        return field.metadata["choices"]
+    if field.name == "dataset":
+        from .data import DATASETS
+
+        return DATASETS
+    if field.name == "cam":
+        from .cam_methods import CAM_METHODS
+
+        return tuple(CAM_METHODS)
+    return None
+
+
 def flag_of(field: dataclasses.Field) -> str:
     return field.metadata["flag"] or "--" + field.name.replace("_", "-")
 
@@ -457,10 +498,6 @@ def build_parser(prog: str = "python -m cgc.train", description: str | None = No
         metavar="FILE",
         help="YAML file of settings (e.g. a run's OUT/config.yaml); flags given with it override its values",
     )
-    from .cam_methods import CAM_METHODS
-    from .data import DATASETS
-
-    named = {"dataset": DATASETS, "cam": tuple(CAM_METHODS)}  # registries: known when the parser is built
     hints = typing.get_type_hints(TrainConfig)
     groups = {name: p.add_argument_group(name) for name in GROUPS}
     for f in dataclasses.fields(TrainConfig):
@@ -475,8 +512,8 @@ def build_parser(prog: str = "python -m cgc.train", description: str | None = No
                 kwargs.update(nargs=2, type=float)
         else:
             kwargs["type"] = base
-        if meta["choices"] is not None or f.name in named:
-            kwargs["choices"] = meta["choices"] or named[f.name]
+        if choices_of(f) is not None:
+            kwargs["choices"] = choices_of(f)
         if meta["metavar"] is not None:
             kwargs["metavar"] = meta["metavar"]
         groups[meta["group"]].add_argument(flag_of(f), **kwargs)
@@ -520,7 +557,7 @@ def flag_reference() -> str:
             shown = flag_of(f)
             if metavar:
                 shown += " " + (" ".join(metavar) if isinstance(metavar, tuple) else metavar)
-            choices = f" ({' / '.join(map(str, meta['choices']))})" if meta["choices"] else ""
+            choices = f" ({' / '.join(map(str, choices_of(f)))})" if choices_of(f) else ""
             lines.append(f"| `{shown}` | {_default_text(f.default)} | {meta['doc']}{choices} |")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

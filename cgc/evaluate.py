@@ -134,7 +134,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=int,
         default=None,
         help="content heatmap / pointing game: resize images to this size for the CAM and the "
-        "heatmap back (METHOD's ImageNet protocol: 448; default: no resizing)",
+        "heatmap back (the ImageNet protocol of docs/method.md: 448; default: no resizing)",
     )
     g.add_argument(
         "--crop-scale",

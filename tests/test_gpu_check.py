@@ -1,5 +1,5 @@
-"""benchmarks/gpu_check.sh runs only on a lent GPU, in one call of a few minutes: a syntax error
-or a renamed test file would waste that call, so CI checks both here."""
+"""benchmarks/gpu_check.sh runs only on a GPU machine, in one run of a few minutes: a syntax error
+or a renamed test file would waste that run, so CI, which has no GPU, checks both here."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ Every image is decoded with PIL (as RGB) and turned into uint8 tensors of one si
 - ``x_orig``: Resize(shorter side ``S * 256 / 224``) + CenterCrop(``S``), the view that is
   evaluated and explained (the augmented view ``x_aug`` is cut from it on the device);
 - ``x_ce`` (training only): RandomResizedCrop(``S``) + horizontal flip of the decoded image,
-  the cross-entropy view of the reference recipe (METHOD.md), drawn from a key of (seed,
+  the cross-entropy view of the reference recipe (docs/method.md), drawn from a key of (seed,
   epoch, sample index) (:meth:`ImageFiles.set_epoch`): the same crop for an image whatever the
   loader workers and processes.
 

@@ -1,5 +1,5 @@
 """Batched metrics of classifiers and their explanations, on the tensors' device (protocols:
-METHOD.md; the groups are Quantus's):
+docs/method.md; the groups are Quantus's):
 
 - accuracy: :func:`topk_correct`;
 - localization: :func:`content_heatmap` (relevance mass), :func:`pointing_game`, on regions from

@@ -35,7 +35,7 @@ from .robustness import keyed_noise, max_sensitivity
 
 @dataclass(frozen=True)
 class Settings:
-    """The protocols' parameters (defaults: METHOD.md and Quantus's, see README)."""
+    """The protocols' parameters (defaults: docs/method.md's and Quantus's, see docs/evaluation.md)."""
 
     seed: int = 12345  # every random draw of the metrics is keyed by it
     crop_scale: tuple[float, float] = transforms.DEFAULT_SCALE  # consistency crops
@@ -189,7 +189,8 @@ class Top5(_TopK):
 
 class _LabelHeatmaps(Metric):
     """Localization metrics: CAMs of the ground-truth class, on the image resized to
-    ``cam_input_size`` (METHOD's ImageNet protocol: 448) and back; images without a box left out."""
+    ``cam_input_size`` (the ImageNet protocol of docs/method.md: 448) and back; images without a
+    box left out."""
 
     needs = frozenset({"labels", "boxes"})
     higher_is_better = True

@@ -1,7 +1,7 @@
 """The three differentiable primitives of CGC and the choice of backend that computes them.
 
 ``gradcam``, ``affine_warp`` and ``info_nce`` validate their inputs here, once, and hand them
-to a backend (contracts: ``shared/docs/DESIGN.md``):
+to a backend (their contracts: ``docs/backends.md``):
 
 - ``reference``: pure PyTorch (:mod:`cgc.ops.reference`), always available, the test oracle;
 - ``native``: the compiled extension ``cgc._C`` (:mod:`cgc.ops.native`), when it is built;
