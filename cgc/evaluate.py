@@ -15,6 +15,7 @@ deletion curves) and ``randomization.png`` (each model's heatmap after each rand
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import json
 import logging
@@ -36,7 +37,62 @@ DATA_ARGS = ("dataset", "data", "image_size", "train_size", "val_size", "num_cla
 CAUSAL = ("insertion_auc", "deletion_auc")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """What ``python -m cgc.evaluate`` evaluates, on what, and how (the flags' values; see
+    ``--help``). The models: cgc ``checkpoint`` paths, then ``arch`` models with their
+    ``weights``; ``name``: a column name per model. The data: the first checkpoint's, changed by
+    the data fields that are not None."""
+
+    checkpoint: tuple[str, ...] = ()
+    arch: tuple[str, ...] = ()
+    weights: tuple[str, ...] = ()
+    name: tuple[str, ...] | None = None
+    dataset: str | None = None
+    data: str | None = None
+    image_size: int | None = None
+    train_size: int | None = None
+    val_size: int | None = None
+    num_classes: int | None = None
+    seed: int | None = None
+    limit: int | None = None
+    workers: int | None = None
+    cam: str | None = None
+    target_layer: str | None = None
+    metrics: tuple[str, ...] | None = None
+    skip_slow: bool = False
+    no_causal: bool = False
+    batch_size: int = 64
+    pixels_per_step: int | None = None
+    causal_batch: int = 256
+    tolerance: float = 0.0
+    cam_input_size: int | None = None
+    crop_scale: tuple[float, float] = transforms.DEFAULT_SCALE
+    sensitivity_radius: float = 0.2
+    sensitivity_samples: int = 10
+    randomization: str = "stage"
+    metric_seed: int = 12345
+    device: str = "auto"
+    backend: str | None = None
+    out: str = "runs/eval"
+    overlays: int = 8
+
+    def settings(self) -> metrics.Settings:
+        """The metrics' protocol parameters."""
+        return metrics.Settings(
+            seed=self.metric_seed,
+            crop_scale=tuple(self.crop_scale),
+            tolerance=self.tolerance,
+            cam_input_size=self.cam_input_size,
+            pixels_per_step=self.pixels_per_step,
+            causal_batch=self.causal_batch,
+            sensitivity_radius=self.sensitivity_radius,
+            sensitivity_samples=self.sensitivity_samples,
+            randomization=self.randomization,
+        )
+
+
+def parse_args(argv=None) -> EvalConfig:
     p = cli.ArgumentParser(
         prog="python -m cgc.evaluate",
         description=__doc__.split("\n")[0],
@@ -160,8 +216,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     g.add_argument(
         "--metric-seed",
-        "--consistency-seed",
-        dest="metric_seed",
         type=int,
         default=12345,
         help="seed of the metrics' random draws (crops, noise, classes, randomized weights)",
@@ -194,7 +248,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.tolerance < 0 or (args.workers is not None and args.workers < 0) or not args.sensitivity_radius > 0:
         p.error("--tolerance and --workers must be >= 0, --sensitivity-radius > 0")
-    return args
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()}
+    return EvalConfig(**values)
 
 
 def model_names(sources: list[str], names: list[str] | None) -> list[str]:
@@ -276,56 +331,50 @@ def format_table(report: dict[str, dict], chosen: list[metrics.Metric]) -> str:
 def main(argv=None) -> dict:
     """``python -m cgc.evaluate``: parse the flags and evaluate (see :func:`run`); a library
     error ends the process with one ``error: ...`` line."""
-    args = parse_args(argv)
+    config = parse_args(argv)
     with cli.exit_on_error():
         cli.setup_logging()
-        return cli.run_in_job(lambda ctx: run(args, ctx), args.device)
+        return cli.run_in_job(lambda ctx: run(config, ctx), config.device)
 
 
-def run(args, ctx: distributed.Context | None = None) -> dict:
+def run(config: EvalConfig, ctx: distributed.Context | None = None) -> dict:
     """Evaluate every model on the same images and write the report, table and pictures.
     Under torchrun the images are shared out over the processes, the totals summed, and the
     first process writes."""
-    ctx = ctx or distributed.Context(distributed.pick_device(args.device))
+    ctx = ctx or distributed.Context(distributed.pick_device(config.device))
     device = ctx.device
-    out = Path(args.out)
-    loaded = [load_model(checkpoint_path=c) for c in args.checkpoint]
-    loaded += [load_model(arch=a, weights=w) for a, w in zip(args.arch, args.weights)]
-    names = model_names(args.checkpoint + args.weights, args.name)
-    if args.checkpoint:
+    out = Path(config.out)
+    loaded = [load_model(checkpoint_path=c) for c in config.checkpoint]
+    loaded += [load_model(arch=a, weights=w) for a, w in zip(config.arch, config.weights)]
+    names = model_names([*config.checkpoint, *config.weights], None if config.name is None else list(config.name))
+    if config.checkpoint:
         first_args = loaded[0].train_args
-        if not (args.dataset or first_args.get("dataset")):
-            raise ConfigError(f"{args.checkpoint[0]} does not say its dataset; pass --dataset")
-        bundle = build_data(first_args, vars(args))
+        if not (config.dataset or first_args.get("dataset")):
+            raise ConfigError(f"{config.checkpoint[0]} does not say its dataset; pass --dataset")
+        bundle = build_data(first_args, dataclasses.asdict(config))
     else:
-        overrides = {**vars(args), "image_size": args.image_size or loaded[0].image_size}
+        overrides = {**dataclasses.asdict(config), "image_size": config.image_size or loaded[0].image_size}
         bundle = build_data({}, overrides, everything=True)
     maps = [label_map(m, bundle.classes) for m in loaded]
-    chosen = metrics.select(args.metrics, skip_slow=args.skip_slow, has_boxes=hasattr(bundle.val, "boxes"))
-    if args.no_causal:
-        chosen = [m for m in chosen if m.name not in CAUSAL]
-    settings = metrics.Settings(
-        seed=args.metric_seed,
-        crop_scale=tuple(args.crop_scale),
-        tolerance=args.tolerance,
-        cam_input_size=args.cam_input_size,
-        pixels_per_step=args.pixels_per_step,
-        causal_batch=args.causal_batch,
-        sensitivity_radius=args.sensitivity_radius,
-        sensitivity_samples=args.sensitivity_samples,
-        randomization=args.randomization,
+    chosen = metrics.select(
+        None if config.metrics is None else list(config.metrics),
+        skip_slow=config.skip_slow,
+        has_boxes=hasattr(bundle.val, "boxes"),
     )
+    if config.no_causal:
+        chosen = [m for m in chosen if m.name not in CAUSAL]
+    settings = config.settings()
     cams = [
         GradCAM(
             m.model.to(device).eval(),
-            args.target_layer or m.target_layer,
-            method=args.cam or m.method,
-            backend=args.backend,
+            config.target_layer or m.target_layer,
+            method=config.cam or m.method,
+            backend=config.backend,
             channels_last=runtime.channels_last(device),
         )
         for m in loaded
     ]
-    n = len(bundle.val) if args.limit is None else min(args.limit, len(bundle.val))
+    n = len(bundle.val) if config.limit is None else min(config.limit, len(bundle.val))
     if ctx.primary:
         procs = f" x {ctx.world_size} processes" if ctx.distributed else ""
         log.info(
@@ -334,7 +383,7 @@ def run(args, ctx: distributed.Context | None = None) -> dict:
             f"{', '.join(m.name for m in chosen)}"
         )
     out.mkdir(parents=True, exist_ok=True)
-    workers = runtime.loader_workers(args.workers, bundle.in_memory)
+    workers = runtime.loader_workers(config.workers, bundle.in_memory)
     report: dict[str, dict] = {}
     for name, cam, model, mapping in zip(names, cams, loaded, maps):
         result = metrics.explanation_metrics(
@@ -343,8 +392,8 @@ def run(args, ctx: distributed.Context | None = None) -> dict:
             device,
             metrics=chosen,
             settings=settings,
-            batch_size=args.batch_size,
-            limit=args.limit,
+            batch_size=config.batch_size,
+            limit=config.limit,
             workers=workers,
             desc=f"evaluate {name}",
             rank=ctx.rank,
@@ -361,7 +410,9 @@ def run(args, ctx: distributed.Context | None = None) -> dict:
         )
         report[name] = {**dict.fromkeys(metrics.METRICS), **result}  # every key, None where not measured
     if ctx.primary:
-        write(out, report, chosen, settings, bundle, n, cams, names, [m.classes for m in loaded], device, args.overlays)
+        write(
+            out, report, chosen, settings, bundle, n, cams, names, [m.classes for m in loaded], device, config.overlays
+        )
     for cam in cams:
         cam.close()
     return report

@@ -11,6 +11,7 @@ classes, with ``--cam`` (default: the checkpoint's method, else Grad-CAM).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,27 @@ from .metrics import eval_mode
 from .models import load_model
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+@dataclasses.dataclass(frozen=True)
+class ExplainConfig:
+    """What ``python -m cgc.explain`` explains and with which model (the flags' values; see
+    ``--help``): the ``images``, a cgc ``checkpoint`` or an ``arch`` with ``weights`` or
+    ``pretrained`` weights."""
+
+    images: tuple[str, ...]
+    checkpoint: str | None = None
+    arch: str | None = None
+    weights: str | None = None
+    pretrained: bool = False
+    num_classes: int | None = None
+    image_size: int | None = None
+    target_layer: str | None = None
+    cam: str | None = None
+    top_k: int = 3
+    device: str = "auto"
+    out: str = "runs/explain"
+
+
+def parse_args(argv=None) -> ExplainConfig:
     p = cli.ArgumentParser(
         prog="python -m cgc.explain",
         description=__doc__.split("\n")[0],
@@ -62,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--arch needs --weights FILE or --pretrained (a random model explains nothing)")
     if args.top_k < 1 or (args.image_size is not None and args.image_size < 8):
         p.error("--top-k must be >= 1 and --image-size >= 8")
-    return args
+    return ExplainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()})
 
 
 def read_image(path: str | Path, size: int) -> torch.Tensor:
@@ -87,39 +108,39 @@ def read_image(path: str | Path, size: int) -> torch.Tensor:
 def main(argv=None) -> list[Path]:
     """``python -m cgc.explain``: parse the flags and explain (see :func:`run`); a library error
     ends the process with one ``error: ...`` line."""
-    args = parse_args(argv)
+    config = parse_args(argv)
     with cli.exit_on_error():
-        return run(args)
+        return run(config)
 
 
-def run(args) -> list[Path]:
+def run(config: ExplainConfig) -> list[Path]:
     """Explain every image file and write one PNG per image."""
-    device = pick_device(args.device)
+    device = pick_device(config.device)
     loaded = load_model(
-        checkpoint_path=args.checkpoint,
-        arch=args.arch,
-        weights=args.weights,
-        pretrained=args.pretrained,
-        num_classes=args.num_classes,
+        checkpoint_path=config.checkpoint,
+        arch=config.arch,
+        weights=config.weights,
+        pretrained=config.pretrained,
+        num_classes=config.num_classes,
     )
     model, classes = loaded.model, loaded.classes
-    size = args.image_size or loaded.image_size
-    images = torch.stack([read_image(p, size) for p in args.images])  # every file checked before any work
+    size = config.image_size or loaded.image_size
+    images = torch.stack([read_image(p, size) for p in config.images])  # every file checked before any work
     model.to(device)
-    k = min(args.top_k, len(classes))
-    out = Path(args.out)
+    k = min(config.top_k, len(classes))
+    out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     with (
         GradCAM(
             model,
-            args.target_layer or loaded.target_layer,
-            method=args.cam or loaded.method,
+            config.target_layer or loaded.target_layer,
+            method=config.cam or loaded.method,
             channels_last=runtime.channels_last(device),
         ) as cam,
         eval_mode(model),
     ):
-        for path, img in zip(args.images, images):
+        for path, img in zip(config.images, images):
             x = data.normalize(img[None].to(device)).expand(k, -1, -1, -1)
             with torch.no_grad():
                 probs = model(x[:1]).softmax(1)[0]
