@@ -5,7 +5,8 @@ adding an InfoNCE loss over heatmaps to ordinary training (Pillai et al., CVPR 2
 
 - :mod:`cgc.ops`: the differentiable primitives ``gradcam``, ``affine_warp``, ``info_nce``
   with reference / native / Triton backends;
-- :class:`cgc.GradCAM`: batched, differentiable CAMs of any CNN, with the methods of
+- :class:`cgc.GradCAM`: batched, differentiable CAMs of CNNs and vision transformers (ViT,
+  DeiT, Swin, ...: token maps read as spatial maps, :class:`cgc.TokenMap`), with the methods of
   :data:`cgc.CAM_METHODS` (``gradcam``, ``hirescam``, ``gradcam++``, ``xgradcam``,
   ``layercam``; :func:`cgc.register_cam_method` adds one);
 - :class:`cgc.CGCTerm` / :func:`cgc.cgc_term`: the whole CGC term for any training loop;
@@ -20,6 +21,7 @@ from .cam import GradCAM, find_target_layer, resize_heatmaps
 from .cam_methods import CAM_METHODS, register_cam_method
 from .losses import CGCLoss
 from .term import CGCOutput, CGCTerm, cgc_term
+from .token_maps import TokenMap
 
 try:
     __version__ = _metadata.version("cgc")
@@ -31,6 +33,7 @@ __all__ = [
     "CGCOutput",
     "CGCTerm",
     "GradCAM",
+    "TokenMap",
     "cgc_term",
     "find_target_layer",
     "ops",

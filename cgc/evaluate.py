@@ -345,7 +345,7 @@ def run(config: EvalConfig, ctx: distributed.Context | None = None) -> dict:
     device = ctx.device
     out = Path(config.out)
     loaded = [load_model(checkpoint_path=c) for c in config.checkpoint]
-    loaded += [load_model(arch=a, weights=w) for a, w in zip(config.arch, config.weights)]
+    loaded += [load_model(arch=a, weights=w, image_size=config.image_size) for a, w in zip(config.arch, config.weights)]
     names = model_names([*config.checkpoint, *config.weights], None if config.name is None else list(config.name))
     if config.checkpoint:
         first_args = loaded[0].train_args

@@ -122,6 +122,7 @@ def run(config: ExplainConfig) -> list[Path]:
         weights=config.weights,
         pretrained=config.pretrained,
         num_classes=config.num_classes,
+        image_size=config.image_size,
     )
     model, classes = loaded.model, loaded.classes
     size = config.image_size or loaded.image_size

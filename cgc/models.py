@@ -1,6 +1,7 @@
 """Model factory: a compact CNN that trains on a CPU in minutes, any torchvision classifier by
-name, or any timm CNN (``timm:NAME``), with the classifier head sized for the dataset and
-optional weights.
+name, or any timm model (``timm:NAME``), with the classifier head sized for the dataset and
+optional weights. Vision transformers are built for the dataset's image size (see
+:func:`build_model`), their weights resampled to it.
 
 Order matters and is fixed here: build -> load ImageNet/local weights -> replace the head for
 the dataset's classes. The training script builds the optimizer and restores checkpoints only
@@ -10,19 +11,27 @@ reference script got both wrong).
 
 from __future__ import annotations
 
+import inspect
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint
+from . import checkpoint, token_maps
 from .checkpoint import safe_load
 from .errors import BadFile, ConfigError, MissingDependency, MissingFile, UnknownName, UnsupportedModel
 
 COMPACT = "compact"
 TIMM_PREFIX = "timm:"
 NORMS = ("batch", "group")
+#: a ViT built for an image size keeps at least this many patch tokens per side (see patch_size_for)
+MIN_GRID = 7
+#: Swin merges its 4 px patches three times: image sides that are multiples of 32 keep every
+#: stage's map aligned with the image, and 64 px leave the last stage (the CAM layer) a 2x2 map
+SWIN_MULTIPLE, SWIN_MIN_SIZE = 32, 64
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -68,13 +77,6 @@ class CompactCNN(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def list_architectures() -> list[str]:
-    """Names accepted by :func:`build_model` besides ``timm:NAME``."""
-    import torchvision
-
-    return [COMPACT] + sorted(torchvision.models.list_models(module=torchvision.models))
-
-
 def _timm():
     try:
         import timm
@@ -97,21 +99,32 @@ def classifier_head(model: nn.Module) -> tuple[str, nn.Module]:
     return head
 
 
+def head_names(model: nn.Module) -> list[str]:
+    """Dotted names of the classification layers: :func:`classifier_head`'s, and for timm's
+    distilled DeiT, which averages two heads, ``head`` (class token) and ``head_dist``
+    (distillation token)."""
+    name, _ = classifier_head(model)
+    if name == "head_dist" and isinstance(getattr(model, "head", None), nn.Linear):
+        return ["head", name]
+    return [name]
+
+
 def replace_head(model: nn.Module, num_classes: int, *, fresh: bool = False) -> nn.Module:
-    """Swap the classifier head for a freshly initialized one with ``num_classes`` outputs
-    (kept when it already has that many, unless ``fresh``)."""
-    name, old = classifier_head(model)
-    out = old.out_features if isinstance(old, nn.Linear) else old.out_channels
-    if out == num_classes and not fresh:
-        return model
-    if isinstance(old, nn.Linear):
-        new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
-    else:
-        new = nn.Conv2d(old.in_channels, num_classes, 1)
-    new = new.to(device=old.weight.device, dtype=old.weight.dtype)
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)
+    """Swap the classifier head(s) (:func:`head_names`) for freshly initialized ones with
+    ``num_classes`` outputs (kept when they already have that many, unless ``fresh``)."""
+    for name in head_names(model):
+        old = model.get_submodule(name)
+        out = old.out_features if isinstance(old, nn.Linear) else old.out_channels
+        if out == num_classes and not fresh:
+            continue
+        if isinstance(old, nn.Linear):
+            new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+        else:
+            new = nn.Conv2d(old.in_channels, num_classes, 1)
+        new = new.to(device=old.weight.device, dtype=old.weight.dtype)
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, new)
     return model
 
 
@@ -146,6 +159,7 @@ def build_model(
     arch: str,
     num_classes: int,
     *,
+    image_size: int | None = None,
     pretrained: bool = False,
     weights: str | Path | None = None,
     norm: str = "batch",
@@ -160,6 +174,20 @@ def build_model(
     ``weights`` loads a local state dict, whose head may have the architecture's original
     class count (then it is replaced) or ``num_classes`` (then it is kept, unless
     ``new_head``: fine-tuning on other classes).
+
+    ``image_size`` (the dataset's) builds a vision transformer for that size; CNNs ignore it.
+    A ViT (timm's ViT/DeiT/EVA/BEiT, torchvision's ``vit_*``) keeps its patch size unless that
+    does not divide the image size or leaves fewer than :data:`MIN_GRID` tokens per side; then
+    it gets the largest smaller patch that does (:func:`patch_size_for`: 16 px patches at 64 px
+    become 8 px, an 8x8 grid); timm's ViTs and EVAs are built with ``dynamic_img_size`` (the
+    grid follows the input, so they also take other multiples of the patch). A Swin takes
+    multiples of :data:`SWIN_MULTIPLE` from :data:`SWIN_MIN_SIZE` px (timm's is built with
+    ``img_size`` and ``dynamic_img_size``, its windows shrinking to its stages' maps;
+    torchvision's takes any size as built). Weights made at another size (``pretrained``,
+    ``weights``) are resampled to the model: timm's own ``checkpoint_filter_fn`` of the model's
+    family (position embeddings, patch kernel, relative position tables), torchvision's
+    ``interpolate_embeddings`` and a pseudo-inverse resize of the patch kernel (FlexiViT's) for
+    its ViTs. A size a model cannot take is a :class:`cgc.errors.ConfigError`.
     """
     if pretrained and weights:
         raise ConfigError("use either --pretrained or --weights, not both")
@@ -170,22 +198,44 @@ def build_model(
             raise ConfigError("the compact model has no pretrained weights; use --weights PATH")
         model: nn.Module = CompactCNN(num_classes, norm=norm, stride=stride)
     elif arch.startswith(TIMM_PREFIX):
-        model = _build_timm(arch[len(TIMM_PREFIX) :], pretrained)
+        model = _build_timm(arch[len(TIMM_PREFIX) :], pretrained, image_size)
     else:
-        model = _build_torchvision(arch, pretrained)
+        model = _build_torchvision(arch, pretrained, image_size)
     if weights is not None:
         state = load_state_dict_file(weights)
         head_name, _ = classifier_head(model)
         head_w = state.get(f"{head_name}.weight")
         if head_w is not None:
             replace_head(model, head_w.shape[0])
-        _load(model, state, weights)
+        _load(model, fit_state(model, state), weights)
         if new_head:
             replace_head(model, num_classes, fresh=True)
     return replace_head(model, num_classes)
 
 
-def _build_torchvision(arch: str, pretrained: bool) -> nn.Module:
+def patch_size_for(arch: str, image_size: int, patch: int) -> int:
+    """The patch size of a ViT built for ``image_size``: ``patch`` if it divides the image size
+    into at least :data:`MIN_GRID` tokens per side, else the largest smaller size that does
+    (:class:`cgc.errors.ConfigError` when none of 2 px or more does)."""
+    for p in range(patch, 1, -1):
+        if image_size % p == 0 and image_size // p >= MIN_GRID:
+            return p
+    q = min(patch, 8)
+    raise ConfigError(
+        f"{arch} cannot take {image_size} px images: no patch of 2 to {patch} px divides them into at least "
+        f"{MIN_GRID} patches per side (multiples of {q} px from {MIN_GRID * q} px do)"
+    )
+
+
+def _check_swin(arch: str, image_size: int) -> None:
+    if image_size < SWIN_MIN_SIZE or image_size % SWIN_MULTIPLE:
+        raise ConfigError(
+            f"{arch} cannot take {image_size} px images: a Swin needs a multiple of {SWIN_MULTIPLE} px "
+            f"(its 4 px patches are merged three times), at least {SWIN_MIN_SIZE} px (a 2x2 map at its last stage)"
+        )
+
+
+def _build_torchvision(arch: str, pretrained: bool, image_size: int | None) -> nn.Module:
     import torchvision
 
     known = torchvision.models.list_models(module=torchvision.models)
@@ -193,8 +243,40 @@ def _build_torchvision(arch: str, pretrained: bool) -> nn.Module:
         raise UnknownName(
             "architecture", arch, [COMPACT, *known], hint="'compact', a torchvision classifier name, or timm:NAME"
         )
-    if not pretrained:
-        return torchvision.models.get_model(arch)
+    model = _torchvision_pretrained(arch) if pretrained else None
+    if image_size is None:
+        return model or torchvision.models.get_model(arch)
+    with torch.device("meta"):
+        probe = torchvision.models.get_model(arch)
+    info = token_maps.describe(probe)
+    if info is not None and info.family == "swin":
+        _check_swin(arch, image_size)
+    if info is None or info.family == "swin":
+        return model or torchvision.models.get_model(arch)
+    patch = patch_size_for(arch, image_size, probe.patch_size)
+    ref = model or probe
+    if (image_size, patch) == (ref.image_size, ref.patch_size):
+        return model or torchvision.models.get_model(arch)
+    vit = torchvision.models.VisionTransformer(
+        image_size=image_size,
+        patch_size=patch,
+        num_layers=len(probe.encoder.layers),
+        num_heads=probe.encoder.layers[0].num_heads,
+        hidden_dim=probe.hidden_dim,
+        mlp_dim=probe.mlp_dim,
+        dropout=probe.dropout,
+        attention_dropout=probe.attention_dropout,
+        representation_size=probe.representation_size,
+        norm_layer=probe.norm_layer,
+    )
+    if model is not None:
+        _load(vit, fit_state(vit, model.state_dict()), f"torchvision's {arch} weights")
+    return vit
+
+
+def _torchvision_pretrained(arch: str) -> nn.Module:
+    import torchvision
+
     tv_weights = torchvision.models.get_model_weights(arch).DEFAULT
     try:
         return torchvision.models.get_model(arch, weights=tv_weights)
@@ -205,20 +287,90 @@ def _build_torchvision(arch: str, pretrained: bool) -> nn.Module:
         ) from err
 
 
-def _build_timm(name: str, pretrained: bool) -> nn.Module:
+def _build_timm(name: str, pretrained: bool, image_size: int | None) -> nn.Module:
     timm = _timm()
     known = timm.list_models()
     if name not in known and name.split(".")[0] not in known:
         raise UnknownName("timm architecture", name, known, hint="any name of timm.list_models()")
+    kwargs = _timm_size_args(timm, name, image_size) if image_size is not None else {}
     try:
-        return timm.create_model(name, pretrained=pretrained)
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        if getattr(model, "num_classes", None) == 0:  # a headless default (e.g. EVA-02's MIM weights)
+            model = timm.create_model(name, pretrained=pretrained, num_classes=1000, **kwargs)
+        return model
     except Exception as err:
+        if kwargs and isinstance(err, (AssertionError, ValueError, RuntimeError, TypeError)):
+            raise ConfigError(f"timm cannot build {name} for {image_size} px images ({err})") from err
         if not pretrained:
             raise
         raise MissingFile(
             f"could not fetch timm's pretrained weights for {name} ({err}); download the "
             f"model's .safetensors where the internet works and pass --weights PATH"
         ) from err
+
+
+def _timm_size_args(timm, name: str, image_size: int) -> dict:
+    """``create_model`` arguments that build timm's ``name`` for ``image_size`` (see
+    :func:`build_model`): none for models that are not recognized transformers."""
+    try:
+        with torch.device("meta"):
+            probe = timm.create_model(name)
+    except (RuntimeError, TypeError, ValueError, NotImplementedError, AssertionError):
+        return {}  # built on the meta device or not, it is no transformer cgc knows
+    info = token_maps.describe(probe)
+    if info is None:
+        return {}
+    args: dict = {"img_size": image_size}
+    if any("dynamic_img_size" in inspect.signature(cls.__init__).parameters for cls in type(probe).__mro__[:-1]):
+        args["dynamic_img_size"] = True
+    if info.family == "swin":
+        _check_swin(f"timm:{name}", image_size)
+        return args
+    stride = info.tokens.stride[0]
+    if type(probe.patch_embed).__name__ != "PatchEmbed":  # a CNN backbone before the patches
+        if image_size % stride or image_size // stride < 2:
+            raise ConfigError(f"timm:{name} takes multiples of {stride} px from {2 * stride} px, not {image_size}")
+        return args
+    patch = patch_size_for(f"timm:{name}", image_size, stride)
+    if patch != stride:
+        args["patch_size"] = patch
+    return args
+
+
+def fit_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` resampled to ``model``'s image and patch size where ``model`` is a vision
+    transformer (:func:`cgc.token_maps.describe`); other models' states are returned as they are."""
+    info = token_maps.describe(model)
+    if info is None:
+        return state
+    family = next((c.__module__ for c in type(model).__mro__ if c.__module__.startswith("timm.")), None)
+    if family is not None:
+        fit = getattr(sys.modules[family], "checkpoint_filter_fn", None)
+        return fit(state, model) if fit is not None else state
+    if info.family != "vit":
+        return state  # torchvision's Swin: window tables do not depend on the image size
+    from torchvision.models.vision_transformer import interpolate_embeddings
+
+    state = dict(state)
+    kernel = state.get("conv_proj.weight")
+    size = model.conv_proj.weight.shape[-2:]
+    if kernel is not None and kernel.shape[-2:] != size:
+        state["conv_proj.weight"] = resample_patch_kernel(kernel, tuple(size))
+    if "encoder.pos_embedding" in state:
+        state = interpolate_embeddings(model.image_size, model.patch_size, state)
+    return state
+
+
+def resample_patch_kernel(kernel: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A patch-embedding kernel ``[O,I,p,q]`` for ``size`` patches, as FlexiViT resizes one: the
+    kernel whose response to a patch resized (bicubic, antialiased) to ``size`` is closest to
+    the old kernel's response to the patch itself (pseudo-inverse of the resize)."""
+    old = kernel.shape[-2:]
+    basis = torch.eye(old[0] * old[1], dtype=torch.float32).view(-1, 1, *old)
+    resize = F.interpolate(basis, size=size, mode="bicubic", antialias=True, align_corners=False).flatten(1)
+    flat = kernel.float().flatten(2).transpose(0, 2)  # [p*q, I, O]
+    new = torch.tensordot(torch.linalg.pinv(resize), flat, dims=1)  # [size, I, O]
+    return new.transpose(0, 2).reshape(*kernel.shape[:2], *size).to(kernel.dtype)
 
 
 def _load(model: nn.Module, state: dict, source) -> None:
@@ -274,17 +426,25 @@ def load_model(
     weights: str | Path | None = None,
     pretrained: bool = False,
     num_classes: int | None = None,
+    image_size: int | None = None,
 ) -> LoadedModel:
-    """A cgc checkpoint's model (its classes, image size, CAM layer and method), or ``arch``
-    with its local ``weights`` (head size read from them unless ``num_classes``) or the
-    library's ``pretrained`` ones (ImageNet class names for 1000-class heads)."""
+    """A cgc checkpoint's model (its classes, image size, CAM layer and method; a transformer is
+    rebuilt for the image size stored with it), or ``arch`` with its local ``weights`` (head
+    size read from them unless ``num_classes``) or the library's ``pretrained`` ones (ImageNet
+    class names for 1000-class heads), built for ``image_size`` (default 224; see
+    :func:`build_model`)."""
     if checkpoint_path:
         ckpt = checkpoint.load(checkpoint_path)
         targs = ckpt["config"]
         num = len(ckpt.get("classes") or []) or targs.get("num_classes")
         classes = list(ckpt.get("classes") or [f"class {i}" for i in range(num)])
+        size = ckpt["image_size"]
         model = build_model(
-            targs.get("arch", COMPACT), num, norm=targs.get("norm", "batch"), stride=targs.get("compact_stride", 8)
+            targs.get("arch", COMPACT),
+            num,
+            image_size=size,
+            norm=targs.get("norm", "batch"),
+            stride=targs.get("compact_stride", 8),
         )
         try:
             model.load_state_dict(ckpt["model"])
@@ -292,7 +452,6 @@ def load_model(
             raise UnsupportedModel(
                 f"the weights in {checkpoint_path} do not fit {targs.get('arch')}: {str(err).splitlines()[0]}"
             ) from err
-        size = ckpt["image_size"]
         return LoadedModel(
             model,
             classes,
@@ -309,8 +468,15 @@ def load_model(
         w = load_state_dict_file(weights).get(f"{head}.weight")
         num = w.shape[0] if w is not None else 1000
     num = num or 1000
-    model = build_model(arch, num, pretrained=pretrained, weights=weights)
+    model = build_model(arch, num, image_size=image_size, pretrained=pretrained, weights=weights)
     classes = imagenet_categories(arch, num) or [f"class {i}" for i in range(num)]
     return LoadedModel(
-        model, classes, 224, None, "gradcam", {"arch": arch}, str(weights or f"{arch} (pretrained)"), False
+        model,
+        classes,
+        image_size or 224,
+        None,
+        "gradcam",
+        {"arch": arch},
+        str(weights or f"{arch} (pretrained)"),
+        False,
     )

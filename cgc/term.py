@@ -66,6 +66,7 @@ def cgc_term(
     flip_p: float = 0.5,
     generator: torch.Generator | None = None,
     backend: str | None = None,
+    reshape=None,
 ) -> CGCOutput:
     """The CGC term of a batch of images ``x`` (normalized, on the model's device).
 
@@ -83,7 +84,7 @@ def cgc_term(
     draw = dict(scale=tuple(crop_scale), ratio=tuple(ratio), flip_p=flip_p, generator=generator)
     if isinstance(model_or_cam, GradCAM):
         return _term(model_or_cam, x, theta, targets, extra, loss, draw, backend)
-    with GradCAM(model_or_cam, target_layer, method=method, backend=backend) as cam:
+    with GradCAM(model_or_cam, target_layer, method=method, backend=backend, reshape=reshape) as cam:
         return _term(cam, x, theta, targets, extra, loss, draw, backend)
 
 
@@ -114,8 +115,9 @@ def _term(cam: GradCAM, x, theta, targets, extra, loss: CGCLoss, draw: dict, bac
 
 class CGCTerm(nn.Module):
     """The CGC term as a module: ``CGCTerm(model)(x)`` is :func:`cgc_term` with these settings
-    (a CAM ``method`` at ``target_layer``, the loss ``kind`` with ``temperature`` and
-    ``heatmap_size``, the augmentation ``crop_scale`` / ``ratio`` / ``flip_p``).
+    (a CAM ``method`` at ``target_layer``, read as a map with ``reshape``, the loss ``kind``
+    with ``temperature`` and ``heatmap_size``, the augmentation ``crop_scale`` / ``ratio`` /
+    ``flip_p``).
 
     The model is hooked, not owned: it is not a submodule (``term.parameters()`` is empty and
     ``term.state_dict()`` holds nothing), so the optimizer and checkpoints stay the model's.
@@ -143,9 +145,12 @@ class CGCTerm(nn.Module):
         gather=None,
         backend: str | None = None,
         channels_last: bool = False,
+        reshape=None,
     ):
         super().__init__()
-        self.cam = GradCAM(model, target_layer, method=method, backend=backend, channels_last=channels_last)
+        self.cam = GradCAM(
+            model, target_layer, method=method, backend=backend, channels_last=channels_last, reshape=reshape
+        )
         self.loss = (
             loss if loss is not None else CGCLoss(temperature, heatmap_size, kind=kind, backend=backend, gather=gather)
         )

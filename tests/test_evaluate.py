@@ -29,6 +29,7 @@ def runs(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_evaluate_two_checkpoints(runs, tmp_path, capsys):
     out = tmp_path / "eval"
     report = evaluate.main(
@@ -75,6 +76,7 @@ def test_evaluate_two_checkpoints(runs, tmp_path, capsys):
     assert (out / "report.md").read_text().strip() == table.strip()
 
 
+@pytest.mark.slow
 def test_evaluate_overrides_and_errors(runs, tmp_path):
     report = evaluate.main(
         [
@@ -104,6 +106,7 @@ def test_evaluate_overrides_and_errors(runs, tmp_path):
         evaluate.main(["--checkpoint", str(runs / "cgc"), "--name", "a", "--name", "b"])
 
 
+@pytest.mark.slow
 def test_evaluate_a_run_on_a_subset_of_the_shapes(tmp_path):
     """A run trained with --classes is evaluated on those shapes, not on the default ten."""
     train.run(
@@ -121,6 +124,7 @@ def test_evaluate_a_run_on_a_subset_of_the_shapes(tmp_path):
     assert isinstance(report["run"]["top1"], float)
 
 
+@pytest.mark.slow
 def test_explain_writes_topk_overlays(runs, tmp_path, capsys):
     from cgc import data
 
@@ -165,6 +169,7 @@ def test_explain_with_arch_and_weights(tmp_path):
     assert cats is not None and len(cats) == 1000 and imagenet_categories("resnet18", 5) is None
 
 
+@pytest.mark.slow
 def test_explain_clear_errors(runs, tmp_path):
     with pytest.raises(SystemExit, match="image not found"):
         explain.main([str(tmp_path / "missing.png"), "--checkpoint", str(runs / "cgc")])
@@ -202,6 +207,7 @@ def photo_folder(root, classes=("0", "3"), per_class=3):
     return root
 
 
+@pytest.mark.slow
 def test_evaluate_any_model_on_a_folder_of_photos_with_voc_boxes(tmp_path):
     import torchvision
 
@@ -256,6 +262,7 @@ def test_evaluate_any_model_on_a_folder_of_photos_with_voc_boxes(tmp_path):
     assert report["w"]["pointing_game"] is not None and report["w"]["sparseness"] is None
 
 
+@pytest.mark.slow
 def test_evaluate_bad_inputs_are_one_clear_line(tmp_path):
     import torchvision
 
@@ -317,5 +324,57 @@ def test_a_model_without_a_spatial_layer_is_a_clear_error(tmp_path):
     flat = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 224 * 224, 2))
     with pytest.raises(UnsupportedModel, match="could not find a convolutional layer with a spatial output"):
         GradCAM(flat)
-    with pytest.raises(UnsupportedModel, match="a forward pass of 224 px images failed"):
+    with pytest.raises(UnsupportedModel, match="a forward pass of 224x224 px images failed"):
         GradCAM(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2)))
+
+
+@pytest.mark.slow
+def test_evaluate_and_explain_reuse_the_checkpoints_cam_method_and_layer(tmp_path, monkeypatch):
+    """A run trained with ``--cam gradcam++ --target-layer stage2`` (the compact model's second
+    stage, an 8x8 map at 32 px): evaluate and explain build every GradCAM with that method at
+    that layer, not the defaults (gradcam at ``features``), and ``--cam`` / ``--target-layer``
+    override them."""
+    from cgc.cam import GradCAM
+
+    run = tmp_path / "run"
+    train.run(
+        TrainConfig(
+            train_size=32,
+            val_size=16,
+            batch_size=8,
+            image_size=32,
+            num_classes=3,
+            epochs=1,
+            overlays=2,
+            cam="gradcam++",
+            target_layer="stage2",
+            out=str(run),
+        )
+    )
+    built = []
+    init = GradCAM.__init__
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        built.append((self.method, self.target_layer))
+
+    monkeypatch.setattr(GradCAM, "__init__", spy)
+    png = tmp_path / "x.png"
+    Image.new("RGB", (40, 36), (200, 30, 30)).save(png)
+    quick = ["--metrics", "top1", "content_heatmap", "--limit", "4", "--overlays", "1"]
+
+    report = evaluate.main(["--checkpoint", str(run), "--out", str(tmp_path / "eval"), *quick])
+    assert built and set(built) == {("gradcam++", "stage2")}, built
+    assert (report["run"]["cam"], report["run"]["target_layer"]) == ("gradcam++", "stage2")
+    built.clear()
+    explain.main([str(png), "--checkpoint", str(run), "--top-k", "1", "--out", str(tmp_path / "explain")])
+    assert built and set(built) == {("gradcam++", "stage2")}, built
+
+    built.clear()
+    flags = ["--cam", "layercam", "--target-layer", "features"]
+    report = evaluate.main(["--checkpoint", str(run), "--out", str(tmp_path / "eval2"), *quick, *flags])
+    assert built and set(built) == {("layercam", "features")}, built
+    assert (report["run"]["cam"], report["run"]["target_layer"]) == ("layercam", "features")
+    built.clear()
+    explain.main([str(png), "--checkpoint", str(run), "--top-k", "1", "--out", str(tmp_path / "explain2"), *flags])
+    assert built and set(built) == {("layercam", "features")}, built

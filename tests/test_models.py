@@ -97,6 +97,7 @@ TIMM_FAMILIES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,layer,head", TIMM_FAMILIES)
 def test_timm_models_get_the_dataset_head_and_their_cam_layer(name, layer, head, tmp_path):
     pytest.importorskip("timm", reason="timm is an optional dependency (pip install timm)")
@@ -134,6 +135,7 @@ def test_timm_safetensors_weights_and_errors(tmp_path, monkeypatch):
         models.build_model("timm:resnet18", 4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0"])
 def test_a_timm_model_trains_one_cgc_epoch(tmp_path, name):
     pytest.importorskip("timm", reason="timm is an optional dependency (pip install timm)")
@@ -165,3 +167,148 @@ def test_a_timm_model_trains_one_cgc_epoch(tmp_path, name):
     assert '"train_cgc"' in log and results["arch"] == f"timm:{name}"
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     assert ckpt["target_layer"] == {"resnet18": "layer4", "efficientnet_b0": "bn2"}[name]
+
+
+def test_cnns_ignore_the_image_size():
+    a, b = models.build_model("resnet18", 4), models.build_model("resnet18", 4, image_size=64)
+    assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
+
+
+def test_patch_size_rule():
+    """The architecture's patch while it divides the image into at least 7 per side, else the
+    largest smaller patch that does; none of 2 px or more: a ConfigError with a size that works."""
+    assert models.patch_size_for("vit", 224, 16) == 16
+    assert models.patch_size_for("vit", 64, 16) == 8
+    assert models.patch_size_for("vit", 64, 14) == 8
+    assert models.patch_size_for("vit", 96, 16) == 12
+    assert models.patch_size_for("vit", 112, 16) == 16
+    with pytest.raises(models.ConfigError, match=r"cannot take 67 px images.*multiples of 8 px from 56 px do"):
+        models.patch_size_for("vit", 67, 16)
+
+
+@pytest.mark.parametrize(
+    "arch,layer,grid",
+    [
+        ("timm:vit_tiny_patch16_224", "blocks.11.norm1", 8),
+        ("timm:deit_tiny_distilled_patch16_224", "blocks.11.norm1", 8),
+        ("timm:eva02_tiny_patch14_224", "blocks.11", 8),  # its default weights are headless: a head is added
+        ("timm:swin_tiny_patch4_window7_224", "norm", 2),
+        ("swin_t", "norm", 2),
+    ],
+)
+def test_transformers_are_built_for_the_image_size(arch, layer, grid):
+    pytest.importorskip("timm", reason="timm is an optional dependency (pip install timm)")
+    from cgc import GradCAM
+
+    model = models.build_model(arch, 6, image_size=64).eval()
+    if "distilled" in arch:
+        assert models.head_names(model) == ["head", "head_dist"] and model.head_dist.out_features == 6
+    with GradCAM(model) as cam:
+        assert cam.target_layer == layer
+        out = cam(torch.randn(2, 3, 64, 64))
+    assert out.logits.shape == (2, 6) and out.cams.shape == (2, grid, grid)
+    if arch.startswith("timm:") and "swin" not in arch:
+        assert model.patch_embed.patch_size == (8, 8) and model.dynamic_img_size
+
+
+@pytest.mark.slow
+def test_torchvision_vit_is_built_for_the_image_size():
+    """vit_b_16 at 64 px: 8 px patches (an 8x8 grid), the rest of its architecture unchanged."""
+    model = models.build_model("vit_b_16", 3, image_size=64)
+    ref = torchvision.models.vit_b_16()
+    assert (model.image_size, model.patch_size, model.hidden_dim, model.mlp_dim) == (64, 8, 768, 3072)
+    assert len(model.encoder.layers) == len(ref.encoder.layers)
+    assert model.encoder.pos_embedding.shape == (1, 65, 768)
+    assert model.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+
+
+@pytest.mark.parametrize(
+    "arch,size,message",
+    [
+        ("timm:vit_tiny_patch16_224", 67, "no patch of 2 to 16 px"),
+        ("vit_b_16", 10, "no patch of 2 to 16 px"),
+        ("timm:swin_tiny_patch4_window7_224", 48, "multiple of 32 px"),
+        ("swin_t", 32, "at least 64 px"),
+    ],
+)
+def test_image_sizes_a_transformer_cannot_take(arch, size, message):
+    pytest.importorskip("timm", reason="timm is an optional dependency (pip install timm)")
+    with pytest.raises(models.ConfigError, match=message):
+        models.build_model(arch, 3, image_size=size)
+
+
+def test_timm_vit_weights_of_another_size_are_resampled_as_timm_does(tmp_path):
+    """ImageNet-shaped weights of a ViT built at 224 px (16 px patches) load into the 64 px build
+    (8 px patches): position embeddings and patch kernel resampled by timm's own filter, so the
+    outputs equal timm's resampled load of the same file."""
+    timm = pytest.importorskip("timm", reason="timm is an optional dependency (pip install timm)")
+    name = "vit_tiny_patch16_224"
+    src = timm.create_model(name)
+    torch.save(src.state_dict(), tmp_path / "vit.pth")
+    ours = models.build_model(f"timm:{name}", 1000, image_size=64, weights=tmp_path / "vit.pth").eval()
+    theirs = timm.create_model(
+        name,
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(tmp_path / "vit.pth")),
+        img_size=64,
+        patch_size=8,
+        dynamic_img_size=True,
+    ).eval()
+    x = torch.randn(2, 3, 64, 64)
+    assert ours.pos_embed.shape == (1, 65, 192) and ours.patch_embed.proj.weight.shape[-2:] == (8, 8)
+    assert torch.allclose(ours(x), theirs(x), atol=1e-5)
+    head = models.build_model(f"timm:{name}", 5, image_size=64, weights=tmp_path / "vit.pth")
+    assert head.head.out_features == 5 and torch.equal(head.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
+
+
+def test_timm_swin_weights_of_another_size_are_resampled_as_timm_does(tmp_path):
+    timm = pytest.importorskip("timm", reason="timm is an optional dependency (pip install timm)")
+    name, small = "swin_tiny_patch4_window7_224", dict(depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 1, 2, 2))
+    torch.save(timm.create_model(name, **small).state_dict(), tmp_path / "swin.pth")
+    args = models._timm_size_args(timm, name, 64)
+    ours = timm.create_model(name, **args, **small)
+    ours.load_state_dict(models.fit_state(ours, torch.load(tmp_path / "swin.pth", weights_only=True)))
+    theirs = timm.create_model(
+        name, pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "swin.pth")), **args, **small
+    )
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.allclose(ours.eval()(x), theirs.eval()(x), atol=1e-5)
+
+
+def test_torchvision_vit_weights_of_another_size_are_resampled():
+    """Position embeddings by torchvision's interpolate_embeddings, the patch kernel by the
+    pseudo-inverse resize, which equals timm's resample_patch_embed."""
+    timm = pytest.importorskip("timm", reason="timm's resample_patch_embed is the oracle")
+    from torchvision.models.vision_transformer import interpolate_embeddings
+
+    def vit(size, patch):
+        return torchvision.models.VisionTransformer(size, patch, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16)
+
+    src, dst = vit(64, 16), vit(32, 4)
+    state = models.fit_state(dst, src.state_dict())
+    dst.load_state_dict(state)
+    expected = interpolate_embeddings(32, 4, dict(src.state_dict()))["encoder.pos_embedding"]
+    assert torch.equal(dst.encoder.pos_embedding, expected)
+    kernel = src.conv_proj.weight.detach()
+    for size in [(4, 4), (8, 8), (24, 24)]:
+        theirs = timm.layers.resample_patch_embed(kernel, list(size))
+        assert torch.allclose(models.resample_patch_kernel(kernel, size), theirs, atol=1e-5)
+    assert torch.equal(models.fit_state(src, src.state_dict())["conv_proj.weight"], src.conv_proj.weight)
+
+
+def test_load_model_rebuilds_a_transformer_checkpoint_at_its_image_size(monkeypatch, tmp_path):
+    pytest.importorskip("timm", reason="timm is an optional dependency (pip install timm)")
+    trained = models.build_model("timm:vit_tiny_patch16_224", 3, image_size=64)
+    ckpt = {
+        "config": {"arch": "timm:vit_tiny_patch16_224"},
+        "classes": ["a", "b", "c"],
+        "image_size": 64,
+        "model": trained.state_dict(),
+        "target_layer": "blocks.11.norm1",
+        "cam": "gradcam",
+    }
+    monkeypatch.setattr(models.checkpoint, "load", lambda path: ckpt)
+    loaded = models.load_model(checkpoint_path=tmp_path / "last.pt")
+    assert loaded.image_size == 64 and loaded.model.patch_embed.patch_size == (8, 8)
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(loaded.model.eval()(x), trained.eval()(x))

@@ -3,7 +3,8 @@ change when the model's weights are randomized, or when another class is asked a
 explain the model.
 
 - :func:`randomization_steps`: the cascade, from the head down: ``stage`` granularity takes the
-  model's top-level blocks in reverse order of execution (ResNet: fc, layer4, ..., conv1), as
+  model's top-level blocks in reverse order of execution (ResNet: fc, layer4, ..., conv1; a
+  vision transformer: head, final norm, its blocks from the last, patch embedding), as
   Adebayo et al. randomize Inception's blocks; ``module`` takes every module that has
   ``reset_parameters`` in reverse registration order, as Quantus's MPRT does;
 - :func:`randomized_models`: copies of the model with the first 1, 2, ... steps re-initialized
@@ -28,7 +29,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .. import transforms
+from .. import token_maps, transforms
 from .similarity import spearman, ssim
 
 #: an explanation of ``images`` by ``model`` for ``targets``: heatmaps [B,H,W]
@@ -37,20 +38,36 @@ Explain = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 GRANULARITIES = ("stage", "module")
 
 
-def _execution_order(model: nn.Module, input_size: int) -> list[str]:
-    """Names of the model's top-level children in the order their forward passes finish
-    (one pass on the meta device, nothing copied); children that do not run are left out."""
+def _units(model: nn.Module, expand: tuple[str, ...]) -> dict[str, nn.Module]:
+    """The model's top-level children, with each container named in ``expand`` replaced by its
+    own children (recursively: ``encoder``, then ``encoder.layers``)."""
+    units: dict[str, nn.Module] = {}
+
+    def walk(prefix: str, module: nn.Module) -> None:
+        for name, child in module.named_children():
+            if prefix + name in expand:
+                walk(prefix + name + ".", child)
+            else:
+                units[prefix + name] = child
+
+    walk("", model)
+    return units
+
+
+def _execution_order(units: dict[str, nn.Module], model: nn.Module, input_size: int) -> list[str]:
+    """Names of ``units`` in the order their forward passes finish (one pass of ``model`` on the
+    meta device, nothing copied); units that do not run are left out."""
     done: list[str] = []
-    handles = [
-        child.register_forward_hook(lambda *_, name=name: done.append(name)) for name, child in model.named_children()
-    ]
+    handles = [unit.register_forward_hook(lambda *_, name=name: done.append(name)) for name, unit in units.items()]
     stand_ins = {
         n: torch.empty_like(t, device="meta")
         for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
     }
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    x = torch.empty(2, 3, input_size, input_size, dtype=dtype, device="meta")
     try:
         with torch.no_grad():
-            torch.func.functional_call(model, stand_ins, (torch.empty(2, 3, input_size, input_size, device="meta"),))
+            torch.func.functional_call(model, stand_ins, (x,))
     finally:
         for h in handles:
             h.remove()
@@ -60,17 +77,25 @@ def _execution_order(model: nn.Module, input_size: int) -> list[str]:
 def randomization_steps(
     model: nn.Module, granularity: str = "stage", input_size: int = 224
 ) -> list[tuple[str, list[nn.Module]]]:
-    """``[(name, modules)]``: what each step of the cascade re-initializes, from the head down."""
+    """``[(name, modules)]``: what each step of the cascade re-initializes, from the head down.
+
+    ``stage``: the top-level blocks that have parameters, in reverse order of execution; in a
+    vision transformer (:func:`cgc.token_maps.describe`) its blocks one by one (a ViT's
+    ``blocks``, torchvision's ``encoder.layers``, Swin's stages), after the head and final
+    norm and before the patch embedding. Tensors the model or an expanded container holds
+    itself (class token, position embedding) are not randomized.
+    """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     if granularity == "module":
         found = [(n, m) for n, m in model.named_modules() if hasattr(m, "reset_parameters")]
         return [(n, [m]) for n, m in reversed(found)]
-    children = dict(model.named_children())
-    order = [n for n in _execution_order(model, input_size) if any(True for _ in children[n].parameters())]
+    info = token_maps.describe(model)
+    units = _units(model, info.cascade if info is not None else ())
+    order = [n for n in _execution_order(units, model, input_size) if any(True for _ in units[n].parameters())]
     if not order:
         raise ValueError(f"{type(model).__name__} has no top-level block with parameters to randomize")
-    return [(n, [children[n]]) for n in reversed(order)]
+    return [(n, [units[n]]) for n in reversed(order)]
 
 
 def _reinitialize(module: nn.Module, seed: int) -> None:
