@@ -10,7 +10,8 @@
 then the cost of each CAM method inside that step (native backend), and the memory the step
 keeps for its backward against a CE-only step on the same three views: bytes of the tensors
 autograd saves (CPU; an allocator-independent count) and ``max_memory_allocated`` (CUDA), so a
-user can size a GPU batch for CGC. Tables: the shared ratio table (steps) and, with
+user can size a GPU batch for CGC; and the cost of the term's options (uniform crops,
+class-contrastive negatives) on cgc's compact model and on the ResNet-18. Tables: the shared ratio table (steps) and, with
 ``CGC_BENCH_TRAIN_TABLE=path``, the method and memory table.
 """
 
@@ -65,24 +66,39 @@ def make_step(
     loop_warp: bool = False,
     batch: int = BATCH,
     size: int = SIZE,
+    arch: str = "resnet18",
+    crop_sampler: str = "rrc",
+    class_negatives: int = 0,
 ):
-    """One training step as ``cgc.train`` runs it (channels-last on CPU) with fixed inputs."""
+    """One training step as ``cgc.train`` runs it (channels-last on CPU) with fixed inputs:
+    a torchvision ResNet-18 (100 classes, CAM at layer4) or cgc's compact model (10 classes, the
+    built-in dataset's recipe), with the term's options."""
     from torchvision.models import resnet18
 
+    from cgc.models import CompactCNN
+
     torch.manual_seed(0)
-    model = resnet18(num_classes=100).to(device).train()
+    classes = 100 if arch == "resnet18" else 10
+    model = (resnet18(num_classes=classes) if arch == "resnet18" else CompactCNN(classes)).to(device).train()
+    layer = "layer4" if arch == "resnet18" else "features"
     channels_last = device == "cpu"
     if channels_last:
         to_channels_last(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     term = None
     if loss == "cgc":
-        loss_fn = (LoopWarpLoss if loop_warp else cgc.CGCLoss)(0.5, size, backend=backend)
-        term = cgc.CGCTerm(model, "layer4", method=method, loss=loss_fn, backend=backend, channels_last=channels_last)
+        mask = crop_sampler == "uniform"
+        loss_fn = (LoopWarpLoss if loop_warp else cgc.CGCLoss)(0.5, size, backend=backend, mask_outside=mask)
+        term = cgc.CGCTerm(
+            model, layer, method=method, loss=loss_fn, backend=backend, channels_last=channels_last,
+            crop_sampler=crop_sampler, class_negatives=class_negatives,
+        )  # fmt: skip
     gen = torch.Generator().manual_seed(1)
     x = torch.rand(batch, 3, size, size, generator=gen).to(device)
-    y = torch.randint(0, 100, (batch,), generator=gen).to(device)
-    theta = cgc.transforms.random_crop_flip(batch, size, size, generator=gen, device=device).theta()
+    y = torch.randint(0, classes, (batch,), generator=gen).to(device)
+    theta = cgc.transforms.random_crop_flip(
+        batch, size, size, generator=gen, device=device, sampler=crop_sampler
+    ).theta()
     ce_theta = cgc.transforms.random_crop_flip(
         batch, size, size, scale=(0.08, 1.0), generator=gen, device=device
     ).theta()
@@ -136,6 +152,40 @@ def test_step_cost_of_each_cam_method(benchmark, device, method):
         case = f"ResNet-18 b{METHOD_BATCH} {METHOD_SIZE}px ({backend})"
         EXTRA.setdefault((device, f"step ms, median, {case}"), {})[method] = stats.stats.median * 1e3
         EXTRA.setdefault((device, f"step ms, minimum, {case}"), {})[method] = stats.stats.min * 1e3
+
+
+#: the term's options against today's CGC step: (name, options of make_step)
+OPTIONS = {
+    "ce only": dict(loss="ce"),
+    "cgc": {},
+    "uniform crops": dict(crop_sampler="uniform"),
+    "class negatives K=1": dict(class_negatives=1),
+    "class negatives K=3": dict(class_negatives=3),
+    "uniform crops + K=3": dict(crop_sampler="uniform", class_negatives=3),
+}
+
+
+@pytest.mark.parametrize("arch", ["compact", "resnet18"])
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_step_cost_of_the_term_options(benchmark, device, arch, option):
+    """The step with the term's options (uniform crops, class-contrastive negatives) next to
+    today's CGC step and the CE-only step: time and saved-for-backward memory, for the built-in
+    dataset's recipe (compact model, batch 32 at 64 px) and a ResNet-18 (batch 16 at 160 px)."""
+    backend = "native" if "native" in backends_for(device) else "reference"
+    batch, size = (32, 64) if arch == "compact" else (METHOD_BATCH, METHOD_SIZE)
+    step = make_step(device, backend, method="gradcam", batch=batch, size=size, arch=arch, **OPTIONS[option])
+
+    def timed():
+        step()
+        sync(device)
+
+    benchmark.group = f"{device} CGC step per term option, {arch}"
+    benchmark.pedantic(timed, rounds=METHOD_ROUNDS if device == "cpu" else 10, iterations=1, warmup_rounds=2)
+    case = f"{arch} b{batch} {size}px ({backend})"
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None:
+        EXTRA.setdefault((device, f"step ms, median, {case}"), {})[option] = stats.stats.median * 1e3
+    EXTRA.setdefault((device, f"saved for backward, MiB, {case}"), {})[option] = saved_bytes(step) / 2**20
 
 
 def saved_bytes(step) -> int:

@@ -31,8 +31,8 @@ from .term import CGCTerm
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """What every step does besides the model and the schedule: the crops of the augmented
-    (``crop_scale``; also flipped vertically with ``vflip``) and CE (``ce_crop_scale``) views,
-    keyed by ``seed``; mixed precision (a resolved ``amp``); the ops backend; channels-last
+    (``crop_scale``, placed by ``crop_sampler``; also flipped vertically with ``vflip``) and CE
+    (``ce_crop_scale``) views, keyed by ``seed``; mixed precision (a resolved ``amp``); the ops backend; channels-last
     input batches."""
 
     seed: int = 0
@@ -42,6 +42,7 @@ class Recipe:
     backend: str | None = None
     channels_last: bool = False
     vflip: bool = False
+    crop_sampler: str = "rrc"
 
 
 def batches(dataset, sampler, workers: int):
@@ -66,6 +67,7 @@ def train_step(
     unlabeled_theta: torch.Tensor | None = None,
     backend: str | None = None,
     channels_last: bool = False,
+    image_padding: str = "border",
 ) -> dict[str, torch.Tensor]:
     """Losses of one batch: CE on three views (``x_ce``, ``x`` and ``x_aug`` = ``x`` warped by
     ``theta``) plus ``lam`` * the CGC term (:class:`cgc.CGCTerm`; None: the CE baseline on the
@@ -74,14 +76,16 @@ def train_step(
     ``x_ce`` is cut from ``x`` by ``ce_theta`` on the device unless the loader gave it. With
     ``unlabeled`` images the CGC term is theirs (warped by ``unlabeled_theta``), the labeled
     views get only CE: the semi-supervised recipe. ``channels_last``: feed the CE baseline's
-    batch in that memory format (the term's GradCAM does it for the CGC paths).
+    batch in that memory format (the term's GradCAM does it for the CGC paths);
+    ``image_padding``: what ``x_aug`` shows beyond ``x``'s borders where this function makes it
+    (:func:`cgc.transforms.image_padding`; the term makes its own).
     """
     if x_ce is None:
         x_ce = transforms.apply(x, ce_theta, backend=backend)
     B = x.shape[0]
     out = {}
     if term is None:
-        x_aug = transforms.apply(x, theta, backend=backend)
+        x_aug = transforms.apply(x, theta, padding_mode=image_padding, backend=backend)
         views = torch.cat([x, x_aug, x_ce])
         if channels_last:
             views = views.contiguous(memory_format=torch.channels_last)
@@ -91,7 +95,7 @@ def train_step(
         logits = torch.cat([cgc.logits, cgc.logits_aug, cgc.extra_logits[0]])
         out["cgc"] = cgc.loss
     else:
-        x_aug = transforms.apply(x, theta, backend=backend)
+        x_aug = transforms.apply(x, theta, padding_mode=image_padding, backend=backend)
         cgc = term(unlabeled, theta=unlabeled_theta, extra=[x, x_aug, x_ce])
         logits = torch.cat(cgc.extra_logits)
         out["cgc_unlabeled"] = cgc.loss
@@ -102,12 +106,22 @@ def train_step(
     return out
 
 
-def crop_thetas(keys_of, shape: tuple[int, int], scale, device, *, vflip: bool = False) -> torch.Tensor:
+def crop_thetas(
+    keys_of, shape: tuple[int, int], scale, device, *, vflip: bool = False, sampler: str = "rrc"
+) -> torch.Tensor:
     """Affine maps [B,2,3] of keyed random crops/flips of ``shape`` images (``keys_of``: the
-    samples' keys, :func:`cgc.transforms.sample_keys`); ``vflip``: vertical flips too."""
+    samples' keys, :func:`cgc.transforms.sample_keys`); ``vflip``: vertical flips too;
+    ``sampler``: where the boxes lie (:data:`cgc.transforms.SAMPLERS`)."""
     H, W = shape
     return transforms.random_crop_flip(
-        len(keys_of), H, W, scale=tuple(scale), keys=keys_of, device=device, vflip_p=0.5 if vflip else 0.0
+        len(keys_of),
+        H,
+        W,
+        scale=tuple(scale),
+        keys=keys_of,
+        device=device,
+        vflip_p=0.5 if vflip else 0.0,
+        sampler=sampler,
     ).theta()
 
 
@@ -169,7 +183,12 @@ def train_one_epoch(
         size = tuple(x.shape[-2:])
         keys = idx.tolist()
         theta = crop_thetas(
-            transforms.sample_keys(recipe.seed, epoch, keys, "aug"), size, recipe.crop_scale, device, vflip=recipe.vflip
+            transforms.sample_keys(recipe.seed, epoch, keys, "aug"),
+            size,
+            recipe.crop_scale,
+            device,
+            vflip=recipe.vflip,
+            sampler=recipe.crop_sampler,
         )
         ce_theta = (
             None
@@ -180,7 +199,9 @@ def train_one_epoch(
         if u is not None:
             u = data.normalize(u.to(device, non_blocking=True))
             u_keys = transforms.sample_keys(recipe.seed, epoch * spe + step, u_idx.tolist(), "unlabeled")
-            u_theta = crop_thetas(u_keys, size, recipe.crop_scale, device, vflip=recipe.vflip)
+            u_theta = crop_thetas(
+                u_keys, size, recipe.crop_scale, device, vflip=recipe.vflip, sampler=recipe.crop_sampler
+            )
         with autocast(device, recipe.amp):
             losses = train_step(
                 model,
@@ -195,6 +216,7 @@ def train_one_epoch(
                 unlabeled_theta=u_theta,
                 backend=recipe.backend,
                 channels_last=recipe.channels_last,
+                image_padding=transforms.image_padding(recipe.crop_sampler),
             )
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()

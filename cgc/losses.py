@@ -5,6 +5,7 @@ it (the MSE ablation)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import ops
@@ -28,12 +29,19 @@ class CGCLoss(nn.Module):
       ``q_b`` are the other augmented heatmaps of the batch (needs B >= 2). With ``gather``
       (``x -> (rows of every process, offset of this process's rows)``, differentiable, e.g.
       :meth:`cgc.distributed.Context.gather`) they are those of the whole global batch, and
-      each process's loss is the mean over its own anchors;
+      each process's loss is the mean over its own anchors. ``class_negatives`` [B,K,h,w]
+      passed to :meth:`forward` (heatmaps of the augmented images for K other classes) join
+      the negatives, prepared like the anchors: a heatmap that looks the same whatever the
+      class then costs as much as one that does not follow the crop;
     - ``kind="mse"``: mean over the batch of ``||q_b/|q_b| - p_b/|p_b| ||^2`` (= 2 - 2 cos),
       no negatives.
 
     ``padding_mode`` of the positive's warp (``border``, the default, or ``zeros``) decides
-    what a crop that reaches the original's edge sees beyond it.
+    what a crop that reaches the original's edge sees beyond it. ``mask_outside``: compare
+    only the part of the augmented view that shows the original image (crops that extend past
+    its borders, :data:`cgc.transforms.SAMPLERS` ``uniform``): both heatmaps are set to 0 where
+    the view shows the padding (:meth:`coverage`) before they are normalized, so neither the
+    heatmap of the padding nor the positive's made-up values beyond the original count.
     """
 
     def __init__(
@@ -44,6 +52,7 @@ class CGCLoss(nn.Module):
         backend: str | None = None,
         gather=None,
         padding_mode: str = "border",
+        mask_outside: bool = False,
     ):
         super().__init__()
         if kind not in KINDS:
@@ -56,6 +65,30 @@ class CGCLoss(nn.Module):
         self.backend = backend
         self.gather = gather
         self.padding_mode = padding_mode
+        self.mask_outside = mask_outside
+
+    def _size(self, size):
+        size = self.heatmap_size or size
+        if size is None:
+            raise ValueError("CGCLoss(heatmap_size=None) needs the size=(H, W) to compare heatmaps at")
+        return size
+
+    def coverage(self, theta: torch.Tensor, size) -> torch.Tensor:
+        """[B, S*S]: 1 where a pixel of the augmented view (its center) shows the original image,
+        0 where it shows the padding beyond the original's borders."""
+        size = self._size(size)
+        h, w = (size, size) if isinstance(size, int) else size
+        grid = F.affine_grid(theta.float(), [theta.shape[0], 1, h, w], align_corners=False)
+        return (grid.abs() <= 1).all(-1).flatten(1).float()
+
+    def _prepare(self, cams: torch.Tensor, size, mask: torch.Tensor | None) -> torch.Tensor:
+        """Heatmaps [b,h,w] at the comparison size (identity warp), masked, sum-normalized [b, S*S]."""
+        ident = identity_theta(cams.shape[0], cams.device, torch.float32)
+        q = ops.affine_warp(cams[:, None], ident, self._size(size), padding_mode="border", backend=self.backend)
+        q = q.flatten(1)
+        if mask is not None:
+            q = q * mask
+        return q / (q.sum(1, keepdim=True) + HEATMAP_EPS) + HEATMAP_EPS
 
     def pair(self, cam_orig: torch.Tensor, cam_aug: torch.Tensor, theta: torch.Tensor, size=None):
         """The flattened anchors ``q`` (augmented view) and positives ``p`` [B, S*S]."""
@@ -63,21 +96,42 @@ class CGCLoss(nn.Module):
             raise ValueError(
                 f"cam_orig and cam_aug must both be [B,h,w], got {tuple(cam_orig.shape)} and {tuple(cam_aug.shape)}"
             )
-        size = self.heatmap_size or size
-        if size is None:
-            raise ValueError("CGCLoss(heatmap_size=None) needs the size=(H, W) to compare heatmaps at")
-        b = cam_orig.shape[0]
-        ident = identity_theta(b, cam_aug.device, theta.dtype)
-        q = ops.affine_warp(cam_aug[:, None], ident, size, padding_mode="border", backend=self.backend).flatten(1)
+        mask = self.coverage(theta, size) if self.mask_outside else None
+        q = self._prepare(cam_aug, size, mask)
         p = ops.affine_warp(
-            cam_orig[:, None], theta, size, padding_mode=self.padding_mode, backend=self.backend
+            cam_orig[:, None], theta, self._size(size), padding_mode=self.padding_mode, backend=self.backend
         ).flatten(1)
-        q = q / (q.sum(1, keepdim=True) + HEATMAP_EPS) + HEATMAP_EPS
+        if mask is not None:
+            p = p * mask
         p = p / (p.sum(1, keepdim=True) + HEATMAP_EPS) + HEATMAP_EPS
         return q, p
 
-    def forward(self, cam_orig: torch.Tensor, cam_aug: torch.Tensor, theta: torch.Tensor, size=None) -> torch.Tensor:
+    def forward(
+        self,
+        cam_orig: torch.Tensor,
+        cam_aug: torch.Tensor,
+        theta: torch.Tensor,
+        size=None,
+        class_negatives: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         q, p = self.pair(cam_orig, cam_aug, theta, size)
+        if class_negatives is not None:
+            if self.kind != "infonce":
+                raise ValueError("class_negatives are negatives of the InfoNCE loss; kind='mse' has none")
+            b, k = class_negatives.shape[:2]
+            if class_negatives.dim() != 4 or b != cam_aug.shape[0] or class_negatives.shape[2:] != cam_aug.shape[1:]:
+                raise ValueError(
+                    f"class_negatives must be [B,K,h,w] = [{cam_aug.shape[0]},K,{cam_aug.shape[1]},{cam_aug.shape[2]}], "
+                    f"got {tuple(class_negatives.shape)}"
+                )
+            mask = self.coverage(theta, size).repeat_interleave(k, 0) if self.mask_outside else None
+            extra = self._prepare(class_negatives.flatten(0, 1), size, mask)
+            rows = torch.cat([q, extra])  # the anchors first: anchor b's own row is b
+            if self.gather is not None:
+                rows, offset = self.gather(rows)
+            else:
+                offset = 0
+            return ops.info_nce(q, p, self.temperature, negatives=rows, anchor_index=offset, backend=self.backend)
         if self.kind == "infonce" and self.gather is not None:
             negatives, offset = self.gather(q)
             return ops.info_nce(q, p, self.temperature, negatives=negatives, anchor_index=offset, backend=self.backend)
@@ -89,4 +143,5 @@ class CGCLoss(nn.Module):
 
     def extra_repr(self) -> str:
         negatives = ", negatives=gathered" if self.gather is not None else ""
-        return f"kind={self.kind}, temperature={self.temperature}, heatmap_size={self.heatmap_size}{negatives}"
+        masked = ", mask_outside=True" if self.mask_outside else ""
+        return f"kind={self.kind}, temperature={self.temperature}, heatmap_size={self.heatmap_size}{negatives}{masked}"

@@ -1,4 +1,4 @@
-"""``python -m cgc.study``: the runs behind README's "Does it work?", with seeds and figures.
+"""``python -m cgc.study``: the runs behind docs/study.md ("Does it work?"), with seeds and figures.
 
 Three claims of the paper, tested on the built-in dataset with ``python -m cgc.train`` itself:
 
@@ -60,8 +60,23 @@ LOCALIZATION: dict[str, dict] = {
     "cgc, HiResCAM": {"cam": "hirescam"},
     "cgc, zero padding": {"heatmap_padding": "zeros"},
     "mse (no negatives)": {"loss": "mse"},
+    "cgc, uniform crops": {"crop_sampler": "uniform"},
+    "cgc, uniform crops, T 0.5": {"crop_sampler": "uniform", "temperature": 0.5},
+    "cgc, class negatives K=1": {"class_negatives": 1},
+    "cgc, class negatives K=3": {"class_negatives": 3},
+    "cgc, uniform crops + class negatives K=3": {"crop_sampler": "uniform", "class_negatives": 3},
+    "cgc, uniform crops + class negatives K=3, T 0.5": {
+        "crop_sampler": "uniform",
+        "class_negatives": 3,
+        "temperature": 0.5,
+    },
 }
 CORE = ("ce", "cgc")
+#: the two options against the center pull and the loss of class-specificity, alone and
+#: together: compared with CE and CGC over every seed
+OPTIONS = tuple(name for name in LOCALIZATION if "uniform crops" in name or "class negatives" in name)
+#: the options shown in the figures next to CE and CGC
+FIGURE_OPTIONS = ("cgc, uniform crops", "cgc, class negatives K=3", "cgc, uniform crops + class negatives K=3")
 #: the semi-supervised comparison (the first two are transfer runs: recorded again, not rerun)
 SEMI: dict[str, dict] = {
     "ce, labeled only": {"loss": "ce"},
@@ -74,6 +89,8 @@ REPORTED = ("val_top1", *metrics.TRAINING_METRICS)
 #: measured again on every localization run's final weights with one protocol (the evaluation's
 #: crops 0.08-1 for consistency, whatever the run trained with), and the sanity checks
 EVALUATED = (*metrics.TRAINING_METRICS, "sparseness", "random_logit", "mprt")
+#: where the heatmaps sit relative to the objects (:func:`box_geometry`)
+GEOMETRY = ("offset_corr_y", "offset_corr_x", "peaks_off_center")
 
 
 @dataclass(frozen=True)
@@ -102,7 +119,7 @@ QUICK = Scale(
     finetune_steps=4,
     shots=(2, 4),
     semi_shots=(2,),
-    configs=("ce", "cgc", "cgc, T 0.5"),
+    configs=("ce", "cgc", "cgc, T 0.5", "cgc, uniform crops + class negatives K=3"),
 )
 
 
@@ -132,7 +149,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=[],
         choices=tuple(LOCALIZATION),
         metavar="CONFIG",
-        help="localization variants to run with every --seed after screening (README: the candidates)",
+        help="localization variants to run with every --seed after screening (docs/study.md: the candidates)",
     )
     p.add_argument("--quick", action="store_true", help="a miniature of the whole study (about a minute; CI)")
     args = p.parse_args(argv)
@@ -151,7 +168,7 @@ def plan(scale: Scale, parts, seeds, screen_seeds, confirm=()) -> list[tuple[str
     runs = []
     if "localization" in parts:
         for name in scale.configs:
-            full = name in CORE or name in confirm or screen_seeds is None
+            full = name in CORE or name in OPTIONS or name in confirm or screen_seeds is None
             for seed in seeds if full else screen_seeds:
                 runs.append(("localization", name, seed, base.replace(seed=seed, **LOCALIZATION[name])))
     if "transfer" in parts or "semi" in parts:
@@ -255,7 +272,8 @@ def execute(out: Path, runs, record: dict) -> None:
 
 
 def evaluate_run(folder: Path) -> dict:
-    """:data:`EVALUATED` on a run's final weights (``last.pt``), the evaluation's defaults."""
+    """:data:`EVALUATED` on a run's final weights (``last.pt``), the evaluation's defaults, and
+    where its heatmaps sit in the objects' boxes (:data:`GEOMETRY`, :func:`box_geometry`)."""
     from .cam import GradCAM
     from .evaluate import build_data
     from .models import load_model
@@ -264,7 +282,8 @@ def evaluate_run(folder: Path) -> dict:
     bundle = build_data(loaded.train_args, {"train_size": 1})
     with GradCAM(loaded.model.eval(), loaded.target_layer, method=loaded.method) as cam:
         out = metrics.explanation_metrics(cam, bundle.val, "cpu", metrics=metrics.select(list(EVALUATED)))
-    return {k: out[k] for k in (*EVALUATED, "mprt_steps")}
+    geometry = box_geometry(folder)
+    return {k: out[k] for k in (*EVALUATED, "mprt_steps")} | {k: geometry[k] for k in GEOMETRY}
 
 
 def summarize(record: dict) -> dict:
@@ -312,6 +331,9 @@ LOCALIZATION_COLUMNS = (
     ("sparseness", "sparseness ↑", 3),
     ("random_logit", "random logit ↓", 3),
     ("mprt", "MPRT ↓", 3),
+    ("offset_corr_y", "offset corr. y", 2),
+    ("offset_corr_x", "offset corr. x", 2),
+    ("peaks_off_center", "peaks off center (%)", 0),
 )
 FINETUNE_COLUMNS = (
     ("val_top1", "val top-1 (%)", 1),
@@ -359,15 +381,18 @@ def figures(out: Path, summary: dict) -> list[Path]:
     written = []
     if "localization" in summary:
         loc = summary["localization"]
-        shown = [n for n in CORE if n in loc]
+        shown = [n for n in (*CORE, *FIGURE_OPTIONS) if n in loc]
+        # (key, label, scale, flipped: plotted as 1 - value so that higher is better everywhere)
         keys = [
-            ("val_top1", "top-1", 0.01),
-            ("consistency", "consistency\n(cosine)", 1),
-            ("consistency_iou", "consistency\n(top-20% IoU)", 1),
-            ("content_heatmap", "content\nheatmap", 0.01),
-            ("pointing_game", "pointing\ngame", 0.01),
+            ("val_top1", "top-1", 0.01, False),
+            ("consistency", "consistency\n(cosine)", 1, False),
+            ("consistency_iou", "consistency\n(top-20% IoU)", 1, False),
+            ("content_heatmap", "content\nheatmap", 0.01, False),
+            ("pointing_game", "pointing\ngame", 0.01, False),
+            ("random_logit", "class-specific\n(1 - random logit)", 1, True),
         ]
-        fig = _figure(7.5, 3.4)
+        keys = [k for k in keys if all(k[0] in loc[n] for n in shown)]
+        fig = _figure(max(7.5, 1.6 * len(keys) + 0.3 * len(shown) * len(keys)), 3.8)
         ax = fig.subplots()
         width = 0.8 / max(1, len(shown))
         for j, name in enumerate(shown):
@@ -375,19 +400,19 @@ def figures(out: Path, summary: dict) -> list[Path]:
             xs = [i + (j - (len(shown) - 1) / 2) * width for i in range(len(keys))]
             ax.bar(
                 xs,
-                [stats[k][0] * s for k, _, s in keys],
+                [(1 - stats[k][0] * s) if flip else stats[k][0] * s for k, _, s, flip in keys],
                 width,
-                yerr=[stats[k][1] * s for k, _, s in keys],
+                yerr=[stats[k][1] * s for k, _, s, _ in keys],
                 label=f"{name} ({stats['val_top1'][2]} seeds)",
-                capsize=3,
+                capsize=2,
                 color=f"C{j}",
             )
-        ax.set_xticks(range(len(keys)), [label for _, label, _ in keys], fontsize=8)
-        ax.set_ylim(0, 1.22)
+        ax.set_xticks(range(len(keys)), [label for _, label, _, _ in keys], fontsize=8)
+        ax.set_ylim(0, 1.3)
         ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
         ax.set_ylabel("fraction (higher is better)")
         ax.set_title("CE vs CGC on the built-in dataset (mean ± std over seeds)", fontsize=10)
-        ax.legend(fontsize=8, loc="upper center", ncol=len(shown), frameon=False)
+        ax.legend(fontsize=7, loc="upper center", ncol=min(3, len(shown)), frameon=False)
         written.append(out / "localization.png")
         fig.savefig(written[-1])
     for part, title, labels in (
@@ -428,12 +453,21 @@ def figures(out: Path, summary: dict) -> list[Path]:
     return written
 
 
-def box_profile(run_dir: Path, grid: int = 33) -> tuple[torch.Tensor, dict[str, float]]:
-    """Where a trained model's heatmaps sit relative to the object: the mean heatmap of its
-    validation images (the label's CAM, each normalized to sum 1) resampled into the frame of
-    the object's box, [grid, grid] over box coordinates -0.5 .. 1.5 (the box is 0 .. 1); and
-    the shares of heatmap mass on the object's mask, on its outline (the mask less its 2-px
-    erosion) and off the object."""
+def box_geometry(run_dir: Path, grid: int = 33) -> dict:
+    """Where a trained model's heatmaps sit relative to the objects of its validation images
+    (the label's CAM at input resolution, each normalized to sum 1):
+
+    - ``profile``: the mean heatmap resampled into the frame of the object's box, [grid, grid]
+      over box coordinates -0.5 .. 1.5 (the box is 0 .. 1);
+    - ``shares``: the mass on the object's mask, on its outline (the mask less its 2-px
+      erosion) and off the object;
+    - ``offset_corr_y`` / ``offset_corr_x``: Pearson correlation, over the images, between where
+      the heatmap's centroid sits inside the box (relative to the box's center, in box sizes)
+      and where the box sits in the image (its center relative to the image's, in image
+      sizes). Negative: heatmaps lean toward the image's center; 0: no pull;
+    - ``peaks_off_center``: the share of heatmaps whose maximum lies outside the central half
+      of the box (more than a quarter box size from its center along x or y).
+    """
     from . import data, resize_heatmaps
     from .cam import GradCAM
     from .evaluate import build_data
@@ -446,6 +480,8 @@ def box_profile(run_dir: Path, grid: int = 33) -> tuple[torch.Tensor, dict[str, 
     profile = torch.zeros(grid, grid, dtype=torch.float64)
     shares = torch.zeros(3, dtype=torch.float64)
     coords = torch.linspace(-0.5, 1.5, grid)
+    pixel = torch.arange(S, dtype=torch.float64) + 0.5
+    inside_box, box_in_image, off_center = [], [], 0
     with GradCAM(loaded.model.eval(), loaded.target_layer, method=loaded.method) as cam:
         for start in range(0, len(val), 100):
             sl = slice(start, start + 100)
@@ -455,13 +491,55 @@ def box_profile(run_dir: Path, grid: int = 33) -> tuple[torch.Tensor, dict[str, 
             inner = -F.max_pool2d(-mask[:, None], 5, stride=1, padding=2)[:, 0]
             for k, region in enumerate((inner, mask - inner, 1 - mask)):
                 shares[k] += (heat * region).flatten(1).sum(1).double().sum()
-            x0, y0, x1, y1 = val.boxes[sl, 0].unbind(1)
+            x0, y0, x1, y1 = val.boxes[sl, 0].double().unbind(1)
             gx = (x0[:, None] + coords[None] * (x1 - x0)[:, None]) / S * 2 - 1  # box coords -> [-1, 1]
             gy = (y0[:, None] + coords[None] * (y1 - y0)[:, None]) / S * 2 - 1
-            where = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), -1)
+            where = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), -1).float()
             profile += F.grid_sample(heat[:, None], where, align_corners=False)[:, 0].double().sum(0)
+            h = heat.double()
+            cy, cx = (h.sum(2) * pixel).sum(1), (h.sum(1) * pixel).sum(1)
+            bx, by, bw, bh = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0).clamp_min(1), (y1 - y0).clamp_min(1)
+            inside_box.append(torch.stack([(cy - by) / bh, (cx - bx) / bw], 1))
+            box_in_image.append(torch.stack([(by - S / 2) / S, (bx - S / 2) / S], 1))
+            peak = h.flatten(1).argmax(1)
+            py, px = peak // S + 0.5, peak % S + 0.5
+            off_center += int((((py - by).abs() > bh / 4) | ((px - bx).abs() > bw / 4)).sum())
     n = len(val)
-    return profile / n, dict(zip(("object interior", "object outline", "off the object"), (shares / n).tolist()))
+    a, b = torch.cat(inside_box), torch.cat(box_in_image)
+    corr = [float(torch.corrcoef(torch.stack([a[:, k], b[:, k]]))[0, 1]) for k in (0, 1)]
+    return {
+        "profile": profile / n,
+        "shares": dict(zip(("object interior", "object outline", "off the object"), (shares / n).tolist())),
+        "offset_corr_y": corr[0],
+        "offset_corr_x": corr[1],
+        "peaks_off_center": 100.0 * off_center / n,
+    }
+
+
+def coverage_figure(out: Path, size: int = 64, draws: int = 40000, seed: int = 0) -> Path:
+    """How often each pixel is inside the augmented view's crop, measured from ``draws`` boxes
+    of each sampler (:data:`cgc.transforms.SAMPLERS`, the default area and aspect ranges) on a
+    ``size`` x ``size`` image: RandomResizedCrop's peak at the center, the uniform sampler's flat."""
+    from .transforms import SAMPLERS, random_crop_flip
+    from .viz import _figure
+
+    fig = _figure(3.4 * len(SAMPLERS), 3.3)
+    axes = fig.subplots(1, len(SAMPLERS), squeeze=False)[0]
+    r = torch.arange(size)
+    for ax, sampler in zip(axes, SAMPLERS):
+        boxes = random_crop_flip(draws, size, size, sampler=sampler, generator=torch.Generator().manual_seed(seed))
+        top, left, h, w = boxes.boxes.unbind(1)
+        rows = (r[None] >= top[:, None]) & (r[None] < (top + h)[:, None])
+        cols = (r[None] >= left[:, None]) & (r[None] < (left + w)[:, None])
+        inside = (rows.float().T @ cols.float()) / draws  # [size, size]: P(pixel inside the crop)
+        shown = ax.imshow(inside.numpy(), cmap="viridis", vmin=0, vmax=1)
+        ax.set_title(f"{sampler}: {inside.min():.2f} (corner) - {inside.max():.2f}", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        fig.colorbar(shown, ax=ax, fraction=0.046)
+    fig.suptitle(f"P(pixel inside the augmented view's crop), {draws} draws at {size} px, area 8-100 %", fontsize=9)
+    fig.savefig(out / "coverage.png")
+    return out / "coverage.png"
 
 
 def profile_figure(out: Path, runs: dict[str, Path]) -> Path:
@@ -471,7 +549,8 @@ def profile_figure(out: Path, runs: dict[str, Path]) -> Path:
     fig = _figure(3.0 * len(runs), 3.3)
     axes = fig.subplots(1, len(runs), squeeze=False)[0]
     for ax, (name, folder) in zip(axes, runs.items()):
-        profile, shares = box_profile(folder)
+        geometry = box_geometry(folder)
+        profile, shares = geometry["profile"], geometry["shares"]
         ax.imshow(profile.numpy(), extent=(-0.5, 1.5, 1.5, -0.5), cmap="jet")
         ax.plot([0, 1, 1, 0, 0], [0, 0, 1, 1, 0], color="white", lw=1)
         inside, outline, off = shares.values()
@@ -518,11 +597,13 @@ def main(argv=None) -> dict:
         written = figures(out, summary)
         shown = {
             name: out / "runs" / run_key("localization", name, args.seeds[0])
-            for name in ("ce", "cgc", "cgc, T 0.1", "cgc, T 0.5", "cgc, vertical flips too")
+            for name in ("ce", "cgc", "cgc, T 0.5", *FIGURE_OPTIONS)
             if run_key("localization", name, args.seeds[0]) in record["runs"]
         }
         if shown:
             written.append(profile_figure(out, shown))
+        if "localization" in args.parts:
+            written.append(coverage_figure(out, size=QUICK.image_size if args.quick else Scale().image_size))
         print(report(summary))
         print(f"wrote {path}, {out / 'study.md'}, " + ", ".join(str(p) for p in written), file=sys.stderr)
         return record

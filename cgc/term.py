@@ -34,7 +34,9 @@ class CGCOutput:
     original and augmented views; ``cams`` / ``cams_aug`` [B,h,w] their heatmaps (float32,
     differentiable); ``theta`` [B,2,3] the crop/flip maps that made ``x_aug`` from ``x``;
     ``targets`` [B] the explained classes; ``extra_logits``: the logits of each ``extra``
-    view passed in, in order (forwarded in the same batch).
+    view passed in, in order (forwarded in the same batch); ``cams_other`` [B,K,h,w] the
+    augmented view's heatmaps for its K most probable other classes (``class_negatives=K``;
+    None without).
     """
 
     loss: torch.Tensor
@@ -46,6 +48,7 @@ class CGCOutput:
     targets: torch.Tensor
     x_aug: torch.Tensor
     extra_logits: list[torch.Tensor] = field(default_factory=list)
+    cams_other: torch.Tensor | None = None
 
 
 def cgc_term(
@@ -64,6 +67,8 @@ def cgc_term(
     crop_scale: tuple[float, float] = transforms.DEFAULT_SCALE,
     ratio: tuple[float, float] = transforms.DEFAULT_RATIO,
     flip_p: float = 0.5,
+    crop_sampler: str = "rrc",
+    class_negatives: int = 0,
     generator: torch.Generator | None = None,
     backend: str | None = None,
     reshape=None,
@@ -78,17 +83,44 @@ def cgc_term(
     :class:`cgc.CGCLoss` of ``kind``, ``temperature`` and ``heatmap_size``, the image size
     when None). ``model_or_cam`` is a model (hooked for this call only, at ``target_layer``
     with ``method``) or a :class:`cgc.GradCAM`.
+
+    Two options against what a crop-consistency term may otherwise learn:
+
+    - ``crop_sampler="uniform"``: the crops may extend past the image's borders, placed so
+      that every pixel is covered equally often (RandomResizedCrop, ``"rrc"``, covers the center
+      most: a heatmap drawn to the center then matches its crops best). ``x_aug`` is padded
+      with zeros (the mean color of normalized images) and the default loss leaves the padding
+      out of the comparison (``CGCLoss(mask_outside=True)``);
+    - ``class_negatives=K``: the augmented view's heatmaps for its K most probable other
+      classes (by the logits of ``x``) join the InfoNCE negatives, so a heatmap that looks the
+      same whatever the class is penalized. Each costs one more gradient of a class score with
+      respect to the hooked activations (``create_graph=True``).
     """
     if loss is None:
-        loss = CGCLoss(temperature, heatmap_size, kind=kind, backend=backend)
-    draw = dict(scale=tuple(crop_scale), ratio=tuple(ratio), flip_p=flip_p, generator=generator)
+        loss = CGCLoss(temperature, heatmap_size, kind=kind, backend=backend, mask_outside=crop_sampler == "uniform")
+    draw = dict(scale=tuple(crop_scale), ratio=tuple(ratio), flip_p=flip_p, generator=generator, sampler=crop_sampler)
     if isinstance(model_or_cam, GradCAM):
-        return _term(model_or_cam, x, theta, targets, extra, loss, draw, backend)
+        return _term(model_or_cam, x, theta, targets, extra, loss, draw, class_negatives, backend)
     with GradCAM(model_or_cam, target_layer, method=method, backend=backend, reshape=reshape) as cam:
-        return _term(cam, x, theta, targets, extra, loss, draw, backend)
+        return _term(cam, x, theta, targets, extra, loss, draw, class_negatives, backend)
 
 
-def _term(cam: GradCAM, x, theta, targets, extra, loss: CGCLoss, draw: dict, backend) -> CGCOutput:
+def _wide(cams: torch.Tensor) -> torch.Tensor:
+    """Heatmaps in float32 when autocast made them 16-bit: the loss normalizes and exponentiates."""
+    return cams.float() if cams.dtype in (torch.float16, torch.bfloat16) else cams
+
+
+def other_classes(logits: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Tensor:
+    """[B,k]: each row's k most probable classes other than its target (by ``logits`` [B,C])."""
+    if not 0 < k < logits.shape[1]:
+        raise ValueError(f"class_negatives={k} needs more than {k} classes, the model has {logits.shape[1]}")
+    scores = logits.detach().float().scatter(1, targets[:, None].long(), float("-inf"))
+    return scores.topk(k, dim=1).indices
+
+
+def _term(
+    cam: GradCAM, x, theta, targets, extra, loss: CGCLoss, draw: dict, class_negatives: int, backend
+) -> CGCOutput:
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"cgc_term expects an image batch [B,C,H,W], got {getattr(x, 'shape', type(x).__name__)}")
     B, _, H, W = x.shape
@@ -100,17 +132,25 @@ def _term(cam: GradCAM, x, theta, targets, extra, loss: CGCLoss, draw: dict, bac
         theta = transforms.random_crop_flip(B, H, W, device=x.device, **draw).theta()
     elif theta.shape != (B, 2, 3):
         raise ValueError(f"theta must be [{B},2,3] for a batch of {B}, got {tuple(theta.shape)}")
-    x_aug = transforms.apply(x, theta, backend=backend)
+    x_aug = transforms.apply(x, theta, padding_mode=transforms.image_padding(draw["sampler"]), backend=backend)
     logits, acts = cam.forward(torch.cat([x, x_aug, *extra]) if len(extra) else torch.cat([x, x_aug]))
     if targets is None:
         targets = logits[:B].detach().argmax(1)
-    cams = cam.heatmaps(logits, acts, targets.repeat(2), rows=slice(0, 2 * B), create_graph=True)
-    if cams.dtype in (torch.float16, torch.bfloat16):  # under autocast: normalize and exponentiate in float32
-        cams = cams.float()
-    value = loss(cams[:B], cams[B:], theta, size=(H, W))
+    cams = _wide(cam.heatmaps(logits, acts, targets.repeat(2), rows=slice(0, 2 * B), create_graph=True))
+    others = None
+    if class_negatives:
+        picked = other_classes(logits[:B], targets, class_negatives)
+        aug = slice(B, 2 * B)
+        others = _wide(
+            torch.stack(
+                [cam.heatmaps(logits, acts, picked[:, k], rows=aug, create_graph=True) for k in range(class_negatives)],
+                1,
+            )
+        )
+    value = loss(cams[:B], cams[B:], theta, size=(H, W), class_negatives=others)
     sizes = [B, B] + [e.shape[0] for e in extra]
     parts = list(logits.split(sizes))
-    return CGCOutput(value, parts[0], parts[1], cams[:B], cams[B:], theta, targets, x_aug, parts[2:])
+    return CGCOutput(value, parts[0], parts[1], cams[:B], cams[B:], theta, targets, x_aug, parts[2:], others)
 
 
 class CGCTerm(nn.Module):
@@ -146,15 +186,19 @@ class CGCTerm(nn.Module):
         backend: str | None = None,
         channels_last: bool = False,
         reshape=None,
+        crop_sampler: str = "rrc",
+        class_negatives: int = 0,
     ):
         super().__init__()
         self.cam = GradCAM(
             model, target_layer, method=method, backend=backend, channels_last=channels_last, reshape=reshape
         )
-        self.loss = (
-            loss if loss is not None else CGCLoss(temperature, heatmap_size, kind=kind, backend=backend, gather=gather)
-        )
+        if loss is None:
+            mask = crop_sampler == "uniform"
+            loss = CGCLoss(temperature, heatmap_size, kind=kind, backend=backend, gather=gather, mask_outside=mask)
+        self.loss = loss
         self.crop_scale, self.ratio, self.flip_p = tuple(crop_scale), tuple(ratio), flip_p
+        self.crop_sampler, self.class_negatives = crop_sampler, class_negatives
         self.backend = backend
 
     @property
@@ -181,6 +225,8 @@ class CGCTerm(nn.Module):
             crop_scale=self.crop_scale,
             ratio=self.ratio,
             flip_p=self.flip_p,
+            crop_sampler=self.crop_sampler,
+            class_negatives=self.class_negatives,
             generator=generator,
             backend=self.backend,
         )
@@ -197,5 +243,6 @@ class CGCTerm(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"method={self.cam.method}, target_layer={self.cam.target_layer!r}, "
-            f"crop_scale={self.crop_scale}, flip_p={self.flip_p}"
+            f"crop_scale={self.crop_scale}, flip_p={self.flip_p}, crop_sampler={self.crop_sampler!r}, "
+            f"class_negatives={self.class_negatives}"
         )

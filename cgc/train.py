@@ -99,11 +99,13 @@ def build_data(config: TrainConfig, ctx: distributed.Context, out: Path) -> Trai
 
 
 def build_model(config: TrainConfig, train_data: TrainData, device: torch.device) -> torch.nn.Module:
-    """The classifier of ``config`` with a head for the dataset's classes, on ``device`` (its
-    4-D weights channels-last on CPUs: :func:`cgc.runtime.channels_last`)."""
+    """The classifier of ``config`` with a head for the dataset's classes, built for the
+    dataset's image size (transformers: their patch grid and position embeddings), on
+    ``device`` (its 4-D weights channels-last on CPUs: :func:`cgc.runtime.channels_last`)."""
     model = models.build_model(
         config.arch,
         len(train_data.bundle.classes),
+        image_size=train_data.bundle.image_size,
         pretrained=config.pretrained,
         weights=config.weights,
         norm=config.norm,
@@ -117,16 +119,14 @@ def build_model(config: TrainConfig, train_data: TrainData, device: torch.device
 
 def param_groups(model, *, weight_decay: float, head_lr_scale: float = 1.0) -> list[dict]:
     """Optimizer groups: weight decay on weights only (not biases and norm parameters); the
-    classifier head's groups carry ``lr_scale`` (--head-lr / --lr), which the schedule
+    classifier head's groups (both heads of a distilled DeiT) carry ``lr_scale`` (--head-lr / --lr), which the schedule
     multiplies in."""
-    head_name, _ = models.classifier_head(model)
+    heads = tuple(name + "." for name in models.head_names(model))
     groups = []
     for in_head, scale in ((False, 1.0), (True, head_lr_scale)):
         for decay in (True, False):
             params = [
-                p
-                for n, p in model.named_parameters()
-                if n.startswith(head_name + ".") == in_head and (p.ndim > 1) == decay
+                p for n, p in model.named_parameters() if n.startswith(heads) == in_head and (p.ndim > 1) == decay
             ]
             if params:
                 groups.append({"params": params, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale})
@@ -174,6 +174,7 @@ def build_term(config: TrainConfig, model, ctx: distributed.Context) -> tuple[Gr
         backend=config.backend,
         gather=gather,
         padding_mode=config.heatmap_padding,
+        mask_outside=config.crop_sampler == "uniform",
     )
     term = CGCTerm(
         net,
@@ -182,6 +183,8 @@ def build_term(config: TrainConfig, model, ctx: distributed.Context) -> tuple[Gr
         backend=config.backend,
         channels_last=channels_last,
         loss=loss,
+        crop_sampler=config.crop_sampler,
+        class_negatives=config.class_negatives,
     )
     return cam, net, term
 
@@ -234,6 +237,7 @@ def fit(
         config.backend,
         runtime.channels_last(ctx.device),
         config.vflip,
+        config.crop_sampler,
     )
     gathered = config.negatives == "global" and ctx.distributed
     loop = EpochLoop(

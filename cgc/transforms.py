@@ -21,12 +21,15 @@ import torch
 
 from . import ops
 
-#: RandomResizedCrop defaults of the CGC recipe (METHOD.md): area fraction and aspect ratio.
+#: RandomResizedCrop defaults of the CGC recipe (docs/method.md): area fraction and aspect ratio.
 DEFAULT_SCALE = (0.08, 1.0)
 DEFAULT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 #: the area range of the training recipe's cross-entropy view here (the paper's is 0.08-1; at
 #: the built-in dataset's 64 px, smaller crops often lose the object)
 CE_SCALE = (0.25, 1.0)
+#: how crop boxes are placed: inside the image (RandomResizedCrop), or anywhere they overlap it
+#: so that every pixel is covered equally often (see :func:`boxes_from_uniforms`)
+SAMPLERS = ("rrc", "uniform")
 #: attempts per box before the center-crop fallback (as torchvision's RandomResizedCrop)
 TRIES = 10
 #: what a keyed draw is for: each purpose gets its own independent numbers
@@ -83,11 +86,23 @@ def boxes_from_uniforms(
     *,
     scale: tuple[float, float] = DEFAULT_SCALE,
     ratio: tuple[float, float] = DEFAULT_RATIO,
+    sampler: str = "rrc",
 ) -> torch.Tensor:
-    """Boxes ``[B,4]`` (top, left, height, width; float) drawn as torchvision's
-    RandomResizedCrop draws them, from uniforms ``u`` [B, 3*tries + 1]: area fraction in
-    ``scale``, log-uniform aspect ratio in ``ratio``, up to ``tries`` attempts per box, then a
-    center crop clamped to ``ratio``; position uniform over the valid integer offsets."""
+    """Boxes ``[B,4]`` (top, left, height, width; float) from uniforms ``u`` [B, 3*tries + 1].
+
+    The size is drawn as torchvision's RandomResizedCrop draws it: area fraction in ``scale``,
+    log-uniform aspect ratio in ``ratio``, up to ``tries`` attempts at a box that fits, then the
+    largest box within ``ratio``. The position depends on the ``sampler``:
+
+    - ``rrc``: RandomResizedCrop's, uniform over the integer offsets that keep the box inside
+      the image (the fallback box centered). A pixel near the center is inside more boxes than
+      one near a border;
+    - ``uniform``: uniform over every integer offset at which the box overlaps the image, so it
+      may extend past the borders: each pixel of the image is inside the box with the same
+      probability, ``h / (H + h - 1)`` per axis for a box of height ``h``.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if not (0 < scale[0] <= scale[1] <= 1):
         raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}")
     if not (0 < ratio[0] <= ratio[1]):
@@ -102,7 +117,7 @@ def boxes_from_uniforms(
     h = torch.round(torch.sqrt(target_area / aspect))
     ok = (w > 0) & (h > 0) & (w <= width) & (h <= height)
     first = torch.where(ok.any(1), ok.float().argmax(1), torch.full_like(ok[:, 0], -1, dtype=torch.long))
-    # fallback: the largest centerd box within the ratio range
+    # fallback: the largest centered box within the ratio range
     in_ratio = width / height
     if in_ratio < ratio[0]:
         fw, fh = width, round(width / ratio[0])
@@ -114,12 +129,17 @@ def boxes_from_uniforms(
     pick = first.clamp_min(0)
     bw = torch.where(first >= 0, w[rows, pick], torch.full_like(w[:, 0], fw))
     bh = torch.where(first >= 0, h[rows, pick], torch.full_like(h[:, 0], fh))
+    u_top, u_left = u_top[rows, pick], u[:, 3 * tries]
+    if sampler == "uniform":  # offsets -(h - 1) .. H - 1: at least one row and column inside
+        top = torch.floor(u_top * (height + bh - 1)).clamp_max(height + bh - 2) - (bh - 1)
+        left = torch.floor(u_left * (width + bw - 1)).clamp_max(width + bw - 2) - (bw - 1)
+        return torch.stack([top, left, bh, bw], dim=1).float()
     # position uniform over the valid integer offsets, as torch.randint(0, H - h + 1) does
-    top = torch.floor(u_top[rows, pick] * (height - bh + 1)).clamp_max(height - bh)
-    left = torch.floor(u[:, 3 * tries] * (width - bw + 1)).clamp_max(width - bw)
-    centerd = first < 0
-    top = torch.where(centerd, torch.floor((height - bh) / 2), top)
-    left = torch.where(centerd, torch.floor((width - bw) / 2), left)
+    top = torch.floor(u_top * (height - bh + 1)).clamp_max(height - bh)
+    left = torch.floor(u_left * (width - bw + 1)).clamp_max(width - bw)
+    centered = first < 0
+    top = torch.where(centered, torch.floor((height - bh) / 2), top)
+    left = torch.where(centered, torch.floor((width - bw) / 2), left)
     return torch.stack([top, left, bh, bw], dim=1).float()
 
 
@@ -149,15 +169,17 @@ def random_crop_flip(
     ratio=DEFAULT_RATIO,
     flip_p: float = 0.5,
     vflip_p: float = 0.0,
+    sampler: str = "rrc",
     generator: torch.Generator | None = None,
     keys=None,
     device: torch.device | str = "cpu",
 ) -> CropFlip:
-    """Random RandomResizedCrop boxes plus horizontal flips with probability ``flip_p`` (and
+    """Random crop boxes (``sampler``: RandomResizedCrop's, or with uniform coverage, see
+    :func:`boxes_from_uniforms`) plus horizontal flips with probability ``flip_p`` (and
     vertical ones with ``vflip_p``), from ``generator`` or per-sample ``keys``
     (:func:`sample_keys`)."""
     u = uniforms(batch, 3 * TRIES + 3, generator=generator, keys=keys)
-    boxes = boxes_from_uniforms(u[:, : 3 * TRIES + 1], height, width, scale=scale, ratio=ratio)
+    boxes = boxes_from_uniforms(u[:, : 3 * TRIES + 1], height, width, scale=scale, ratio=ratio, sampler=sampler)
     flips = u[:, 3 * TRIES + 1] < flip_p
     vflips = (u[:, 3 * TRIES + 2] < vflip_p).to(device) if vflip_p > 0 else None
     return CropFlip(boxes.to(device), flips.to(device), height, width, vflips)
@@ -187,6 +209,13 @@ def crop_flip_theta(
 def identity_theta(batch: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``[B,2,3]`` identity maps: with ``padding_mode="border"``, warping is plain resizing."""
     return torch.eye(2, 3, dtype=dtype, device=device).expand(batch, 2, 3)
+
+
+def image_padding(sampler: str) -> str:
+    """What an augmented image shows beyond the original's borders: crops of the ``uniform``
+    sampler reach past them and are padded with zeros (the mean color of normalized images);
+    RandomResizedCrop's stay inside, where ``border`` only affects the edge's last half pixel."""
+    return "zeros" if sampler == "uniform" else "border"
 
 
 def apply(

@@ -25,6 +25,8 @@ from cgc import CGCLoss, CGCTerm, checkpoint, data, distributed, engine, train, 
 from cgc.config import TrainConfig
 from cgc.models import build_model
 
+pytestmark = pytest.mark.slow  # torchrun processes and whole training runs: the slow tier
+
 TOY = TrainConfig(
     train_size=64, val_size=24, batch_size=8, image_size=32, num_classes=3, epochs=2, arch="compact", norm="group",
     lr=0.01, overlays=2, checkpoint_every=3, workers=0, amp="off",
@@ -148,6 +150,19 @@ def test_global_and_local_negatives(runs, tmp_path):
     local = steps(tmp_path / "local")[0]["cgc"]
     assert local == pytest.approx(sum(halves) / 2, rel=1e-5)  # each process's own 3 negatives
     assert abs(local - whole) > 1e-3
+
+
+def test_two_processes_equal_one_with_uniform_crops_and_class_negatives(tmp_path):
+    """The term's options on the distributed path: the class negatives are gathered with the
+    anchors, so two processes take the steps of one."""
+    options = TOY.replace(epochs=1, crop_sampler="uniform", class_negatives=2)
+    train.run(options.replace(out=str(tmp_path / "one")))
+    train_with_torchrun(options, tmp_path / "two")
+    one, two = steps(tmp_path / "one"), steps(tmp_path / "two")
+    assert len(one) == len(two) == 8
+    for a, b in zip(one, two):
+        for key in ("loss", "ce", "cgc"):
+            assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]), (a["step"], key, a[key], b[key])
 
 
 def test_gather_sends_gradients_home(tmp_path):

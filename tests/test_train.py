@@ -27,6 +27,7 @@ def weights_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_run_writes_everything(tmp_path):
     results = run(tmp_path)
     out = tmp_path / "run"
@@ -45,6 +46,7 @@ def test_run_writes_everything(tmp_path):
     assert ckpt["config"] == TOY.replace(out=str(out)).to_dict() and ckpt["target_layer"] == "features"
 
 
+@pytest.mark.slow
 def test_reported_accuracy_is_the_models_accuracy(tmp_path):
     """The final val top-1 equals the accuracy of the saved weights counted by hand (float32)."""
     results = run(tmp_path, amp="off", epochs=2)
@@ -56,6 +58,7 @@ def test_reported_accuracy_is_the_models_accuracy(tmp_path):
     assert results["val_top1"] == pytest.approx(100 * topk_correct(logits, val.labels)[1] / 40, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_config_file_reruns_the_run_bit_for_bit(tmp_path):
     """OUT/config.yaml holds every setting: --config on it gives the same weights; flags given
     with --config override the file."""
@@ -70,6 +73,7 @@ def test_config_file_reruns_the_run_bit_for_bit(tmp_path):
     assert TrainConfig.load(tmp_path / "c" / "config.yaml").epochs == 2
 
 
+@pytest.mark.slow
 def test_model_safetensors_loads_into_torchvision_strictly(tmp_path):
     """model.safetensors is the plain state dict: torchvision's own model takes it with
     strict=True, and --weights takes it back."""
@@ -87,6 +91,7 @@ def test_model_safetensors_loads_into_torchvision_strictly(tmp_path):
     assert weights_equal(again.state_dict(), state)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["ce", "mse"])
 def test_baselines_run(tmp_path, loss):
     results = run(tmp_path, loss=loss)
@@ -95,6 +100,7 @@ def test_baselines_run(tmp_path, loss):
     assert results["loss"] == loss
 
 
+@pytest.mark.slow
 def test_bf16_autocast_run(tmp_path, monkeypatch):
     """--amp bf16: the step runs under bfloat16 autocast (the model's convolutions see it), the
     CGC loss gets float32 heatmaps, and the run ends with finite losses and its outputs."""
@@ -121,6 +127,7 @@ def test_bf16_autocast_run(tmp_path, monkeypatch):
     assert results["amp"] == "bf16"
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_is_exact(tmp_path, monkeypatch):
     run(tmp_path, "full", epochs=2)
     real_save = checkpoint.save_atomic
@@ -144,6 +151,30 @@ def test_resume_after_interruption_is_exact(tmp_path, monkeypatch):
     assert full["progress"]["history"][-1]["train_loss"] == resumed["progress"]["history"][-1]["train_loss"]
 
 
+@pytest.mark.slow
+def test_mid_epoch_resume_is_exact_with_uniform_crops_and_class_negatives(tmp_path, monkeypatch):
+    """The term's options keep resume exact: a run cut after a mid-epoch checkpoint and resumed
+    ends with the uninterrupted run's weights."""
+    options = dict(crop_sampler="uniform", class_negatives=2, checkpoint_every=4, amp="off")
+    run(tmp_path, "full", **options)
+    real_save = checkpoint.save_atomic
+
+    def save_then_die(state, path):
+        real_save(state, path)
+        if state["progress"]["step"] == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save_atomic", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "cut", **options)
+    monkeypatch.undo()
+    run(tmp_path, "cut", resume="auto", **options)
+    assert weights_equal(checkpoint.load(tmp_path / "full")["model"], checkpoint.load(tmp_path / "cut")["model"])
+    log = json.loads((tmp_path / "cut" / "log.jsonl").read_text())
+    assert log["train_cgc"] > 0
+
+
+@pytest.mark.slow
 def test_resume_auto_starts_fresh_in_an_empty_folder_and_continues_a_cut_one(tmp_path, monkeypatch):
     """--resume auto (a SLURM job's first start and its requeues): an empty folder starts a new
     run; a folder whose run was cut continues it exactly."""
@@ -165,6 +196,7 @@ def test_resume_auto_starts_fresh_in_an_empty_folder_and_continues_a_cut_one(tmp
     assert weights_equal(job["model"], checkpoint.load(tmp_path / "whole")["model"])
 
 
+@pytest.mark.slow
 def test_validation_cadence_and_the_best_checkpoint(tmp_path):
     """--val-every 2 validates at epochs 2 and 4 only; best.pt holds the validated epoch with the
     highest top-1 (ties: the first), last.pt the last."""
@@ -178,6 +210,7 @@ def test_validation_cadence_and_the_best_checkpoint(tmp_path):
     assert checkpoint.load(tmp_path / "run")["progress"]["epoch"] == 4
 
 
+@pytest.mark.slow
 def test_deterministic_runs_repeat_bit_for_bit(tmp_path, monkeypatch):
     """--deterministic: every step runs under torch.use_deterministic_algorithms (nothing on
     the CPU path refuses it), two runs end with bit-identical weights, and the setting is
@@ -213,6 +246,7 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path, monkeypatch):
     assert not (tmp_path / "last.pt").exists()
 
 
+@pytest.mark.slow
 def test_resume_errors(tmp_path):
     with pytest.raises(SystemExit, match=r"--resume .*x\.pt: no checkpoint there"):
         train.main([*TOY_FLAGS, "--out", str(tmp_path), "--resume", str(tmp_path / "x.pt")])
@@ -268,6 +302,7 @@ def test_bad_flags_end_in_one_error_line_before_anything_runs(tmp_path, monkeypa
     assert not out.exists()  # refused before any folder, data or model was made
 
 
+@pytest.mark.slow
 def test_a_bad_flag_exits_without_a_traceback():
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
@@ -280,6 +315,7 @@ def test_a_bad_flag_exits_without_a_traceback():
     ]
 
 
+@pytest.mark.slow
 def test_amp_auto_follows_the_hardware(monkeypatch, tmp_path, caplog):
     monkeypatch.setattr(runtime, "fast_bfloat16", lambda device: False)
     assert runtime.resolve_amp("auto", torch.device("cpu")) == "off"
@@ -317,6 +353,7 @@ def test_optimizer_groups_decay_weights_only_and_scale_the_head(tmp_path):
     assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["betas"] == (0.8, 0.999)
 
 
+@pytest.mark.slow
 def test_tensorboard_event_files_load_in_tensorboards_reader(tmp_path):
     event_accumulator = pytest.importorskip(
         "tensorboard.backend.event_processing.event_accumulator",
@@ -357,6 +394,7 @@ def test_new_head_replaces_the_pretrained_head(tmp_path):
     assert moved[False] < 1e-5 and moved[True] > 1e-2
 
 
+@pytest.mark.slow
 def test_semi_supervised_streams(tmp_path, caplog):
     """Limited data with the rest (or all) of the training split as unlabeled images, vertical
     flips and zero padding: the term moves to the unlabeled stream."""
@@ -384,6 +422,7 @@ def test_semi_supervised_streams(tmp_path, caplog):
     assert "12 train / 30 val" in caplog.text and "120 unlabeled images" in caplog.text
 
 
+@pytest.mark.slow
 def test_compact_stride_four_doubles_the_heatmap_resolution(tmp_path):
     run(tmp_path, compact_stride=4)
     from cgc.models import load_model
