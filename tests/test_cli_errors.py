@@ -115,6 +115,7 @@ def test_unknown_target_layer(files):
         assert "did you mean 'features'" in one_line_error(call, argv)
 
 
+@pytest.mark.slow
 def test_the_real_command_prints_no_traceback(files):
     proc = subprocess.run(
         [sys.executable, "-m", "cgc.train", *TOY, "--resume", str(files / "corrupt.pt"), "--out", str(files / "r")],
@@ -124,3 +125,53 @@ def test_the_real_command_prints_no_traceback(files):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert lines[-1].startswith("error: ") and "corrupt" in lines[-1]
+
+
+@pytest.mark.slow
+def test_transformers_that_cannot_be_explained_as_asked(files, tmp_path):
+    """A model without a usable spatial layer, a layer whose patch tokens do not reach the
+    head, and an image size the model cannot take: one error line from each command line."""
+    pytest.importorskip("timm", reason="timm is optional (pip install timm)")
+    from cgc.models import build_model
+
+    weights = tmp_path / "mixer.pth"
+    torch.save(build_model("timm:mixer_s32_224", 3).state_dict(), weights)
+    for call, argv, expected in (
+        (train.main, [*TOY, "--arch", "timm:mixer_s32_224", "--out", str(tmp_path / "a")], "is no last stage"),
+        (
+            explain.main,
+            [str(files / "img.png"), "--arch", "timm:mixer_s32_224", "--weights", str(weights)],
+            "is no last stage",
+        ),
+        (
+            evaluate.main,
+            [
+                "--arch",
+                "timm:mixer_s32_224",
+                "--weights",
+                str(weights),
+                "--dataset",
+                "synthetic",
+                "--num-classes",
+                "3",
+                "--train-size",
+                "8",
+                "--val-size",
+                "8",
+                "--image-size",
+                "32",
+            ],
+            "is no last stage",
+        ),
+        (
+            train.main,
+            [*TOY, "--arch", "timm:test_vit", "--target-layer", "norm", "--out", str(tmp_path / "b")],
+            "do not depend on the patch tokens",
+        ),
+        (
+            train.main,
+            [*TOY, "--arch", "timm:swin_tiny_patch4_window7_224", "--image-size", "48", "--out", str(tmp_path / "c")],
+            "cannot take 48 px images",
+        ),
+    ):
+        assert expected in one_line_error(call, argv), argv

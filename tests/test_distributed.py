@@ -165,6 +165,20 @@ def test_two_processes_equal_one_with_uniform_crops_and_class_negatives(tmp_path
             assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]), (a["step"], key, a[key], b[key])
 
 
+def test_two_processes_equal_one_on_a_vision_transformer(tmp_path):
+    """Global negatives under torchrun on a ViT (timm's tiny test ViT, CAM at its last block's
+    first norm, the term's second order through attention): two processes take the steps of one."""
+    pytest.importorskip("timm", reason="timm is optional (pip install timm)")
+    vit = TOY.replace(epochs=1, arch="timm:test_vit", norm="batch", train_size=48)
+    train.run(vit.replace(out=str(tmp_path / "one")))
+    train_with_torchrun(vit, tmp_path / "two")
+    one, two = steps(tmp_path / "one"), steps(tmp_path / "two")
+    assert len(one) == len(two) == 6
+    for a, b in zip(one, two):
+        for key in ("loss", "ce", "cgc"):
+            assert abs(a[key] - b[key]) <= 1e-4 * abs(a[key]), (a["step"], key, a[key], b[key])
+
+
 def test_gather_sends_gradients_home(tmp_path):
     script = tmp_path / "gather.py"
     # each rank writes its own result file: lines two processes print to one pipe can interleave
