@@ -1,13 +1,21 @@
-"""Shared fixtures: which (backend, device) pairs the op suite runs, and input makers.
+"""Shared fixtures: which (backend, device) pairs the op suite runs, input makers, and a clean
+random and deterministic-mode state for every test.
 
 Every backend that can run here is tested against the pure-PyTorch reference: ``native``
 when ``cgc._C`` is built, ``triton`` on CUDA or on the CPU under ``TRITON_INTERPRET=1``,
-CUDA devices when one is visible. Unavailable pairs are skipped with the reason.
+CUDA devices when one is visible. Unavailable pairs are skipped with the reason; Triton
+pairs that run in the (slow) CPU interpreter are marked ``slow``.
+
+Random inputs: each run draws a fresh base seed (printed in the header; ``CGC_TEST_SEED=N``
+replays a run), and each test's seed is a hash of the base seed and the test's id, so a test
+sees the same numbers whichever tests ran before it, alone or in the whole suite.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import random
 
 import torch
 
@@ -17,17 +25,82 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import numpy as np
 import pytest
 
 from cgc import ops
 
+#: the run's base seed: ``CGC_TEST_SEED`` when set (to replay a run), else fresh from the OS
+BASE_SEED = int(os.environ.get("CGC_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
 
-def _pairs():
+
+def pytest_report_header(config):
+    return f"cgc test seed: CGC_TEST_SEED={BASE_SEED}"
+
+
+def seed_for(nodeid: str, base: int = BASE_SEED) -> int:
+    """The seed of the test ``nodeid`` in a run with base seed ``base`` (63 bits)."""
+    digest = hashlib.sha256(f"{base}:{nodeid}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@pytest.fixture
+def test_seed(request) -> int:
+    """This test's seed, from the run's base seed and the test's id (printed: shown on failure)."""
+    seed = seed_for(request.node.nodeid)
+    print(f"test seed: {seed} (replay: CGC_TEST_SEED={BASE_SEED} pytest '{request.node.nodeid}')")
+    return seed
+
+
+@pytest.fixture(autouse=True)
+def _seed_global_rngs(test_seed):
+    """Seed torch's, Python's and NumPy's global generators from the test's seed, so that even a
+    test using them does not depend on which tests ran before it."""
+    torch.manual_seed(test_seed)
+    random.seed(test_seed)
+    np.random.seed(test_seed % 2**32)
+
+
+@pytest.fixture
+def rng(test_seed):
+    """A generator of this test's own, seeded from the test's seed (not torch's global state)."""
+    return torch.Generator().manual_seed(test_seed)
+
+
+@pytest.fixture(autouse=True)
+def _restore_deterministic_mode():
+    """Put back ``torch.use_deterministic_algorithms`` (and warn-only) and the cuDNN flags after
+    every test, so a test that changes them, or fails halfway, leaves nothing to the next one."""
+
+    def mode():
+        return torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+
+    before, cudnn = mode(), (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    yield
+    if mode() != before:  # only then: its first call imports torch._inductor, which takes seconds
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = cudnn
+
+
+def interpreted(backend: str, device: str) -> bool:
+    """True when Triton kernels run through the (slow) CPU interpreter: keep shapes small."""
+    return backend == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def backend_device_params(keep=lambda backend, device: True, extra=()):
+    """``pytest.param((backend, device), *extra)`` for every backend and device where
+    ``keep(backend, device)``; interpreted Triton is marked ``slow``. ``extra``: tuples of further
+    values to combine with each pair (for a joint parametrization with ``indirect``)."""
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     out = []
     for backend in ops.BACKENDS:
         for device in devices:
-            out.append(pytest.param((backend, device), id=f"{backend}-{device}"))
+            if not keep(backend, device):
+                continue
+            marks = [pytest.mark.slow] if interpreted(backend, device) else []
+            for values in extra or [()]:
+                ids = "-".join([backend, device, *(str(v).replace("torch.", "") for v in values)])
+                out.append(pytest.param((backend, device), *values, id=ids, marks=marks))
     return out
 
 
@@ -41,7 +114,7 @@ def _unavailable(backend: str, device: str) -> str | None:
     return None
 
 
-@pytest.fixture(params=_pairs())
+@pytest.fixture(params=backend_device_params())
 def backend_device(request):
     """``(backend, device)`` of one op implementation under test."""
     backend, device = request.param
@@ -49,16 +122,3 @@ def backend_device(request):
     if why:
         pytest.skip(why)
     return backend, device
-
-
-def interpreted(backend: str, device: str) -> bool:
-    """True when Triton kernels run through the (slow) CPU interpreter: keep shapes small."""
-    return backend == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@pytest.fixture
-def rng():
-    """A fresh, randomly seeded generator per test (the seed is printed on failure)."""
-    seed = int(torch.randint(0, 2**31 - 1, (1,)))
-    print(f"test seed: {seed}")
-    return torch.Generator().manual_seed(seed)

@@ -110,6 +110,7 @@ def test_default_target_targets_and_shapes():
             cam(torch.randn(0, 3, 32, 32))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "arch,layer",
     [
@@ -140,6 +141,7 @@ def test_unknown_layer_and_method_errors():
         find_target_layer(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4)), input_size=8)
 
 
+@pytest.mark.slow
 def test_mode_hooks_and_memory_are_left_alone():
     model = CompactCNN(4)
     model.train()
@@ -188,6 +190,7 @@ def test_resize_heatmaps_is_bilinear():
     assert torch.allclose(resize_heatmaps(h, 224), ref, atol=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
 def test_channels_last_changes_layout_only(dtype, tol):
     """channels_last=True stores 4-D weights channels-last: same Parameter objects, same values,
@@ -214,13 +217,14 @@ def test_channels_last_changes_layout_only(dtype, tol):
     assert (out.cams - expected.cams).abs().max() <= tol * scale
 
 
-def test_bfloat16_autocast_matches_float32():
+def test_bfloat16_autocast_matches_float32(rng):
     """Under CPU bfloat16 autocast (AMX where present) the heatmaps are bfloat16 and agree with
     float32 ones to bfloat16 precision: within 5 % of the batch's largest value (measured:
     at most 1.8 % over 12 seeds), the same targets given to both."""
+    torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=rng)))  # the model's initial weights
     model = torchvision.models.resnet18(num_classes=6).eval()
-    x = torch.randn(4, 3, 64, 64)
-    target = torch.randint(0, 6, (4,))
+    x = torch.randn(4, 3, 64, 64, generator=rng)
+    target = torch.randint(0, 6, (4,), generator=rng)
     with GradCAM(model) as cam:
         ref = cam(x, target).cams
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -95,6 +95,7 @@ def test_checkpoints_of_the_first_format_still_load(tmp_path):
         checkpoint.load(cut)
 
 
+@pytest.mark.slow
 def test_a_first_format_run_resumes(tmp_path):
     """python -m cgc.train --resume continues a first-format checkpoint where it stopped."""
     from cgc import train

@@ -12,6 +12,7 @@ from cgc import data
 from cgc.data.synthetic import CLASS_SHAPES, SyntheticShapes
 
 
+@pytest.mark.slow
 def test_deterministic_and_prefix_stable():
     a = SyntheticShapes("train", 300, seed=3, image_size=32)
     b = SyntheticShapes("train", 300, seed=3, image_size=32)

@@ -239,6 +239,7 @@ def test_stratified_subsets():
         subsets.stratified_indices(targets, per_class=2, fraction=0.5)
 
 
+@pytest.mark.slow
 def test_subsets_of_the_builtin_dataset_and_flag_checks(tmp_path):
     bundle = data.build("synthetic", train_size=60, val_size=10, num_classes=3, image_size=32)
     subset = data.limit(bundle.train, per_class=4, seed=0)
@@ -256,6 +257,7 @@ def test_subsets_of_the_builtin_dataset_and_flag_checks(tmp_path):
             TOY.replace(**bad).validate()
 
 
+@pytest.mark.slow
 def test_limited_data_run_saves_its_file_list(tmp_path):
     root = make_cub(tmp_path / "cub", per_class=(5, 2))
     lists = []
@@ -270,6 +272,7 @@ def test_limited_data_run_saves_its_file_list(tmp_path):
     assert all((root / "CUB_200_2011" / line.split("\t")[0]).is_file() for line in lists[0])
 
 
+@pytest.mark.slow
 def test_unreadable_images_are_skipped_or_stop_a_strict_run(tmp_path):
     root = tmp_path / "tree"
     make_folder(root / "train", n=5)
@@ -301,6 +304,7 @@ def test_wrong_root_names_the_layout(tmp_path, name):
         train.main(["--dataset", name, "--out", str(tmp_path / "run")])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(MAKERS))
 def test_one_epoch_on_each_dataset(tmp_path, name):
     root = MAKERS[name](tmp_path / "data")
@@ -310,6 +314,7 @@ def test_one_epoch_on_each_dataset(tmp_path, name):
     assert ("content_heatmap" in results) == (name in ("cub", "imagenet"))
 
 
+@pytest.mark.slow
 def test_unlabeled_images_add_their_cgc_term(tmp_path):
     root = make_folder(tmp_path / "labeled", n=3)
     for k in range(6):  # any tree: nested and flat files, no classes
@@ -333,6 +338,7 @@ def test_cycling_sampler_resumes_mid_stream():
     assert [next(resumed) for _ in range(6)] == stream[7:13]
 
 
+@pytest.mark.slow
 def test_head_lr_scales_only_the_head(tmp_path):
     root = make_folder(tmp_path / "tree")
     train.run(

@@ -2,7 +2,9 @@
 CUDA kernels that sum with floating-point atomics (the warp's backward in native and Triton),
 those kernels raise (or warn) when named, and everything ``auto`` picks repeats bit for bit.
 
-CPU cases check the policy; the CUDA cases (skipped without a GPU) run it.
+CPU cases check the policy; the CUDA cases (skipped without a GPU) run it. Each test sets the
+mode it needs itself (``det``, ``mode_off``), and conftest's autouse fixture puts the previous
+settings back after every test, so no test depends on what ran before it.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 from cgc import ops, transforms
-from cgc.train import deterministic
+from cgc.runtime import deterministic
 
 from .test_ops import random_theta
 
@@ -20,21 +22,35 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a G
 
 @pytest.fixture
 def det():
+    """The deterministic mode on (not warn-only) for this test."""
     with deterministic(True):
         yield
 
 
-def test_context_restores_the_previous_settings():
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        with deterministic(True):
-            assert torch.are_deterministic_algorithms_enabled()
-            assert not torch.is_deterministic_algorithms_warn_only_enabled()
-        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
-    finally:
+@pytest.fixture
+def mode_off():
+    """The deterministic mode off for this test, whatever an earlier test left behind (the
+    settings before the test come back after it: ``_restore_deterministic_mode`` in conftest)."""
+    if torch.are_deterministic_algorithms_enabled():
         torch.use_deterministic_algorithms(False)
+    yield
+
+
+def test_context_restores_the_previous_settings():
+    """``deterministic(True)`` turns the mode on (not warn-only) and cuDNN autotuning off, then
+    puts back what was set before (here: warn-only mode, autotuning on); ``deterministic(False)``
+    changes nothing. conftest's fixture undoes these settings after the test."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = True
+    with deterministic(True):
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+        assert not torch.backends.cudnn.benchmark
+    assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    assert torch.backends.cudnn.benchmark
     with deterministic(False):
-        assert not torch.are_deterministic_algorithms_enabled()
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.backends.cudnn.benchmark
 
 
 def test_auto_order_leaves_out_racy_cuda_kernels(det):
@@ -48,13 +64,13 @@ def test_auto_order_leaves_out_racy_cuda_kernels(det):
         assert ops.auto_order(op, cpu) == ("native", "reference")
 
 
-def test_auto_order_unchanged_without_the_mode():
+def test_auto_order_unchanged_without_the_mode(mode_off):
     assert not torch.are_deterministic_algorithms_enabled()
     for op in ("gradcam", "affine_warp", "info_nce"):
         assert ops.auto_order(op, torch.device("cuda")) == ops.CUDA_ORDER[op]
 
 
-def test_triton_alert():
+def test_triton_alert(mode_off):
     common = pytest.importorskip("cgc.kernels.common", reason="triton is not installed", exc_type=ImportError)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     common.alert_nondeterministic("k", cuda)  # the mode is off: nothing to say

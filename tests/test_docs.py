@@ -179,6 +179,7 @@ def test_no_flag_table_is_written_by_hand():
 
 
 # ----------------------------------------------------------------------------- runnable Python
+@pytest.mark.slow
 def test_library_page_runs_as_written():
     blocks = python_blocks(DOCS / "library.md")
     assert len(blocks) >= 3

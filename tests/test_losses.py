@@ -1,9 +1,11 @@
-"""CGCLoss: consistent heatmaps score better than inconsistent ones; zero heatmaps stay finite."""
+"""CGCLoss: equals the recipe written out in plain torch (both kinds, values and gradients);
+consistent heatmaps score better than inconsistent ones; zero heatmaps stay finite."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cgc import CGCLoss, ops, transforms
 
@@ -27,14 +29,73 @@ def test_consistent_heatmaps_have_lower_loss(rng, kind):
         assert good.abs() < 1e-12
 
 
-def test_infonce_loss_equals_the_op_on_the_pair(rng):
-    cam_orig, cam_aug, theta = _consistent_pair(rng)
-    loss = CGCLoss(0.3, 24)
-    q, p = loss.pair(cam_orig, cam_aug, theta)
-    assert q.shape == (6, 24 * 24)
-    assert torch.allclose(loss(cam_orig, cam_aug, theta), ops.info_nce(q, p, 0.3))
-    # sum-normalized (+eps) heatmaps, as in the recipe
-    assert torch.allclose(q.sum(1), torch.ones(6, dtype=torch.float64), atol=1e-4)
+def _by_hand(cam_orig, cam_aug, theta, size, padding_mode="border"):
+    """The recipe's anchors and positives in plain torch: the augmented view's heatmap resized
+    (bilinear, align_corners=False), the original's cropped/flipped by ``theta`` to the same
+    size (affine_grid + grid_sample), each divided by its sum (+1e-8) plus 1e-8, flattened."""
+    b = cam_orig.shape[0]
+    q = F.interpolate(cam_aug[:, None], size, mode="bilinear", align_corners=False)
+    grid = F.affine_grid(theta, (b, 1, *size), align_corners=False)
+    p = F.grid_sample(cam_orig[:, None], grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
+    q, p = q.flatten(1), p.flatten(1)
+    return q / (q.sum(1, keepdim=True) + 1e-8) + 1e-8, p / (p.sum(1, keepdim=True) + 1e-8) + 1e-8
+
+
+def _info_nce_by_hand(q, p, temperature):
+    """Cross-entropy with target 0 of ``[q_b.p_b, q_b.q_k for k != b] / T`` over unit rows."""
+    q, p = q / q.norm(dim=1, keepdim=True), p / p.norm(dim=1, keepdim=True)
+    b = q.shape[0]
+    rows = [torch.stack([q[i] @ p[i]] + [q[i] @ q[k] for k in range(b) if k != i]) for i in range(b)]
+    return F.cross_entropy(torch.stack(rows) / temperature, torch.zeros(b, dtype=torch.long))
+
+
+def _mse_by_hand(q, p):
+    """Mean over the batch of the squared distance of the unit rows (2 - 2 cos)."""
+    q, p = q / q.norm(dim=1, keepdim=True), p / p.norm(dim=1, keepdim=True)
+    return torch.stack([((q[i] - p[i]) ** 2).sum() for i in range(q.shape[0])]).mean()
+
+
+def _unrelated_pair(rng, b=5, h=7, w=9):
+    """Heatmaps of another resolution than the loss's, not consistent with each other, and
+    crops/flips of both kinds (so a wrong, missing or swapped warp changes the value)."""
+    cam_orig = torch.rand(b, h, w, generator=rng, dtype=torch.float64)
+    cam_aug = torch.rand(b, h, w, generator=rng, dtype=torch.float64)
+    tf = transforms.random_crop_flip(b, 40, 40, generator=rng, scale=(0.1, 0.6))
+    tf.flips[:2] = torch.tensor([True, False])
+    return cam_orig, cam_aug, tf.theta().double()
+
+
+@pytest.mark.parametrize("size", [24, (20, 28)], ids=["square", "non-square"])
+@pytest.mark.parametrize("padding_mode", ["border", "zeros"])
+def test_loss_equals_the_recipe_by_hand(rng, size, padding_mode):
+    """Both kinds of CGCLoss equal the recipe written out in plain torch (resize, warp,
+    sum-normalization, InfoNCE as a cross-entropy over the batch, or the MSE of unit rows)."""
+    cam_orig, cam_aug, theta = _unrelated_pair(rng)
+    hw = (size, size) if isinstance(size, int) else size
+    q, p = _by_hand(cam_orig, cam_aug, theta, hw, padding_mode)
+    for kind, want in (("infonce", _info_nce_by_hand(q, p, 0.3)), ("mse", _mse_by_hand(q, p))):
+        loss = CGCLoss(0.3, size, kind, padding_mode=padding_mode)
+        got_q, got_p = loss.pair(cam_orig, cam_aug, theta)
+        assert got_q.shape == got_p.shape == (5, hw[0] * hw[1])
+        assert torch.allclose(got_q, q, rtol=1e-10, atol=1e-14), f"anchors differ by {(got_q - q).abs().max():.3g}"
+        assert torch.allclose(got_p, p, rtol=1e-10, atol=1e-14), f"positives differ by {(got_p - p).abs().max():.3g}"
+        got = loss(cam_orig, cam_aug, theta)
+        assert torch.allclose(got, want, rtol=1e-10, atol=0), (kind, float(got), float(want))
+    # heatmap_size=None compares at the size passed with the heatmaps
+    want = _info_nce_by_hand(*_by_hand(cam_orig, cam_aug, theta, hw, "border"), 0.5)
+    assert torch.allclose(CGCLoss(0.5, None)(cam_orig, cam_aug, theta, size=hw), want, rtol=1e-10, atol=0)
+
+
+def test_loss_gradient_equals_the_recipe_by_hand(rng):
+    """The gradients in both heatmaps are those of the hand-written recipe (the CGC term trains
+    through them)."""
+    cam_orig, cam_aug, theta = _unrelated_pair(rng)
+    for kind, by_hand in (("infonce", lambda q, p: _info_nce_by_hand(q, p, 0.4)), ("mse", _mse_by_hand)):
+        a, b = cam_orig.clone().requires_grad_(), cam_aug.clone().requires_grad_()
+        got = torch.autograd.grad(CGCLoss(0.4, 16, kind)(a, b, theta), (a, b))
+        want = torch.autograd.grad(by_hand(*_by_hand(a, b, theta, (16, 16))), (a, b))
+        for g, w, name in zip(got, want, ("d cam_orig", "d cam_aug")):
+            assert torch.allclose(g, w, rtol=1e-8, atol=1e-12), f"{kind} {name} differs by {(g - w).abs().max():.3g}"
 
 
 def test_zero_heatmaps_give_finite_loss_and_gradient():

@@ -176,6 +176,7 @@ def test_cosine_and_topk_iou_known_values():
     ).item() == pytest.approx(1 / 3)
 
 
+@pytest.mark.slow
 def test_explanation_metrics_over_a_dataset(tmp_path):
     bundle = data.build("synthetic", train_size=1, val_size=24, image_size=32, num_classes=4)
     torch.manual_seed(0)
@@ -270,6 +271,7 @@ def trained_compact():
     return model.eval(), data.normalize(bundle.val.images), bundle.val.labels
 
 
+@pytest.mark.slow
 def test_model_randomization_fails_a_heatmap_that_ignores_the_model():
     model, x, _ = trained_compact()
     targets = model(x).argmax(1)
@@ -282,6 +284,7 @@ def test_model_randomization_fails_a_heatmap_that_ignores_the_model():
     assert rho[-1].nanmean() < 0.5 and rho.nanmean() < 0.6  # Grad-CAM changes with the weights: passes
 
 
+@pytest.mark.slow
 def test_random_logit_fails_a_class_blind_heatmap():
     model, x, _ = trained_compact()
     targets = model(x).argmax(1)
@@ -293,6 +296,7 @@ def test_random_logit_fails_a_class_blind_heatmap():
     assert metrics.random_logit(model, _cam_explain(), x, targets, 3, keys).mean() < 0.9
 
 
+@pytest.mark.slow
 def test_max_sensitivity_zero_for_constant_explanations_and_grows_with_noise():
     model, x, _ = trained_compact()
     targets = model(x).argmax(1)

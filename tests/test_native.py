@@ -38,11 +38,12 @@ def rel_err(out, ref):
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def randn(*shape, device="cpu", dtype=torch.float64, grad=False):
-    return torch.randn(shape, dtype=dtype, device=device).requires_grad_(grad)
+def randn(gen, *shape, device="cpu", dtype=torch.float64, grad=False):
+    """Standard normal values from the test's generator ``gen`` (drawn on the CPU)."""
+    return torch.randn(shape, generator=gen, dtype=dtype).to(device).requires_grad_(grad)
 
 
-def crop_thetas(b, device="cpu", generator=None):
+def crop_thetas(b, generator, device="cpu"):
     """The CGC crop/flip maps (axis-aligned: the CPU warp's separable path)."""
     return transforms.random_crop_flip(b, 224, 224, generator=generator, device=device).theta()
 
@@ -50,51 +51,54 @@ def crop_thetas(b, device="cpu", generator=None):
 # ------------------------------------------------------------------------------- opcheck
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_opcheck_gradcam(device, dtype):
+def test_opcheck_gradcam(device, dtype, rng):
     for pool, gshape in ((True, (3, 5, 4, 6)), (False, (3, 5, 4, 6)), (True, (3, 5))):
-        A = randn(3, 5, 4, 6, device=device, dtype=dtype, grad=True)
-        G = randn(*gshape, device=device, dtype=dtype, grad=True)
+        A = randn(rng, 3, 5, 4, 6, device=device, dtype=dtype, grad=True)
+        G = randn(rng, *gshape, device=device, dtype=dtype, grad=True)
         torch.library.opcheck(C.gradcam_fwd, (A, G, pool))
         out = C.gradcam_fwd(A.detach(), G.detach(), pool)
-        go = randn(3, 4, 6, device=device, dtype=dtype, grad=True)
+        go = randn(rng, 3, 4, 6, device=device, dtype=dtype, grad=True)
         torch.library.opcheck(C.gradcam_bwd, (go, out, A, G, pool))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_opcheck_affine_warp(device, dtype):
-    theta = torch.cat([crop_thetas(2, device), torch.eye(2, 3, device=device)[None] + 0.3])
+def test_opcheck_affine_warp(device, dtype, rng):
+    theta = torch.cat([crop_thetas(2, rng, device), torch.eye(2, 3, device=device)[None] + 0.3])
     for mode in (0, 1):
-        x = randn(3, 2, 7, 5, device=device, dtype=dtype, grad=True)
+        x = randn(rng, 3, 2, 7, 5, device=device, dtype=dtype, grad=True)
         torch.library.opcheck(C.affine_warp_fwd, (x, theta, 9, 11, mode))
-        go = randn(3, 2, 9, 11, device=device, dtype=dtype, grad=True)
+        go = randn(rng, 3, 2, 9, 11, device=device, dtype=dtype, grad=True)
         torch.library.opcheck(C.affine_warp_bwd, (go, theta, 7, 5, mode))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_opcheck_info_nce(device, dtype):
+def test_opcheck_info_nce(device, dtype, rng):
     for reduction in (0, 1, 2):
-        a = randn(5, 33, device=device, dtype=dtype, grad=True)
-        p = randn(5, 33, device=device, dtype=dtype, grad=True)
+        a = randn(rng, 5, 33, device=device, dtype=dtype, grad=True)
+        p = randn(rng, 5, 33, device=device, dtype=dtype, grad=True)
         torch.library.opcheck(C.info_nce_fwd, (a, p, 0.3, reduction))
         _, logits, stats = C.info_nce_fwd(a.detach(), p.detach(), 0.3, reduction)
-        gl = randn(*((5,) if reduction == 0 else ()), device=device, dtype=dtype)
+        gl = randn(rng, *((5,) if reduction == 0 else ()), device=device, dtype=dtype)
         # differentiable once: its backward op is checked without inputs that need grad
         torch.library.opcheck(C.info_nce_bwd, (gl, a.detach(), p.detach(), logits, stats, 0.3, reduction))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_opcheck_info_nce_negatives(device, dtype):
+def test_opcheck_info_nce_negatives(device, dtype, rng):
     index = torch.tensor([6, -1, 0, 6], device=device)
     for reduction in (0, 1, 2):
-        a, p = randn(4, 33, device=device, dtype=dtype, grad=True), randn(4, 33, device=device, dtype=dtype, grad=True)
-        n = randn(7, 33, device=device, dtype=dtype, grad=True)
+        a, p = (
+            randn(rng, 4, 33, device=device, dtype=dtype, grad=True),
+            randn(rng, 4, 33, device=device, dtype=dtype, grad=True),
+        )
+        n = randn(rng, 7, 33, device=device, dtype=dtype, grad=True)
         torch.library.opcheck(C.info_nce_neg_fwd, (a, p, n, index, 0.3, reduction))
         _, logits, stats, norms = C.info_nce_neg_fwd(a.detach(), p.detach(), n.detach(), index, 0.3, reduction)
         assert torch.isinf(logits[[0, 2, 3], [7, 1, 7]]).all() and torch.isfinite(logits[1]).all()
-        gl = randn(*((4,) if reduction == 0 else ()), device=device, dtype=dtype)
+        gl = randn(rng, *((4,) if reduction == 0 else ()), device=device, dtype=dtype)
         torch.library.opcheck(
             C.info_nce_neg_bwd, (gl, a.detach(), p.detach(), n.detach(), logits, stats, norms, 0.3, reduction)
         )
@@ -109,12 +113,13 @@ def cgc_step(A, G, theta, backend):
     return cgc.CGCLoss(0.5, 16, backend=backend)(cams[:b], cams[b:], theta)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
-def test_compile_fullgraph_cgc_step(device):
+def test_compile_fullgraph_cgc_step(device, rng):
     torch._dynamo.reset()
-    A0 = randn(8, 6, 7, 7, dtype=torch.float32, device=device)
-    G0 = randn(8, 6, 7, 7, dtype=torch.float32, device=device)
-    theta = crop_thetas(4, device)
+    A0 = randn(rng, 8, 6, 7, 7, dtype=torch.float32, device=device)
+    G0 = randn(rng, 8, 6, 7, 7, dtype=torch.float32, device=device)
+    theta = crop_thetas(4, rng, device)
     results = []
     for fn in (cgc_step, torch.compile(cgc_step, fullgraph=True)):
         A, G = A0.clone().requires_grad_(), G0.clone().requires_grad_()
@@ -130,15 +135,16 @@ def test_compile_fullgraph_cgc_step(device):
         assert rel_err(got, want) < 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
-def test_compile_fullgraph_info_nce_negatives(device):
+def test_compile_fullgraph_info_nce_negatives(device, rng):
     """The explicit-negatives op traces into one graph (fake implementations) and matches eager."""
     torch._dynamo.reset()
 
     def step(a, p, n, idx):
         return native.info_nce_neg(a, p, n, idx, 0.5, "sum")
 
-    a0, p0, n0 = randn(4, 20, device=device), randn(4, 20, device=device), randn(8, 20, device=device)
+    a0, p0, n0 = randn(rng, 4, 20, device=device), randn(rng, 4, 20, device=device), randn(rng, 8, 20, device=device)
     idx = torch.arange(2, 6, device=device)
     results = []
     for fn in (step, torch.compile(step, fullgraph=True)):
@@ -152,55 +158,54 @@ def test_compile_fullgraph_info_nce_negatives(device):
 # ------------------------------------------------------------------------------- warp paths
 @pytest.mark.parametrize("mode", ["zeros", "border"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_cpu_separable_warp(mode, dtype):
+def test_cpu_separable_warp(mode, dtype, rng):
     """Crop/flip/resize maps take the CPU's two-pass path; a batch mixes it with the general
     path, and crops reach outside the image."""
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
-    gen = torch.Generator().manual_seed(0)
     for (B, Cc, H, W), size in [
         ((6, 1, 7, 7), (224, 224)),
         ((4, 3, 40, 30), (17, 23)),
         ((3, 2, 50, 60), (7, 5)),
         ((2, 1, 1, 1), (3, 4)),
     ]:
-        theta = crop_thetas(B, generator=gen)
+        theta = crop_thetas(B, rng)
         theta[0] = torch.tensor([[-1.3, 0.0, 0.4], [0.0, 1.5, -0.5]])  # flipped, partly outside
         theta[-1, 0, 1] = 0.2  # sheared: general path in the same batch
-        x64 = randn(B, Cc, H, W, grad=True)
+        x64 = randn(rng, B, Cc, H, W, grad=True)
         ref = reference.affine_warp(x64, theta.double(), size, mode)
         x = x64.detach().to(dtype).requires_grad_()
         out = ops.affine_warp(x, theta, size, padding_mode=mode, backend="native")
         assert rel_err(out, ref) < tol
-        go = torch.randn_like(ref)
+        go = torch.randn(ref.shape, generator=rng, dtype=ref.dtype)
         (want,) = torch.autograd.grad(ref, x64, go)
         (got,) = torch.autograd.grad(out, x, go.to(dtype))
         assert rel_err(got, want) < tol
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_higher_order_gradients(device):
+def test_higher_order_gradients(device, rng):
     """gradcam and affine_warp are differentiable twice (the CGC loss differentiates gradients)."""
-    A, G = randn(2, 3, 3, 4, device=device, grad=True), randn(2, 3, 3, 4, device=device, grad=True)
-    W = randn(2, 3, device=device, grad=True)
+    A, G = randn(rng, 2, 3, 3, 4, device=device, grad=True), randn(rng, 2, 3, 3, 4, device=device, grad=True)
+    W = randn(rng, 2, 3, device=device, grad=True)
     for pool in (True, False):
         assert torch.autograd.gradgradcheck(
             lambda a, g, pool=pool: ops.gradcam(a, g, pool=pool, backend="native"), (A, G)
         )
     assert torch.autograd.gradgradcheck(lambda a, w: ops.gradcam(a, w, backend="native"), (A, W))
-    x = randn(2, 2, 5, 4, device=device, grad=True)
-    theta = torch.cat([crop_thetas(1, device), torch.eye(2, 3, device=device)[None] + 0.2])
+    x = randn(rng, 2, 2, 5, 4, device=device, grad=True)
+    theta = torch.cat([crop_thetas(1, rng, device), torch.eye(2, 3, device=device)[None] + 0.2])
     assert torch.autograd.gradgradcheck(lambda t: ops.affine_warp(t, theta, (6, 3), backend="native"), (x,))
 
 
-def test_info_nce_double_backward_raises():
-    a, p = randn(3, 4, grad=True), randn(3, 4, grad=True)
+def test_info_nce_double_backward_raises(rng):
+    a, p = randn(rng, 3, 4, grad=True), randn(rng, 3, 4, grad=True)
     (ga,) = torch.autograd.grad(ops.info_nce(a, p, 0.5, backend="native"), a, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiable once"):
         ga.sum().backward()
 
 
-def test_info_nce_negatives_double_backward_raises():
-    a, p, n = randn(3, 4, grad=True), randn(3, 4, grad=True), randn(5, 4, grad=True)
+def test_info_nce_negatives_double_backward_raises(rng):
+    a, p, n = randn(rng, 3, 4, grad=True), randn(rng, 3, 4, grad=True), randn(rng, 5, 4, grad=True)
     (gn,) = torch.autograd.grad(
         ops.info_nce(a, p, 0.5, negatives=n, anchor_index=1, backend="native"), n, create_graph=True
     )
@@ -209,9 +214,13 @@ def test_info_nce_negatives_double_backward_raises():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_info_nce_negatives_large_d(device):
+def test_info_nce_negatives_large_d(device, rng):
     """Explicit negatives with rows of 2^21 elements (the row passes' chunks on CUDA)."""
-    a64, p64, n64 = randn(2, 1 << 21, grad=True), randn(2, 1 << 21, grad=True), randn(3, 1 << 21, grad=True)
+    a64, p64, n64 = (
+        randn(rng, 2, 1 << 21, grad=True),
+        randn(rng, 2, 1 << 21, grad=True),
+        randn(rng, 3, 1 << 21, grad=True),
+    )
     p64.data[1] = 0.5 * a64.data[1] + 0.1 * p64.data[1]  # one strong positive
     n64.data[2] = 0.3 * a64.data[0] + n64.data[2]  # and a hard negative
     idx = torch.tensor([-1, 1])
@@ -219,7 +228,7 @@ def test_info_nce_negatives_large_d(device):
     a, p, n = (x.detach().float().to(device).requires_grad_() for x in (a64, p64, n64))
     out = ops.info_nce(a, p, 0.2, negatives=n, anchor_index=idx.to(device), reduction="none", backend="native")
     assert rel_err(out, ref) < 1e-5
-    go = torch.randn(2, dtype=torch.float64)
+    go = torch.randn(2, generator=rng, dtype=torch.float64)
     want = torch.autograd.grad(ref, (a64, p64, n64), go)
     got = torch.autograd.grad(out, (a, p, n), go.float().to(device))
     for g, w in zip(got, want):
@@ -227,25 +236,25 @@ def test_info_nce_negatives_large_d(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_info_nce_large_d(device):
+def test_info_nce_large_d(device, rng):
     """Rows of 2^21 elements (float32 sums over long rows stay exact in double)."""
-    a64, p64 = randn(3, 1 << 21, grad=True), randn(3, 1 << 21, grad=True)
+    a64, p64 = randn(rng, 3, 1 << 21, grad=True), randn(rng, 3, 1 << 21, grad=True)
     p64.data[1] = 0.5 * a64.data[1] + 0.1 * p64.data[1]  # one strong positive
     ref = reference.info_nce(a64, p64, 0.2, "none")
     a = a64.detach().float().to(device).requires_grad_()
     p = p64.detach().float().to(device).requires_grad_()
     out = ops.info_nce(a, p, 0.2, reduction="none", backend="native")
     assert rel_err(out, ref) < 1e-5
-    go = torch.randn(3, dtype=torch.float64)
+    go = torch.randn(3, generator=rng, dtype=torch.float64)
     want = torch.autograd.grad(ref, (a64, p64), go)
     got = torch.autograd.grad(out, (a, p), go.float().to(device))
     for g, w in zip(got, want):
         assert rel_err(g, w) < 1e-5
 
 
-def test_zero_rows_stay_finite():
+def test_zero_rows_stay_finite(rng):
     """An all-zero heatmap row (norm clamped) gives finite values, like the reference."""
-    a64, p64 = randn(4, 9, grad=True), randn(4, 9, grad=True)
+    a64, p64 = randn(rng, 4, 9, grad=True), randn(rng, 4, 9, grad=True)
     a64.data[2] = 0
     p64.data[0] = 0
     ref = reference.info_nce(a64, p64, 0.5)
@@ -330,6 +339,7 @@ def test_backend_unavailable_without_extension(monkeypatch):
         ops.info_nce(a, a, 0.5, backend="native")
 
 
+@pytest.mark.slow
 def test_import_cgc_without_extension():
     """A fresh interpreter where cgc._C cannot be imported still runs the package."""
     code = (
@@ -346,7 +356,7 @@ def test_import_cgc_without_extension():
 
 # ------------------------------------------------------------------------------- training
 @pytest.mark.parametrize("device", DEVICES)
-def test_cgc_term_matches_reference_backend(device):
+def test_cgc_term_matches_reference_backend(device, rng):
     """The CGC term of a small CNN: loss and parameter gradients agree across backends."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(
@@ -359,8 +369,8 @@ def test_cgc_term_matches_reference_backend(device):
         torch.nn.Linear(16, 5),
     )
     net = net.double().to(device)
-    x = torch.randn(6, 3, 32, 32, dtype=torch.float64, device=device)
-    theta = transforms.random_crop_flip(6, 32, 32, device=device).theta()
+    x = torch.randn(6, 3, 32, 32, generator=rng, dtype=torch.float64).to(device)
+    theta = transforms.random_crop_flip(6, 32, 32, generator=rng, device=device).theta()
     grads = {}
     for backend in ("reference", "native"):
         net.zero_grad()

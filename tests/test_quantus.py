@@ -104,6 +104,7 @@ def test_max_sensitivity_equals_quantus(model_case):
     assert np.allclose(ours.numpy(), theirs, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_mprt_equals_quantus_at_its_granularity(model_case):
     model, x, y = model_case
     before = {k: v.clone() for k, v in model.state_dict().items()}

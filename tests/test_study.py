@@ -12,6 +12,8 @@ from PIL import Image
 
 from cgc import study
 
+pytestmark = pytest.mark.slow  # the study, end to end: the slow tier
+
 
 def test_quick_study_runs_and_resumes(tmp_path, capsys):
     out = tmp_path / "study"

@@ -1,10 +1,9 @@
 """cgc.CGCTerm / cgc.cgc_term: one forward pass of both views, the same numbers as the pieces
-it is made of, the model untouched and unowned, clear errors; the README's library example
-and examples/cgc_imagefolder.py run as written."""
+it is made of, the model untouched and unowned, clear errors; examples/cgc_imagefolder.py runs
+as written (the library page's examples: tests/test_docs.py)."""
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -90,29 +89,33 @@ def test_term_errors():
         cgc.CGCTerm(model, method="gradcamm")
 
 
-def _readme_library_blocks() -> list[str]:
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("## The library") :]
-    section = section[: section.index("\n## ", 3)]
-    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
-
-
-def test_readme_library_example_runs_as_written():
-    blocks = _readme_library_blocks()
-    assert len(blocks) >= 3
-    scope: dict = {}
+def test_the_model_runs_once_per_term_call(rng):
+    """The model's forward runs once per term call, on the original, augmented and extra views
+    together (one batch: the cost of one forward, BatchNorm statistics of all views), and the
+    backward through the heatmaps (create_graph) runs none."""
+    model = CompactCNN(4).train()
+    batches = []
+    handle = model.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    x = torch.randn(5, 3, 32, 32, generator=rng)
+    extra = [torch.randn(3, 3, 32, 32, generator=rng), torch.randn(2, 3, 32, 32, generator=rng)]
     try:
-        for block in blocks:
-            exec(compile(block, "README.md", "exec"), scope)  # noqa: S102 - our own README
-        assert isinstance(scope["loss"], torch.Tensor) and torch.isfinite(scope["loss"])
-        assert scope["heat"].shape == (4, 64, 64)
-        assert "absgrad" in cgc.CAM_METHODS
+        with cgc.CGCTerm(model) as term:
+            batches.clear()  # finding the CAM layer traced the model on the meta device
+            out = term(x, extra=extra)
+            assert batches == [5 + 5 + 3 + 2], f"forward passes of batches {batches}"
+            (out.loss + sum(e.sum() for e in out.extra_logits)).backward()
+            assert len(batches) == 1, f"forward passes of batches {batches}"
+            batches.clear()
+            term(x)
+            assert batches == [10], f"forward passes of batches {batches}"
+        batches.clear()
+        cgc.cgc_term(model, x, extra=extra[:1], target_layer="features")
+        assert batches == [13], f"forward passes of batches {batches}"
     finally:
-        cgc.CAM_METHODS.pop("absgrad", None)
-        if "term" in scope:
-            scope["term"].close()
+        handle.remove()
 
 
+@pytest.mark.slow
 def test_example_script_trains_on_an_image_folder(tmp_path):
     for c, color in enumerate(((220, 40, 40), (40, 40, 220))):
         for k in range(4):

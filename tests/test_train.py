@@ -369,6 +369,7 @@ def test_tensorboard_event_files_load_in_tensorboards_reader(tmp_path):
     assert tags["images"] == ["overlays"]
 
 
+@pytest.mark.slow
 def test_results_table_says_what_each_number_means(tmp_path, capsys):
     train.main([*TOY_FLAGS, "--epochs", "1", "--out", str(tmp_path)])
     table = capsys.readouterr().out
@@ -376,6 +377,7 @@ def test_results_table_says_what_each_number_means(tmp_path, capsys):
     assert "higher is better" in table and "energy of the label's heatmap inside the boxes" in table
 
 
+@pytest.mark.slow
 def test_new_head_replaces_the_pretrained_head(tmp_path):
     """--new-head: after one negligible step the head is far from the pretrained one; without
     the flag (same class count) it stays next to it."""

@@ -1,4 +1,5 @@
-"""Crop/flip boxes and their affine maps: the warp reproduces torchvision's crop+resize+flip."""
+"""Crop/flip boxes and their affine maps: the warp reproduces torchvision's crop+resize+flip, and
+``--vflip``'s keyed vertical flips turn exactly the chosen crops upside down."""
 
 from __future__ import annotations
 
@@ -98,3 +99,41 @@ def test_keyed_crops_do_not_depend_on_the_batch():
     assert 0.45 < many.flips.float().mean() < 0.55 and many.boxes[:, 2].std() > 5  # still random
     with pytest.raises(ValueError, match="3 keys for a batch of 2"):
         transforms.uniforms(2, 5, keys=[1, 2, 3])
+
+
+def test_vflip_flips_exactly_the_keyed_images_upside_down(rng):
+    """``--vflip``'s maps (``cgc.engine.crop_thetas(..., vflip=True)``): an image is flipped
+    vertically exactly when the last of its keyed uniforms is below 0.5 (about half of them),
+    its crop and horizontal flip are those it gets without ``vflip``, and its warp is the
+    unflipped warp upside down; ``vflip=False`` never flips."""
+    from cgc.engine import crop_thetas
+
+    keys = transforms.sample_keys(int(torch.randint(0, 2**31, (1,), generator=rng)), 2, range(2000), "aug")
+    # the keyed uniform of each image, drawn by hand: the last of the 3 * TRIES + 3 numbers of its key
+    expected = torch.tensor(
+        [
+            float(
+                torch.rand(3 * transforms.TRIES + 3, generator=torch.Generator().manual_seed(k), dtype=torch.float64)[
+                    -1
+                ]
+            )
+            < 0.5
+            for k in keys
+        ]
+    )
+    flipped = crop_thetas(keys, (24, 20), (0.2, 1.0), "cpu", vflip=True)
+    plain = crop_thetas(keys, (24, 20), (0.2, 1.0), "cpu", vflip=False)
+    wrong = int(((flipped[:, 1, 1] < 0) != expected).sum())
+    assert wrong == 0, f"{wrong} of {len(keys)} images flipped (or not) against their keyed uniform"
+    assert 0.45 < expected.float().mean() < 0.55
+    assert (plain[:, 1, 1] > 0).all(), "vflip=False flipped an image"
+    x = torch.rand(64, 3, 24, 20, generator=rng, dtype=torch.float64)
+    out = transforms.apply(x, flipped[:64].double())
+    ref = transforms.apply(x, plain[:64].double())
+    ref = torch.where(expected[:64, None, None, None], ref.flip(-2), ref)
+    assert torch.allclose(out, ref, atol=1e-6), (
+        f"not the unflipped crop upside down: differs by {(out - ref).abs().max():.3g}"
+    )
+    # the same crop and horizontal flip with and without vflip
+    assert torch.equal(flipped[:, 0], plain[:, 0]) and torch.equal(flipped[:, 1, 2], plain[:, 1, 2])
+    assert torch.equal(flipped[:, 1, 1].abs(), plain[:, 1, 1])

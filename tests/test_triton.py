@@ -41,9 +41,18 @@ import triton.language as tl  # noqa: E402
 from cgc.kernels import common  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_backend = pytest.mark.skipif(
+_backend_skip = pytest.mark.skipif(
     triton_mod.unavailable_reason() is not None, reason=f"Triton backend unavailable: {triton_mod.unavailable_reason()}"
 )
+
+
+def needs_backend(test):
+    """Skipped without the backend; marked ``slow`` where its kernels run in the CPU
+    interpreter (seconds per case)."""
+    test = _backend_skip(test)
+    return pytest.mark.slow(test) if common.INTERPRETED else test
+
+
 gpu_only = pytest.mark.skipif(
     not torch.cuda.is_available() or common.INTERPRETED,
     reason="needs compiled Triton on a CUDA GPU (the interpreter has no compiled kernels to trace or fake-run)",
