@@ -75,12 +75,17 @@ def make_step(
     built-in dataset's recipe), with the term's options."""
     from torchvision.models import resnet18
 
-    from cgc.models import CompactCNN
+    from cgc.models import CompactCNN, build_model
 
     torch.manual_seed(0)
     classes = 100 if arch == "resnet18" else 10
-    model = (resnet18(num_classes=classes) if arch == "resnet18" else CompactCNN(classes)).to(device).train()
-    layer = "layer4" if arch == "resnet18" else "features"
+    if arch == "resnet18":
+        model, layer = resnet18(num_classes=classes), "layer4"
+    elif arch == "compact":
+        model, layer = CompactCNN(classes), "features"
+    else:  # a transformer built for the image size, its CAM layer found
+        model, layer = build_model(arch, classes, image_size=size), None
+    model = model.to(device).train()
     channels_last = device == "cpu"
     if channels_last:
         to_channels_last(model)
@@ -165,14 +170,22 @@ OPTIONS = {
 }
 
 
-@pytest.mark.parametrize("arch", ["compact", "resnet18"])
+#: the models of the options' table: cgc's compact model and two timm ViTs at the built-in
+#: dataset's recipe (batch 32 at 64 px; the ViTs with 8 px patches), a ResNet-18 at 160 px
+ARCHS = ("compact", "timm:test_vit", "timm:vit_tiny_patch16_224", "resnet18")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("option", list(OPTIONS))
 def test_step_cost_of_the_term_options(benchmark, device, arch, option):
     """The step with the term's options (uniform crops, class-contrastive negatives) next to
     today's CGC step and the CE-only step: time and saved-for-backward memory, for the built-in
-    dataset's recipe (compact model, batch 32 at 64 px) and a ResNet-18 (batch 16 at 160 px)."""
+    dataset's recipe (compact model and ViTs, batch 32 at 64 px) and a ResNet-18 (batch 16 at
+    160 px)."""
+    if arch.startswith("timm:"):
+        pytest.importorskip("timm", reason="timm is optional (pip install timm)")
     backend = "native" if "native" in backends_for(device) else "reference"
-    batch, size = (32, 64) if arch == "compact" else (METHOD_BATCH, METHOD_SIZE)
+    batch, size = (METHOD_BATCH, METHOD_SIZE) if arch == "resnet18" else (32, 64)
     step = make_step(device, backend, method="gradcam", batch=batch, size=size, arch=arch, **OPTIONS[option])
 
     def timed():
