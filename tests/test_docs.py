@@ -1,7 +1,7 @@
 """The documentation works: every relative link of README.md, docs/ and benchmarks/RESULTS.md
 reaches a file (and a heading) of the repository; nothing cites notes that are not in it; the
 flag reference in docs/training.md is the one cgc/config.py generates; the Python of
-docs/library.md, docs/backends.md and README's snippets runs as written; README stays a short
+docs/library.md, docs/backends.md, docs/transformers.md and README's snippets runs as written; README stays a short
 landing page whose quick-start test command is the one CI runs."""
 
 from __future__ import annotations
@@ -203,6 +203,16 @@ def test_backends_page_runs_as_written():
     for block in blocks:
         exec(compile(block, "docs/backends.md", "exec"), scope)  # noqa: S102 - our own docs
     assert torch.isfinite(scope["loss"]) and torch.isfinite(scope["same_rows"])
+
+
+def test_transformers_page_runs_as_written():
+    pytest.importorskip("timm", reason="timm is optional (pip install timm)")
+    blocks = python_blocks(DOCS / "transformers.md")
+    assert blocks
+    scope: dict = {}
+    for block in blocks:
+        exec(compile(block, "docs/transformers.md", "exec"), scope)  # noqa: S102 - our own docs
+    assert scope["heat"].shape == (2, 8, 8) and torch.isfinite(scope["heat"]).all()
 
 
 def test_readme_training_loop_runs_with_a_model_optimizer_and_loader():
