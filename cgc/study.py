@@ -91,6 +91,8 @@ REPORTED = ("val_top1", *metrics.TRAINING_METRICS)
 EVALUATED = (*metrics.TRAINING_METRICS, "sparseness", "random_logit", "mprt")
 #: where the heatmaps sit relative to the objects (:func:`box_geometry`)
 GEOMETRY = ("offset_corr_y", "offset_corr_x", "peaks_off_center")
+#: the parts whose runs' explanations are measured again on their final weights
+EXPLAINED = ("localization", "transformers")
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,7 @@ class Scale:
     shots: tuple[int, ...] = (5, 10, 20, 50)
     semi_shots: tuple[int, ...] = (5, 20)
     configs: tuple[str, ...] = tuple(LOCALIZATION)
+    vit_epochs: int = 15
 
 
 QUICK = Scale(
@@ -120,15 +123,26 @@ QUICK = Scale(
     shots=(2, 4),
     semi_shots=(2,),
     configs=("ce", "cgc", "cgc, T 0.5", "cgc, uniform crops + class negatives K=3"),
+    vit_epochs=1,
 )
+#: the vision transformer's recipe (the ``transformers`` part): timm's small test ViT (6 blocks,
+#: width 64, class-token head; patch 8 at 64 px: an 8x8 grid), AdamW as ViTs are trained, four
+#: of the shapes (ten did not get off the ground in the epochs a CPU affords, see docs/transformers.md)
+VIT = dict(
+    arch="timm:test_vit",
+    classes=("circle", "square", "triangle", "plus"),
+    optimizer="adamw",
+    lr=1e-3,
+    weight_decay=0.05,
+    warmup_epochs=1.0,
+)
+PARTS = ("localization", "transfer", "semi", "transformers")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = cli.ArgumentParser(prog="python -m cgc.study", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/study", help="output folder (runs, study.json, study.md, figures)")
-    p.add_argument(
-        "--parts", nargs="+", default=["localization", "transfer", "semi"], choices=("localization", "transfer", "semi")
-    )
+    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     p.add_argument(
         "--seeds",
         type=int,
@@ -171,6 +185,11 @@ def plan(scale: Scale, parts, seeds, screen_seeds, confirm=()) -> list[tuple[str
             full = name in CORE or name in OPTIONS or name in confirm or screen_seeds is None
             for seed in seeds if full else screen_seeds:
                 runs.append(("localization", name, seed, base.replace(seed=seed, **LOCALIZATION[name])))
+    if "transformers" in parts:
+        vit = base.replace(epochs=scale.vit_epochs, **VIT)
+        for name, changes in (("ce", {"loss": "ce"}), ("cgc", {})):
+            for seed in seeds:
+                runs.append(("transformers", name, seed, vit.replace(seed=seed, **changes)))
     if "transfer" in parts or "semi" in parts:
         pretrain = base.replace(seed=100, loss="ce", classes=PRETRAIN_SHAPES)
         runs.append(("pretrain", "ce on six other shapes", 100, pretrain))
@@ -264,7 +283,7 @@ def execute(out: Path, runs, record: dict) -> None:
             "config": config.to_dict(),
             "results": results,
         }
-        if part == "localization":
+        if part in EXPLAINED:
             record["runs"][key]["evaluation"] = evaluate_run(folder)
         (out / "study.json").write_text(json.dumps(record, indent=1) + "\n")
         shown = ", ".join(f"{k} {results[k]:.3f}" for k in REPORTED if isinstance(results.get(k), float))
@@ -363,6 +382,10 @@ def report(summary: dict) -> str:
     if "localization" in summary:
         lines += ["### Explanations (built-in dataset, default recipe unless stated)", ""]
         lines += [_table(list(summary["localization"].items()), LOCALIZATION_COLUMNS), ""]
+    if "transformers" in summary:
+        recipe = ", ".join(f"{k} {'/'.join(v) if isinstance(v, tuple) else v}" for k, v in VIT.items())
+        lines += ["### A vision transformer, CE vs CGC", "", f"Recipe: {recipe}; the rest as the default.", ""]
+        lines += [_table(list(summary["transformers"].items()), LOCALIZATION_COLUMNS), ""]
     for part, title in (
         ("transfer", "Limited data: fine-tuning on six new shapes"),
         ("semi", "Unlabeled data: N labeled images per class, the other training images unlabeled"),
@@ -516,6 +539,24 @@ def box_geometry(run_dir: Path, grid: int = 33) -> dict:
     }
 
 
+def overlay_figure(path: Path, runs: list[Path], names: list[str], n: int = 12) -> Path:
+    """The first ``n`` validation images of the runs' dataset and each run's heatmap of its
+    predicted class, side by side (the runs share their data)."""
+    from . import viz
+    from .cam import GradCAM
+    from .evaluate import build_data
+    from .models import load_model
+
+    loaded = [load_model(checkpoint_path=r) for r in runs]
+    bundle = build_data(loaded[0].train_args, {"train_size": 1})
+    cams = [GradCAM(m.model.eval(), m.target_layer, method=m.method) for m in loaded]
+    try:
+        return viz.save_overlays(path, cams, names, bundle.val, "cpu", n, bundle.classes)
+    finally:
+        for cam in cams:
+            cam.close()
+
+
 def coverage_figure(out: Path, size: int = 64, draws: int = 40000, seed: int = 0) -> Path:
     """How often each pixel is inside the augmented view's crop, measured from ``draws`` boxes
     of each sampler (:data:`cgc.transforms.SAMPLERS`, the default area and aspect ranges) on a
@@ -582,10 +623,6 @@ def main(argv=None) -> dict:
             file=sys.stderr,
         )
         execute(out, runs, record)
-        for key, run in record["runs"].items():  # runs recorded before the evaluation existed
-            if run["part"] == "localization" and "evaluation" not in run:
-                run["evaluation"] = evaluate_run(out / "runs" / key)
-                path.write_text(json.dumps(record, indent=1) + "\n")
         planned = {run_key(p, n, s) for p, n, s, _ in runs}
         summary = summarize({"runs": {k: v for k, v in record["runs"].items() if k in planned}})
         record["summary"] = {
@@ -604,6 +641,9 @@ def main(argv=None) -> dict:
             written.append(profile_figure(out, shown))
         if "localization" in args.parts:
             written.append(coverage_figure(out, size=QUICK.image_size if args.quick else Scale().image_size))
+        vits = [out / "runs" / run_key("transformers", name, args.seeds[0]) for name in ("ce", "cgc")]
+        if all(run_key("transformers", name, args.seeds[0]) in record["runs"] for name in ("ce", "cgc")):
+            written.append(overlay_figure(out / "transformers.png", vits, ["ViT, CE", "ViT, CGC"]))
         print(report(summary))
         print(f"wrote {path}, {out / 'study.md'}, " + ", ".join(str(p) for p in written), file=sys.stderr)
         return record

@@ -190,7 +190,11 @@ def test_resume_auto_starts_fresh_in_an_empty_folder_and_continues_a_cut_one(tmp
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, "job", epochs=2, resume="auto")  # the first start: nothing to resume
     monkeypatch.undo()
-    run(tmp_path, "job", epochs=2, resume="auto")  # the requeued job
+    steps = []
+    real_step = engine.train_step
+    monkeypatch.setattr(engine, "train_step", lambda *a, **k: steps.append(1) or real_step(*a, **k))
+    run(tmp_path, "job", epochs=2, resume="auto")  # the requeued job: only the second epoch runs
+    assert len(steps) == 6
     job = checkpoint.load(tmp_path / "job")
     assert [r["epoch"] for r in job["progress"]["history"]] == [1, 2]
     assert weights_equal(job["model"], checkpoint.load(tmp_path / "whole")["model"])
