@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, UnknownName
+from .errors import ConfigError, MissingFile, UnknownName
 from .transforms import CE_SCALE, DEFAULT_SCALE, SAMPLERS
 
 #: the groups of the flag reference and of ``--help``, in order
@@ -276,8 +276,6 @@ class TrainConfig:
 
         path = Path(path)
         if not path.is_file():
-            from .errors import MissingFile
-
             raise MissingFile(f"config file not found: {path}")
         try:
             values = yaml.safe_load(path.read_text()) or {}

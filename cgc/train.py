@@ -201,24 +201,11 @@ def resume_source(resume: str | None, out: Path) -> Path | None:
 
 
 # ----------------------------------------------------------------------------- the epochs
-def fit(
-    config: TrainConfig,
-    net,
-    term: CGCTerm | None,
-    opt: torch.optim.Optimizer,
-    train_data: TrainData,
-    saver: CheckpointSaver,
-    progress: Progress,
-    ctx: distributed.Context,
-    runlog: RunLog | None,
-    *,
-    amp: str,
-) -> Progress:
-    """Train from ``progress`` to the last epoch: each epoch's steps, its validation (every
-    ``--val-every`` epochs and after the last), its log line and checkpoints. SIGTERM (or a
-    stop asked by any process) saves ``last.pt`` after the current step and raises
-    :class:`cgc.errors.Preempted`."""
-    bundle, spe = train_data.bundle, train_data.steps_per_epoch
+def build_loop(
+    config: TrainConfig, opt: torch.optim.Optimizer, train_data: TrainData, ctx: distributed.Context, amp: str
+) -> EpochLoop:
+    """What every epoch's steps share: the learning-rate and lambda schedules, the step recipe
+    (crops, precision, backend, memory format) and the loader's habits."""
     schedule = Schedule(
         config.lr,
         config.epochs,
@@ -240,30 +227,71 @@ def fit(
         config.crop_sampler,
     )
     gathered = config.negatives == "global" and ctx.distributed
-    loop = EpochLoop(
+    return EpochLoop(
         opt,
         schedule,
         recipe,
         ctx,
-        spe,
+        train_data.steps_per_epoch,
         min_images=2 if config.loss == "cgc" and not gathered else 1,
         may_drop=train_data.may_drop,
     )
-    workers = runtime.loader_workers(config.workers, bundle.in_memory)
-    val_loader = batches(
-        bundle.val,
-        distributed.GlobalBatchSampler(
-            len(bundle.val), config.batch_size, rank=ctx.rank, world_size=ctx.world_size, shuffle=False, drop_last=False
-        ),
-        workers,
+
+
+def epoch_batches(config: TrainConfig, train_data: TrainData, ctx: distributed.Context, epoch: int, start: int):
+    """``(loader, unlabeled)``: this process's share of epoch ``epoch``'s global batches from
+    step ``start`` on, and the unlabeled stream at the same position (None without one)."""
+    bundle, spe = train_data.bundle, train_data.steps_per_epoch
+    data.set_epoch(bundle.train, epoch, config.seed)
+    sampler = distributed.GlobalBatchSampler(
+        len(bundle.train),
+        config.batch_size,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        seed=config.seed,
+        epoch=epoch,
+        start=start,
     )
-    u_size = config.unlabeled_batch_size or config.batch_size
+    loader = batches(bundle.train, sampler, runtime.loader_workers(config.workers, bundle.in_memory))
+    if train_data.unlabeled is None:
+        return loader, None
+    u_sampler = data.CyclingBatchSampler(
+        len(train_data.unlabeled),
+        config.seed + 1,
+        config.unlabeled_batch_size or config.batch_size,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        start=epoch * spe + start,
+    )
     u_workers = runtime.loader_workers(config.workers, train_data.unlabeled_in_memory)
+    return loader, iter(batches(train_data.unlabeled, u_sampler, u_workers))
+
+
+def fit(
+    config: TrainConfig,
+    net,
+    term: CGCTerm | None,
+    loop: EpochLoop,
+    train_data: TrainData,
+    saver: CheckpointSaver,
+    progress: Progress,
+    runlog: RunLog | None,
+) -> Progress:
+    """Train from ``progress`` to the last epoch: each epoch's steps, its validation (every
+    ``--val-every`` epochs and after the last), its log line and checkpoints. SIGTERM (or a
+    stop asked by any process) saves ``last.pt`` after the current step and raises
+    :class:`cgc.errors.Preempted`."""
+    ctx, opt, bundle = loop.ctx, loop.opt, train_data.bundle
+    val_sampler = distributed.GlobalBatchSampler(
+        len(bundle.val), config.batch_size, rank=ctx.rank, world_size=ctx.world_size, shuffle=False, drop_last=False
+    )
+    val_loader = batches(bundle.val, val_sampler, runtime.loader_workers(config.workers, bundle.in_memory))
+    model = net.module if ctx.distributed else net
     with runtime.stop_on_sigterm() as sigterm:
 
         def on_step(values: dict[str, float], stopping: bool) -> None:
             if runlog is not None:
-                lam = schedule.lambda_at(progress.epoch, progress.step - 1, spe)
+                lam = loop.schedule.lambda_at(progress.epoch, progress.step - 1, loop.steps_per_epoch)
                 runlog.step(
                     progress.global_step,
                     {"epoch": progress.epoch + 1, "lr": opt.param_groups[0]["lr"], "lambda": lam, **values},
@@ -274,36 +302,16 @@ def fit(
                     f"saved {saver.last} at epoch {progress.epoch + 1}, step {progress.step}; continue with "
                     f"--resume {saver.out} (restarted torchrun workers resume by themselves)"
                 )
-            saver.after_step(progress, spe)
+            saver.after_step(progress, loop.steps_per_epoch)
 
         for epoch in range(progress.epoch, config.epochs):
-            data.set_epoch(bundle.train, epoch, config.seed)
-            sampler = distributed.GlobalBatchSampler(
-                len(bundle.train),
-                config.batch_size,
-                rank=ctx.rank,
-                world_size=ctx.world_size,
-                seed=config.seed,
-                epoch=epoch,
-                start=progress.step,
-            )
-            unlabeled = None
-            if train_data.unlabeled is not None:
-                u_sampler = data.CyclingBatchSampler(
-                    len(train_data.unlabeled),
-                    config.seed + 1,
-                    u_size,
-                    rank=ctx.rank,
-                    world_size=ctx.world_size,
-                    start=epoch * spe + progress.step,
-                )
-                unlabeled = iter(batches(train_data.unlabeled, u_sampler, u_workers))
+            loader, unlabeled = epoch_batches(config, train_data, ctx, epoch, progress.step)
             t0 = time.time()
             train_one_epoch(
                 net,
                 term,
                 loop,
-                batches(bundle.train, sampler, workers),
+                loader,
                 progress,
                 unlabeled=unlabeled,
                 stop=lambda: sigterm["stop"],
@@ -312,7 +320,7 @@ def fit(
             )
             record = epoch_record(progress, opt, time.time() - t0, files=not bundle.in_memory)
             if (epoch + 1) % config.val_every == 0 or epoch + 1 == config.epochs:
-                record.update(validate(net.module if ctx.distributed else net, val_loader, ctx.device, ctx, amp))
+                record.update(validate(model, val_loader, ctx.device, ctx, loop.recipe.amp))
             saver.end_epoch(progress, record)
             if runlog is not None:
                 runlog.epoch(record, progress.global_step)
@@ -469,7 +477,7 @@ def run(config: TrainConfig, ctx: distributed.Context | None = None) -> dict:
             runlog = stack.enter_context(
                 RunLog(out, history=progress.history, global_step=progress.global_step, tensorboard=config.tensorboard)
             )
-        fit(config, net, term, opt, train_data, saver, progress, ctx, runlog, amp=amp)
+        fit(config, net, term, build_loop(config, opt, train_data, ctx, amp), train_data, saver, progress, runlog)
         results = finish(config, cam, train_data, progress, ctx, out, runlog, amp=amp, seconds=time.time() - started)
         saver.save_weights()
     if ctx.primary:

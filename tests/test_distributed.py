@@ -84,12 +84,7 @@ def runs(tmp_path_factory):
 
 def test_two_processes_train_the_same_model_as_one(runs):
     root, _ = runs
-    one, two = steps(root / "one"), steps(root / "two")
-    assert len(one) == len(two) == 16
-    for a, b in zip(one, two):
-        assert a["step"] == b["step"] and a["lr"] == b["lr"]
-        for key in ("loss", "ce", "cgc"):
-            assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]), (a["step"], key, a[key], b[key])
+    assert_same_steps(steps(root / "one"), steps(root / "two"), count=16, rel=1e-5)
     wa, wb = weights(root / "one"), weights(root / "two")
     scale = max(v.abs().max() for v in wa.values())
     assert max((wa[k] - wb[k]).abs().max() for k in wa) <= 1e-5 * scale
@@ -152,17 +147,26 @@ def test_global_and_local_negatives(runs, tmp_path):
     assert abs(local - whole) > 1e-3
 
 
+def one_and_two_processes(config: TrainConfig, tmp_path: Path) -> tuple[list[dict], list[dict]]:
+    """The step logs of ``config`` run in this process and on two torchrun processes."""
+    train.run(config.replace(out=str(tmp_path / "one")))
+    train_with_torchrun(config, tmp_path / "two")
+    return steps(tmp_path / "one"), steps(tmp_path / "two")
+
+
+def assert_same_steps(one: list[dict], two: list[dict], count: int, rel: float) -> None:
+    assert len(one) == len(two) == count
+    for a, b in zip(one, two):
+        assert a["step"] == b["step"] and a["lr"] == b["lr"]
+        for key in ("loss", "ce", "cgc"):
+            assert abs(a[key] - b[key]) <= rel * abs(a[key]), (a["step"], key, a[key], b[key])
+
+
 def test_two_processes_equal_one_with_uniform_crops_and_class_negatives(tmp_path):
     """The term's options on the distributed path: the class negatives are gathered with the
     anchors, so two processes take the steps of one."""
     options = TOY.replace(epochs=1, crop_sampler="uniform", class_negatives=2)
-    train.run(options.replace(out=str(tmp_path / "one")))
-    train_with_torchrun(options, tmp_path / "two")
-    one, two = steps(tmp_path / "one"), steps(tmp_path / "two")
-    assert len(one) == len(two) == 8
-    for a, b in zip(one, two):
-        for key in ("loss", "ce", "cgc"):
-            assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]), (a["step"], key, a[key], b[key])
+    assert_same_steps(*one_and_two_processes(options, tmp_path), count=8, rel=1e-5)
 
 
 def test_two_processes_equal_one_on_a_vision_transformer(tmp_path):
@@ -170,13 +174,7 @@ def test_two_processes_equal_one_on_a_vision_transformer(tmp_path):
     first norm, the term's second order through attention): two processes take the steps of one."""
     pytest.importorskip("timm", reason="timm is optional (pip install timm)")
     vit = TOY.replace(epochs=1, arch="timm:test_vit", norm="batch", train_size=48)
-    train.run(vit.replace(out=str(tmp_path / "one")))
-    train_with_torchrun(vit, tmp_path / "two")
-    one, two = steps(tmp_path / "one"), steps(tmp_path / "two")
-    assert len(one) == len(two) == 6
-    for a, b in zip(one, two):
-        for key in ("loss", "ce", "cgc"):
-            assert abs(a[key] - b[key]) <= 1e-4 * abs(a[key]), (a["step"], key, a[key], b[key])
+    assert_same_steps(*one_and_two_processes(vit, tmp_path), count=6, rel=1e-4)
 
 
 def test_gather_sends_gradients_home(tmp_path):
