@@ -40,9 +40,9 @@ else
 fi
 "$PY" -c "import torch, cgc.ops.native as n; assert n.supports(torch.device('cuda')), 'no CUDA kernels'" >> "$REPORT" 2>&1
 
-section "Tests (CUDA cases of the shared op suite, tests/test_native.py and tests/test_determinism.py, all of tests/test_triton.py at full shapes; CI runs the CPU ones)"
+section "Tests (CUDA cases of the shared op suite, tests/test_native.py, tests/test_determinism.py, the transformers' attention, all of tests/test_triton.py at full shapes; CI runs the CPU ones)"
 PYTHONUNBUFFERED=1 timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_native.py \
-  tests/test_determinism.py tests/test_cam_methods.py -rfs \
+  tests/test_determinism.py tests/test_cam_methods.py tests/test_transformers.py tests/test_crops_and_class_negatives.py -rfs \
   -k cuda --tb=short > "$OUT/tests.log" 2>&1
 echo "op suite + native + determinism: exit status $?" >> "$REPORT"
 PYTHONUNBUFFERED=1 timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton.py -rfs \

@@ -401,6 +401,20 @@ def test_cgc_steps_with_each_method_lower_its_loss_on_a_vit(method):
     assert min(losses[-5:]) < 0.85 * losses[0], losses
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the fused attention kernels there)")
+def test_cgc_step_through_attention_on_cuda_in_bfloat16():
+    """On CUDA under bfloat16 autocast the fused attention kernels (flash, memory-efficient) run
+    before the CAM layer and the math kernel after it: the term's second order backward goes
+    through and every gradient is finite."""
+    model = tiny("vit", classes=4).cuda().train()
+    x = torch.randn(8, 3, SIZE, SIZE, device="cuda")
+    with cgc.CGCTerm(model, temperature=0.5) as term, torch.autocast("cuda", dtype=torch.bfloat16):
+        out = term(x, generator=torch.Generator(device="cuda").manual_seed(0))
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert torch.isfinite(out.loss) and grads and all(torch.isfinite(g).all() for g in grads)
+
+
 def test_cgc_term_on_a_swin_and_with_a_user_reshape():
     """The term trains a Swin (channels-last final norm) and takes reshape= like GradCAM."""
     model = tiny("swin", classes=3).train()
