@@ -1,22 +1,26 @@
 """``python -m cgc.study``: the runs behind docs/study.md ("Does it work?"), with seeds and figures.
 
-Three claims of the paper, tested on the built-in dataset with ``python -m cgc.train`` itself:
+Three claims of the paper, tested on the built-in dataset with ``python -m cgc.train`` itself,
+and the method carried to a vision transformer:
 
 1. **explanations** (``localization``): CE vs CGC with the default recipe, and CGC with one
    setting changed at a time (heatmap resolution, crop scale, temperature, lambda and its ramp,
    the size the heatmaps are compared at, vertical flips, the CAM method, the warp's padding,
-   the MSE ablation): top-1, consistency, content heatmap, pointing game;
+   the MSE ablation, uniform crops, class negatives): top-1, consistency, content heatmap,
+   pointing game, random logit, MPRT and where the heatmaps sit in the object's box;
 2. **limited data** (``transfer``): a compact model pretrained (CE) on six shapes, fine-tuned
    with a new head on six other shapes from N images per class, CE vs CGC;
 3. **unlabeled data** (``semi``): the same fine-tuning from N labeled images per class, CE on
    them alone vs CE plus the CGC term on unlabeled images: the rest of the training images, or all
-   of them (the labeled ones too, as the paper's recipe).
+   of them (the labeled ones too, as the paper's recipe);
+4. **transformers** (``transformers``): timm's small test ViT on four of the shapes, CE vs CGC.
 
 Every run is a call of :func:`cgc.train.main` (its log under ``OUT/runs/``), recorded in
 ``OUT/study.json`` as it finishes, so an interrupted study continues where it stopped. At the
-end: ``OUT/study.md`` (every configuration, mean ± std over its seeds) and one figure per claim
-(``localization.png``, ``transfer.png``, ``semi.png``). ``--quick`` runs a miniature of all three
-in about a minute (CI checks that the study runs).
+end: ``OUT/study.md`` (every configuration, mean ± std over its seeds) and the figures
+(``localization.png``, ``profiles.png``, ``coverage.png``, ``transfer.png``, ``semi.png``,
+``transformers.png``). ``--quick`` runs a miniature of every part in about a minute (CI checks
+that the study runs).
 """
 
 from __future__ import annotations
@@ -109,7 +113,7 @@ class Scale:
     shots: tuple[int, ...] = (5, 10, 20, 50)
     semi_shots: tuple[int, ...] = (5, 20)
     configs: tuple[str, ...] = tuple(LOCALIZATION)
-    vit_epochs: int = 15
+    vit_epochs: int = 10
 
 
 QUICK = Scale(

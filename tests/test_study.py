@@ -20,14 +20,15 @@ def test_quick_study_runs_and_resumes(tmp_path, capsys):
     record = study.main(["--quick", "--out", str(out), "--seeds", "0", "1"])
     runs = record["runs"]
     parts = {r["part"] for r in runs.values()}
-    assert parts == {"localization", "pretrain", "transfer", "semi"}
+    assert parts == {"localization", "transformers", "pretrain", "transfer", "semi"}
     assert all(isinstance(r["results"]["val_top1"], float) for r in runs.values())
     summary = record["summary"]
     assert summary["localization"]["cgc"]["consistency"][2] == 2  # two seeds
     assert set(summary["transfer"]) == {"ce, 2/class", "cgc, 2/class", "ce, 4/class", "cgc, 4/class"}
     table = (out / "study.md").read_text()
     assert re.search(r"\| cgc, T 0.5 +\|", table) and "± " in table
-    for png in ("localization.png", "transfer.png", "semi.png"):
+    assert summary["transformers"]["cgc"]["consistency"][2] == 2
+    for png in ("localization.png", "transfer.png", "semi.png", "profiles.png", "coverage.png", "transformers.png"):
         with Image.open(out / png) as img:
             assert img.width > 300
     # the semi-supervised CE runs are the transfer CE runs: run once, recorded twice
