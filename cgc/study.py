@@ -32,6 +32,7 @@ import logging
 import math
 import statistics
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,8 +80,14 @@ CORE = ("ce", "cgc")
 #: the two options against the center pull and the loss of class-specificity, alone and
 #: together: compared with CE and CGC over every seed
 OPTIONS = tuple(name for name in LOCALIZATION if "uniform crops" in name or "class negatives" in name)
-#: the options shown in the figures next to CE and CGC
-FIGURE_OPTIONS = ("cgc, uniform crops", "cgc, class negatives K=3", "cgc, uniform crops + class negatives K=3")
+#: the options shown in the figures next to CE and CGC (both together at T 0.5: at T 0.2 they
+#: kept every seed on the initial plateau, whose heatmaps say nothing about the options)
+FIGURE_OPTIONS = (
+    "cgc, uniform crops",
+    "cgc, class negatives K=3",
+    "cgc, uniform crops + class negatives K=3",
+    "cgc, uniform crops + class negatives K=3, T 0.5",
+)
 #: the semi-supervised comparison (the first two are transfer runs: recorded again, not rerun)
 SEMI: dict[str, dict] = {
     "ce, labeled only": {"loss": "ce"},
@@ -162,6 +169,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="seeds of the localization variants (default: --seeds)",
     )
     p.add_argument(
+        "--transformer-seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="seeds of the vision transformer's runs (default: --seeds; each costs about ten CNN runs on a CPU)",
+    )
+    p.add_argument(
         "--confirm",
         nargs="+",
         default=[],
@@ -171,15 +185,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--quick", action="store_true", help="a miniature of the whole study (about a minute; CI)")
     args = p.parse_args(argv)
-    if len(args.seeds) < 2:
-        p.error("give at least two --seeds: one seed cannot tell an effect from noise")
+    for flag, seeds in (("--seeds", args.seeds), ("--transformer-seeds", args.transformer_seeds)):
+        if seeds is not None and len(seeds) < 2:
+            p.error(f"give at least two {flag}: one seed cannot tell an effect from noise")
     return args
 
 
-def plan(scale: Scale, parts, seeds, screen_seeds, confirm=()) -> list[tuple[str, str, int, TrainConfig]]:
+def plan(
+    scale: Scale, parts, seeds, screen_seeds, confirm=(), transformer_seeds=None
+) -> list[tuple[str, str, int, TrainConfig]]:
     """Every run: ``(part, configuration, seed, config)``; the pretraining run first.
     The localization variants run with ``screen_seeds``, the comparison (and ``confirm``) with
-    ``seeds``. The fine-tuning configs get their ``weights`` (the pretraining run's) when they run."""
+    ``seeds``, the vision transformer with ``transformer_seeds`` (default: ``seeds``). The fine-tuning configs get their ``weights`` (the pretraining run's) when they run."""
     base = TrainConfig(
         train_size=scale.train_size, val_size=scale.val_size, image_size=scale.image_size, epochs=scale.epochs
     )
@@ -192,7 +209,7 @@ def plan(scale: Scale, parts, seeds, screen_seeds, confirm=()) -> list[tuple[str
     if "transformers" in parts:
         vit = base.replace(epochs=scale.vit_epochs, **VIT)
         for name, changes in (("ce", {"loss": "ce"}), ("cgc", {})):
-            for seed in seeds:
+            for seed in transformer_seeds or seeds:
                 runs.append(("transformers", name, seed, vit.replace(seed=seed, **changes)))
     if "transfer" in parts or "semi" in parts:
         pretrain = base.replace(seed=100, loss="ce", classes=PRETRAIN_SHAPES)
@@ -310,9 +327,10 @@ def evaluate_run(folder: Path) -> dict:
 
 
 def summarize(record: dict) -> dict:
-    """``{part: {configuration: {metric: (mean, std, n)}}}`` over the seeds."""
+    """``{part: {configuration: {metric: (mean, std, n)}}}`` over the seeds, and under
+    ``"top1_by_seed"`` each seed's top-1 in seed order (a run stuck on a plateau shows there)."""
     grouped: dict = {}
-    for run in record["runs"].values():
+    for run in sorted(record["runs"].values(), key=lambda run: run["seed"]):
         slot = grouped.setdefault(run["part"], {}).setdefault(run["name"], {})
         for k, v in {**run["results"], **run.get("evaluation", {})}.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -320,7 +338,11 @@ def summarize(record: dict) -> dict:
     return {
         part: {
             name: {
-                k: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v)) for k, v in values.items()
+                **{
+                    k: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v))
+                    for k, v in values.items()
+                },
+                "top1_by_seed": tuple(values["val_top1"]),
             }
             for name, values in configs.items()
         }
@@ -365,11 +387,18 @@ FINETUNE_COLUMNS = (
 )
 
 
-def _table(configs: list[tuple[str, dict]], columns) -> str:
-    rows = [
-        [name, stats["val_top1"][2], *(_cell(stats, k, digits=d) for k, _, d in columns)] for name, stats in configs
-    ]
-    return tables.markdown(["configuration", "seeds", *(header for _, header, _ in columns)], rows)
+def _table(configs: list[tuple[str, dict]], columns, by_seed: bool = False) -> str:
+    """One row per configuration; ``by_seed`` adds each seed's top-1 after the mean."""
+    rows = []
+    for name, stats in configs:
+        cells = [_cell(stats, k, digits=d) for k, _, d in columns]
+        if by_seed:
+            cells.insert(1, " / ".join(f"{v:.1f}" for v in stats["top1_by_seed"]))
+        rows.append([name, stats["val_top1"][2], *cells])
+    headers = [header for _, header, _ in columns]
+    if by_seed:
+        headers.insert(1, "top-1 by seed")
+    return tables.markdown(["configuration", "seeds", *headers], rows)
 
 
 def report(summary: dict) -> str:
@@ -385,11 +414,11 @@ def report(summary: dict) -> str:
     ]
     if "localization" in summary:
         lines += ["### Explanations (built-in dataset, default recipe unless stated)", ""]
-        lines += [_table(list(summary["localization"].items()), LOCALIZATION_COLUMNS), ""]
+        lines += [_table(list(summary["localization"].items()), LOCALIZATION_COLUMNS, by_seed=True), ""]
     if "transformers" in summary:
         recipe = ", ".join(f"{k} {'/'.join(v) if isinstance(v, tuple) else v}" for k, v in VIT.items())
         lines += ["### A vision transformer, CE vs CGC", "", f"Recipe: {recipe}; the rest as the default.", ""]
-        lines += [_table(list(summary["transformers"].items()), LOCALIZATION_COLUMNS), ""]
+        lines += [_table(list(summary["transformers"].items()), LOCALIZATION_COLUMNS, by_seed=True), ""]
     for part, title in (
         ("transfer", "Limited data: fine-tuning on six new shapes"),
         ("semi", "Unlabeled data: N labeled images per class, the other training images unlabeled"),
@@ -599,7 +628,7 @@ def profile_figure(out: Path, runs: dict[str, Path]) -> Path:
         ax.imshow(profile.numpy(), extent=(-0.5, 1.5, 1.5, -0.5), cmap="jet")
         ax.plot([0, 1, 1, 0, 0], [0, 0, 1, 1, 0], color="white", lw=1)
         inside, outline, off = shares.values()
-        ax.set_title(name, fontsize=9)
+        ax.set_title("\n".join(textwrap.fill(line, 30) for line in name.split("\n")), fontsize=8)
         ax.set_xlabel(f"interior {100 * inside:.0f}%, outline {100 * outline:.0f}%, off {100 * off:.0f}%", fontsize=8)
         ax.set_xticks([0, 1])
         ax.set_yticks([0, 1])
@@ -620,7 +649,7 @@ def main(argv=None) -> dict:
         scale = QUICK if args.quick else Scale()
         path = out / "study.json"
         record = json.loads(path.read_text()) if path.is_file() else {"runs": {}}
-        runs = plan(scale, args.parts, args.seeds, args.screen_seeds, args.confirm)
+        runs = plan(scale, args.parts, args.seeds, args.screen_seeds, args.confirm, args.transformer_seeds)
         print(
             f"cgc.study: {len(runs)} runs ({sum(run_key(p, n, s) in record['runs'] for p, n, s, _ in runs)} "
             f"already in {path})",
@@ -636,17 +665,19 @@ def main(argv=None) -> dict:
         path.write_text(json.dumps(record, indent=1) + "\n")
         (out / "study.md").write_text(report(summary) + "\n")
         written = figures(out, summary)
+        seed = args.seeds[0]
         shown = {
-            name: out / "runs" / run_key("localization", name, args.seeds[0])
+            f"{name}\n(seed {seed}, top-1 {record['runs'][key]['results']['val_top1']:.0f} %)": out / "runs" / key
             for name in ("ce", "cgc", "cgc, T 0.5", *FIGURE_OPTIONS)
-            if run_key("localization", name, args.seeds[0]) in record["runs"]
+            if (key := run_key("localization", name, seed)) in record["runs"]
         }
         if shown:
             written.append(profile_figure(out, shown))
         if "localization" in args.parts:
             written.append(coverage_figure(out, size=QUICK.image_size if args.quick else Scale().image_size))
-        vits = [out / "runs" / run_key("transformers", name, args.seeds[0]) for name in ("ce", "cgc")]
-        if all(run_key("transformers", name, args.seeds[0]) in record["runs"] for name in ("ce", "cgc")):
+        vit_seed = (args.transformer_seeds or args.seeds)[0]
+        vits = [out / "runs" / run_key("transformers", name, vit_seed) for name in ("ce", "cgc")]
+        if all(run_key("transformers", name, vit_seed) in record["runs"] for name in ("ce", "cgc")):
             written.append(overlay_figure(out / "transformers.png", vits, ["ViT, CE", "ViT, CGC"]))
         print(report(summary))
         print(f"wrote {path}, {out / 'study.md'}, " + ", ".join(str(p) for p in written), file=sys.stderr)
