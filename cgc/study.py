@@ -196,7 +196,8 @@ def plan(
 ) -> list[tuple[str, str, int, TrainConfig]]:
     """Every run: ``(part, configuration, seed, config)``; the pretraining run first.
     The localization variants run with ``screen_seeds``, the comparison (and ``confirm``) with
-    ``seeds``, the vision transformer with ``transformer_seeds`` (default: ``seeds``). The fine-tuning configs get their ``weights`` (the pretraining run's) when they run."""
+    ``seeds``, the vision transformer with ``transformer_seeds`` (default: ``seeds``). The
+    fine-tuning configs get their ``weights`` (the pretraining run's) when they run."""
     base = TrainConfig(
         train_size=scale.train_size, val_size=scale.val_size, image_size=scale.image_size, epochs=scale.epochs
     )
@@ -582,12 +583,9 @@ def overlay_figure(path: Path, runs: list[Path], names: list[str], n: int = 12) 
 
     loaded = [load_model(checkpoint_path=r) for r in runs]
     bundle = build_data(loaded[0].train_args, {"train_size": 1})
-    cams = [GradCAM(m.model.eval(), m.target_layer, method=m.method) for m in loaded]
-    try:
+    with contextlib.ExitStack() as stack:
+        cams = [stack.enter_context(GradCAM(m.model.eval(), m.target_layer, method=m.method)) for m in loaded]
         return viz.save_overlays(path, cams, names, bundle.val, "cpu", n, bundle.classes)
-    finally:
-        for cam in cams:
-            cam.close()
 
 
 def coverage_figure(out: Path, size: int = 64, draws: int = 40000, seed: int = 0) -> Path:
@@ -675,10 +673,10 @@ def main(argv=None) -> dict:
             written.append(profile_figure(out, shown))
         if "localization" in args.parts:
             written.append(coverage_figure(out, size=QUICK.image_size if args.quick else Scale().image_size))
-        vit_seed = (args.transformer_seeds or args.seeds)[0]
-        vits = [out / "runs" / run_key("transformers", name, vit_seed) for name in ("ce", "cgc")]
-        if all(run_key("transformers", name, vit_seed) in record["runs"] for name in ("ce", "cgc")):
-            written.append(overlay_figure(out / "transformers.png", vits, ["ViT, CE", "ViT, CGC"]))
+        vits = [run_key("transformers", name, (args.transformer_seeds or args.seeds)[0]) for name in ("ce", "cgc")]
+        if all(key in record["runs"] for key in vits):
+            shown_vits = [out / "runs" / key for key in vits]
+            written.append(overlay_figure(out / "transformers.png", shown_vits, ["ViT, CE", "ViT, CGC"]))
         print(report(summary))
         print(f"wrote {path}, {out / 'study.md'}, " + ", ".join(str(p) for p in written), file=sys.stderr)
         return record

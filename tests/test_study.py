@@ -27,6 +27,7 @@ def test_quick_study_runs_and_resumes(tmp_path, capsys):
     assert set(summary["transfer"]) == {"ce, 2/class", "cgc, 2/class", "ce, 4/class", "cgc, 4/class"}
     table = (out / "study.md").read_text()
     assert re.search(r"\| cgc, T 0.5 +\|", table) and "± " in table
+    assert "top-1 by seed" in table
     assert summary["transformers"]["cgc"]["consistency"][2] == 2
     for png in ("localization.png", "transfer.png", "semi.png", "profiles.png", "coverage.png", "transformers.png"):
         with Image.open(out / png) as img:
@@ -41,3 +42,15 @@ def test_quick_study_runs_and_resumes(tmp_path, capsys):
     assert json.loads((out / "study.json").read_text())["summary"] == again["summary"]
     with pytest.raises(SystemExit):
         study.main(["--quick", "--out", str(out), "--seeds", "0"])  # one seed cannot tell effect from noise
+
+
+def test_transformer_seeds_are_the_vits_own():
+    """--transformer-seeds gives the ViT runs their seeds and leaves every other part's alone."""
+    args = study.parse_args(["--seeds", "0", "1", "2", "--transformer-seeds", "5", "6"])
+    runs = study.plan(study.QUICK, args.parts, args.seeds, args.screen_seeds, args.confirm, args.transformer_seeds)
+    seeds = {}
+    for part, _, seed, _ in runs:
+        seeds.setdefault(part, set()).add(seed)
+    assert seeds["transformers"] == {5, 6} and seeds["localization"] == seeds["transfer"] == {0, 1, 2}
+    with pytest.raises(SystemExit):
+        study.parse_args(["--transformer-seeds", "0"])
