@@ -394,7 +394,7 @@ def finish(
     )
     if not ctx.primary:
         return results
-    if hasattr(bundle.val, "boxes"):
+    if hasattr(bundle.val, "boxes") and config.overlays:
         viz.save_overlays(
             out / "overlays.png",
             [cam],

@@ -46,6 +46,12 @@ def test_run_writes_everything(tmp_path):
     assert ckpt["config"] == TOY.replace(out=str(out)).to_dict() and ckpt["target_layer"] == "features"
 
 
+def test_no_overlays_asked_none_drawn(tmp_path):
+    """--overlays 0 is a valid setting: the run ends without overlays.png (it failed at the end)."""
+    run(tmp_path, overlays=0, train_size=32, val_size=8)
+    assert (tmp_path / "run" / "metrics.json").is_file() and not (tmp_path / "run" / "overlays.png").exists()
+
+
 @pytest.mark.slow
 def test_reported_accuracy_is_the_models_accuracy(tmp_path):
     """The final val top-1 equals the accuracy of the saved weights counted by hand (float32)."""
