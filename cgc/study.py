@@ -148,6 +148,24 @@ VIT = dict(
     warmup_epochs=1.0,
 )
 PARTS = ("localization", "transfer", "semi", "transformers")
+#: the optional package each part needs beyond cgc's own dependencies
+PART_NEEDS = {"transformers": "timm"}
+
+
+def runnable_parts(parts) -> tuple[list[str], list[str]]:
+    """``(parts that can run here, one line per part skipped for a missing optional package)``."""
+    import importlib.util
+
+    kept, skipped = [], []
+    for part in parts:
+        package = PART_NEEDS.get(part)
+        if package is not None and importlib.util.find_spec(package) is None:
+            skipped.append(
+                f"cgc.study: the {part} part is skipped: it needs the optional package {package!r} (pip install {package})"
+            )
+        else:
+            kept.append(part)
+    return kept, skipped
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -647,7 +665,10 @@ def main(argv=None) -> dict:
         scale = QUICK if args.quick else Scale()
         path = out / "study.json"
         record = json.loads(path.read_text()) if path.is_file() else {"runs": {}}
-        runs = plan(scale, args.parts, args.seeds, args.screen_seeds, args.confirm, args.transformer_seeds)
+        parts, skipped = runnable_parts(args.parts)
+        for line in skipped:
+            print(line, file=sys.stderr)
+        runs = plan(scale, parts, args.seeds, args.screen_seeds, args.confirm, args.transformer_seeds)
         print(
             f"cgc.study: {len(runs)} runs ({sum(run_key(p, n, s) in record['runs'] for p, n, s, _ in runs)} "
             f"already in {path})",
@@ -671,7 +692,7 @@ def main(argv=None) -> dict:
         }
         if shown:
             written.append(profile_figure(out, shown))
-        if "localization" in args.parts:
+        if "localization" in parts:
             written.append(coverage_figure(out, size=QUICK.image_size if args.quick else Scale().image_size))
         vits = [run_key("transformers", name, (args.transformer_seeds or args.seeds)[0]) for name in ("ce", "cgc")]
         if all(key in record["runs"] for key in vits):

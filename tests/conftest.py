@@ -8,7 +8,10 @@ pairs that run in the (slow) CPU interpreter are marked ``slow``.
 
 Random inputs: each run draws a fresh base seed (printed in the header; ``CGC_TEST_SEED=N``
 replays a run), and each test's seed is a hash of the base seed and the test's id, so a test
-sees the same numbers whichever tests ran before it, alone or in the whole suite.
+sees the same numbers whichever tests ran before it, alone or in the whole suite. A failed test
+ends the run with the command that replays it (the terminal summary: CI's log shows it). A
+tolerance must hold for every draw: ``--seed-sweep N`` runs every selected test with the base
+seeds ``BASE .. BASE+N-1`` (docs/architecture.md: how the suite was swept).
 """
 
 from __future__ import annotations
@@ -34,8 +37,27 @@ from cgc import ops
 BASE_SEED = int(os.environ.get("CGC_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
 
 
+SWEEP = "seed_sweep"
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--seed-sweep",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run every selected test N times, with the base seeds CGC_TEST_SEED .. CGC_TEST_SEED+N-1",
+    )
+
+
 def pytest_report_header(config):
     return f"cgc test seed: CGC_TEST_SEED={BASE_SEED}"
+
+
+def pytest_generate_tests(metafunc):
+    sweep = metafunc.config.getoption("seed_sweep")
+    if sweep and SWEEP in metafunc.fixturenames:
+        metafunc.parametrize(SWEEP, range(sweep), indirect=True, ids=lambda i: f"base+{i}")
 
 
 def seed_for(nodeid: str, base: int = BASE_SEED) -> int:
@@ -45,11 +67,45 @@ def seed_for(nodeid: str, base: int = BASE_SEED) -> int:
 
 
 @pytest.fixture
-def test_seed(request) -> int:
+def seed_sweep(request) -> int:
+    """How far past the run's base seed this test's draw is (0 unless ``--seed-sweep``)."""
+    return getattr(request, "param", 0)
+
+
+def replay(nodeid: str, offset: int = 0) -> tuple[int, str]:
+    """``(base seed, test id)`` that replay the test ``nodeid``: a swept test is the plain test
+    run with its own base seed."""
+    if offset:
+        nodeid = nodeid.replace(f"-base+{offset}]", "]").replace(f"[base+{offset}]", "")
+    return BASE_SEED + offset, nodeid
+
+
+@pytest.fixture
+def test_seed(request, seed_sweep) -> int:
     """This test's seed, from the run's base seed and the test's id (printed: shown on failure)."""
-    seed = seed_for(request.node.nodeid)
-    print(f"test seed: {seed} (replay: CGC_TEST_SEED={BASE_SEED} pytest '{request.node.nodeid}')")
+    base, nodeid = replay(request.node.nodeid, seed_sweep)
+    request.node.replay = f"CGC_TEST_SEED={base} python -m pytest '{nodeid}'"
+    seed = seed_for(nodeid, base)
+    print(f"test seed: {seed} (replay: {request.node.replay})")
     return seed
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed and getattr(item, "replay", None):
+        report.replay = item.replay
+    return report
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Every failed test's replay command, last in the log where CI's output ends."""
+    failed = terminalreporter.stats.get("failed", []) + terminalreporter.stats.get("error", [])
+    lines = sorted({r.replay for r in failed if getattr(r, "replay", None)})
+    if lines:
+        terminalreporter.section("replay the failures")
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture(autouse=True)

@@ -4,6 +4,7 @@ figures, and continues an interrupted study without repeating runs."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 
@@ -12,15 +13,20 @@ from PIL import Image
 
 from cgc import study
 
-pytestmark = pytest.mark.slow  # the study, end to end: the slow tier
+HAS_TIMM = importlib.util.find_spec("timm") is not None
 
 
+@pytest.mark.slow  # the study, end to end: the slow tier
 def test_quick_study_runs_and_resumes(tmp_path, capsys):
+    """Every part runs (the transformers part where timm is installed, else it is skipped
+    saying so), and a second call runs nothing again."""
     out = tmp_path / "study"
     record = study.main(["--quick", "--out", str(out), "--seeds", "0", "1"])
     runs = record["runs"]
     parts = {r["part"] for r in runs.values()}
-    assert parts == {"localization", "transformers", "pretrain", "transfer", "semi"}
+    assert parts == {"localization", "pretrain", "transfer", "semi"} | ({"transformers"} if HAS_TIMM else set())
+    skipped = "the transformers part is skipped: it needs the optional package 'timm'"
+    assert (skipped in capsys.readouterr().err) != HAS_TIMM
     assert all(isinstance(r["results"]["val_top1"], float) for r in runs.values())
     summary = record["summary"]
     assert summary["localization"]["cgc"]["consistency"][2] == 2  # two seeds
@@ -28,8 +34,10 @@ def test_quick_study_runs_and_resumes(tmp_path, capsys):
     table = (out / "study.md").read_text()
     assert re.search(r"\| cgc, T 0.5 +\|", table) and "± " in table
     assert "top-1 by seed" in table
-    assert summary["transformers"]["cgc"]["consistency"][2] == 2
-    for png in ("localization.png", "transfer.png", "semi.png", "profiles.png", "coverage.png", "transformers.png"):
+    if HAS_TIMM:
+        assert summary["transformers"]["cgc"]["consistency"][2] == 2
+    pngs = ["localization.png", "transfer.png", "semi.png", "profiles.png", "coverage.png"]
+    for png in pngs + (["transformers.png"] if HAS_TIMM else []):
         with Image.open(out / png) as img:
             assert img.width > 300
     # the semi-supervised CE runs are the transfer CE runs: run once, recorded twice
@@ -54,3 +62,19 @@ def test_transformer_seeds_are_the_vits_own():
     assert seeds["transformers"] == {5, 6} and seeds["localization"] == seeds["transfer"] == {0, 1, 2}
     with pytest.raises(SystemExit):
         study.parse_args(["--transformer-seeds", "0"])
+
+
+def test_without_timm_the_transformers_part_is_skipped_in_one_line(tmp_path, capsys, monkeypatch):
+    """Without the optional timm the other parts run as planned and one line says why the
+    vision transformer's runs do not."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "timm" else find_spec(name, *a))
+    parts, skipped = study.runnable_parts(study.PARTS)
+    assert parts == ["localization", "transfer", "semi"]
+    assert skipped == [
+        "cgc.study: the transformers part is skipped: it needs the optional package 'timm' (pip install timm)"
+    ]
+    record = study.main(["--quick", "--parts", "transformers", "--out", str(tmp_path), "--seeds", "0", "1"])
+    assert record["runs"] == {}
+    err = capsys.readouterr().err
+    assert err.count("is skipped") == 1 and skipped[0] in err
