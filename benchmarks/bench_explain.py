@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from cgc import GradCAM, metrics, resize_heatmaps
-from cgc.cam import to_channels_last
+from cgc.structure import to_channels_last
 from cgc.models import CompactCNN
 
 from .conftest import devices, publish, sync

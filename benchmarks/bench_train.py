@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import cgc
-from cgc.cam import to_channels_last
+from cgc.structure import to_channels_last
 from cgc.engine import train_step
 from cgc.losses import HEATMAP_EPS
 

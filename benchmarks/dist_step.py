@@ -17,8 +17,7 @@ import time
 import torch
 
 from cgc import CGCLoss, CGCTerm, data, distributed, engine, train
-from cgc.cam import to_channels_last
-from cgc.checkpoint import Progress
+from cgc.structure import to_channels_last
 from cgc.config import TrainConfig
 from cgc.models import build_model
 from cgc.schedule import Schedule
@@ -49,9 +48,11 @@ def main(argv=None) -> None:
     loader = engine.batches(
         bundle.train, distributed.GlobalBatchSampler(n, args.batch_size, rank=ctx.rank, world_size=ctx.world_size), 0
     )
-    loop = engine.EpochLoop(opt, Schedule(0.05, 1, lam=1.0), engine.Recipe(channels_last=True), ctx, len(loader))
+    plan = engine.EpochPlan(opt, Schedule(0.05, 1, lam=1.0), engine.StepOptions(channels_last=True), ctx, len(loader))
     stamps: list[float] = []
-    engine.train_one_epoch(net, term, loop, loader, Progress(), on_step=lambda *_: stamps.append(time.perf_counter()))
+    engine.train_one_epoch(
+        net, term, plan, loader, engine.RunState(), on_step=lambda *_: stamps.append(time.perf_counter())
+    )
     timed = stamps[args.warmup - 1 :]
     step_s = (timed[-1] - timed[0]) / (len(timed) - 1)
 

@@ -1,31 +1,24 @@
 """Every setting of a training run in one typed, validated object: :class:`TrainConfig`.
 
-Each field carries its default, a one-line doc, its command-line flag and its check, so that
-the command line (:func:`build_parser`), the YAML files a run writes and reads
-(``OUT/config.yaml``, ``--config``), the checkpoints and the flag reference in
-``docs/training.md`` (:func:`flag_reference`; ``python -m cgc.config --write docs/training.md``)
-all come from one list. :meth:`TrainConfig.validate` checks the whole config once, before any
-data or model is built, and reports every problem in one :class:`cgc.errors.ConfigError`.
+Each field carries its default, a one-line doc, its command-line flag and its check
+(:func:`cgc.settings.setting`), so that the command line, the YAML files a run writes and
+reads (``OUT/config.yaml``, ``--config``), the checkpoints and the flag reference in
+``docs/training.md`` all come from one list (:mod:`cgc.settings`). :meth:`TrainConfig.validate`
+checks the whole config once, before any data or model is built, and reports every problem in
+one :class:`cgc.errors.ConfigError`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import math
 import os
-import sys
-import types
-import typing
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
-from .errors import ConfigError, MissingFile, UnknownName
+from .errors import ConfigError
+from .settings import Settings, area_range, at_least, fraction, non_negative, positive, setting, unit_interval
 from .transforms import CE_SCALE, DEFAULT_SCALE, SAMPLERS
 
-#: the groups of the flag reference and of ``--help``, in order
-GROUPS = ("data", "model", "optimization", "CGC", "distributed", "run")
 LOSSES = ("cgc", "mse", "ce")
 SCHEDULES = ("cosine", "step", "constant")
 OPTIMIZERS = ("sgd", "adamw")
@@ -35,59 +28,34 @@ PADDINGS = ("border", "zeros")
 NORMS = ("batch", "group")
 
 
-# ----------------------------------------------------------------------------- checks
-Check = Callable[[Any], str | None]
+def _datasets() -> tuple[str, ...]:
+    from .data import DATASETS
+
+    return tuple(DATASETS)
 
 
-def at_least(low: float) -> Check:
-    return lambda v: None if v is None or v >= low else f"must be >= {low:g}"
+def _cam_methods() -> tuple[str, ...]:
+    from .cam_methods import CAM_METHODS
 
-
-def positive(v) -> str | None:
-    return None if v is None or (math.isfinite(v) and v > 0) else "must be a finite number > 0"
-
-
-def non_negative(v) -> str | None:
-    return None if v is None or (math.isfinite(v) and v >= 0) else "must be a finite number >= 0"
-
-
-def fraction(v) -> str | None:
-    return None if v is None or 0 < v <= 1 else "must be in (0, 1]"
-
-
-def unit_interval(v) -> str | None:
-    return None if 0 <= v < 1 else "must be in [0, 1)"
-
-
-def area_range(v) -> str | None:
-    low, high = v
-    return None if 0 < low <= high <= 1 else "must be MIN MAX with 0 < MIN <= MAX <= 1"
-
-
-def setting(
-    default,
-    doc: str,
-    group: str,
-    *,
-    flag: str | None = None,
-    choices: tuple | None = None,
-    check: Check | None = None,
-    metavar=None,
-):
-    """A :class:`TrainConfig` field: its default, one-line doc, group, flag and check."""
-    meta = dict(doc=doc, group=group, flag=flag, choices=choices, check=check, metavar=metavar)
-    return dataclasses.field(default=default, metadata=meta)
+    return tuple(CAM_METHODS)
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Settings):
     """Every setting of ``python -m cgc.train``; see each field's doc (``--help``,
-    ``docs/training.md``). Build one directly, from flags (:func:`parse`) or from a YAML file
+    ``docs/training.md``). Build one directly, from flags (:meth:`parse`) or from a YAML file
     (:meth:`load`), then :meth:`validate` it."""
+
+    PROG: ClassVar[str] = "python -m cgc.train"
+    DESCRIPTION: ClassVar[str] = "Train a classifier with the CGC term (or the CE / MSE baselines)."
+    GROUPS: ClassVar[tuple[str, ...]] = ("data", "model", "optimization", "CGC", "distributed", "run")
 
     # data
     dataset: str = setting(
-        "synthetic", "the dataset: synthetic is built in (no files), the others read --data ROOT", "data"
+        "synthetic",
+        "the dataset: synthetic is built in (no files), the others read --data ROOT",
+        "data",
+        choices=_datasets,
     )
     data: str | None = setting(None, "root folder of a file dataset", "data", metavar="ROOT")
     strict: bool = setting(False, "stop at the first unreadable image instead of skipping it", "data")
@@ -148,7 +116,7 @@ class TrainConfig:
     target_layer: str | None = setting(
         None, "CAM layer by dotted module name (default: found from the architecture)", "model"
     )
-    cam: str = setting("gradcam", "CAM method of the CGC term and of the explanations", "model")
+    cam: str = setting("gradcam", "CAM method of the CGC term and of the explanations", "model", choices=_cam_methods)
     # optimization
     optimizer: str = setting(
         "sgd", "sgd (with --momentum) or adamw (betas (momentum, 0.999))", "optimization", choices=OPTIMIZERS
@@ -253,340 +221,141 @@ class TrainConfig:
     overlays: int = setting(16, "validation images in overlays.png", "run", check=at_least(0), metavar="N")
     val_every: int = setting(1, "validate every K epochs and after the last", "run", check=at_least(1), metavar="K")
 
-    # ------------------------------------------------------------------------- files
-    def to_dict(self) -> dict:
-        """Plain values (tuples as lists): what ``config.yaml`` and the checkpoints hold."""
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
-
-    @classmethod
-    def from_dict(cls, values: dict, *, source: str = "config") -> TrainConfig:
-        """A config from plain values (a YAML file, a checkpoint); unknown keys and values of the
-        wrong type are a :class:`ConfigError` naming them."""
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        for key in values:
-            if key not in known:
-                raise UnknownName("setting", key, known, hint=f"in {source}")
-        hints = typing.get_type_hints(cls)
-        return cls(**{k: _coerce(v, hints[k], k, source) for k, v in values.items()})
-
-    @classmethod
-    def load(cls, path: str | Path) -> TrainConfig:
-        """A config from a YAML file (``OUT/config.yaml`` of a run, or one written by hand)."""
-        import yaml
-
-        path = Path(path)
-        if not path.is_file():
-            raise MissingFile(f"config file not found: {path}")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"cannot read {path}: not valid YAML ({str(err).splitlines()[0]})") from err
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path} must hold a mapping of settings, got {type(values).__name__}")
-        return cls.from_dict(values, source=str(path))
-
-    def save(self, path: str | Path) -> None:
-        """Write the config as YAML (atomically): ``--config`` on it reruns the same run."""
-        import yaml
-
-        from .checkpoint import write_text_atomic
-
-        header = "# python -m cgc.train --config THIS_FILE reruns this run; flags given with it override these\n"
-        write_text_atomic(header + yaml.safe_dump(self.to_dict(), sort_keys=False), path)
-
-    def replace(self, **changes) -> TrainConfig:
-        """A copy with ``changes`` (field names, as ``dataclasses.replace``)."""
-        return dataclasses.replace(self, **changes)
-
     # ------------------------------------------------------------------------- checks
-    def problems(self, *, world_size: int = 1, device_type: str | None = None) -> list[str]:
-        """Everything wrong with this config, as flag-named messages (empty: it can run).
-        ``world_size``: processes of the job; ``device_type``: where it runs (None: not known)."""
-        found = []
-        for f in dataclasses.fields(self):
-            value, meta = getattr(self, f.name), f.metadata
-            if isinstance(value, float) and not math.isfinite(value):
-                found.append(f"{flag_of(f)} must be a finite number, got {value}")
-                continue
-            if meta["choices"] is not None and value not in meta["choices"]:
-                found.append(f"{flag_of(f)} must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
-            elif meta["check"] is not None and (why := meta["check"](value)):
-                found.append(f"{flag_of(f)} {why}, got {_shown(value)}")
-        found += self._relations(world_size, device_type)
-        return found
+    def relations(self, *, world_size: int = 1, device_type: str | None = None) -> list[str]:
+        """Settings that cannot work together, as flag-named messages. ``world_size``:
+        processes of the job; ``device_type``: where it runs (None: not known)."""
+        return (
+            self._data_problems()
+            + self._term_problems()
+            + self._model_problems()
+            + self._job_problems(world_size, device_type)
+        )
 
-    def _relations(self, world_size: int, device_type: str | None) -> list[str]:
-        from . import data, ops
-        from .cam_methods import CAM_METHODS
+    def _data_problems(self) -> list[str]:
+        from . import data
 
         found = []
-        add = found.append
-        cgc = self.loss != "ce"
-        if self.dataset not in data.DATASETS:
-            add(str(UnknownName("--dataset", self.dataset, data.DATASETS)))
-        elif self.dataset == "synthetic":
+        if self.dataset == "synthetic":
             if self.classes is not None:
                 try:
                     data.synthetic.class_names(classes=self.classes)
                 except ConfigError as err:
-                    add(f"--classes: {err}")
+                    found.append(f"--classes: {err}")
             elif self.num_classes > len(data.synthetic.CLASS_SHAPES):
-                add(f"--num-classes must be in [2, {len(data.synthetic.CLASS_SHAPES)}], got {self.num_classes}")
+                found.append(
+                    f"--num-classes must be in [2, {len(data.synthetic.CLASS_SHAPES)}], got {self.num_classes}"
+                )
             if self.train_size < self.batch_size and not (self.samples_per_class or self.train_fraction):
-                add(f"--batch-size {self.batch_size} is larger than the {self.train_size} training images")
-        else:
+                found.append(f"--batch-size {self.batch_size} is larger than the {self.train_size} training images")
+        elif self.dataset in data.FILE_DATASETS:
             layout = data.FILE_DATASETS[self.dataset][1]
             if self.data is None:
-                add(f"--dataset {self.dataset} needs --data ROOT (the dataset's folder); expected layout:\n{layout}")
+                found.append(
+                    f"--dataset {self.dataset} needs --data ROOT (the dataset's folder); expected layout:\n{layout}"
+                )
             elif not Path(self.data).is_dir():
-                add(f"--data {self.data} is not a folder; expected layout of {self.dataset}:\n{layout}")
+                found.append(f"--data {self.data} is not a folder; expected layout of {self.dataset}:\n{layout}")
             if self.classes is not None:
-                add(f"--classes picks shapes of the built-in dataset; {self.dataset} has the classes of its folders")
-        if self.cam not in CAM_METHODS:
-            add(str(UnknownName("CAM method (--cam)", self.cam, CAM_METHODS)))
+                found.append(
+                    f"--classes picks shapes of the built-in dataset; {self.dataset} has the classes of its folders"
+                )
         if self.samples_per_class is not None and self.train_fraction is not None:
-            add("give --samples-per-class or --train-fraction, not both")
-        if cgc and self.batch_size < 2:
-            add("--batch-size must be >= 2 for the CGC term (the other images are the negatives)")
+            found.append("give --samples-per-class or --train-fraction, not both")
         if self.unlabeled is not None:
-            if not cgc:
-                add("--unlabeled needs a CGC term: use --loss cgc or mse")
+            if self.loss == "ce":
+                found.append("--unlabeled needs a CGC term: use --loss cgc or mse")
             if self.unlabeled == "rest" and not (self.samples_per_class or self.train_fraction):
-                add("--unlabeled rest needs --samples-per-class or --train-fraction (the rest of what?)")
+                found.append("--unlabeled rest needs --samples-per-class or --train-fraction (the rest of what?)")
             if self.unlabeled not in ("rest", "all") and not Path(self.unlabeled).is_dir():
-                add(f"--unlabeled {self.unlabeled} is not a folder (or 'rest' / 'all')")
+                found.append(f"--unlabeled {self.unlabeled} is not a folder (or 'rest' / 'all')")
+        return found
+
+    def _term_problems(self) -> list[str]:
+        found = []
+        cgc = self.loss != "ce"
+        if cgc and self.batch_size < 2:
+            found.append("--batch-size must be >= 2 for the CGC term (the other images are the negatives)")
         if self.crop_sampler != "rrc" and not cgc:
-            add(f"--crop-sampler {self.crop_sampler} places the CGC term's crops: use --loss cgc or mse")
+            found.append(f"--crop-sampler {self.crop_sampler} places the CGC term's crops: use --loss cgc or mse")
         if self.class_negatives:
             if self.loss != "cgc":
-                add("--class-negatives are InfoNCE negatives: use --loss cgc")
+                found.append("--class-negatives are InfoNCE negatives: use --loss cgc")
             classes = len(self.classes) if self.classes else self.num_classes
             if self.dataset == "synthetic" and self.class_negatives >= classes:
-                add(
+                found.append(
                     f"--class-negatives {self.class_negatives} needs more than {self.class_negatives} classes, got {classes}"
                 )
+        return found
+
+    def _model_problems(self) -> list[str]:
+        found = model_option_problems(
+            self.arch, pretrained=self.pretrained, weights=self.weights, norm=self.norm, stride=self.compact_stride
+        )
         if self.new_head and not self.weights:
-            add("--new-head goes with --weights")
-        if self.pretrained and self.weights:
-            add("use either --pretrained or --weights, not both")
+            found.append("--new-head goes with --weights")
         if self.weights and not Path(self.weights).is_file():
-            add(f"--weights {self.weights}: no such file")
-        if self.arch != "compact" and (self.norm != "batch" or self.compact_stride != 8):
-            add(f"--norm and --compact-stride are options of the compact model; {self.arch} keeps its own")
+            found.append(f"--weights {self.weights}: no such file")
         if self.arch == "compact" and self.image_size is not None and 8 <= self.image_size < 2 * self.compact_stride:
-            add(
+            found.append(
                 f"--image-size {self.image_size} is too small for the compact model: its CAM layer is "
                 f"{self.compact_stride}x smaller, and a heatmap needs at least 2x2 pixels "
                 f"(use >= {2 * self.compact_stride})"
             )
+        return found
+
+    def _job_problems(self, world_size: int, device_type: str | None) -> list[str]:
+        from . import ops
+
+        found = []
         if self.resume not in (None, "auto"):
             path = Path(self.resume)
             if not (path.is_file() or (path / "last.pt").is_file()):
-                add(f"--resume {self.resume}: no checkpoint there (a last.pt file or a run folder holding one)")
+                found.append(
+                    f"--resume {self.resume}: no checkpoint there (a last.pt file or a run folder holding one)"
+                )
         if self.backend is not None:
             if self.backend not in ("auto", *ops.BACKENDS):
-                add(f"--backend must be one of auto, {', '.join(ops.BACKENDS)}, got {self.backend!r}")
-            elif self.backend != "auto":
-                why = ops.unavailable(self.backend, device_type)
-                if why:
-                    add(f"--backend {self.backend}: {why}")
+                found.append(f"--backend must be one of auto, {', '.join(ops.BACKENDS)}, got {self.backend!r}")
+            elif self.backend != "auto" and (why := ops.unavailable(self.backend, device_type)):
+                found.append(f"--backend {self.backend}: {why}")
         for flag, size in (("--batch-size", self.batch_size), ("--unlabeled-batch-size", self.unlabeled_batch_size)):
             if size is not None and size % world_size:
-                add(f"{flag} {size} is the global batch and must divide evenly over the {world_size} processes")
+                found.append(
+                    f"{flag} {size} is the global batch and must divide evenly over the {world_size} processes"
+                )
         local = min(self.batch_size, self.unlabeled_batch_size or self.batch_size) // world_size
         if self.loss == "cgc" and world_size > 1 and self.negatives == "local" and local < 2:
-            add("--negatives local needs at least 2 images per process (the others are the negatives)")
+            found.append("--negatives local needs at least 2 images per process (the others are the negatives)")
         if self.sync_bn:
             if device_type is not None and device_type != "cuda":
-                add(
+                found.append(
                     "--sync-bn needs CUDA devices: SyncBatchNorm has no CPU kernel. On CPUs use --norm group "
                     "(the compact model), whose statistics do not depend on the batch split"
                 )
             elif world_size < 2:
-                add("--sync-bn needs more than one process (torchrun --nproc_per_node N)")
+                found.append("--sync-bn needs more than one process (torchrun --nproc_per_node N)")
         return found
 
-    def validate(self, *, world_size: int = 1, device_type: str | None = None) -> TrainConfig:
-        """This config, or one :class:`ConfigError` listing every problem (see :meth:`problems`)."""
-        found = self.problems(world_size=world_size, device_type=device_type)
-        if found:
-            raise ConfigError("; ".join(found))
-        return self
+
+def model_option_problems(arch: str, *, pretrained: bool, weights, norm: str, stride: int) -> list[str]:
+    """What cannot work in these model options (of :class:`TrainConfig` and of
+    :func:`cgc.models.build_model`), as flag-named messages."""
+    found = []
+    if pretrained and weights:
+        found.append("use either --pretrained or --weights, not both")
+    if arch != "compact" and (norm != "batch" or stride != 8):
+        found.append(f"--norm and --compact-stride are options of the compact model; {arch} keeps its own")
+    if arch == "compact" and pretrained:
+        found.append("the compact model has no pretrained weights; use --weights PATH")
+    return found
 
 
-def _plain(value):
-    return list(value) if isinstance(value, tuple) else value
-
-
-def _shown(value) -> str:
-    return " ".join(map(str, value)) if isinstance(value, (tuple, list)) else repr(value)
-
-
-def _coerce(value, hint, name: str, source: str):
-    """``value`` as the field's type (lists as tuples, ints as floats); a :class:`ConfigError`
-    when it cannot be."""
-    optional = _is_union(hint) and type(None) in typing.get_args(hint)
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{name} in {source} cannot be empty")
-    base = _base_type(hint)
-    if base is tuple:
-        item = typing.get_args(next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint)[0]
-        if isinstance(value, str):
-            value = value.split(",")
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name} in {source} must be a list, got {value!r}")
-        return tuple(_coerce(v, item, name, source) for v in value)
-    if base is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if base is float and isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if not isinstance(value, base) or (base is int and isinstance(value, bool)):
-        raise ConfigError(f"{name} in {source} must be a {base.__name__}, got {value!r}")
-    return value
-
-
-def _is_union(hint) -> bool:
-    return typing.get_origin(hint) in (typing.Union, types.UnionType)
-
-
-def _base_type(hint) -> type:
-    """``int`` for ``int | None``, ``tuple`` for ``tuple[float, float]``, ..."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if _is_union(hint):
-        return _base_type(args[0])
-    origin = typing.get_origin(hint)
-    return origin if origin is not None else hint
-
-
-def choices_of(field: dataclasses.Field) -> tuple | None:
-    """The values a setting takes, when they form a list: its own, or a registry's (datasets,
-    CAM methods: known when asked, so that registered additions count)."""
-    if field.metadata["choices"] is not None:
-        return field.metadata["choices"]
-    if field.name == "dataset":
-        from .data import DATASETS
-
-        return DATASETS
-    if field.name == "cam":
-        from .cam_methods import CAM_METHODS
-
-        return tuple(CAM_METHODS)
-    return None
-
-
-def flag_of(field: dataclasses.Field) -> str:
-    return field.metadata["flag"] or "--" + field.name.replace("_", "-")
-
-
-# ----------------------------------------------------------------------------- command line
-def build_parser(prog: str = "python -m cgc.train", description: str | None = None) -> argparse.ArgumentParser:
-    """The command line of :class:`TrainConfig`: one flag per field, grouped, with its doc,
-    default and choices, plus ``--config FILE``. Flags not given are absent from the parsed
-    namespace, so that a ``--config`` file's values stand unless a flag overrides them."""
-    from .cli import ArgumentParser
-
-    p = ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
-    p.add_argument(
-        "--config",
-        metavar="FILE",
-        help="YAML file of settings (e.g. a run's OUT/config.yaml); flags given with it override its values",
-    )
-    hints = typing.get_type_hints(TrainConfig)
-    groups = {name: p.add_argument_group(name) for name in GROUPS}
-    for f in dataclasses.fields(TrainConfig):
-        meta, base = f.metadata, _base_type(hints[f.name])
-        kwargs: dict[str, Any] = dict(dest=f.name, help=f"{meta['doc']} (default: {_default_text(f.default)})")
-        if base is bool:
-            kwargs["action"] = "store_true"
-        elif base is tuple:
-            if f.name == "classes":
-                kwargs["type"] = lambda s: tuple(n.strip() for n in s.split(",") if n.strip())
-            else:
-                kwargs.update(nargs=2, type=float)
-        else:
-            kwargs["type"] = base
-        if choices_of(f) is not None:
-            kwargs["choices"] = choices_of(f)
-        if meta["metavar"] is not None:
-            kwargs["metavar"] = meta["metavar"]
-        groups[meta["group"]].add_argument(flag_of(f), **kwargs)
-    return p
-
-
-def _default_text(value) -> str:
-    if value is None:
-        return "none"
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    return _shown(value) if isinstance(value, tuple) else str(value)
-
-
-def parse(argv: list[str] | None = None, *, prog: str = "python -m cgc.train") -> TrainConfig:
-    """The config of a command line: ``--config FILE``'s values (or the defaults), then the
-    flags given. Not yet validated."""
-    ns = vars(build_parser(prog).parse_args(argv))
-    path = ns.pop("config", None)
-    base = TrainConfig.load(path) if path else TrainConfig()
-    changes = {k: tuple(v) if isinstance(v, list) else v for k, v in ns.items()}
-    return base.replace(**changes)
+def parse(argv: list[str] | None = None) -> TrainConfig:
+    """The config of ``python -m cgc.train``'s command line (not yet validated)."""
+    return TrainConfig.parse(argv)
 
 
 def expected_world_size() -> int:
     """The number of processes torchrun started (1 outside torchrun), read before joining."""
     return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-# ----------------------------------------------------------------------------- reference
-def flag_reference() -> str:
-    """The flag reference as Markdown tables, one per group (docs/training.md holds it)."""
-    lines = []
-    for group in GROUPS:
-        lines += [f"**{group}**", "", "| flag | default | meaning |", "|---|---|---|"]
-        for f in dataclasses.fields(TrainConfig):
-            if f.metadata["group"] != group:
-                continue
-            meta = f.metadata
-            metavar = meta["metavar"]
-            shown = flag_of(f)
-            if metavar:
-                shown += " " + (" ".join(metavar) if isinstance(metavar, tuple) else metavar)
-            choices = f" ({' / '.join(map(str, choices_of(f)))})" if choices_of(f) else ""
-            lines.append(f"| `{shown}` | {_default_text(f.default)} | {meta['doc']}{choices} |")
-        lines.append("")
-    return "\n".join(lines).rstrip() + "\n"
-
-
-REFERENCE_START = "<!-- flag reference: generated by `python -m cgc.config --write docs/training.md` -->"
-REFERENCE_END = "<!-- end of flag reference -->"
-
-
-def write_reference(path: str | Path) -> bool:
-    """Replace the flag reference between the markers in ``path``; True if it changed."""
-    path = Path(path)
-    text = path.read_text()
-    start, end = text.index(REFERENCE_START), text.index(REFERENCE_END)
-    updated = text[: start + len(REFERENCE_START)] + "\n\n" + flag_reference() + "\n" + text[end:]
-    if updated != text:
-        path.write_text(updated)
-    return updated != text
-
-
-def main(argv=None) -> None:
-    """``python -m cgc.config``: print the flag reference, or ``--write FILE`` it between the markers."""
-    p = argparse.ArgumentParser(prog="python -m cgc.config", description=main.__doc__)
-    p.add_argument("--write", metavar="FILE", help="update the reference inside FILE (docs/training.md)")
-    args = p.parse_args(argv)
-    if args.write:
-        changed = write_reference(args.write)
-        print(f"{args.write}: {'updated' if changed else 'already up to date'}", file=sys.stderr)
-    else:
-        print(flag_reference(), end="")
-
-
-if __name__ == "__main__":
-    main()

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 from . import data, distributed, metrics, transforms
-from .checkpoint import Progress
 from .errors import TrainingFailed
 from .progress import progress as progress_bar
 from .runtime import autocast
@@ -28,12 +27,52 @@ from .schedule import Schedule
 from .term import CGCTerm
 
 
+@dataclasses.dataclass
+class RunState:
+    """Where a run stands: the ``epoch`` in progress (or next to run) and its next ``step``, the
+    sums over that epoch's steps of the losses (means over the global batch), how many steps ran
+    and how many unreadable images were skipped; the optimizer steps taken in all
+    (``global_step``), the best value so far of the metric that ranks checkpoints
+    (``best_metric``; None before any) and every finished epoch's log record. Saved in every
+    checkpoint, so a run resumed in the middle of an epoch logs the same numbers."""
+
+    epoch: int = 0
+    step: int = 0
+    sums: dict = dataclasses.field(default_factory=dict)
+    steps: int = 0
+    skipped: int = 0
+    global_step: int = 0
+    best: float | None = None
+    best_metric: str = "val_top1"
+    history: list = dataclasses.field(default_factory=list)
+
+    def add_step(self, values: dict[str, float]) -> None:
+        """Count one optimizer step with its losses (global-batch means)."""
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.steps += 1
+        self.step += 1
+        self.global_step += 1
+
+    def means(self) -> dict[str, float]:
+        """The epoch's step losses so far, averaged over its steps."""
+        return {k: v / self.steps for k, v in self.sums.items()}
+
+    def end_epoch(self, record: dict) -> None:
+        """Close the epoch with its log ``record``: the next one starts at its step 0."""
+        self.history.append(record)
+        self.epoch, self.step, self.sums, self.steps, self.skipped = self.epoch + 1, 0, {}, 0, 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 @dataclasses.dataclass(frozen=True)
-class Recipe:
-    """What every step does besides the model and the schedule: the crops of the augmented
-    (``crop_scale``, placed by ``crop_sampler``; also flipped vertically with ``vflip``) and CE
-    (``ce_crop_scale``) views, keyed by ``seed``; mixed precision (a resolved ``amp``); the ops backend; channels-last
-    input batches."""
+class StepOptions:
+    """How every step makes its views and runs them, besides the model and the schedule: the
+    crops of the augmented (``crop_scale``, placed by ``crop_sampler``; also flipped vertically
+    with ``vflip``) and CE (``ce_crop_scale``) views, keyed by ``seed``; mixed precision (a
+    resolved ``amp``); the ops backend; channels-last input batches."""
 
     seed: int = 0
     crop_scale: tuple[float, float] = transforms.DEFAULT_SCALE
@@ -76,7 +115,7 @@ def train_step(
     ``x_ce`` is cut from ``x`` by ``ce_theta`` on the device unless the loader gave it. With
     ``unlabeled`` images the CGC term is theirs (warped by ``unlabeled_theta``), the labeled
     views get only CE: the semi-supervised recipe. ``channels_last``: feed the CE baseline's
-    batch in that memory format (the term's GradCAM does it for the CGC paths);
+    batch in that memory format (the term's CAM does it for the CGC paths);
     ``image_padding``: what ``x_aug`` shows beyond ``x``'s borders where this function makes it
     (:func:`cgc.transforms.image_padding`; the term makes its own).
     """
@@ -126,129 +165,166 @@ def crop_thetas(
 
 
 @dataclasses.dataclass
-class EpochLoop:
-    """What one epoch needs besides the model: the optimizer, the schedule, the step recipe,
-    this process's place in the job, and the loader's habits (``may_drop``: batches can lose
-    unreadable images; a step left with fewer than ``min_images`` on some process is skipped by
-    all of them)."""
+class EpochPlan:
+    """What every epoch's steps share besides the model: the optimizer, the schedule, the step
+    options, this process's place in the job, and the loader's habits (``may_drop``: batches
+    can lose unreadable images; a step left with fewer than ``min_images`` on some process is
+    skipped by all of them)."""
 
     opt: torch.optim.Optimizer
     schedule: Schedule
-    recipe: Recipe
+    options: StepOptions
     ctx: distributed.Context
     steps_per_epoch: int
     min_images: int = 1
     may_drop: bool = False
 
 
+@dataclasses.dataclass
+class StepInputs:
+    """One step's tensors on the device: the original view ``x`` with labels ``y``, the maps
+    ``theta`` of the augmented view, the CE view (``x_ce`` from the loader, or cut by
+    ``ce_theta``), and the unlabeled images with their maps (None without)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    theta: torch.Tensor
+    x_ce: torch.Tensor | None
+    ce_theta: torch.Tensor | None
+    unlabeled: torch.Tensor | None = None
+    unlabeled_theta: torch.Tensor | None = None
+
+
+def read_batch(batch, unlabeled, plan: EpochPlan, state: RunState):
+    """``(x, y, x_ce, indices, unlabeled, unlabeled_indices)`` of a loader batch and the next
+    unlabeled batch without their unreadable images (counted in ``state``), or None when some
+    process has too few images left: every process skips that step together (their collectives
+    must match)."""
+    (x, y, *x_ce, idx), bad = data.drop_unreadable(batch)
+    images = u_idx = None
+    if unlabeled is not None:
+        (images, _, u_idx), bad_unlabeled = data.drop_unreadable(next(unlabeled))
+        bad += bad_unlabeled
+    if plan.may_drop:
+        too_few = len(y) < plan.min_images or (images is not None and len(images) < plan.min_images)
+        counts = plan.ctx.all_reduce_sum(
+            torch.tensor([bad, float(too_few)], dtype=torch.float64, device=plan.ctx.device)
+        )
+        state.skipped += int(counts[0])
+        if counts[1] > 0:
+            return None
+    return x, y, x_ce[0] if x_ce else None, idx, images, u_idx
+
+
+def step_inputs(read, options: StepOptions, epoch: int, position: int, device) -> StepInputs:
+    """A batch from :func:`read_batch` on ``device``, normalized, with its keyed crops: each
+    image's from (seed, ``epoch``, its index), the unlabeled images' from (seed, the step's
+    ``position`` in the run, their index)."""
+    x, y, x_ce, idx, unlabeled, u_idx = read
+    x, y = data.normalize(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+    x_ce = data.normalize(x_ce.to(device, non_blocking=True)) if x_ce is not None else None
+    size, keys = tuple(x.shape[-2:]), idx.tolist()
+    seed, aug = options.seed, dict(vflip=options.vflip, sampler=options.crop_sampler)
+    theta = crop_thetas(transforms.sample_keys(seed, epoch, keys, "aug"), size, options.crop_scale, device, **aug)
+    ce_theta = None
+    if x_ce is None:
+        ce_theta = crop_thetas(transforms.sample_keys(seed, epoch, keys, "ce"), size, options.ce_crop_scale, device)
+    inputs = StepInputs(x, y, theta, x_ce, ce_theta)
+    if unlabeled is not None:
+        inputs.unlabeled = data.normalize(unlabeled.to(device, non_blocking=True))
+        u_keys = transforms.sample_keys(seed, position, u_idx.tolist(), "unlabeled")
+        inputs.unlabeled_theta = crop_thetas(u_keys, size, options.crop_scale, device, **aug)
+    return inputs
+
+
+def optimize(model, term: CGCTerm | None, inputs: StepInputs, plan: EpochPlan, lam: float) -> dict[str, torch.Tensor]:
+    """One optimizer step of :func:`train_step` on ``inputs``; its losses."""
+    options = plan.options
+    with autocast(plan.ctx.device, options.amp):
+        losses = train_step(
+            model,
+            term,
+            inputs.x,
+            inputs.y,
+            lam=lam,
+            theta=inputs.theta,
+            ce_theta=inputs.ce_theta,
+            x_ce=inputs.x_ce,
+            unlabeled=inputs.unlabeled,
+            unlabeled_theta=inputs.unlabeled_theta,
+            backend=options.backend,
+            channels_last=options.channels_last,
+            image_padding=transforms.image_padding(options.crop_sampler),
+        )
+    plan.opt.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    plan.opt.step()
+    return losses
+
+
+def reduce_losses(losses: dict[str, torch.Tensor], stop: bool, ctx: distributed.Context) -> tuple[dict, bool]:
+    """The step's losses averaged over the global batch and whether any process asked to stop,
+    from one all-reduce."""
+    names = sorted(losses)
+    local = torch.stack(
+        [losses[k].detach().double() for k in names]
+        + [torch.tensor(float(stop), dtype=torch.float64, device=ctx.device)]
+    )
+    *means, stopping = (ctx.all_reduce_sum(local) / ctx.world_size).tolist()
+    return dict(zip(names, means)), stopping > 0
+
+
+def set_learning_rate(opt: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's rate: ``lr`` times the group's ``lr_scale`` (the head's --head-lr)."""
+    for group in opt.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
 def train_one_epoch(
     model,
     term: CGCTerm | None,
-    loop: EpochLoop,
+    plan: EpochPlan,
     loader,
-    progress: Progress,
+    state: RunState,
     *,
     unlabeled=None,
     stop: Callable[[], bool] = lambda: False,
     on_step: Callable[[dict, bool], None] | None = None,
     desc: str = "",
-) -> Progress:
-    """Train from ``progress`` to the end of its epoch: one optimizer step per batch of
+) -> RunState:
+    """Train from ``state`` to the end of its epoch: one optimizer step per batch of
     ``loader`` (this process's share of each global batch) with ``unlabeled`` batches beside
     them. After each step ``on_step(values, stopping)`` gets the step's losses averaged over
     the global batch and whether any process's ``stop()`` said so, from one all-reduce (it
     logs, checkpoints, or ends the run)."""
-    ctx, opt, spe, recipe = loop.ctx, loop.opt, loop.steps_per_epoch, loop.recipe
-    device = ctx.device
+    ctx, steps_per_epoch, schedule = plan.ctx, plan.steps_per_epoch, plan.schedule
     model.train()
-    bar = progress_bar(loader, desc, total=spe, initial=progress.step, disable=not ctx.primary)
+    bar = progress_bar(loader, desc, total=steps_per_epoch, initial=state.step, disable=not ctx.primary)
     for batch in bar:
-        step, epoch = progress.step, progress.epoch
-        for group in opt.param_groups:
-            group["lr"] = loop.schedule.lr_at(epoch, step, spe) * group.get("lr_scale", 1.0)
-        (x, y, *x_ce, idx), bad = data.drop_unreadable(batch)
-        u = u_idx = None
-        if unlabeled is not None:
-            (u, _, u_idx), bad_u = data.drop_unreadable(next(unlabeled))
-            bad += bad_u
-        if loop.may_drop:
-            few = len(y) < loop.min_images or (u is not None and len(u) < loop.min_images)
-            counts = ctx.all_reduce_sum(torch.tensor([bad, float(few)], dtype=torch.float64, device=device))
-            progress.skipped += int(counts[0])
-            if counts[1] > 0:  # every process skips the step together (their collectives must match)
-                progress.step += 1
-                continue
-        x, y = data.normalize(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
-        x_ce = data.normalize(x_ce[0].to(device, non_blocking=True)) if x_ce else None
-        size = tuple(x.shape[-2:])
-        keys = idx.tolist()
-        theta = crop_thetas(
-            transforms.sample_keys(recipe.seed, epoch, keys, "aug"),
-            size,
-            recipe.crop_scale,
-            device,
-            vflip=recipe.vflip,
-            sampler=recipe.crop_sampler,
-        )
-        ce_theta = (
-            None
-            if x_ce is not None
-            else crop_thetas(transforms.sample_keys(recipe.seed, epoch, keys, "ce"), size, recipe.ce_crop_scale, device)
-        )
-        u_theta = None
-        if u is not None:
-            u = data.normalize(u.to(device, non_blocking=True))
-            u_keys = transforms.sample_keys(recipe.seed, epoch * spe + step, u_idx.tolist(), "unlabeled")
-            u_theta = crop_thetas(
-                u_keys, size, recipe.crop_scale, device, vflip=recipe.vflip, sampler=recipe.crop_sampler
-            )
-        with autocast(device, recipe.amp):
-            losses = train_step(
-                model,
-                term,
-                x,
-                y,
-                lam=loop.schedule.lambda_at(epoch, step, spe),
-                theta=theta,
-                ce_theta=ce_theta,
-                x_ce=x_ce,
-                unlabeled=u,
-                unlabeled_theta=u_theta,
-                backend=recipe.backend,
-                channels_last=recipe.channels_last,
-                image_padding=transforms.image_padding(recipe.crop_sampler),
-            )
-        opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        opt.step()
-        names = sorted(losses)
-        local = torch.stack(
-            [losses[k].detach().double() for k in names]
-            + [torch.tensor(float(stop()), dtype=torch.float64, device=device)]
-        )
-        *means, stopping = (ctx.all_reduce_sum(local) / ctx.world_size).tolist()
-        values = dict(zip(names, means))
+        epoch, step = state.epoch, state.step
+        set_learning_rate(plan.opt, schedule.lr_at(epoch, step, steps_per_epoch))
+        read = read_batch(batch, unlabeled, plan, state)
+        if read is None:
+            state.step += 1
+            continue
+        inputs = step_inputs(read, plan.options, epoch, epoch * steps_per_epoch + step, ctx.device)
+        losses = optimize(model, term, inputs, plan, schedule.lambda_at(epoch, step, steps_per_epoch))
+        values, stopping = reduce_losses(losses, stop(), ctx)
         if not math.isfinite(values["loss"]):
             raise TrainingFailed(
                 f"the loss became {values['loss']} in epoch {epoch + 1}, step {step}; nothing was "
                 f"saved for this epoch. Lower --lr or --lambda."
             )
-        for k, v in values.items():
-            progress.sums[k] = progress.sums.get(k, 0.0) + v
-        progress.steps += 1
-        progress.step += 1
-        progress.global_step += 1
-        bar.set_postfix(
-            {k: f"{v / progress.steps:.4g}" for k, v in progress.sums.items() if k != "top1"}, refresh=False
-        )
+        state.add_step(values)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in state.means().items() if k != "top1"}, refresh=False)
         if on_step is not None:
-            on_step(values, stopping > 0)
-    if not progress.steps:
+            on_step(values, stopping)
+    if not state.steps:
         raise TrainingFailed(
-            f"no batch of epoch {progress.epoch + 1} had enough readable images; check the image "
+            f"no batch of epoch {state.epoch + 1} had enough readable images; check the image "
             f"files (warnings above name the unreadable ones)"
         )
-    return progress
+    return state
 
 
 @torch.no_grad()

@@ -14,21 +14,22 @@ deletion curves) and ``randomization.png`` (each model's heatmap after each rand
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import inspect
 import json
 import logging
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from . import cli, data, distributed, metrics, runtime, tables, transforms, viz
-from .cam import GradCAM
+from .cam import CAM
 from .cam_methods import CAM_METHODS
 from .errors import ConfigError
 from .metrics.randomization import GRANULARITIES
 from .models import LoadedModel, load_model
+from .settings import Settings, area_range, at_least, non_negative, positive, setting
 
 log = logging.getLogger("cgc.evaluate")
 
@@ -37,45 +38,145 @@ DATA_ARGS = ("dataset", "data", "image_size", "train_size", "val_size", "num_cla
 CAUSAL = ("insertion_auc", "deletion_auc")
 
 
-@dataclasses.dataclass(frozen=True)
-class EvalConfig:
-    """What ``python -m cgc.evaluate`` evaluates, on what, and how (the flags' values; see
-    ``--help``). The models: cgc ``checkpoint`` paths, then ``arch`` models with their
-    ``weights``; ``name``: a column name per model. The data: the first checkpoint's, changed by
-    the data fields that are not None."""
+def _datasets() -> tuple[str, ...]:
+    return tuple(data.DATASETS)
 
-    checkpoint: tuple[str, ...] = ()
-    arch: tuple[str, ...] = ()
-    weights: tuple[str, ...] = ()
-    name: tuple[str, ...] | None = None
-    dataset: str | None = None
-    data: str | None = None
-    image_size: int | None = None
-    train_size: int | None = None
-    val_size: int | None = None
-    num_classes: int | None = None
-    seed: int | None = None
-    limit: int | None = None
-    workers: int | None = None
-    cam: str | None = None
-    target_layer: str | None = None
-    metrics: tuple[str, ...] | None = None
-    skip_slow: bool = False
-    no_causal: bool = False
-    batch_size: int = 64
-    pixels_per_step: int | None = None
-    causal_batch: int = 256
-    tolerance: float = 0.0
-    cam_input_size: int | None = None
-    crop_scale: tuple[float, float] = transforms.DEFAULT_SCALE
-    sensitivity_radius: float = 0.2
-    sensitivity_samples: int = 10
-    randomization: str = "stage"
-    metric_seed: int = 12345
-    device: str = "auto"
-    backend: str | None = None
-    out: str = "runs/eval"
-    overlays: int = 8
+
+def _cam_methods() -> tuple[str, ...]:
+    return tuple(CAM_METHODS)
+
+
+def _metric_names() -> tuple[str, ...]:
+    return tuple(metrics.METRICS)
+
+
+MODELS = "models (repeat to compare; checkpoints first, then --arch models)"
+DATA = "data (default: what the first checkpoint was trained on)"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig(Settings):
+    """What ``python -m cgc.evaluate`` evaluates, on what, and how (see each field's doc). The
+    models: cgc ``checkpoint`` paths, then ``arch`` models with their ``weights``; ``name``: a
+    column name per model. The data: the first checkpoint's, changed by the data fields that
+    are not None."""
+
+    PROG: ClassVar[str] = "python -m cgc.evaluate"
+    DESCRIPTION: ClassVar[str] = "Compare the explanations of models side by side."
+    GROUPS: ClassVar[tuple[str, ...]] = (MODELS, DATA, "explanations", "metrics", "run")
+
+    checkpoint: tuple[str, ...] = setting(
+        (), "cgc checkpoint file or run folder (its last.pt)", MODELS, nargs="append", metavar="PATH"
+    )
+    arch: tuple[str, ...] = setting(
+        (), "a torchvision model name or timm:NAME, with its --weights", MODELS, nargs="append", metavar="NAME"
+    )
+    weights: tuple[str, ...] = setting(
+        (),
+        "local state dict of the --arch given in the same position (.pth, .pt, .safetensors)",
+        MODELS,
+        nargs="append",
+        metavar="PATH",
+    )
+    name: tuple[str, ...] | None = setting(
+        None, "column name of each model, in order (default: run folder or weights file name)", MODELS, nargs="append"
+    )
+    dataset: str | None = setting(None, "the dataset", DATA, choices=_datasets)
+    data: str | None = setting(
+        None, "dataset root folder; for --arch models a 'folder' tree is evaluated whole", DATA, metavar="ROOT"
+    )
+    image_size: int | None = setting(None, "input size in pixels", DATA, check=at_least(8))
+    train_size: int | None = setting(None, "built-in dataset: training images", DATA, check=at_least(1))
+    val_size: int | None = setting(None, "built-in dataset: validation images", DATA, check=at_least(1))
+    num_classes: int | None = setting(None, "built-in dataset: number of classes", DATA, check=at_least(2))
+    seed: int | None = setting(None, "dataset seed", DATA)
+    limit: int | None = setting(None, "evaluate only the first N images", DATA, check=at_least(1), metavar="N")
+    workers: int | None = setting(
+        None, "image decoding processes (default: 0 for in-memory datasets, else 4)", DATA, check=at_least(0)
+    )
+    cam: str | None = setting(
+        None,
+        "CAM method (default: each checkpoint's training method; gradcam for --arch models)",
+        "explanations",
+        choices=_cam_methods,
+    )
+    target_layer: str | None = setting(None, "CAM layer (default: each checkpoint's, else found)", "explanations")
+    metrics: tuple[str, ...] | None = setting(
+        None, "metrics to report (default: all)", "metrics", choices=_metric_names, nargs="+", metavar="NAME"
+    )
+    skip_slow: bool = setting(
+        False, "leave out the slow metrics (insertion, deletion, max-sensitivity, MPRT)", "metrics"
+    )
+    no_causal: bool = setting(False, "leave out insertion/deletion", "metrics")
+    batch_size: int = setting(64, "images per batch", "metrics", check=at_least(1))
+    pixels_per_step: int | None = setting(
+        None,
+        "insertion/deletion: pixels per step (default: H*W/28, RISE's 224*8 at 224 px)",
+        "metrics",
+        check=at_least(1),
+    )
+    causal_batch: int = setting(
+        256,
+        "insertion/deletion and max-sensitivity: images per forward pass (bounds memory)",
+        "metrics",
+        check=at_least(1),
+    )
+    tolerance: float = setting(
+        0.0,
+        "pointing game tolerance in pixels (the original game used 15 at 224 px)",
+        "metrics",
+        check=non_negative,
+    )
+    cam_input_size: int | None = setting(
+        None,
+        "content heatmap / pointing game: resize images to this size for the CAM and the heatmap back "
+        "(the ImageNet protocol: 448; default: no resizing)",
+        "metrics",
+        check=at_least(1),
+    )
+    crop_scale: tuple[float, float] = setting(
+        transforms.DEFAULT_SCALE,
+        "consistency: area range of the random crops",
+        "metrics",
+        check=area_range,
+        metavar=("MIN", "MAX"),
+    )
+    sensitivity_radius: float = setting(
+        0.2,
+        "max-sensitivity: uniform noise in [-r, r] per normalized input value (Quantus's default)",
+        "metrics",
+        check=positive,
+    )
+    sensitivity_samples: int = setting(10, "max-sensitivity: noise samples per image", "metrics", check=at_least(1))
+    randomization: str = setting(
+        "stage",
+        "MPRT steps: the model's top-level blocks from the head down (Adebayo et al.), or every module with "
+        "reset_parameters (Quantus)",
+        "metrics",
+        choices=GRANULARITIES,
+    )
+    metric_seed: int = setting(
+        12345, "seed of the metrics' random draws (crops, noise, classes, randomized weights)", "metrics"
+    )
+    device: str = setting("auto", "auto, cpu, cuda, cuda:1, ...", "run")
+    backend: str | None = setting(None, "ops backend (default: $CGC_BACKEND or auto)", "run")
+    out: str = setting("runs/eval", "output folder", "run", metavar="DIR")
+    overlays: int = setting(8, "images in the overlay PNG", "run", check=at_least(1))
+
+    def relations(self) -> list[str]:
+        found = []
+        if not self.checkpoint and not self.arch:
+            found.append("give at least one --checkpoint or --arch NAME --weights PATH")
+        if len(self.arch) != len(self.weights):
+            found.append(f"give one --weights per --arch ({len(self.arch)} --arch, {len(self.weights)} --weights)")
+        if self.arch and not self.checkpoint and not self.dataset:
+            found.append("--arch models need --dataset (and --data for files): no checkpoint says what to evaluate on")
+        models = len(self.checkpoint) + len(self.arch)
+        if self.name is not None and len(self.name) != models:
+            found.append(f"give one --name per model ({models}), got {len(self.name)}")
+        elif self.name is not None and len(set(self.name)) != len(self.name):
+            found.append(f"--name values must be distinct, got {list(self.name)}")
+        return found
 
     def settings(self) -> metrics.Settings:
         """The metrics' protocol parameters."""
@@ -92,171 +193,9 @@ class EvalConfig:
         )
 
 
-def parse_args(argv=None) -> EvalConfig:
-    p = cli.ArgumentParser(
-        prog="python -m cgc.evaluate",
-        description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    g = p.add_argument_group("models (repeat to compare; checkpoints first, then --arch models)")
-    g.add_argument(
-        "--checkpoint",
-        action="append",
-        default=[],
-        metavar="PATH",
-        help="cgc checkpoint file or run folder (its last.pt)",
-    )
-    g.add_argument(
-        "--arch",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="a torchvision model name or timm:NAME, with its --weights",
-    )
-    g.add_argument(
-        "--weights",
-        action="append",
-        default=[],
-        metavar="PATH",
-        help="local state dict of the --arch given in the same position (.pth, .pt, .safetensors)",
-    )
-    g.add_argument(
-        "--name",
-        action="append",
-        default=None,
-        help="column name of each model, in order (default: run folder or weights file name)",
-    )
-    g = p.add_argument_group("data (default: what the first checkpoint was trained on)")
-    g.add_argument("--dataset", default=None, choices=data.DATASETS)
-    g.add_argument(
-        "--data",
-        default=None,
-        metavar="ROOT",
-        help="dataset root folder; for --arch models a 'folder' tree is evaluated whole",
-    )
-    g.add_argument("--image-size", type=int, default=None)
-    g.add_argument("--train-size", type=int, default=None, help="synthetic: training images")
-    g.add_argument("--val-size", type=int, default=None, help="synthetic: validation images")
-    g.add_argument("--num-classes", type=int, default=None, help="synthetic: number of classes")
-    g.add_argument("--seed", type=int, default=None, help="dataset seed")
-    g.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
-    g.add_argument(
-        "--workers", type=int, default=None, help="image decoding processes (default: 0 for in-memory datasets, else 4)"
-    )
-    g = p.add_argument_group("explanations")
-    g.add_argument(
-        "--cam",
-        default=None,
-        choices=tuple(CAM_METHODS),
-        help="CAM method (default: each checkpoint's training method; gradcam for --arch models)",
-    )
-    g.add_argument("--target-layer", default=None, help="CAM layer (default: each checkpoint's, else found)")
-    g = p.add_argument_group("metrics")
-    g.add_argument(
-        "--metrics",
-        nargs="+",
-        default=None,
-        choices=tuple(metrics.METRICS),
-        metavar="NAME",
-        help=f"metrics to report (default: all): {', '.join(metrics.METRICS)}",
-    )
-    g.add_argument(
-        "--skip-slow",
-        action="store_true",
-        help="leave out the slow metrics: " + ", ".join(n for n, m in metrics.METRICS.items() if m.slow),
-    )
-    g.add_argument("--no-causal", action="store_true", help="leave out insertion/deletion")
-    g.add_argument("--batch-size", type=int, default=64)
-    g.add_argument(
-        "--pixels-per-step",
-        type=int,
-        default=None,
-        help="insertion/deletion: pixels per step (default: H*W/28, RISE's 224*8 at 224 px)",
-    )
-    g.add_argument(
-        "--causal-batch",
-        type=int,
-        default=256,
-        help="insertion/deletion and max-sensitivity: images per forward pass (bounds memory)",
-    )
-    g.add_argument(
-        "--tolerance",
-        type=float,
-        default=0.0,
-        help="pointing game tolerance in pixels (the original game used 15 at 224 px)",
-    )
-    g.add_argument(
-        "--cam-input-size",
-        type=int,
-        default=None,
-        help="content heatmap / pointing game: resize images to this size for the CAM and the "
-        "heatmap back (the ImageNet protocol of docs/method.md: 448; default: no resizing)",
-    )
-    g.add_argument(
-        "--crop-scale",
-        type=float,
-        nargs=2,
-        default=transforms.DEFAULT_SCALE,
-        metavar=("MIN", "MAX"),
-        help="consistency: area range of the random crops",
-    )
-    g.add_argument(
-        "--sensitivity-radius",
-        type=float,
-        default=0.2,
-        help="max-sensitivity: uniform noise in [-r, r] per normalized input value (Quantus's default)",
-    )
-    g.add_argument("--sensitivity-samples", type=int, default=10, help="max-sensitivity: noise samples per image")
-    g.add_argument(
-        "--randomization",
-        default="stage",
-        choices=GRANULARITIES,
-        help="MPRT steps: the model's top-level blocks from the head down (Adebayo et al.), or every "
-        "module with reset_parameters (Quantus)",
-    )
-    g.add_argument(
-        "--metric-seed",
-        type=int,
-        default=12345,
-        help="seed of the metrics' random draws (crops, noise, classes, randomized weights)",
-    )
-    g = p.add_argument_group("run")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    g.add_argument("--backend", default=None, help="ops backend (default: $CGC_BACKEND or auto)")
-    g.add_argument("--out", default="runs/eval", help="output folder")
-    g.add_argument("--overlays", type=int, default=8, help="images in the overlay PNG")
-    args = p.parse_args(argv)
-    if not args.checkpoint and not args.arch:
-        p.error("give at least one --checkpoint or --arch NAME --weights PATH")
-    if len(args.arch) != len(args.weights):
-        p.error(f"give one --weights per --arch ({len(args.arch)} --arch, {len(args.weights)} --weights)")
-    if args.arch and not args.checkpoint and not args.dataset:
-        p.error("--arch models need --dataset (and --data for files): no checkpoint says what to evaluate on")
-    if args.name is not None and len(args.name) != len(args.checkpoint) + len(args.arch):
-        p.error(f"give one --name per model ({len(args.checkpoint) + len(args.arch)}), got {len(args.name)}")
-    for name in (
-        "batch_size",
-        "causal_batch",
-        "overlays",
-        "limit",
-        "pixels_per_step",
-        "cam_input_size",
-        "sensitivity_samples",
-    ):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.tolerance < 0 or (args.workers is not None and args.workers < 0) or not args.sensitivity_radius > 0:
-        p.error("--tolerance and --workers must be >= 0, --sensitivity-radius > 0")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()}
-    return EvalConfig(**values)
-
-
 def model_names(sources: list[str], names: list[str] | None) -> list[str]:
     """Column names: given, or each run folder's (weights file's) name, made unique."""
     if names is not None:
-        if len(set(names)) != len(names):
-            raise ConfigError(f"--name values must be distinct, got {names}")
         return names
     out: list[str] = []
     for source in sources:
@@ -331,8 +270,8 @@ def format_table(report: dict[str, dict], chosen: list[metrics.Metric]) -> str:
 def main(argv=None) -> dict:
     """``python -m cgc.evaluate``: parse the flags and evaluate (see :func:`run`); a library
     error ends the process with one ``error: ...`` line."""
-    config = parse_args(argv)
     with cli.exit_on_error():
+        config = EvalConfig.parse(argv).validate()
         cli.setup_logging()
         return cli.run_in_job(lambda ctx: run(config, ctx), config.device)
 
@@ -365,7 +304,7 @@ def run(config: EvalConfig, ctx: distributed.Context | None = None) -> dict:
         chosen = [m for m in chosen if m.name not in CAUSAL]
     settings = config.settings()
     cams = [
-        GradCAM(
+        CAM(
             m.model.to(device).eval(),
             config.target_layer or m.target_layer,
             method=config.cam or m.method,

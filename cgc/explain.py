@@ -10,9 +10,9 @@ classes, with ``--cam`` (default: the checkpoint's method, else Grad-CAM).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -20,70 +20,60 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from . import cli, data, runtime, viz
-from .cam import GradCAM, resize_heatmaps
+from .cam import CAM, resize_heatmaps
 from .cam_methods import CAM_METHODS
 from .distributed import pick_device
 from .errors import BadFile, MissingFile
 from .metrics import eval_mode
 from .models import load_model
+from .settings import Settings, at_least, setting
+
+
+def _cam_methods() -> tuple[str, ...]:
+    return tuple(CAM_METHODS)
 
 
 @dataclasses.dataclass(frozen=True)
-class ExplainConfig:
-    """What ``python -m cgc.explain`` explains and with which model (the flags' values; see
-    ``--help``): the ``images``, a cgc ``checkpoint`` or an ``arch`` with ``weights`` or
-    ``pretrained`` weights."""
+class ExplainConfig(Settings):
+    """What ``python -m cgc.explain`` explains and with which model (see each field's doc): the
+    ``images``, a cgc ``checkpoint`` or an ``arch`` with ``weights`` or ``pretrained`` weights."""
 
-    images: tuple[str, ...]
-    checkpoint: str | None = None
-    arch: str | None = None
-    weights: str | None = None
-    pretrained: bool = False
-    num_classes: int | None = None
-    image_size: int | None = None
-    target_layer: str | None = None
-    cam: str | None = None
-    top_k: int = 3
-    device: str = "auto"
-    out: str = "runs/explain"
+    PROG: ClassVar[str] = "python -m cgc.explain"
+    DESCRIPTION: ClassVar[str] = "CAMs of the top-k classes of image files, as PNGs."
+    GROUPS: ClassVar[tuple[str, ...]] = ("images", "model", "explanations", "run")
 
+    images: tuple[str, ...] = setting(
+        dataclasses.MISSING, "image files (PNG, JPEG, ...)", "images", nargs="+", positional=True, metavar="IMAGE"
+    )
+    checkpoint: str | None = setting(None, "cgc checkpoint file or run folder", "model", metavar="PATH")
+    arch: str | None = setting(
+        None, "torchvision architecture or timm:NAME (with --weights or --pretrained)", "model", metavar="NAME"
+    )
+    weights: str | None = setting(None, "--arch: local state dict file", "model", metavar="PATH")
+    pretrained: bool = setting(False, "--arch: the library's ImageNet weights", "model")
+    num_classes: int | None = setting(
+        None, "--arch: classes of the head (default: read from --weights, else 1000)", "model", check=at_least(1)
+    )
+    image_size: int | None = setting(
+        None, "model input size (default: the checkpoint's, else 224)", "model", check=at_least(8)
+    )
+    target_layer: str | None = setting(None, "CAM layer (default: the checkpoint's / last conv stage)", "explanations")
+    cam: str | None = setting(
+        None, "CAM method (default: the checkpoint's, else gradcam)", "explanations", choices=_cam_methods
+    )
+    top_k: int = setting(3, "explain the k most probable classes", "explanations", check=at_least(1))
+    device: str = setting("auto", "auto, cpu, cuda, cuda:1, ...", "run")
+    out: str = setting("runs/explain", "output folder", "run", metavar="DIR")
 
-def parse_args(argv=None) -> ExplainConfig:
-    p = cli.ArgumentParser(
-        prog="python -m cgc.explain",
-        description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="cgc checkpoint file or run folder")
-    src.add_argument("--arch", help="torchvision architecture or timm:NAME (with --weights or --pretrained)")
-    p.add_argument("--weights", default=None, help="--arch: local state dict file")
-    p.add_argument("--pretrained", action="store_true", help="--arch: the library's ImageNet weights")
-    p.add_argument(
-        "--num-classes",
-        type=int,
-        default=None,
-        help="--arch: classes of the head (default: read from --weights, else 1000)",
-    )
-    p.add_argument(
-        "--image-size", type=int, default=None, help="model input size (default: the checkpoint's, else 224)"
-    )
-    p.add_argument("--target-layer", default=None, help="CAM layer (default: the checkpoint's / last conv stage)")
-    p.add_argument(
-        "--cam", default=None, choices=tuple(CAM_METHODS), help="CAM method (default: the checkpoint's, else gradcam)"
-    )
-    p.add_argument("--top-k", type=int, default=3, help="explain the k most probable classes")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default="runs/explain", help="output folder")
-    args = p.parse_args(argv)
-    if args.arch is None and (args.weights or args.pretrained or args.num_classes):
-        p.error("--weights, --pretrained and --num-classes go with --arch")
-    if args.arch is not None and not (args.weights or args.pretrained):
-        p.error("--arch needs --weights FILE or --pretrained (a random model explains nothing)")
-    if args.top_k < 1 or (args.image_size is not None and args.image_size < 8):
-        p.error("--top-k must be >= 1 and --image-size >= 8")
-    return ExplainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()})
+    def relations(self) -> list[str]:
+        found = []
+        if (self.checkpoint is None) == (self.arch is None):
+            found.append("give either --checkpoint or --arch")
+        if self.arch is None and (self.weights or self.pretrained or self.num_classes):
+            found.append("--weights, --pretrained and --num-classes go with --arch")
+        if self.arch is not None and not (self.weights or self.pretrained):
+            found.append("--arch needs --weights FILE or --pretrained (a random model explains nothing)")
+        return found
 
 
 def read_image(path: str | Path, size: int) -> torch.Tensor:
@@ -108,9 +98,8 @@ def read_image(path: str | Path, size: int) -> torch.Tensor:
 def main(argv=None) -> list[Path]:
     """``python -m cgc.explain``: parse the flags and explain (see :func:`run`); a library error
     ends the process with one ``error: ...`` line."""
-    config = parse_args(argv)
     with cli.exit_on_error():
-        return run(config)
+        return run(ExplainConfig.parse(argv).validate())
 
 
 def run(config: ExplainConfig) -> list[Path]:
@@ -133,7 +122,7 @@ def run(config: ExplainConfig) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = []
     with (
-        GradCAM(
+        CAM(
             model,
             config.target_layer or loaded.target_layer,
             method=config.cam or loaded.method,

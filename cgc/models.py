@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint, token_maps
-from .checkpoint import safe_load
+from . import checkpoint, structure
+from .config import model_option_problems
 from .errors import BadFile, ConfigError, MissingDependency, MissingFile, UnknownName, UnsupportedModel
+from .files import safe_load
 
 COMPACT = "compact"
 TIMM_PREFIX = "timm:"
@@ -189,13 +190,10 @@ def build_model(
     ``interpolate_embeddings`` and a pseudo-inverse resize of the patch kernel (FlexiViT's) for
     its ViTs. A size a model cannot take is a :class:`cgc.errors.ConfigError`.
     """
-    if pretrained and weights:
-        raise ConfigError("use either --pretrained or --weights, not both")
-    if (norm != "batch" or stride != 8) and arch != COMPACT:
-        raise ConfigError(f"--norm and --compact-stride are options of the compact model; {arch} keeps its own")
+    problems = model_option_problems(arch, pretrained=pretrained, weights=weights, norm=norm, stride=stride)
+    if problems:
+        raise ConfigError("; ".join(problems))
     if arch == COMPACT:
-        if pretrained:
-            raise ConfigError("the compact model has no pretrained weights; use --weights PATH")
         model: nn.Module = CompactCNN(num_classes, norm=norm, stride=stride)
     elif arch.startswith(TIMM_PREFIX):
         model = _build_timm(arch[len(TIMM_PREFIX) :], pretrained, image_size)
@@ -248,7 +246,7 @@ def _build_torchvision(arch: str, pretrained: bool, image_size: int | None) -> n
         return model or torchvision.models.get_model(arch)
     with torch.device("meta"):
         probe = torchvision.models.get_model(arch)
-    info = token_maps.describe(probe)
+    info = structure.describe(probe)
     if info is not None and info.family == "swin":
         _check_swin(arch, image_size)
     if info is None or info.family == "swin":
@@ -317,7 +315,7 @@ def _timm_size_args(timm, name: str, image_size: int) -> dict:
             probe = timm.create_model(name)
     except (RuntimeError, TypeError, ValueError, NotImplementedError, AssertionError):
         return {}  # built on the meta device or not, it is no transformer cgc knows
-    info = token_maps.describe(probe)
+    info = structure.describe(probe)
     if info is None:
         return {}
     args: dict = {"img_size": image_size}
@@ -339,8 +337,8 @@ def _timm_size_args(timm, name: str, image_size: int) -> dict:
 
 def fit_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``state`` resampled to ``model``'s image and patch size where ``model`` is a vision
-    transformer (:func:`cgc.token_maps.describe`); other models' states are returned as they are."""
-    info = token_maps.describe(model)
+    transformer (:func:`cgc.structure.describe`); other models' states are returned as they are."""
+    info = structure.describe(model)
     if info is None:
         return state
     family = next((c.__module__ for c in type(model).__mro__ if c.__module__.startswith("timm.")), None)

@@ -1,6 +1,6 @@
 """How a command runs on its machine, decided in one place for every command line: mixed
-precision, the memory format of CPU models, loader processes, seeding, deterministic algorithms
-and SIGTERM."""
+precision, the memory format of CPU models, loader processes, seeding and the RNG states a
+checkpoint keeps, deterministic algorithms and SIGTERM."""
 
 from __future__ import annotations
 
@@ -53,6 +53,22 @@ def loader_workers(workers: int | None, in_memory: bool) -> int:
     """``--workers``, or its default: none for in-memory datasets (slices are cheap), 4 for
     files (decoding and resizing)."""
     return workers if workers is not None else (0 if in_memory else 4)
+
+
+def rng_state() -> dict:
+    """Every RNG the training loop draws from: torch CPU, CUDA devices, Python's ``random``."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` captured."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def seed_everything(seed: int) -> None:

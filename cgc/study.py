@@ -25,8 +25,8 @@ that the study runs).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -36,12 +36,14 @@ import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from . import cli, metrics, tables, train
 from .config import TrainConfig
+from .settings import Settings, setting
 
 PRETRAIN_SHAPES = ("circle", "square", "triangle", "plus", "ring", "diamond")
 TARGET_SHAPES = ("star", "tee", "crescent", "cross", "semicircle", "hexagon")
@@ -168,45 +170,44 @@ def runnable_parts(parts) -> tuple[list[str], list[str]]:
     return kept, skipped
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = cli.ArgumentParser(prog="python -m cgc.study", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="runs/study", help="output folder (runs, study.json, study.md, figures)")
-    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
-    p.add_argument(
-        "--seeds",
-        type=int,
-        nargs="+",
-        default=[0, 1, 2],
-        help="seeds of the compared runs (CE and CGC, and every fine-tuning run)",
+@dataclasses.dataclass(frozen=True)
+class StudyConfig(Settings):
+    """What ``python -m cgc.study`` runs (see each field's doc)."""
+
+    PROG: ClassVar[str] = "python -m cgc.study"
+    DESCRIPTION: ClassVar[str] = "The runs behind docs/study.md, with seeds, tables and figures."
+    GROUPS: ClassVar[tuple[str, ...]] = ("study",)
+
+    out: str = setting("runs/study", "output folder (runs, study.json, study.md, figures)", "study", metavar="DIR")
+    parts: tuple[str, ...] = setting(PARTS, "the parts to run", "study", choices=PARTS, nargs="+")
+    seeds: tuple[int, ...] = setting(
+        (0, 1, 2), "seeds of the compared runs (CE and CGC, and every fine-tuning run)", "study", nargs="+"
     )
-    p.add_argument(
-        "--screen-seeds",
-        type=int,
-        nargs="+",
-        default=None,
-        help="seeds of the localization variants (default: --seeds)",
+    screen_seeds: tuple[int, ...] | None = setting(
+        None, "seeds of the localization variants (default: --seeds)", "study", nargs="+"
     )
-    p.add_argument(
-        "--transformer-seeds",
-        type=int,
+    transformer_seeds: tuple[int, ...] | None = setting(
+        None,
+        "seeds of the vision transformer's runs (default: --seeds; each costs about ten CNN runs on a CPU)",
+        "study",
         nargs="+",
-        default=None,
-        help="seeds of the vision transformer's runs (default: --seeds; each costs about ten CNN runs on a CPU)",
     )
-    p.add_argument(
-        "--confirm",
-        nargs="+",
-        default=[],
+    confirm: tuple[str, ...] = setting(
+        (),
+        "localization variants to run with every --seed after screening (docs/study.md: the candidates)",
+        "study",
         choices=tuple(LOCALIZATION),
+        nargs="+",
         metavar="CONFIG",
-        help="localization variants to run with every --seed after screening (docs/study.md: the candidates)",
     )
-    p.add_argument("--quick", action="store_true", help="a miniature of the whole study (about a minute; CI)")
-    args = p.parse_args(argv)
-    for flag, seeds in (("--seeds", args.seeds), ("--transformer-seeds", args.transformer_seeds)):
-        if seeds is not None and len(seeds) < 2:
-            p.error(f"give at least two {flag}: one seed cannot tell an effect from noise")
-    return args
+    quick: bool = setting(False, "a miniature of the whole study (about a minute; CI)", "study")
+
+    def relations(self) -> list[str]:
+        return [
+            f"give at least two {flag}: one seed cannot tell an effect from noise"
+            for flag, seeds in (("--seeds", self.seeds), ("--transformer-seeds", self.transformer_seeds))
+            if seeds is not None and len(seeds) < 2
+        ]
 
 
 def plan(
@@ -333,13 +334,13 @@ def execute(out: Path, runs, record: dict) -> None:
 def evaluate_run(folder: Path) -> dict:
     """:data:`EVALUATED` on a run's final weights (``last.pt``), the evaluation's defaults, and
     where its heatmaps sit in the objects' boxes (:data:`GEOMETRY`, :func:`box_geometry`)."""
-    from .cam import GradCAM
+    from .cam import CAM
     from .evaluate import build_data
     from .models import load_model
 
     loaded = load_model(checkpoint_path=folder)
     bundle = build_data(loaded.train_args, {"train_size": 1})
-    with GradCAM(loaded.model.eval(), loaded.target_layer, method=loaded.method) as cam:
+    with CAM(loaded.model.eval(), loaded.target_layer, method=loaded.method) as cam:
         out = metrics.explanation_metrics(cam, bundle.val, "cpu", metrics=metrics.select(list(EVALUATED)))
     geometry = box_geometry(folder)
     return {k: out[k] for k in (*EVALUATED, "mprt_steps")} | {k: geometry[k] for k in GEOMETRY}
@@ -544,7 +545,7 @@ def box_geometry(run_dir: Path, grid: int = 33) -> dict:
       of the box (more than a quarter box size from its center along x or y).
     """
     from . import data, resize_heatmaps
-    from .cam import GradCAM
+    from .cam import CAM
     from .evaluate import build_data
     from .models import load_model
 
@@ -557,7 +558,7 @@ def box_geometry(run_dir: Path, grid: int = 33) -> dict:
     coords = torch.linspace(-0.5, 1.5, grid)
     pixel = torch.arange(S, dtype=torch.float64) + 0.5
     inside_box, box_in_image, off_center = [], [], 0
-    with GradCAM(loaded.model.eval(), loaded.target_layer, method=loaded.method) as cam:
+    with CAM(loaded.model.eval(), loaded.target_layer, method=loaded.method) as cam:
         for start in range(0, len(val), 100):
             sl = slice(start, start + 100)
             heat = resize_heatmaps(cam(data.normalize(val.images[sl]), val.labels[sl]).cams.detach().float(), S)
@@ -595,14 +596,14 @@ def overlay_figure(path: Path, runs: list[Path], names: list[str], n: int = 12) 
     """The first ``n`` validation images of the runs' dataset and each run's heatmap of its
     predicted class, side by side (the runs share their data)."""
     from . import viz
-    from .cam import GradCAM
+    from .cam import CAM
     from .evaluate import build_data
     from .models import load_model
 
     loaded = [load_model(checkpoint_path=r) for r in runs]
     bundle = build_data(loaded[0].train_args, {"train_size": 1})
     with contextlib.ExitStack() as stack:
-        cams = [stack.enter_context(GradCAM(m.model.eval(), m.target_layer, method=m.method)) for m in loaded]
+        cams = [stack.enter_context(CAM(m.model.eval(), m.target_layer, method=m.method)) for m in loaded]
         return viz.save_overlays(path, cams, names, bundle.val, "cpu", n, bundle.classes)
 
 
@@ -658,8 +659,9 @@ def profile_figure(out: Path, runs: dict[str, Path]) -> Path:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
+    """``python -m cgc.study``: see :class:`StudyConfig`."""
     with cli.exit_on_error():
+        args = StudyConfig.parse(argv).validate()
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         scale = QUICK if args.quick else Scale()

@@ -2,7 +2,7 @@
 differentiable CAMs and the consistency loss, in three layers like Liger-Kernel's ops.
 
 - the kernels: :mod:`cgc.ops` (fused CAM weighting + ReLU, the batched warp, InfoNCE);
-- the functional form :func:`cgc_term` (a model or a :class:`cgc.GradCAM`, a batch of images);
+- the functional form :func:`cgc_term` (a model or a :class:`cgc.CAM`, a batch of images);
 - the module :class:`CGCTerm`, which keeps the hook, the CAM method and the loss settings.
 
 Either returns a :class:`CGCOutput`: the loss together with the logits of both views, so the
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import transforms
-from .cam import GradCAM
+from .cam import CAM
 from .losses import CGCLoss
 
 
@@ -52,7 +52,7 @@ class CGCOutput:
 
 
 def cgc_term(
-    model_or_cam: nn.Module | GradCAM,
+    model_or_cam: nn.Module | CAM,
     x: torch.Tensor,
     *,
     theta: torch.Tensor | None = None,
@@ -82,7 +82,7 @@ def cgc_term(
     images work) with ``create_graph=True``, and compares them with ``loss`` (default: a
     :class:`cgc.CGCLoss` of ``kind``, ``temperature`` and ``heatmap_size``, the image size
     when None). ``model_or_cam`` is a model (hooked for this call only, at ``target_layer``
-    with ``method``) or a :class:`cgc.GradCAM`.
+    with ``method``) or a :class:`cgc.CAM`.
 
     Two options against what a crop-consistency term may otherwise learn:
 
@@ -99,9 +99,9 @@ def cgc_term(
     if loss is None:
         loss = CGCLoss(temperature, heatmap_size, kind=kind, backend=backend, mask_outside=crop_sampler == "uniform")
     draw = dict(scale=tuple(crop_scale), ratio=tuple(ratio), flip_p=flip_p, generator=generator, sampler=crop_sampler)
-    if isinstance(model_or_cam, GradCAM):
+    if isinstance(model_or_cam, CAM):
         return _term(model_or_cam, x, theta, targets, extra, loss, draw, class_negatives, backend)
-    with GradCAM(model_or_cam, target_layer, method=method, backend=backend, reshape=reshape) as cam:
+    with CAM(model_or_cam, target_layer, method=method, backend=backend, reshape=reshape) as cam:
         return _term(cam, x, theta, targets, extra, loss, draw, class_negatives, backend)
 
 
@@ -118,9 +118,7 @@ def other_classes(logits: torch.Tensor, targets: torch.Tensor, k: int) -> torch.
     return scores.topk(k, dim=1).indices
 
 
-def _term(
-    cam: GradCAM, x, theta, targets, extra, loss: CGCLoss, draw: dict, class_negatives: int, backend
-) -> CGCOutput:
+def _term(cam: CAM, x, theta, targets, extra, loss: CGCLoss, draw: dict, class_negatives: int, backend) -> CGCOutput:
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"cgc_term expects an image batch [B,C,H,W], got {getattr(x, 'shape', type(x).__name__)}")
     B, _, H, W = x.shape
@@ -190,7 +188,7 @@ class CGCTerm(nn.Module):
         class_negatives: int = 0,
     ):
         super().__init__()
-        self.cam = GradCAM(
+        self.cam = CAM(
             model, target_layer, method=method, backend=backend, channels_last=channels_last, reshape=reshape
         )
         if loss is None:

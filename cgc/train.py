@@ -4,8 +4,9 @@ The recipe, as a list of factories: the config (:mod:`cgc.config`: flags, ``--co
 validated before anything is built) -> :func:`build_data` -> :func:`build_model` ->
 :func:`build_optimizer` -> :func:`build_term` -> :func:`fit` (epochs of
 :func:`cgc.engine.train_one_epoch` and :func:`cgc.engine.validate`, checkpoints by
-:class:`cgc.checkpoint.CheckpointSaver`) -> :func:`finish` (explanation metrics, pictures,
-``metrics.json``, ``model.safetensors``) -> the results table.
+:class:`cgc.checkpoint.CheckpointSaver`) -> :func:`final_results` (accuracy and explanation
+metrics) -> :func:`write_results` (pictures, ``metrics.json``) and ``model.safetensors`` -> the
+results table.
 
 One process, or one per GPU / CPU worker under ``torchrun`` (DistributedDataParallel,
 :mod:`cgc.distributed`): ``--batch-size`` is the global batch, global batch ``k`` holds the
@@ -29,14 +30,15 @@ from pathlib import Path
 import torch
 
 from . import cli, data, distributed, metrics, models, runtime, tables, viz
-from .cam import GradCAM, to_channels_last
-from .checkpoint import WEIGHTS_FILE, CheckpointSaver, Progress
+from .cam import CAM
+from .checkpoint import WEIGHTS_FILE, CheckpointSaver
 from .config import TrainConfig, expected_world_size, parse
-from .engine import EpochLoop, Recipe, batches, train_one_epoch, validate
+from .engine import EpochPlan, RunState, StepOptions, batches, train_one_epoch, validate
 from .errors import ConfigError, Preempted
 from .losses import CGCLoss
 from .runlog import RunLog
 from .schedule import Schedule
+from .structure import to_channels_last
 from .term import CGCTerm
 
 log = logging.getLogger("cgc.train")
@@ -155,13 +157,13 @@ def distribute(model, ctx: distributed.Context, *, sync_bn: bool):
     )
 
 
-def build_term(config: TrainConfig, model, ctx: distributed.Context) -> tuple[GradCAM, torch.nn.Module, CGCTerm | None]:
+def build_term(config: TrainConfig, model, ctx: distributed.Context) -> tuple[CAM, torch.nn.Module, CGCTerm | None]:
     """``(cam, net, term)``: the explanations of ``model`` (at ``--target-layer`` with
     ``--cam``), the network the steps run (DDP-wrapped under torchrun) and the CGC term on it
     (None for ``--loss ce``), whose InfoNCE negatives are gathered from every process with
     ``--negatives global``."""
     channels_last = runtime.channels_last(ctx.device)
-    cam = GradCAM(model, config.target_layer, method=config.cam, backend=config.backend, channels_last=channels_last)
+    cam = CAM(model, config.target_layer, method=config.cam, backend=config.backend, channels_last=channels_last)
     net = distribute(model, ctx, sync_bn=config.sync_bn)
     if config.loss == "ce":
         return cam, net, None
@@ -201,10 +203,10 @@ def resume_source(resume: str | None, out: Path) -> Path | None:
 
 
 # ----------------------------------------------------------------------------- the epochs
-def build_loop(
+def build_plan(
     config: TrainConfig, opt: torch.optim.Optimizer, train_data: TrainData, ctx: distributed.Context, amp: str
-) -> EpochLoop:
-    """What every epoch's steps share: the learning-rate and lambda schedules, the step recipe
+) -> EpochPlan:
+    """What every epoch's steps share: the learning-rate and lambda schedules, the step options
     (crops, precision, backend, memory format) and the loader's habits."""
     schedule = Schedule(
         config.lr,
@@ -216,7 +218,7 @@ def build_loop(
         config.lam,
         config.lambda_warmup_epochs,
     )
-    recipe = Recipe(
+    options = StepOptions(
         config.seed,
         config.crop_scale,
         config.ce_crop_scale,
@@ -227,10 +229,10 @@ def build_loop(
         config.crop_sampler,
     )
     gathered = config.negatives == "global" and ctx.distributed
-    return EpochLoop(
+    return EpochPlan(
         opt,
         schedule,
-        recipe,
+        options,
         ctx,
         train_data.steps_per_epoch,
         min_images=2 if config.loss == "cgc" and not gathered else 1,
@@ -241,7 +243,7 @@ def build_loop(
 def epoch_batches(config: TrainConfig, train_data: TrainData, ctx: distributed.Context, epoch: int, start: int):
     """``(loader, unlabeled)``: this process's share of epoch ``epoch``'s global batches from
     step ``start`` on, and the unlabeled stream at the same position (None without one)."""
-    bundle, spe = train_data.bundle, train_data.steps_per_epoch
+    bundle, steps_per_epoch = train_data.bundle, train_data.steps_per_epoch
     data.set_epoch(bundle.train, epoch, config.seed)
     sampler = distributed.GlobalBatchSampler(
         len(bundle.train),
@@ -261,7 +263,7 @@ def epoch_batches(config: TrainConfig, train_data: TrainData, ctx: distributed.C
         config.unlabeled_batch_size or config.batch_size,
         rank=ctx.rank,
         world_size=ctx.world_size,
-        start=epoch * spe + start,
+        start=epoch * steps_per_epoch + start,
     )
     u_workers = runtime.loader_workers(config.workers, train_data.unlabeled_in_memory)
     return loader, iter(batches(train_data.unlabeled, u_sampler, u_workers))
@@ -271,17 +273,17 @@ def fit(
     config: TrainConfig,
     net,
     term: CGCTerm | None,
-    loop: EpochLoop,
+    plan: EpochPlan,
     train_data: TrainData,
     saver: CheckpointSaver,
-    progress: Progress,
+    state: RunState,
     runlog: RunLog | None,
-) -> Progress:
-    """Train from ``progress`` to the last epoch: each epoch's steps, its validation (every
+) -> RunState:
+    """Train from ``state`` to the last epoch: each epoch's steps, its validation (every
     ``--val-every`` epochs and after the last), its log line and checkpoints. SIGTERM (or a
     stop asked by any process) saves ``last.pt`` after the current step and raises
     :class:`cgc.errors.Preempted`."""
-    ctx, opt, bundle = loop.ctx, loop.opt, train_data.bundle
+    ctx, opt, bundle = plan.ctx, plan.opt, train_data.bundle
     val_sampler = distributed.GlobalBatchSampler(
         len(bundle.val), config.batch_size, rank=ctx.rank, world_size=ctx.world_size, shuffle=False, drop_last=False
     )
@@ -291,59 +293,59 @@ def fit(
 
         def on_step(values: dict[str, float], stopping: bool) -> None:
             if runlog is not None:
-                lam = loop.schedule.lambda_at(progress.epoch, progress.step - 1, loop.steps_per_epoch)
+                lam = plan.schedule.lambda_at(state.epoch, state.step - 1, plan.steps_per_epoch)
                 runlog.step(
-                    progress.global_step,
-                    {"epoch": progress.epoch + 1, "lr": opt.param_groups[0]["lr"], "lambda": lam, **values},
+                    state.global_step,
+                    {"epoch": state.epoch + 1, "lr": opt.param_groups[0]["lr"], "lambda": lam, **values},
                 )
             if stopping:
-                saver.save(progress)
+                saver.save(state)
                 raise Preempted(
-                    f"saved {saver.last} at epoch {progress.epoch + 1}, step {progress.step}; continue with "
+                    f"saved {saver.last} at epoch {state.epoch + 1}, step {state.step}; continue with "
                     f"--resume {saver.out} (restarted torchrun workers resume by themselves)"
                 )
-            saver.after_step(progress, loop.steps_per_epoch)
+            saver.after_step(state, plan.steps_per_epoch)
 
-        for epoch in range(progress.epoch, config.epochs):
-            loader, unlabeled = epoch_batches(config, train_data, ctx, epoch, progress.step)
+        for epoch in range(state.epoch, config.epochs):
+            loader, unlabeled = epoch_batches(config, train_data, ctx, epoch, state.step)
             t0 = time.time()
             train_one_epoch(
                 net,
                 term,
-                loop,
+                plan,
                 loader,
-                progress,
+                state,
                 unlabeled=unlabeled,
                 stop=lambda: sigterm["stop"],
                 on_step=on_step,
                 desc=f"epoch {epoch + 1}/{config.epochs}",
             )
-            record = epoch_record(progress, opt, time.time() - t0, files=not bundle.in_memory)
+            record = epoch_record(state, opt, time.time() - t0, files=not bundle.in_memory)
             if (epoch + 1) % config.val_every == 0 or epoch + 1 == config.epochs:
-                record.update(validate(model, val_loader, ctx.device, ctx, loop.recipe.amp))
-            saver.end_epoch(progress, record)
+                record.update(validate(model, val_loader, ctx.device, ctx, plan.options.amp))
+            saver.end_epoch(state, record)
             if runlog is not None:
-                runlog.epoch(record, progress.global_step)
+                runlog.epoch(record, state.global_step)
                 val = (
                     f", val top-1 {record['val_top1']:.2f} %, top-5 {record['val_top5']:.2f} %"
                     if "val_top1" in record
                     else ""
                 )
                 log.info(f"epoch {epoch + 1}: loss {record['train_loss']:.4f}{val} ({record['time_s']:.0f} s)")
-    return progress
+    return state
 
 
-def epoch_record(progress: Progress, opt, seconds: float, *, files: bool) -> dict:
-    """The log line of the epoch that ``progress`` is closing: learning rate, time, the means
+def epoch_record(state: RunState, opt, seconds: float, *, files: bool) -> dict:
+    """The log line of the epoch that ``state`` is closing: learning rate, time, the means
     of its step losses, train top-1 (%), and for file datasets the unreadable images skipped."""
-    record = {"epoch": progress.epoch + 1, "lr": opt.param_groups[0]["lr"], "time_s": round(seconds, 2)}
-    record.update({f"train_{k}": v / progress.steps for k, v in progress.sums.items()})
+    record = {"epoch": state.epoch + 1, "lr": opt.param_groups[0]["lr"], "time_s": round(seconds, 2)}
+    record.update({f"train_{k}": v for k, v in state.means().items()})
     record["train_top1"] *= 100
     if files:
-        record["train_skipped"] = progress.skipped
-    if progress.skipped:
+        record["train_skipped"] = state.skipped
+    if state.skipped:
         warnings.warn(
-            f"epoch {progress.epoch + 1}: skipped {progress.skipped} unreadable images (named in the warnings "
+            f"epoch {state.epoch + 1}: skipped {state.skipped} unreadable images (named in the warnings "
             f"above; --strict stops at the first)",
             stacklevel=2,
         )
@@ -351,25 +353,15 @@ def epoch_record(progress: Progress, opt, seconds: float, *, files: bool) -> dic
 
 
 # ----------------------------------------------------------------------------- the end
-def finish(
-    config: TrainConfig,
-    cam: GradCAM,
-    train_data: TrainData,
-    progress: Progress,
-    ctx: distributed.Context,
-    out: Path,
-    runlog: RunLog | None,
-    *,
-    amp: str,
-    seconds: float,
+def final_results(
+    config: TrainConfig, cam: CAM, bundle: data.DataBundle, state: RunState, ctx: distributed.Context, **facts
 ) -> dict:
-    """The run's results: last and best validation accuracy and the explanation metrics of
+    """The run's results: last and best validation accuracy, the explanation metrics of
     :data:`cgc.metrics.TRAINING_METRICS` (the evaluation protocol's crops, 8-100 % of the image,
-    whatever ``--crop-scale`` trained with: comparable across recipes); the first process writes
-    ``overlays.png``, ``curves.png`` and ``metrics.json``."""
-    bundle, history = train_data.bundle, progress.history
-    results = {k: history[-1][k] for k in ("val_top1", "val_top5")}
-    results["best_val_top1"] = progress.best_top1
+    whatever ``--crop-scale`` trained with: comparable across recipes) and the run's ``facts``
+    (precision, wall time)."""
+    results = {k: state.history[-1][k] for k in ("val_top1", "val_top5")}
+    results["best_val_top1"] = state.best
     chosen = metrics.select(list(metrics.TRAINING_METRICS), has_boxes=hasattr(bundle.val, "boxes"))
     results.update(
         metrics.explanation_metrics(
@@ -384,28 +376,35 @@ def finish(
         )
     )
     results.update(
-        loss=config.loss,
-        arch=config.arch,
-        dataset=config.dataset,
-        epochs=config.epochs,
-        processes=ctx.world_size,
-        amp=amp,
-        wall_time_s=round(seconds, 1),
+        loss=config.loss, arch=config.arch, dataset=config.dataset, epochs=config.epochs, processes=ctx.world_size
     )
-    if not ctx.primary:
-        return results
+    return results | facts
+
+
+def write_results(
+    config: TrainConfig,
+    cam: CAM,
+    bundle: data.DataBundle,
+    state: RunState,
+    runlog: RunLog | None,
+    results: dict,
+    device: torch.device,
+) -> None:
+    """``overlays.png`` (heatmaps of validation images with their boxes), ``curves.png`` (losses
+    and accuracy per epoch) and ``metrics.json`` in the run folder (the first process calls it)."""
+    out, history = Path(config.out), state.history
     if hasattr(bundle.val, "boxes") and config.overlays:
         viz.save_overlays(
             out / "overlays.png",
             [cam],
             [f"{config.cam} (predicted class)"],
             bundle.val,
-            ctx.device,
+            device,
             config.overlays,
             bundle.classes,
         )
         if runlog is not None:
-            runlog.image("overlays", out / "overlays.png", progress.global_step)
+            runlog.image("overlays", out / "overlays.png", state.global_step)
     losses = ("train_loss", "train_ce", "train_cgc", "train_cgc_unlabeled")
     viz.plot_curves(
         out / "curves.png",
@@ -417,7 +416,6 @@ def finish(
         },
     )
     (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
-    return results
 
 
 def results_table(results: dict) -> str:
@@ -440,7 +438,7 @@ def results_table(results: dict) -> str:
 def run(config: TrainConfig, ctx: distributed.Context | None = None) -> dict:
     """Train and explain one run of ``config`` (validated here too) and write it to
     ``config.out``: ``config.yaml``, the logs, checkpoints, ``model.safetensors``, the metrics
-    and the pictures (the first process writes). Returns the results of :func:`finish`."""
+    and the pictures (the first process writes). Returns the results of :func:`final_results`."""
     started = time.time()
     ctx = ctx or distributed.Context(distributed.pick_device(config.device))
     config.validate(world_size=ctx.world_size, device_type=ctx.device.type)
@@ -463,22 +461,20 @@ def run(config: TrainConfig, ctx: distributed.Context | None = None) -> dict:
         info["target_layer"] = cam.target_layer
         saver = CheckpointSaver(out, config, model, opt, ctx, info=info, every=config.checkpoint_every)
         source = resume_source(config.resume, out)
-        progress = saver.resume(source)
+        state = saver.resume(source)
         if source is not None:
-            where = (
-                f"epoch {progress.epoch}, step {progress.step}"
-                if progress.step
-                else f"the end of epoch {progress.epoch}"
-            )
+            where = f"epoch {state.epoch}, step {state.step}" if state.step else f"the end of epoch {state.epoch}"
             log.info(f"resumed from {source} at {where}")
         announce(config, train_data, ctx, amp, cam.target_layer)
         runlog = None
         if ctx.primary:
             runlog = stack.enter_context(
-                RunLog(out, history=progress.history, global_step=progress.global_step, tensorboard=config.tensorboard)
+                RunLog(out, history=state.history, global_step=state.global_step, tensorboard=config.tensorboard)
             )
-        fit(config, net, term, build_loop(config, opt, train_data, ctx, amp), train_data, saver, progress, runlog)
-        results = finish(config, cam, train_data, progress, ctx, out, runlog, amp=amp, seconds=time.time() - started)
+        fit(config, net, term, build_plan(config, opt, train_data, ctx, amp), train_data, saver, state, runlog)
+        results = final_results(config, cam, bundle, state, ctx, amp=amp, wall_time_s=round(time.time() - started, 1))
+        if ctx.primary:
+            write_results(config, cam, bundle, state, runlog, results, ctx.device)
         saver.save_weights()
     if ctx.primary:
         log.info(

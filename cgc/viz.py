@@ -133,7 +133,7 @@ def save_overlays(
     model_classes: Sequence[Sequence[str]] | None = None,
 ) -> Path:
     """PNG of the first ``n`` images of ``dataset``: the image, then for each
-    :class:`cgc.GradCAM` in ``cams`` (one per model) the heatmap of the class that model
+    :class:`cgc.CAM` in ``cams`` (one per model) the heatmap of the class that model
     predicts, ground-truth boxes outlined if any; captions ``label -> each model's class``
     (named from ``model_classes[m]`` when a model's classes are not the dataset's)."""
     model_classes = model_classes or [classes] * len(cams)

@@ -1,4 +1,5 @@
-"""Checkpoints: atomic, safe to load (weights_only), RNG states round-trip."""
+"""Checkpoints: atomic, safe to load (weights_only), RNG states round-trip, every earlier format
+loads, the saver ranks by the metric it is given."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ import random
 import pytest
 import torch
 
-from cgc import checkpoint
+from cgc import checkpoint, files, runtime
+from cgc.engine import RunState
 
 
 def test_atomic_save_and_safe_load(tmp_path):
-    state = {"format": checkpoint.FORMAT, "model": {"w": torch.randn(3)}, "rng": [checkpoint.rng_state()]}
-    checkpoint.save_atomic(state, tmp_path / "run" / "last.pt")
+    state = {"format": checkpoint.FORMAT, "model": {"w": torch.randn(3)}, "rng": [runtime.rng_state()]}
+    files.save_atomic(state, tmp_path / "run" / "last.pt")
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["last.pt"]  # no temp files left
     loaded = checkpoint.load(tmp_path / "run")  # a run folder means its last.pt
     assert torch.equal(loaded["model"]["w"], state["model"]["w"])
@@ -21,9 +23,9 @@ def test_atomic_save_and_safe_load(tmp_path):
 
 def test_failed_write_keeps_the_old_checkpoint(tmp_path):
     path = tmp_path / "last.pt"
-    checkpoint.save_atomic({"format": checkpoint.FORMAT, "model": {"w": torch.ones(2)}}, path)
+    files.save_atomic({"format": checkpoint.FORMAT, "model": {"w": torch.ones(2)}}, path)
     with pytest.raises((pickle.PicklingError, AttributeError)):  # a lambda cannot be pickled
-        checkpoint.save_atomic({"model": {"w": torch.ones(2)}, "bad": lambda: 0}, path)
+        files.save_atomic({"model": {"w": torch.ones(2)}, "bad": lambda: 0}, path)
     assert torch.equal(checkpoint.load(path)["model"]["w"], torch.ones(2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
 
@@ -40,9 +42,9 @@ def test_corrupt_missing_and_foreign_files(tmp_path):
 
 
 def test_rng_state_round_trip():
-    state = checkpoint.rng_state()
+    state = runtime.rng_state()
     a = (torch.rand(3), random.random())
-    checkpoint.set_rng_state(state)
+    runtime.set_rng_state(state)
     b = (torch.rand(3), random.random())
     assert torch.equal(a[0], b[0]) and a[1] == b[1]
 
@@ -64,10 +66,10 @@ def format_one_checkpoint(tmp_path, **args):
     payload = {
         "model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 1, "global_step": 5, "args": flags,
         "classes": ["circle", "square", "ring"], "image_size": 32, "target_layer": "features",
-        "rng": checkpoint.rng_state(), "best_top1": 50.0, "history": [{"epoch": 1, "val_top1": 50.0}],
+        "rng": runtime.rng_state(), "best_top1": 50.0, "history": [{"epoch": 1, "val_top1": 50.0}],
         "epoch_state": {"step": 2, "sums": {"loss": 3.0}, "steps": 2, "skipped": 0},
     }  # fmt: skip
-    checkpoint.save_atomic(payload, tmp_path / "old" / "last.pt")
+    files.save_atomic(payload, tmp_path / "old" / "last.pt")
     return model
 
 
@@ -83,14 +85,14 @@ def test_checkpoints_of_the_first_format_still_load(tmp_path):
     config = TrainConfig.from_dict(ckpt["config"])
     assert config.classes == ("circle", "square", "ring") and config.lam == 0.5 and config.crop_scale == (0.2, 1.0)
     assert config.epochs == 3 and config.batch_size == TrainConfig().batch_size  # absent then: the default
-    progress = checkpoint.Progress(**ckpt["progress"])
-    assert (progress.epoch, progress.step, progress.global_step, progress.best_top1) == (1, 2, 5, 50.0)
-    assert progress.sums == {"loss": 3.0} and isinstance(ckpt["rng"], list) and len(ckpt["rng"]) == 1
+    state = RunState(**ckpt["state"])
+    assert (state.epoch, state.step, state.global_step, state.best, state.best_metric) == (1, 2, 5, 50.0, "val_top1")
+    assert state.sums == {"loss": 3.0} and isinstance(ckpt["rng"], list) and len(ckpt["rng"]) == 1
     loaded = load_model(checkpoint_path=tmp_path / "old")
     assert loaded.method == "hirescam" and loaded.image_size == 32 and loaded.target_layer == "features"
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.model.state_dict().items())
     cut = tmp_path / "newer"
-    checkpoint.save_atomic({"format": checkpoint.FORMAT + 1, "model": {}}, cut / "last.pt")
+    files.save_atomic({"format": checkpoint.FORMAT + 1, "model": {}}, cut / "last.pt")
     with pytest.raises(ValueError, match="written by a newer cgc"):
         checkpoint.load(cut)
 
@@ -104,5 +106,47 @@ def test_a_first_format_run_resumes(tmp_path):
     format_one_checkpoint(tmp_path)
     cfg = TrainConfig.from_dict(checkpoint.load(tmp_path / "old")["config"])
     results = train.run(cfg.replace(batch_size=16, resume=str(tmp_path / "old"), overlays=2, cam="hirescam"))
-    history = checkpoint.load(tmp_path / "old")["progress"]["history"]
+    history = checkpoint.load(tmp_path / "old")["state"]["history"]
     assert [r["epoch"] for r in history] == [1, 2, 3] and results["epochs"] == 3
+
+
+def test_second_format_checkpoints_load_with_their_best_top1(tmp_path):
+    """Format 2 kept the position as ``progress`` with ``best_top1`` (-1 before any validation):
+    it becomes ``state`` with the best value of val_top1, or None."""
+    for best, want in ((71.5, 71.5), (-1.0, None)):
+        progress = {"epoch": 2, "step": 0, "sums": {}, "steps": 0, "skipped": 0, "global_step": 8,
+                    "best_top1": best, "history": []}  # fmt: skip
+        files.save_atomic({"format": 2, "model": {}, "config": {}, "progress": progress}, tmp_path / "last.pt")
+        ckpt = checkpoint.load(tmp_path / "last.pt")
+        assert ckpt["format"] == checkpoint.FORMAT and "progress" not in ckpt
+        assert RunState(**ckpt["state"]) == RunState(epoch=2, global_step=8, best=want, best_metric="val_top1")
+
+
+class _OneProcess:
+    rank, world_size, primary = 0, 1, True
+
+    @staticmethod
+    def all_gather_object(obj):
+        return [obj]
+
+
+@pytest.mark.parametrize(("metric", "mode", "best_epoch"), [("val_top1", "max", 2), ("train_loss", "min", 4)])
+def test_the_saver_keeps_the_best_epoch_by_its_metric(tmp_path, metric, mode, best_epoch):
+    """best.pt is the epoch whose record is best by the saver's metric and direction; epochs
+    without that metric (not validated) never count."""
+    from cgc.config import TrainConfig
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    saver = checkpoint.CheckpointSaver(tmp_path, TrainConfig(), model, opt, _OneProcess(), info={},
+                                       metric=metric, mode=mode)  # fmt: skip
+    state = saver.resume(None)
+    records = [{"val_top1": 50.0, "train_loss": 2.0}, {"val_top1": 80.0, "train_loss": 1.5},
+               {"val_top1": 70.0, "train_loss": 1.0}, {"train_loss": 0.5}]  # fmt: skip
+    for record in records:
+        saver.end_epoch(state, record)
+    best = checkpoint.load(tmp_path / "best.pt")["state"]
+    assert best["epoch"] == best_epoch and best["best_metric"] == metric
+    assert best["best"] == records[best_epoch - 1][metric]
+    with pytest.raises(ValueError, match="'max' or 'min'"):
+        checkpoint.CheckpointSaver(tmp_path, TrainConfig(), model, opt, _OneProcess(), info={}, mode="up")

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cgc import CGCLoss, CGCTerm, checkpoint, data, distributed, engine, train, transforms
+from cgc import CGCLoss, CGCTerm, checkpoint, data, distributed, engine, files, train, transforms
 from cgc.config import TrainConfig
 from cgc.models import build_model
 
@@ -115,7 +115,7 @@ def test_outputs_are_written_once(runs):
     ]
     assert proc.stderr.count("cgc.train: compact") == 1 and proc.stdout.count("| val top-1") == 1
     ckpt = checkpoint.load(run)
-    assert ckpt["progress"]["epoch"] == 2 and ckpt["progress"]["step"] == 0 and len(ckpt["rng"]) == 2
+    assert ckpt["state"]["epoch"] == 2 and ckpt["state"]["step"] == 0 and len(ckpt["rng"]) == 2
 
 
 def step_one_terms(batch_rows: list[list[int]]) -> list[float]:
@@ -211,18 +211,18 @@ def test_gather_sends_gradients_home(tmp_path):
 def test_mid_epoch_resume_is_bit_identical(tmp_path, monkeypatch):
     one_epoch = TOY.replace(epochs=1)
     train.run(one_epoch.replace(out=str(tmp_path / "full")))
-    real_save = checkpoint.save_atomic
+    real_save = files.save_atomic
 
     def save_then_die(state, path):
         real_save(state, path)
-        if state["progress"]["step"] == 6:
+        if state["state"]["step"] == 6:
             raise KeyboardInterrupt  # killed right after the checkpoint of step 6 of 8
 
-    monkeypatch.setattr(checkpoint, "save_atomic", save_then_die)
+    monkeypatch.setattr(files, "save_atomic", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train.run(one_epoch.replace(out=str(tmp_path / "cut")))
     monkeypatch.undo()
-    assert checkpoint.load(tmp_path / "cut")["progress"]["step"] == 6
+    assert checkpoint.load(tmp_path / "cut")["state"]["step"] == 6
     train.run(one_epoch.replace(out=str(tmp_path / "cut"), resume="auto"))
     full, cut = weights(tmp_path / "full"), weights(tmp_path / "cut")
     assert all(torch.equal(full[k], cut[k]) for k in full)
@@ -254,11 +254,11 @@ def test_sigterm_saves_and_stops(tmp_path):
     assert proc.returncode == 143, err[-2000:]
     assert "preempted: saved" in err and "Traceback" not in err
     ckpt = checkpoint.load(out)
-    done = ckpt["progress"]["global_step"]
+    done = ckpt["state"]["global_step"]
     assert 1 <= done < 50 * 8 and len(steps(out)) == done
-    epochs = ckpt["progress"]["epoch"] + 1
+    epochs = ckpt["state"]["epoch"] + 1
     train.run(long.replace(epochs=epochs, resume=str(out)))
-    assert checkpoint.load(out)["progress"]["epoch"] == epochs
+    assert checkpoint.load(out)["state"]["epoch"] == epochs
 
 
 def rank_of(pid: int) -> int | None:
@@ -343,7 +343,7 @@ def test_sigterm_to_one_of_two_workers_stops_both_with_a_checkpoint(runs, tmp_pa
     assert agent.returncode != 0 and err.count("exitcode  : 143") + err.count("exitcode: 143") >= 1, err[-3000:]
     assert "preempted: saved" in err and "Traceback" not in err.split("preempted: saved")[0]
     ckpt = checkpoint.load(out)
-    done = ckpt["progress"]["global_step"]
+    done = ckpt["state"]["global_step"]
     assert 1 <= done < 16 and len(ckpt["rng"]) == 2 and len(steps(out)) == done
     train_with_torchrun(TOY.replace(resume="auto"), out)
     assert [s["step"] for s in steps(out)] == list(range(1, 17))

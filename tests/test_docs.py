@@ -1,6 +1,6 @@
 """The documentation works: every relative link of README.md, docs/ and benchmarks/RESULTS.md
 reaches a file (and a heading) of the repository; nothing cites notes that are not in it; the
-flag reference in docs/training.md is the one cgc/config.py generates; the Python of
+flag references in docs are the ones the commands' settings generate; the Python of
 docs/library.md, docs/backends.md, docs/transformers.md and README's snippets runs as written; README stays a short
 landing page whose quick-start test command is the one CI runs."""
 
@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import cgc
-from cgc import config
+from cgc import flag_reference
+from cgc.settings import reference_markers
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -155,26 +156,19 @@ def test_published_text_does_not_describe_how_it_was_developed():
 
 
 # ----------------------------------------------------------------------------- the flag reference
-def test_flag_reference_is_generated_from_the_config():
-    page = DOCS / "training.md"
-    text = page.read_text()
-    assert text.count(config.REFERENCE_START) == 1 and text.count(config.REFERENCE_END) == 1, (
-        f"docs/training.md needs the markers {config.REFERENCE_START!r} and {config.REFERENCE_END!r} once each"
-    )
-    start = text.index(config.REFERENCE_START) + len(config.REFERENCE_START)
-    written = text[start : text.index(config.REFERENCE_END)]
-    assert written == "\n\n" + config.flag_reference() + "\n", (
-        "the flag reference in docs/training.md differs from cgc/config.py's settings: "
-        "run `python -m cgc.config --write docs/training.md`"
-    )
+def test_flag_references_are_generated_from_the_settings():
+    """Every command's flag reference in the docs is what its settings class generates."""
+    assert flag_reference.stale(ROOT) == [], "run `python -m cgc.flag_reference --write`"
 
 
 def test_no_flag_table_is_written_by_hand():
-    """The flag reference lives in docs/training.md, generated; other pages link to it."""
+    """Flag tables live between the generated references' markers; other pages link to them."""
     for page in PAGES:
         text = page.read_text()
-        if page.name == "training.md":
-            text = text[: text.index(config.REFERENCE_START)] + text[text.index(config.REFERENCE_END) :]
+        for cls in flag_reference.PAGES:
+            start, end = reference_markers(cls)
+            if start in text:
+                text = text[: text.index(start)] + text[text.index(end) :]
         assert "| flag | default |" not in text, f"{rel(page)} has a hand-written flag table"
 
 
@@ -239,7 +233,7 @@ def test_weights_load_without_cgc_as_shown(page, tmp_path, monkeypatch):
     way a run writes it."""
     import torchvision
 
-    from cgc.checkpoint import save_weights
+    from cgc.files import save_weights
 
     block = next(b for b in python_blocks(page) if "load_file(" in b)
     monkeypatch.chdir(tmp_path)

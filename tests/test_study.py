@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from cgc import study
+from cgc.errors import ConfigError
 
 HAS_TIMM = importlib.util.find_spec("timm") is not None
 
@@ -54,14 +55,14 @@ def test_quick_study_runs_and_resumes(tmp_path, capsys):
 
 def test_transformer_seeds_are_the_vits_own():
     """--transformer-seeds gives the ViT runs their seeds and leaves every other part's alone."""
-    args = study.parse_args(["--seeds", "0", "1", "2", "--transformer-seeds", "5", "6"])
+    args = study.StudyConfig.parse(["--seeds", "0", "1", "2", "--transformer-seeds", "5", "6"]).validate()
     runs = study.plan(study.QUICK, args.parts, args.seeds, args.screen_seeds, args.confirm, args.transformer_seeds)
     seeds = {}
     for part, _, seed, _ in runs:
         seeds.setdefault(part, set()).add(seed)
     assert seeds["transformers"] == {5, 6} and seeds["localization"] == seeds["transfer"] == {0, 1, 2}
-    with pytest.raises(SystemExit):
-        study.parse_args(["--transformer-seeds", "0"])
+    with pytest.raises(ConfigError, match="give at least two --transformer-seeds"):
+        study.StudyConfig.parse(["--transformer-seeds", "0"]).validate()
 
 
 def test_without_timm_the_transformers_part_is_skipped_in_one_line(tmp_path, capsys, monkeypatch):

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from cgc import checkpoint, data, engine, runtime, train
+from cgc import checkpoint, data, engine, files, runtime, train
 from cgc.config import TrainConfig
 from cgc.metrics import topk_correct
 
@@ -42,7 +42,7 @@ def test_run_writes_everything(tmp_path):
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(log) == 1 and {"train_ce", "train_cgc", "val_top1", "lr"} <= set(log[0])
     ckpt = torch.load(out / "last.pt", weights_only=True)
-    assert ckpt["format"] == checkpoint.FORMAT and ckpt["progress"]["epoch"] == 1
+    assert ckpt["format"] == checkpoint.FORMAT and ckpt["state"]["epoch"] == 1
     assert ckpt["config"] == TOY.replace(out=str(out)).to_dict() and ckpt["target_layer"] == "features"
 
 
@@ -136,25 +136,25 @@ def test_bf16_autocast_run(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_resume_after_interruption_is_exact(tmp_path, monkeypatch):
     run(tmp_path, "full", epochs=2)
-    real_save = checkpoint.save_atomic
+    real_save = files.save_atomic
 
     def save_then_die(state, path):
         real_save(state, path)
-        if path.name == "last.pt" and state["progress"]["epoch"] == 1:
+        if path.name == "last.pt" and state["state"]["epoch"] == 1:
             raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
 
-    monkeypatch.setattr(checkpoint, "save_atomic", save_then_die)
+    monkeypatch.setattr(files, "save_atomic", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, "cut", epochs=2)
     monkeypatch.undo()
-    assert checkpoint.load(tmp_path / "cut")["progress"]["epoch"] == 1
+    assert checkpoint.load(tmp_path / "cut")["state"]["epoch"] == 1
     run(tmp_path, "cut", epochs=2, resume=str(tmp_path / "cut"))
     full, resumed = checkpoint.load(tmp_path / "full"), checkpoint.load(tmp_path / "cut")
-    assert resumed["progress"]["epoch"] == 2
+    assert resumed["state"]["epoch"] == 2
     assert weights_equal(full["model"], resumed["model"])
     for a, b in zip(full["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
         assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
-    assert full["progress"]["history"][-1]["train_loss"] == resumed["progress"]["history"][-1]["train_loss"]
+    assert full["state"]["history"][-1]["train_loss"] == resumed["state"]["history"][-1]["train_loss"]
 
 
 @pytest.mark.slow
@@ -163,14 +163,14 @@ def test_mid_epoch_resume_is_exact_with_uniform_crops_and_class_negatives(tmp_pa
     ends with the uninterrupted run's weights."""
     options = dict(crop_sampler="uniform", class_negatives=2, checkpoint_every=4, amp="off")
     run(tmp_path, "full", **options)
-    real_save = checkpoint.save_atomic
+    real_save = files.save_atomic
 
     def save_then_die(state, path):
         real_save(state, path)
-        if state["progress"]["step"] == 4:
+        if state["state"]["step"] == 4:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoint, "save_atomic", save_then_die)
+    monkeypatch.setattr(files, "save_atomic", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, "cut", **options)
     monkeypatch.undo()
@@ -185,14 +185,14 @@ def test_resume_auto_starts_fresh_in_an_empty_folder_and_continues_a_cut_one(tmp
     """--resume auto (a SLURM job's first start and its requeues): an empty folder starts a new
     run; a folder whose run was cut continues it exactly."""
     run(tmp_path, "whole", epochs=2)
-    real_save = checkpoint.save_atomic
+    real_save = files.save_atomic
 
     def save_then_die(state, path):
         real_save(state, path)
-        if path.name == "last.pt" and state["progress"]["epoch"] == 1:
+        if path.name == "last.pt" and state["state"]["epoch"] == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoint, "save_atomic", save_then_die)
+    monkeypatch.setattr(files, "save_atomic", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, "job", epochs=2, resume="auto")  # the first start: nothing to resume
     monkeypatch.undo()
@@ -202,7 +202,7 @@ def test_resume_auto_starts_fresh_in_an_empty_folder_and_continues_a_cut_one(tmp
     run(tmp_path, "job", epochs=2, resume="auto")  # the requeued job: only the second epoch runs
     assert len(steps) == 6
     job = checkpoint.load(tmp_path / "job")
-    assert [r["epoch"] for r in job["progress"]["history"]] == [1, 2]
+    assert [r["epoch"] for r in job["state"]["history"]] == [1, 2]
     assert weights_equal(job["model"], checkpoint.load(tmp_path / "whole")["model"])
 
 
@@ -216,8 +216,8 @@ def test_validation_cadence_and_the_best_checkpoint(tmp_path):
     validated = [(r["val_top1"], -r["epoch"]) for r in log if "val_top1" in r]
     best_epoch = -max(validated)[1]
     best = checkpoint.load(tmp_path / "run" / "best.pt")
-    assert best["progress"]["epoch"] == best_epoch and best["progress"]["best_top1"] == max(validated)[0]
-    assert checkpoint.load(tmp_path / "run")["progress"]["epoch"] == 4
+    assert best["state"]["epoch"] == best_epoch and best["state"]["best"] == max(validated)[0]
+    assert checkpoint.load(tmp_path / "run")["state"]["epoch"] == 4
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ import cgc
 from cgc import GradCAM, find_target_layer
 from cgc.errors import ConfigError, UnsupportedModel
 from cgc.metrics import randomization_steps, randomized_models
-from cgc.token_maps import TokenMap, describe, layer_layout
+from cgc.structure import TokenMap, describe, layer_layout
 
 timm = pytest.importorskip("timm", reason="timm is an optional dependency (pip install timm)")
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..cam import GradCAM, resize_heatmaps
+from ..cam import CAM, resize_heatmaps
 from .similarity import cosine, topk_iou
 
 
 def consistency(
-    cam: GradCAM, images: torch.Tensor, theta: torch.Tensor, size: tuple[int, int] | None = None
+    cam: CAM, images: torch.Tensor, theta: torch.Tensor, size: tuple[int, int] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Agreement between the heatmap of each transformed image and the transformed heatmap of
     the original, both at ``size`` (default: the images' size), for the class predicted on

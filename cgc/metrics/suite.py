@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import data, transforms
-from ..cam import GradCAM, resize_heatmaps
+from ..cam import CAM, resize_heatmaps
 from ..errors import UnknownName
 from ..progress import progress
 from .common import box_region, eval_batches, eval_mode, topk_correct
@@ -52,7 +52,7 @@ class Settings:
 class EvalBatch:
     """One batch of evaluation images with what several metrics share, computed on demand."""
 
-    cam: GradCAM
+    cam: CAM
     x: torch.Tensor  # normalized images [B,C,H,W]
     labels: torch.Tensor
     boxes: torch.Tensor | None
@@ -386,7 +386,7 @@ class ModelRandomization(Metric):
 
 # ----------------------------------------------------------------------------- the loop
 def explanation_metrics(
-    cam: GradCAM,
+    cam: CAM,
     dataset,
     device,
     *,
