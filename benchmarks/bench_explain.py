@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from cgc import GradCAM, metrics, resize_heatmaps
-from cgc.structure import to_channels_last
 from cgc.models import CompactCNN
+from cgc.structure import to_channels_last
 
 from .conftest import devices, publish, sync
 

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 
 import cgc
-from cgc.structure import to_channels_last
 from cgc.engine import train_step
 from cgc.losses import HEATMAP_EPS
+from cgc.structure import to_channels_last
 
 from .conftest import backends_for, publish, run, sync
 

@@ -17,10 +17,10 @@ import time
 import torch
 
 from cgc import CGCLoss, CGCTerm, data, distributed, engine, train
-from cgc.structure import to_channels_last
 from cgc.config import TrainConfig
 from cgc.models import build_model
 from cgc.schedule import Schedule
+from cgc.structure import to_channels_last
 
 
 def main(argv=None) -> None:

@@ -14,8 +14,8 @@ deletion curves) and ``randomization.png`` (each model's heatmap after each rand
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import inspect
 import json
 import logging
 from pathlib import Path
@@ -33,8 +33,6 @@ from .settings import Settings, area_range, at_least, non_negative, positive, se
 
 log = logging.getLogger("cgc.evaluate")
 
-#: data arguments taken from the first checkpoint unless given on the command line
-DATA_ARGS = ("dataset", "data", "image_size", "train_size", "val_size", "num_classes", "seed")
 CAUSAL = ("insertion_auc", "deletion_auc")
 
 
@@ -208,21 +206,6 @@ def model_names(sources: list[str], names: list[str] | None) -> list[str]:
     return out
 
 
-def build_data(train_args: dict, overrides: dict, *, everything: bool = False) -> data.DataBundle:
-    """The first checkpoint's dataset with the command line's ``overrides`` (None: not given).
-    Only the arguments that :func:`cgc.data.build` accepts are passed (``data`` also as
-    ``root``), so datasets added to it need no change here; a run trained on a subset of the
-    built-in shapes (``--classes``) is evaluated on the same subset."""
-    chosen = {k: train_args.get(k) for k in DATA_ARGS}
-    chosen.update({k: v for k, v in overrides.items() if k in DATA_ARGS and v is not None})
-    chosen["root"] = chosen["data"]
-    if train_args.get("classes") and chosen["dataset"] == train_args.get("dataset"):
-        chosen["classes"] = list(train_args["classes"])
-    accepted = inspect.signature(data.build).parameters
-    kwargs = {k: v for k, v in chosen.items() if k in accepted and k != "name" and v is not None}
-    return data.build(chosen["dataset"], everything=everything, **kwargs)
-
-
 def label_map(loaded: LoadedModel, classes: list[str]) -> torch.Tensor | None:
     """Model class index of each dataset class (None: the same classes in the same order).
 
@@ -276,101 +259,119 @@ def main(argv=None) -> dict:
         return cli.run_in_job(lambda ctx: run(config, ctx), config.device)
 
 
+def load_models(config: EvalConfig) -> list[LoadedModel]:
+    """The checkpoints' models, then the ``--arch`` models with their weights."""
+    loaded = [load_model(checkpoint_path=c) for c in config.checkpoint]
+    return loaded + [
+        load_model(arch=a, weights=w, image_size=config.image_size) for a, w in zip(config.arch, config.weights)
+    ]
+
+
+def evaluation_data(config: EvalConfig, loaded: list[LoadedModel]) -> data.DataBundle:
+    """The images every model is evaluated on: the first checkpoint's dataset changed by the
+    data flags given, or for ``--arch`` models alone the ``--dataset`` whole."""
+    if config.checkpoint:
+        first_args = loaded[0].train_args
+        if not (config.dataset or first_args.get("dataset")):
+            raise ConfigError(f"{config.checkpoint[0]} does not say its dataset; pass --dataset")
+        return data.build_for_run(first_args, dataclasses.asdict(config))
+    overrides = {**dataclasses.asdict(config), "image_size": config.image_size or loaded[0].image_size}
+    return data.build_for_run({}, overrides, everything=True)
+
+
+def chosen_metrics(config: EvalConfig, *, has_boxes: bool) -> list[metrics.Metric]:
+    """``--metrics`` (default all) less the slow or causal ones when asked, and those that need
+    boxes when the data has none."""
+    chosen = metrics.select(
+        None if config.metrics is None else list(config.metrics), skip_slow=config.skip_slow, has_boxes=has_boxes
+    )
+    return [m for m in chosen if not (config.no_causal and m.name in CAUSAL)]
+
+
 def run(config: EvalConfig, ctx: distributed.Context | None = None) -> dict:
     """Evaluate every model on the same images and write the report, table and pictures.
     Under torchrun the images are shared out over the processes, the totals summed, and the
     first process writes."""
     ctx = ctx or distributed.Context(distributed.pick_device(config.device))
-    device = ctx.device
-    out = Path(config.out)
-    loaded = [load_model(checkpoint_path=c) for c in config.checkpoint]
-    loaded += [load_model(arch=a, weights=w, image_size=config.image_size) for a, w in zip(config.arch, config.weights)]
+    device, out = ctx.device, Path(config.out)
+    loaded = load_models(config)
     names = model_names([*config.checkpoint, *config.weights], None if config.name is None else list(config.name))
-    if config.checkpoint:
-        first_args = loaded[0].train_args
-        if not (config.dataset or first_args.get("dataset")):
-            raise ConfigError(f"{config.checkpoint[0]} does not say its dataset; pass --dataset")
-        bundle = build_data(first_args, dataclasses.asdict(config))
-    else:
-        overrides = {**dataclasses.asdict(config), "image_size": config.image_size or loaded[0].image_size}
-        bundle = build_data({}, overrides, everything=True)
-    maps = [label_map(m, bundle.classes) for m in loaded]
-    chosen = metrics.select(
-        None if config.metrics is None else list(config.metrics),
-        skip_slow=config.skip_slow,
-        has_boxes=hasattr(bundle.val, "boxes"),
-    )
-    if config.no_causal:
-        chosen = [m for m in chosen if m.name not in CAUSAL]
-    settings = config.settings()
-    cams = [
-        CAM(
-            m.model.to(device).eval(),
-            config.target_layer or m.target_layer,
-            method=config.cam or m.method,
-            backend=config.backend,
-            channels_last=runtime.channels_last(device),
-        )
-        for m in loaded
-    ]
+    bundle = evaluation_data(config, loaded)
+    chosen = chosen_metrics(config, has_boxes=hasattr(bundle.val, "boxes"))
     n = len(bundle.val) if config.limit is None else min(config.limit, len(bundle.val))
     if ctx.primary:
+        out.mkdir(parents=True, exist_ok=True)
+        config.save(out / "config.yaml")
         procs = f" x {ctx.world_size} processes" if ctx.distributed else ""
         log.info(
-            f"cgc.evaluate: {len(cams)} model(s) on {bundle.val.__class__.__name__} val ({n} images, "
+            f"cgc.evaluate: {len(loaded)} model(s) on {bundle.val.__class__.__name__} val ({n} images, "
             f"{len(bundle.classes)} classes, {bundle.image_size}px), device={device}{procs}; metrics: "
             f"{', '.join(m.name for m in chosen)}"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    workers = runtime.loader_workers(config.workers, bundle.in_memory)
-    report: dict[str, dict] = {}
-    for name, cam, model, mapping in zip(names, cams, loaded, maps):
-        result = metrics.explanation_metrics(
-            cam,
-            bundle.val,
-            device,
-            metrics=chosen,
-            settings=settings,
-            batch_size=config.batch_size,
-            limit=config.limit,
-            workers=workers,
-            desc=f"evaluate {name}",
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-            reduce=ctx.sum_values,
-            label_map=mapping,
-        )
-        result.update(
-            source=model.source,
-            arch=model.train_args.get("arch"),
-            loss=model.train_args.get("loss"),
-            target_layer=cam.target_layer,
-            cam=cam.method,
-        )
-        report[name] = {**dict.fromkeys(metrics.METRICS), **result}  # every key, None where not measured
-    if ctx.primary:
-        write(
-            out, report, chosen, settings, bundle, n, cams, names, [m.classes for m in loaded], device, config.overlays
-        )
-    for cam in cams:
-        cam.close()
+    with contextlib.ExitStack() as stack:
+        cams = [stack.enter_context(model_cam(config, m, device)) for m in loaded]
+        report = {
+            name: evaluate_model(config, cam, model, bundle, chosen, ctx, name)
+            for name, cam, model in zip(names, cams, loaded)
+        }
+        if ctx.primary:
+            write(out, report, chosen, config, bundle, n, cams, names, [m.classes for m in loaded], device)
     return report
+
+
+def model_cam(config: EvalConfig, loaded: LoadedModel, device) -> CAM:
+    """The CAM of a model in eval mode on ``device``: its training method and layer, unless
+    ``--cam`` / ``--target-layer`` say otherwise."""
+    return CAM(
+        loaded.model.to(device).eval(),
+        config.target_layer or loaded.target_layer,
+        method=config.cam or loaded.method,
+        backend=config.backend,
+        channels_last=runtime.channels_last(device),
+    )
+
+
+def evaluate_model(config: EvalConfig, cam: CAM, loaded: LoadedModel, bundle, chosen, ctx, name: str) -> dict:
+    """Every chosen metric of one model (None where not measured) and where it came from."""
+    result = metrics.explanation_metrics(
+        cam,
+        bundle.val,
+        ctx.device,
+        metrics=chosen,
+        settings=config.settings(),
+        batch_size=config.batch_size,
+        limit=config.limit,
+        workers=runtime.loader_workers(config.workers, bundle.in_memory),
+        desc=f"evaluate {name}",
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        reduce=ctx.sum_values,
+        label_map=label_map(loaded, bundle.classes),
+    )
+    result.update(
+        source=loaded.source,
+        arch=loaded.train_args.get("arch"),
+        loss=loaded.train_args.get("loss"),
+        target_layer=cam.target_layer,
+        cam=cam.method,
+    )
+    return {**dict.fromkeys(metrics.METRICS), **result}
 
 
 def write(
     out: Path,
     report: dict,
     chosen,
-    settings: metrics.Settings,
+    config: EvalConfig,
     bundle,
     n: int,
     cams,
     names,
     model_classes: list[list[str]],
     device,
-    overlays: int,
 ) -> None:
     """The report, the table and the pictures."""
+    settings, overlays = config.settings(), config.overlays
     table = format_table(report, chosen)
     info = {
         "dataset": bundle.val.__class__.__name__,

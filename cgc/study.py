@@ -17,7 +17,7 @@ and the method carried to a vision transformer:
 
 Every run is a call of :func:`cgc.train.main` (its log under ``OUT/runs/``), recorded in
 ``OUT/study.json`` as it finishes, so an interrupted study continues where it stopped. At the
-end: ``OUT/study.md`` (every configuration, mean ± std over its seeds) and the figures
+end: ``OUT/tables.md`` (every configuration, mean ± std over its seeds) and the figures
 (``localization.png``, ``profiles.png``, ``coverage.png``, ``transfer.png``, ``semi.png``,
 ``transformers.png``). ``--quick`` runs a miniature of every part in about a minute (CI checks
 that the study runs).
@@ -41,8 +41,10 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from . import cli, metrics, tables, train
+from . import cli, data, metrics, tables, train, viz
+from .cam import CAM, resize_heatmaps
 from .config import TrainConfig
+from .models import LoadedModel, load_model
 from .settings import Settings, setting
 
 PRETRAIN_SHAPES = ("circle", "square", "triangle", "plus", "ring", "diamond")
@@ -178,7 +180,7 @@ class StudyConfig(Settings):
     DESCRIPTION: ClassVar[str] = "The runs behind docs/study.md, with seeds, tables and figures."
     GROUPS: ClassVar[tuple[str, ...]] = ("study",)
 
-    out: str = setting("runs/study", "output folder (runs, study.json, study.md, figures)", "study", metavar="DIR")
+    out: str = setting("runs/study", "output folder (runs, study.json, tables.md, figures)", "study", metavar="DIR")
     parts: tuple[str, ...] = setting(PARTS, "the parts to run", "study", choices=PARTS, nargs="+")
     seeds: tuple[int, ...] = setting(
         (0, 1, 2), "seeds of the compared runs (CE and CGC, and every fine-tuning run)", "study", nargs="+"
@@ -331,17 +333,30 @@ def execute(out: Path, runs, record: dict) -> None:
         print(f"[{i}/{len(runs)}] {key}: {shown} ({time.time() - t0:.0f} s)", flush=True)
 
 
+@dataclasses.dataclass
+class TrainedRun:
+    """A finished run opened for explaining: its model (eval mode) and validation data, and a
+    CAM with the run's method and layer."""
+
+    loaded: LoadedModel
+    bundle: data.DataBundle
+    cam: CAM
+
+
+@contextlib.contextmanager
+def open_run(folder: Path):
+    """The :class:`TrainedRun` of a run folder's ``last.pt`` (its CAM closed on leaving)."""
+    loaded = load_model(checkpoint_path=folder)
+    bundle = data.build_for_run(loaded.train_args, {"train_size": 1})
+    with CAM(loaded.model.eval(), loaded.target_layer, method=loaded.method) as cam:
+        yield TrainedRun(loaded, bundle, cam)
+
+
 def evaluate_run(folder: Path) -> dict:
     """:data:`EVALUATED` on a run's final weights (``last.pt``), the evaluation's defaults, and
     where its heatmaps sit in the objects' boxes (:data:`GEOMETRY`, :func:`box_geometry`)."""
-    from .cam import CAM
-    from .evaluate import build_data
-    from .models import load_model
-
-    loaded = load_model(checkpoint_path=folder)
-    bundle = build_data(loaded.train_args, {"train_size": 1})
-    with CAM(loaded.model.eval(), loaded.target_layer, method=loaded.method) as cam:
-        out = metrics.explanation_metrics(cam, bundle.val, "cpu", metrics=metrics.select(list(EVALUATED)))
+    with open_run(folder) as run:
+        out = metrics.explanation_metrics(run.cam, run.bundle.val, "cpu", metrics=metrics.select(list(EVALUATED)))
     geometry = box_geometry(folder)
     return {k: out[k] for k in (*EVALUATED, "mprt_steps")} | {k: geometry[k] for k in GEOMETRY}
 
@@ -452,81 +467,87 @@ def report(summary: dict) -> str:
 def figures(out: Path, summary: dict) -> list[Path]:
     """One figure per claim: the localization and consistency bars, accuracy against images
     per class, and the semi-supervised comparison (error bars: std over seeds)."""
-    from .viz import _figure
-
     written = []
     if "localization" in summary:
-        loc = summary["localization"]
-        shown = [n for n in (*CORE, *FIGURE_OPTIONS) if n in loc]
-        # (key, label, scale, flipped: plotted as 1 - value so that higher is better everywhere)
-        keys = [
-            ("val_top1", "top-1", 0.01, False),
-            ("consistency", "consistency\n(cosine)", 1, False),
-            ("consistency_iou", "consistency\n(top-20% IoU)", 1, False),
-            ("content_heatmap", "content\nheatmap", 0.01, False),
-            ("pointing_game", "pointing\ngame", 0.01, False),
-            ("random_logit", "class-specific\n(1 - random logit)", 1, True),
-        ]
-        keys = [k for k in keys if all(k[0] in loc[n] for n in shown)]
-        fig = _figure(max(7.5, 1.6 * len(keys) + 0.3 * len(shown) * len(keys)), 3.8)
-        ax = fig.subplots()
-        width = 0.8 / max(1, len(shown))
-        for j, name in enumerate(shown):
-            stats = loc[name]
-            xs = [i + (j - (len(shown) - 1) / 2) * width for i in range(len(keys))]
-            ax.bar(
-                xs,
-                [(1 - stats[k][0] * s) if flip else stats[k][0] * s for k, _, s, flip in keys],
-                width,
-                yerr=[stats[k][1] * s for k, _, s, _ in keys],
-                label=f"{name} ({stats['val_top1'][2]} seeds)",
-                capsize=2,
-                color=f"C{j}",
-            )
-        ax.set_xticks(range(len(keys)), [label for _, label, _, _ in keys], fontsize=8)
-        ax.set_ylim(0, 1.3)
-        ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
-        ax.set_ylabel("fraction (higher is better)")
-        ax.set_title("CE vs CGC on the built-in dataset (mean ± std over seeds)", fontsize=10)
-        ax.legend(fontsize=7, loc="upper center", ncol=min(3, len(shown)), frameon=False)
-        written.append(out / "localization.png")
-        fig.savefig(written[-1])
+        written.append(localization_figure(out / "localization.png", summary["localization"]))
     for part, title, labels in (
         ("transfer", "fine-tuning on six new shapes", ("ce", "cgc")),
         ("semi", "N labeled images per class, the other images unlabeled", tuple(SEMI)),
     ):
-        if part not in summary:
-            continue
-        fig = _figure(5.5, 3.6)
-        ax = fig.subplots()
-        for j, label in enumerate(labels):
-            points = sorted(
-                (int(name.rsplit(", ", 1)[1].split("/")[0]), stats["val_top1"])
-                for name, stats in summary[part].items()
-                if name.rsplit(", ", 1)[0] == label
-            )
-            if points:  # each series a little to the right of the last, so that the error bars do not overlap
-                ax.errorbar(
-                    [n * 1.04**j for n, _ in points],
-                    [s[0] for _, s in points],
-                    yerr=[s[1] for _, s in points],
-                    marker="o",
-                    capsize=3,
-                    label=label,
-                    color=f"C{j}",
-                )
-        ax.set_xscale("log")
-        ax.minorticks_off()
-        shots = sorted({int(name.rsplit(", ", 1)[1].split("/")[0]) for name in summary[part]})
-        ax.set_xticks(shots, [str(n) for n in shots])
-        ax.set_xlabel("labeled images per class")
-        ax.set_ylabel("val top-1 (%)")
-        ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        written.append(out / f"{part}.png")
-        fig.savefig(written[-1])
+        if part in summary:
+            written.append(shots_figure(out / f"{part}.png", summary[part], title, labels))
     return written
+
+
+def localization_figure(path: Path, loc: dict) -> Path:
+    """Bars of top-1 and the explanation measures of CE, CGC and the figure's options."""
+    shown = [n for n in (*CORE, *FIGURE_OPTIONS) if n in loc]
+    # (key, label, scale, flipped: plotted as 1 - value so that higher is better everywhere)
+    keys = [
+        ("val_top1", "top-1", 0.01, False),
+        ("consistency", "consistency\n(cosine)", 1, False),
+        ("consistency_iou", "consistency\n(top-20% IoU)", 1, False),
+        ("content_heatmap", "content\nheatmap", 0.01, False),
+        ("pointing_game", "pointing\ngame", 0.01, False),
+        ("random_logit", "class-specific\n(1 - random logit)", 1, True),
+    ]
+    keys = [k for k in keys if all(k[0] in loc[n] for n in shown)]
+    fig = viz.figure(max(7.5, 1.6 * len(keys) + 0.3 * len(shown) * len(keys)), 3.8)
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(shown))
+    for j, name in enumerate(shown):
+        stats = loc[name]
+        xs = [i + (j - (len(shown) - 1) / 2) * width for i in range(len(keys))]
+        ax.bar(
+            xs,
+            [(1 - stats[k][0] * s) if flip else stats[k][0] * s for k, _, s, flip in keys],
+            width,
+            yerr=[stats[k][1] * s for k, _, s, _ in keys],
+            label=f"{name} ({stats['val_top1'][2]} seeds)",
+            capsize=2,
+            color=f"C{j}",
+        )
+    ax.set_xticks(range(len(keys)), [label for _, label, _, _ in keys], fontsize=8)
+    ax.set_ylim(0, 1.3)
+    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    ax.set_ylabel("fraction (higher is better)")
+    ax.set_title("CE vs CGC on the built-in dataset (mean ± std over seeds)", fontsize=10)
+    ax.legend(fontsize=7, loc="upper center", ncol=min(3, len(shown)), frameon=False)
+    fig.savefig(path)
+    return path
+
+
+def shots_figure(path: Path, configs: dict, title: str, labels) -> Path:
+    """Val top-1 against labeled images per class, one line per variant."""
+    fig = viz.figure(5.5, 3.6)
+    ax = fig.subplots()
+    for j, label in enumerate(labels):
+        points = sorted(
+            (int(name.rsplit(", ", 1)[1].split("/")[0]), stats["val_top1"])
+            for name, stats in configs.items()
+            if name.rsplit(", ", 1)[0] == label
+        )
+        if points:  # each series a little to the right of the last, so that the error bars do not overlap
+            ax.errorbar(
+                [n * 1.04**j for n, _ in points],
+                [s[0] for _, s in points],
+                yerr=[s[1] for _, s in points],
+                marker="o",
+                capsize=3,
+                label=label,
+                color=f"C{j}",
+            )
+    ax.set_xscale("log")
+    ax.minorticks_off()
+    shots = sorted({int(name.rsplit(", ", 1)[1].split("/")[0]) for name in configs})
+    ax.set_xticks(shots, [str(n) for n in shots])
+    ax.set_xlabel("labeled images per class")
+    ax.set_ylabel("val top-1 (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path)
+    return path
 
 
 def box_geometry(run_dir: Path, grid: int = 33) -> dict:
@@ -544,42 +565,39 @@ def box_geometry(run_dir: Path, grid: int = 33) -> dict:
     - ``peaks_off_center``: the share of heatmaps whose maximum lies outside the central half
       of the box (more than a quarter box size from its center along x or y).
     """
-    from . import data, resize_heatmaps
-    from .cam import CAM
-    from .evaluate import build_data
-    from .models import load_model
+    with open_run(run_dir) as run:
+        return _geometry(run, grid)
 
-    loaded = load_model(checkpoint_path=run_dir)
-    bundle = build_data(loaded.train_args, {"train_size": 1})
-    val = bundle.val
-    S = loaded.image_size
+
+def _geometry(run: TrainedRun, grid: int) -> dict:
+    val, cam = run.bundle.val, run.cam
+    S = run.loaded.image_size
     profile = torch.zeros(grid, grid, dtype=torch.float64)
     shares = torch.zeros(3, dtype=torch.float64)
     coords = torch.linspace(-0.5, 1.5, grid)
     pixel = torch.arange(S, dtype=torch.float64) + 0.5
     inside_box, box_in_image, off_center = [], [], 0
-    with CAM(loaded.model.eval(), loaded.target_layer, method=loaded.method) as cam:
-        for start in range(0, len(val), 100):
-            sl = slice(start, start + 100)
-            heat = resize_heatmaps(cam(data.normalize(val.images[sl]), val.labels[sl]).cams.detach().float(), S)
-            heat = heat / heat.flatten(1).sum(1).clamp_min(1e-12)[:, None, None]
-            mask = val.masks[sl].float()
-            inner = -F.max_pool2d(-mask[:, None], 5, stride=1, padding=2)[:, 0]
-            for k, region in enumerate((inner, mask - inner, 1 - mask)):
-                shares[k] += (heat * region).flatten(1).sum(1).double().sum()
-            x0, y0, x1, y1 = val.boxes[sl, 0].double().unbind(1)
-            gx = (x0[:, None] + coords[None] * (x1 - x0)[:, None]) / S * 2 - 1  # box coords -> [-1, 1]
-            gy = (y0[:, None] + coords[None] * (y1 - y0)[:, None]) / S * 2 - 1
-            where = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), -1).float()
-            profile += F.grid_sample(heat[:, None], where, align_corners=False)[:, 0].double().sum(0)
-            h = heat.double()
-            cy, cx = (h.sum(2) * pixel).sum(1), (h.sum(1) * pixel).sum(1)
-            bx, by, bw, bh = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0).clamp_min(1), (y1 - y0).clamp_min(1)
-            inside_box.append(torch.stack([(cy - by) / bh, (cx - bx) / bw], 1))
-            box_in_image.append(torch.stack([(by - S / 2) / S, (bx - S / 2) / S], 1))
-            peak = h.flatten(1).argmax(1)
-            py, px = peak // S + 0.5, peak % S + 0.5
-            off_center += int((((py - by).abs() > bh / 4) | ((px - bx).abs() > bw / 4)).sum())
+    for start in range(0, len(val), 100):
+        sl = slice(start, start + 100)
+        heat = resize_heatmaps(cam(data.normalize(val.images[sl]), val.labels[sl]).cams.detach().float(), S)
+        heat = heat / heat.flatten(1).sum(1).clamp_min(1e-12)[:, None, None]
+        mask = val.masks[sl].float()
+        inner = -F.max_pool2d(-mask[:, None], 5, stride=1, padding=2)[:, 0]
+        for k, region in enumerate((inner, mask - inner, 1 - mask)):
+            shares[k] += (heat * region).flatten(1).sum(1).double().sum()
+        x0, y0, x1, y1 = val.boxes[sl, 0].double().unbind(1)
+        gx = (x0[:, None] + coords[None] * (x1 - x0)[:, None]) / S * 2 - 1  # box coords -> [-1, 1]
+        gy = (y0[:, None] + coords[None] * (y1 - y0)[:, None]) / S * 2 - 1
+        where = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), -1).float()
+        profile += F.grid_sample(heat[:, None], where, align_corners=False)[:, 0].double().sum(0)
+        h = heat.double()
+        cy, cx = (h.sum(2) * pixel).sum(1), (h.sum(1) * pixel).sum(1)
+        bx, by, bw, bh = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0).clamp_min(1), (y1 - y0).clamp_min(1)
+        inside_box.append(torch.stack([(cy - by) / bh, (cx - bx) / bw], 1))
+        box_in_image.append(torch.stack([(by - S / 2) / S, (bx - S / 2) / S], 1))
+        peak = h.flatten(1).argmax(1)
+        py, px = peak // S + 0.5, peak % S + 0.5
+        off_center += int((((py - by).abs() > bh / 4) | ((px - bx).abs() > bw / 4)).sum())
     n = len(val)
     a, b = torch.cat(inside_box), torch.cat(box_in_image)
     corr = [float(torch.corrcoef(torch.stack([a[:, k], b[:, k]]))[0, 1]) for k in (0, 1)]
@@ -595,16 +613,10 @@ def box_geometry(run_dir: Path, grid: int = 33) -> dict:
 def overlay_figure(path: Path, runs: list[Path], names: list[str], n: int = 12) -> Path:
     """The first ``n`` validation images of the runs' dataset and each run's heatmap of its
     predicted class, side by side (the runs share their data)."""
-    from . import viz
-    from .cam import CAM
-    from .evaluate import build_data
-    from .models import load_model
-
-    loaded = [load_model(checkpoint_path=r) for r in runs]
-    bundle = build_data(loaded[0].train_args, {"train_size": 1})
     with contextlib.ExitStack() as stack:
-        cams = [stack.enter_context(CAM(m.model.eval(), m.target_layer, method=m.method)) for m in loaded]
-        return viz.save_overlays(path, cams, names, bundle.val, "cpu", n, bundle.classes)
+        opened = [stack.enter_context(open_run(r)) for r in runs]
+        bundle = opened[0].bundle
+        return viz.save_overlays(path, [r.cam for r in opened], names, bundle.val, "cpu", n, bundle.classes)
 
 
 def coverage_figure(out: Path, size: int = 64, draws: int = 40000, seed: int = 0) -> Path:
@@ -612,9 +624,8 @@ def coverage_figure(out: Path, size: int = 64, draws: int = 40000, seed: int = 0
     of each sampler (:data:`cgc.transforms.SAMPLERS`, the default area and aspect ranges) on a
     ``size`` x ``size`` image: RandomResizedCrop's peak at the center, the uniform sampler's flat."""
     from .transforms import SAMPLERS, random_crop_flip
-    from .viz import _figure
 
-    fig = _figure(3.4 * len(SAMPLERS), 3.3)
+    fig = viz.figure(3.4 * len(SAMPLERS), 3.3)
     axes = fig.subplots(1, len(SAMPLERS), squeeze=False)[0]
     r = torch.arange(size)
     for ax, sampler in zip(axes, SAMPLERS):
@@ -635,9 +646,7 @@ def coverage_figure(out: Path, size: int = 64, draws: int = 40000, seed: int = 0
 
 def profile_figure(out: Path, runs: dict[str, Path]) -> Path:
     """The mean heatmap in each model's box frame, side by side (the box drawn in white)."""
-    from .viz import _figure
-
-    fig = _figure(3.0 * len(runs), 3.3)
+    fig = viz.figure(3.0 * len(runs), 3.3)
     axes = fig.subplots(1, len(runs), squeeze=False)[0]
     for ax, (name, folder) in zip(axes, runs.items()):
         geometry = box_geometry(folder)
@@ -684,7 +693,7 @@ def main(argv=None) -> dict:
             for part, configs in summary.items()
         }
         path.write_text(json.dumps(record, indent=1) + "\n")
-        (out / "study.md").write_text(report(summary) + "\n")
+        (out / "tables.md").write_text(report(summary) + "\n")
         written = figures(out, summary)
         seed = args.seeds[0]
         shown = {
@@ -701,7 +710,7 @@ def main(argv=None) -> dict:
             shown_vits = [out / "runs" / key for key in vits]
             written.append(overlay_figure(out / "transformers.png", shown_vits, ["ViT, CE", "ViT, CGC"]))
         print(report(summary))
-        print(f"wrote {path}, {out / 'study.md'}, " + ", ".join(str(p) for p in written), file=sys.stderr)
+        print(f"wrote {path}, {out / 'tables.md'}, " + ", ".join(str(p) for p in written), file=sys.stderr)
         return record
 
 

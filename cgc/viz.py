@@ -80,7 +80,7 @@ def save_overlay_grid(
     return path
 
 
-def _figure(width: float, height: float):
+def figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -96,7 +96,7 @@ def plot_curves(
     name starts with ``train`` are dashed and those with ``val`` solid with markers (the same
     color for the same quantity), and each panel's legend sits below its axes, clear of the
     lines."""
-    fig = _figure(4.6 * max(1, len(panels)), 3.6)
+    fig = figure(4.6 * max(1, len(panels)), 3.6)
     axes = fig.subplots(1, max(1, len(panels)), squeeze=False)[0]
     for ax, (title, series) in zip(axes, panels.items()):
         for k, (name, points) in enumerate(series.items()):
@@ -176,7 +176,7 @@ def save_randomization(path: str | Path, cams: Sequence, titles: Sequence[str], 
                     tiles.append((name, resize_heatmaps(moved(x, first.targets).cams.float(), size)[0].cpu()))
         rows.append(tiles)
     cols = 1 + max(len(r) for r in rows)
-    fig = _figure(1.5 * cols, 1.7 * len(rows) + 0.4)
+    fig = figure(1.5 * cols, 1.7 * len(rows) + 0.4)
     axes = fig.subplots(len(rows), cols, squeeze=False)
     picture = image[0].float().permute(1, 2, 0).numpy() / 255
     for r, (title, tiles) in enumerate(zip(titles, rows)):

@@ -32,7 +32,7 @@ def test_quick_study_runs_and_resumes(tmp_path, capsys):
     summary = record["summary"]
     assert summary["localization"]["cgc"]["consistency"][2] == 2  # two seeds
     assert set(summary["transfer"]) == {"ce, 2/class", "cgc, 2/class", "ce, 4/class", "cgc, 4/class"}
-    table = (out / "study.md").read_text()
+    table = (out / "tables.md").read_text()
     assert re.search(r"\| cgc, T 0.5 +\|", table) and "± " in table
     assert "top-1 by seed" in table
     if HAS_TIMM:

@@ -14,6 +14,7 @@ image as fed to the model (empty boxes padded with zeros). The built-in dataset 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,7 @@ __all__ = [
     "annotated_batches",
     "base_dataset",
     "build",
+    "build_for_run",
     "denormalize",
     "drop_unreadable",
     "limit",
@@ -132,6 +134,25 @@ def build(
     train = ImageFiles(listing.root, listing.train, listing.classes, train=True, ce_scale=ce_crop_scale, **kw)
     val = ImageFiles(listing.root, listing.val, listing.classes, boxes=listing.val_boxes, **kw)
     return DataBundle(train, val, listing.classes, size, in_memory=False)
+
+
+#: data settings taken from a run's config unless overridden (:func:`build_for_run`)
+RUN_DATA_ARGS = ("dataset", "data", "image_size", "train_size", "val_size", "num_classes", "seed")
+
+
+def build_for_run(train_args: dict, overrides: dict | None = None, *, everything: bool = False) -> DataBundle:
+    """The dataset a run trained on (``train_args``: its config's values) with ``overrides``
+    (None values: not given). Only the arguments that :func:`build` accepts are passed
+    (``data`` also as ``root``), so datasets added to it need no change here; a run trained on
+    a subset of the built-in shapes (``classes``) gets the same subset."""
+    chosen = {k: train_args.get(k) for k in RUN_DATA_ARGS}
+    chosen.update({k: v for k, v in (overrides or {}).items() if k in RUN_DATA_ARGS and v is not None})
+    chosen["root"] = chosen["data"]
+    if train_args.get("classes") and chosen["dataset"] == train_args.get("dataset"):
+        chosen["classes"] = list(train_args["classes"])
+    accepted = inspect.signature(build).parameters
+    kwargs = {k: v for k, v in chosen.items() if k in accepted and k != "name" and v is not None}
+    return build(chosen["dataset"], everything=everything, **kwargs)
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,10 @@ CLASS_SHAPES = (
 DISTRACTOR_SHAPES = ("bar", "ellipse", "frame")
 SPLITS = {"train": 0, "val": 1, "test": 2}
 CHUNK = 256
+#: where the class object lies: anywhere it fits (uniformly), or near the center as in photographs
+PLACEMENTS = ("anywhere", "centered")
+#: centered placement: the standard deviation of the object's center, as a fraction of the side
+CENTERED_STD = 0.06
 
 
 def _sdf(shape: str, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -185,67 +189,84 @@ def generate_chunk(
     clutter: tuple[int, int] = (4, 8),
     n: int = CHUNK,
     classes=None,
+    placement: str = "anywhere",
 ):
     """``n`` images of one chunk: uint8 images [n,3,S,S], labels [n], boxes [n,4] as
     (x0, y0, x1, y1) pixel edges, object masks [n,S,S] bool. ``distractors`` and ``clutter``
     are the (min, max) counts of distractor objects and clutter marks per chunk; the class
-    objects are the shapes :func:`class_names` gives."""
+    objects are the shapes :func:`class_names` gives, placed as ``placement`` says
+    (:data:`PLACEMENTS`)."""
     names = class_names(num_classes, classes)
     if image_size < 24:
         raise ValueError(f"image_size must be >= 24 pixels, got {image_size}")
+    if placement not in PLACEMENTS:
+        raise UnknownName("placement", placement, PLACEMENTS)
     S = image_size
     gen = torch.Generator().manual_seed((seed * 7919 + SPLITS[split]) * 1_000_003 + chunk)
     canvas = _background(n, S, gen)
     bg_mean = canvas.mean((2, 3))
-    # clutter: small dots and strokes
-    for _ in range(int(torch.randint(clutter[0], clutter[1] + 1, (1,), generator=gen))):
+    _add_clutter(canvas, clutter, gen)
+    _add_distractors(canvas, distractors, bg_mean, gen)
+    labels, cover = _add_class_object(canvas, names, bg_mean, placement, gen)
+    masks = cover > 0.5
+    images = (canvas * 255).round().to(torch.uint8)
+    return images, labels, boxes_of(masks), masks
+
+
+def _add_clutter(canvas: torch.Tensor, counts: tuple[int, int], gen: torch.Generator) -> None:
+    """Small dots and strokes, in random colors, anywhere."""
+    n, S = canvas.shape[0], canvas.shape[-1]
+    for _ in range(int(torch.randint(counts[0], counts[1] + 1, (1,), generator=gen))):
         kind = torch.randint(0, 2, (n,), generator=gen)
         half = _rand(gen, n, lo=0.025, hi=0.05) * S
-        _draw(
-            canvas,
-            kind,
-            ("circle", "bar"),
-            _rand(gen, n, hi=S),
-            _rand(gen, n, hi=S),
-            half,
-            _rand(gen, n, hi=math.pi),
-            _rand(gen, n, 3),
-            S,
-            gen,
-        )
-    # distractor objects of no class
-    for _ in range(int(torch.randint(distractors[0], distractors[1] + 1, (1,), generator=gen))):
+        x, y = _rand(gen, n, hi=S), _rand(gen, n, hi=S)
+        _draw(canvas, kind, ("circle", "bar"), x, y, half, _rand(gen, n, hi=math.pi), _rand(gen, n, 3), S, gen)
+
+
+def _add_distractors(canvas: torch.Tensor, counts: tuple[int, int], bg_mean: torch.Tensor, gen) -> None:
+    """Objects of no class (:data:`DISTRACTOR_SHAPES`), as large and as contrasted as the class
+    objects, away from the borders."""
+    n, S = canvas.shape[0], canvas.shape[-1]
+    for _ in range(int(torch.randint(counts[0], counts[1] + 1, (1,), generator=gen))):
         kind = torch.randint(0, len(DISTRACTOR_SHAPES), (n,), generator=gen)
         half = _rand(gen, n, lo=0.09, hi=0.2) * S
-        _draw(
-            canvas,
-            kind,
-            DISTRACTOR_SHAPES,
-            _rand(gen, n, lo=0.1, hi=0.9) * S,
-            _rand(gen, n, lo=0.1, hi=0.9) * S,
-            half,
-            _rand(gen, n, hi=math.pi),
-            _contrasting(bg_mean, gen),
-            S,
-            gen,
-        )
-    # the class object, on top
+        x, y = _rand(gen, n, lo=0.1, hi=0.9) * S, _rand(gen, n, lo=0.1, hi=0.9) * S
+        angle, color = _rand(gen, n, hi=math.pi), _contrasting(bg_mean, gen)
+        _draw(canvas, kind, DISTRACTOR_SHAPES, x, y, half, angle, color, S, gen)
+
+
+def _add_class_object(canvas: torch.Tensor, names, bg_mean: torch.Tensor, placement: str, gen):
+    """The class object of each image, on top: ``(labels [n], coverage [n,S,S])``."""
+    n, S = canvas.shape[0], canvas.shape[-1]
     labels = torch.randint(0, len(names), (n,), generator=gen)
     half = _rand(gen, n, lo=0.17, hi=0.3) * S
-    cx = half + _rand(gen, n) * (S - 2 * half)
-    cy = half + _rand(gen, n) * (S - 2 * half)
+    cx = _place(half, _rand(gen, n), S, placement)
+    cy = _place(half, _rand(gen, n), S, placement)
     angle = _rand(gen, n, lo=-0.3, hi=0.3)
     cover = _draw(canvas, labels, names, cx, cy, half, angle, _contrasting(bg_mean, gen), S, gen)
-    masks = cover > 0.5
+    return labels, cover
+
+
+def _place(half: torch.Tensor, u: torch.Tensor, S: int, placement: str) -> torch.Tensor:
+    """Object centers along one axis from uniform draws ``u``: ``anywhere`` the object fits,
+    uniformly; ``centered``: normally around the image center (standard deviation
+    :data:`CENTERED_STD` of the side), kept inside the image."""
+    if placement == "anywhere":
+        return half + u * (S - 2 * half)
+    z = math.sqrt(2) * torch.erfinv((2 * u - 1).clamp(-1 + 1e-6, 1 - 1e-6))
+    return (S / 2 + CENTERED_STD * S * z).clamp(half, S - half)
+
+
+def boxes_of(masks: torch.Tensor) -> torch.Tensor:
+    """Bounding boxes [n,4] (x0, y0, x1, y1 pixel edges) of masks [n,S,S]."""
+    S = masks.shape[-1]
     rows, cols = masks.any(2), masks.any(1)
     ar = torch.arange(S)
     y0 = torch.where(rows, ar, S).amin(1)
     y1 = torch.where(rows, ar + 1, 0).amax(1)
     x0 = torch.where(cols, ar, S).amin(1)
     x1 = torch.where(cols, ar + 1, 0).amax(1)
-    boxes = torch.stack([x0, y0, x1, y1], 1).float()
-    images = (canvas * 255).round().to(torch.uint8)
-    return images, labels, boxes, masks
+    return torch.stack([x0, y0, x1, y1], 1).float()
 
 
 class SyntheticShapes(torch.utils.data.Dataset):
