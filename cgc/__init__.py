@@ -12,6 +12,7 @@ adding an InfoNCE loss over heatmaps to ordinary training (Pillai et al., CVPR 2
   :func:`cgc.find_target_layer` picks (:mod:`cgc.structure`: what cgc knows of models);
 - :class:`cgc.CGCTerm` / :func:`cgc.cgc_term`: the whole CGC term for any training loop;
 - :class:`cgc.CGCLoss`: the contrastive consistency loss of two heatmaps (and its MSE ablation);
+- :class:`cgc.TermGate`: cross-entropy first, the term switched on once the classifier predicts;
 - :mod:`cgc.transforms`: random crop/flip as affine maps; ``python -m cgc.train``.
 """
 
@@ -21,6 +22,7 @@ from . import ops, transforms
 from .cam import CAM, GradCAM, resize_heatmaps
 from .cam_methods import CAM_METHODS, register_cam_method
 from .losses import CGCLoss
+from .schedule import TermGate
 from .structure import TokenMap, find_target_layer
 from .term import CGCOutput, CGCTerm, cgc_term
 
@@ -35,6 +37,7 @@ __all__ = [
     "CGCOutput",
     "CGCTerm",
     "GradCAM",
+    "TermGate",
     "TokenMap",
     "cgc_term",
     "find_target_layer",

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import ClassVar
 
+from .data.synthetic import PLACEMENTS
 from .errors import ConfigError
 from .settings import Settings, area_range, at_least, fraction, non_negative, positive, setting, unit_interval
 from .transforms import CE_SCALE, DEFAULT_SCALE, SAMPLERS
@@ -26,6 +27,7 @@ AMP = ("auto", "off", "bf16")
 NEGATIVES = ("global", "local")
 PADDINGS = ("border", "zeros")
 NORMS = ("batch", "group")
+CAM_TARGETS = ("predicted", "label")
 
 
 def _datasets() -> tuple[str, ...]:
@@ -94,6 +96,13 @@ class TrainConfig(Settings):
         "built-in dataset: the shapes to classify, comma-separated (default: the first --num-classes)",
         "data",
         metavar="NAMES",
+    )
+    placement: str = setting(
+        "anywhere",
+        "built-in dataset: where the class object lies: anywhere it fits, or centered as in photographs "
+        "(centers within a few pixels of the image's)",
+        "data",
+        choices=PLACEMENTS,
     )
     workers: int | None = setting(
         None, "data-loader worker processes (default: 0 for in-memory datasets, else 4)", "data", check=at_least(0)
@@ -173,6 +182,26 @@ class TrainConfig(Settings):
         "CGC",
         check=at_least(0),
         metavar="K",
+    )
+    cam_target: str = setting(
+        "predicted",
+        "the class the CGC term's CAMs explain on labeled images: the one predicted on the original view (the "
+        "paper's), or the label; unlabeled images always use the predicted one",
+        "CGC",
+        choices=CAM_TARGETS,
+    )
+    term_gate: float = setting(
+        0.0,
+        "cross-entropy first: the CGC term waits until the training top-1 (a moving average over about 50 steps) "
+        "reaches this fraction, then --lambda-warmup-epochs ramp it in (0: on from the first step)",
+        "CGC",
+        check=unit_interval,
+        metavar="TOP1",
+    )
+    detach_target: bool = setting(
+        False,
+        "stop the gradient through the warped original heatmap (the positive): only the augmented one moves",
+        "CGC",
     )
     vflip: bool = setting(False, "flip the augmented view vertically too, with probability 0.5", "CGC")
     heatmap_padding: str = setting(
@@ -276,6 +305,8 @@ class TrainConfig(Settings):
         cgc = self.loss != "ce"
         if cgc and self.batch_size < 2:
             found.append("--batch-size must be >= 2 for the CGC term (the other images are the negatives)")
+        if not cgc and (self.term_gate or self.detach_target or self.cam_target != "predicted"):
+            found.append("--term-gate, --detach-target and --cam-target shape the CGC term: use --loss cgc or mse")
         if self.crop_sampler != "rrc" and not cgc:
             found.append(f"--crop-sampler {self.crop_sampler} places the CGC term's crops: use --loss cgc or mse")
         if self.class_negatives:

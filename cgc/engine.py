@@ -23,7 +23,7 @@ from . import data, distributed, metrics, transforms
 from .errors import TrainingFailed
 from .progress import progress as progress_bar
 from .runtime import autocast
-from .schedule import Schedule
+from .schedule import Schedule, TermGate
 from .term import CGCTerm
 
 
@@ -33,35 +33,42 @@ class RunState:
     sums over that epoch's steps of the losses (means over the global batch), how many steps ran
     and how many unreadable images were skipped; the optimizer steps taken in all
     (``global_step``), the best value so far of the metric that ranks checkpoints
-    (``best_metric``; None before any) and every finished epoch's log record. Saved in every
+    (``best_metric``; None before any), every finished epoch's log record, and the CGC term's
+    gate (:class:`cgc.schedule.TermGate`): the position in epochs where the term was switched on
+    (None: not yet) and the moving average of training top-1 that opens it. Saved in every
     checkpoint, so a run resumed in the middle of an epoch logs the same numbers."""
 
     epoch: int = 0
     step: int = 0
     sums: dict = dataclasses.field(default_factory=dict)
+    counts: dict = dataclasses.field(default_factory=dict)
     steps: int = 0
     skipped: int = 0
     global_step: int = 0
     best: float | None = None
     best_metric: str = "val_top1"
     history: list = dataclasses.field(default_factory=list)
+    term_on_at: float | None = 0.0
+    train_top1_average: float | None = None
 
     def add_step(self, values: dict[str, float]) -> None:
-        """Count one optimizer step with its losses (global-batch means)."""
+        """Count one optimizer step with its losses (global-batch means; a loss a step did not
+        compute, the CGC term before its gate opened, is averaged over the steps that did)."""
         for k, v in values.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
+            self.counts[k] = self.counts.get(k, 0) + 1
         self.steps += 1
         self.step += 1
         self.global_step += 1
 
     def means(self) -> dict[str, float]:
-        """The epoch's step losses so far, averaged over its steps."""
-        return {k: v / self.steps for k, v in self.sums.items()}
+        """The epoch's step losses so far, each averaged over the steps that computed it."""
+        return {k: v / self.counts.get(k, self.steps) for k, v in self.sums.items()}
 
     def end_epoch(self, record: dict) -> None:
         """Close the epoch with its log ``record``: the next one starts at its step 0."""
         self.history.append(record)
-        self.epoch, self.step, self.sums, self.steps, self.skipped = self.epoch + 1, 0, {}, 0, 0
+        self.epoch, self.step, self.sums, self.counts, self.steps, self.skipped = self.epoch + 1, 0, {}, {}, 0, 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -72,7 +79,8 @@ class StepOptions:
     """How every step makes its views and runs them, besides the model and the schedule: the
     crops of the augmented (``crop_scale``, placed by ``crop_sampler``; also flipped vertically
     with ``vflip``) and CE (``ce_crop_scale``) views, keyed by ``seed``; mixed precision (a
-    resolved ``amp``); the ops backend; channels-last input batches."""
+    resolved ``amp``); the ops backend; channels-last input batches; the class the labeled
+    images' CAMs explain (``cam_target``: ``predicted`` or ``label``)."""
 
     seed: int = 0
     crop_scale: tuple[float, float] = transforms.DEFAULT_SCALE
@@ -82,6 +90,7 @@ class StepOptions:
     channels_last: bool = False
     vflip: bool = False
     crop_sampler: str = "rrc"
+    cam_target: str = "predicted"
 
 
 def batches(dataset, sampler, workers: int):
@@ -107,6 +116,7 @@ def train_step(
     backend: str | None = None,
     channels_last: bool = False,
     image_padding: str = "border",
+    cam_target: str = "predicted",
 ) -> dict[str, torch.Tensor]:
     """Losses of one batch: CE on three views (``x_ce``, ``x`` and ``x_aug`` = ``x`` warped by
     ``theta``) plus ``lam`` * the CGC term (:class:`cgc.CGCTerm`; None: the CE baseline on the
@@ -117,20 +127,23 @@ def train_step(
     views get only CE: the semi-supervised recipe. ``channels_last``: feed the CE baseline's
     batch in that memory format (the term's CAM does it for the CGC paths);
     ``image_padding``: what ``x_aug`` shows beyond ``x``'s borders where this function makes it
-    (:func:`cgc.transforms.image_padding`; the term makes its own).
+    (:func:`cgc.transforms.image_padding`; the term makes its own). ``cam_target``: the CAMs of
+    labeled images explain the class ``predicted`` on ``x`` or their ``label``; unlabeled
+    images' explain the predicted class. ``lam == 0`` skips the term (the CE baseline's
+    step, with the same views and the same gradients).
     """
     if x_ce is None:
         x_ce = transforms.apply(x, ce_theta, backend=backend)
     B = x.shape[0]
     out = {}
-    if term is None:
+    if term is None or lam == 0:
         x_aug = transforms.apply(x, theta, padding_mode=image_padding, backend=backend)
         views = torch.cat([x, x_aug, x_ce])
         if channels_last:
             views = views.contiguous(memory_format=torch.channels_last)
         logits = model(views)
     elif unlabeled is None:
-        cgc = term(x, theta=theta, extra=[x_ce])
+        cgc = term(x, theta=theta, extra=[x_ce], targets=y if cam_target == "label" else None)
         logits = torch.cat([cgc.logits, cgc.logits_aug, cgc.extra_logits[0]])
         out["cgc"] = cgc.loss
     else:
@@ -167,9 +180,9 @@ def crop_thetas(
 @dataclasses.dataclass
 class EpochPlan:
     """What every epoch's steps share besides the model: the optimizer, the schedule, the step
-    options, this process's place in the job, and the loader's habits (``may_drop``: batches
+    options, this process's place in the job, the loader's habits (``may_drop``: batches
     can lose unreadable images; a step left with fewer than ``min_images`` on some process is
-    skipped by all of them)."""
+    skipped by all of them) and the CGC term's gate."""
 
     opt: torch.optim.Optimizer
     schedule: Schedule
@@ -178,6 +191,7 @@ class EpochPlan:
     steps_per_epoch: int
     min_images: int = 1
     may_drop: bool = False
+    gate: TermGate = dataclasses.field(default_factory=TermGate)
 
 
 @dataclasses.dataclass
@@ -255,6 +269,7 @@ def optimize(model, term: CGCTerm | None, inputs: StepInputs, plan: EpochPlan, l
             backend=options.backend,
             channels_last=options.channels_last,
             image_padding=transforms.image_padding(options.crop_sampler),
+            cam_target=options.cam_target,
         )
     plan.opt.zero_grad(set_to_none=True)
     losses["loss"].backward()
@@ -308,15 +323,20 @@ def train_one_epoch(
             state.step += 1
             continue
         inputs = step_inputs(read, plan.options, epoch, epoch * steps_per_epoch + step, ctx.device)
-        losses = optimize(model, term, inputs, plan, schedule.lambda_at(epoch, step, steps_per_epoch))
+        lam = schedule.lambda_at(epoch, step, steps_per_epoch, state.term_on_at)
+        losses = optimize(model, term, inputs, plan, lam)
         values, stopping = reduce_losses(losses, stop(), ctx)
         if not math.isfinite(values["loss"]):
             raise TrainingFailed(
                 f"the loss became {values['loss']} in epoch {epoch + 1}, step {step}; nothing was "
                 f"saved for this epoch. Lower --lr or --lambda."
             )
+        values["lambda"] = lam
+        state.train_top1_average, state.term_on_at = plan.gate.observe(
+            state.train_top1_average, values["top1"], state.term_on_at, epoch + (step + 1) / steps_per_epoch
+        )
         state.add_step(values)
-        bar.set_postfix({k: f"{v:.4g}" for k, v in state.means().items() if k != "top1"}, refresh=False)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in state.means().items() if k not in ("top1", "lambda")}, refresh=False)
         if on_step is not None:
             on_step(values, stopping)
     if not state.steps:

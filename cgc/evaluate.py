@@ -26,6 +26,7 @@ import torch
 from . import cli, data, distributed, metrics, runtime, tables, transforms, viz
 from .cam import CAM
 from .cam_methods import CAM_METHODS
+from .data.synthetic import PLACEMENTS
 from .errors import ConfigError
 from .metrics.randomization import GRANULARITIES
 from .models import LoadedModel, load_model
@@ -88,6 +89,7 @@ class EvalConfig(Settings):
     val_size: int | None = setting(None, "built-in dataset: validation images", DATA, check=at_least(1))
     num_classes: int | None = setting(None, "built-in dataset: number of classes", DATA, check=at_least(2))
     seed: int | None = setting(None, "dataset seed", DATA)
+    placement: str | None = setting(None, "built-in dataset: where the class objects lie", DATA, choices=PLACEMENTS)
     limit: int | None = setting(None, "evaluate only the first N images", DATA, check=at_least(1), metavar="N")
     workers: int | None = setting(
         None, "image decoding processes (default: 0 for in-memory datasets, else 4)", DATA, check=at_least(0)

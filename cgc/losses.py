@@ -42,6 +42,9 @@ class CGCLoss(nn.Module):
     its borders, :data:`cgc.transforms.SAMPLERS` ``uniform``): both heatmaps are set to 0 where
     the view shows the padding (:meth:`coverage`) before they are normalized, so neither the
     heatmap of the padding nor the positive's made-up values beyond the original count.
+    ``detach_target``: no gradient through the positive (the warped original heatmap), so the
+    augmented view's heatmap moves towards it and the original's is shaped by cross-entropy
+    alone (a stop-gradient, as self-training methods use against collapse).
     """
 
     def __init__(
@@ -53,6 +56,7 @@ class CGCLoss(nn.Module):
         gather=None,
         padding_mode: str = "border",
         mask_outside: bool = False,
+        detach_target: bool = False,
     ):
         super().__init__()
         if kind not in KINDS:
@@ -66,6 +70,7 @@ class CGCLoss(nn.Module):
         self.gather = gather
         self.padding_mode = padding_mode
         self.mask_outside = mask_outside
+        self.detach_target = detach_target
 
     def _size(self, size):
         size = self.heatmap_size or size
@@ -104,7 +109,7 @@ class CGCLoss(nn.Module):
         if mask is not None:
             p = p * mask
         p = p / (p.sum(1, keepdim=True) + HEATMAP_EPS) + HEATMAP_EPS
-        return q, p
+        return q, (p.detach() if self.detach_target else p)
 
     def forward(
         self,
@@ -144,4 +149,8 @@ class CGCLoss(nn.Module):
     def extra_repr(self) -> str:
         negatives = ", negatives=gathered" if self.gather is not None else ""
         masked = ", mask_outside=True" if self.mask_outside else ""
-        return f"kind={self.kind}, temperature={self.temperature}, heatmap_size={self.heatmap_size}{negatives}{masked}"
+        detached = ", detach_target=True" if self.detach_target else ""
+        return (
+            f"kind={self.kind}, temperature={self.temperature}, heatmap_size={self.heatmap_size}"
+            f"{negatives}{masked}{detached}"
+        )

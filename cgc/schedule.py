@@ -27,7 +27,8 @@ class Schedule:
     an epoch has (a warm-up shorter than one step is no warm-up: the first step gets ``lr``).
 
     CGC weight: ``lam``, ramped up linearly over ``lambda_warmup_epochs`` (again by the position
-    each step ends at) so that the explanation term acts once the classifier predicts.
+    each step ends at) from the position ``on_at`` where the term was switched on (0: the start
+    of training; None: not yet, the weight is 0: see :class:`TermGate`).
     """
 
     lr: float
@@ -51,9 +52,41 @@ class Schedule:
             return self.lr * self.gamma ** (epoch // self.step_epochs)
         return self.lr
 
-    def lambda_at(self, epoch: int, step: int, steps_per_epoch: int) -> float:
-        """The weight of the CGC term in step ``step`` of epoch ``epoch``."""
+    def lambda_at(self, epoch: int, step: int, steps_per_epoch: int, on_at: float | None = 0.0) -> float:
+        """The weight of the CGC term in step ``step`` of epoch ``epoch`` when the term was
+        switched on at position ``on_at`` (in epochs; None: it is off)."""
+        if on_at is None:
+            return 0.0
         if self.lambda_warmup_epochs <= 0:
             return self.lam
         t_end = epoch + (step + 1) / steps_per_epoch
-        return self.lam * min(1.0, t_end / self.lambda_warmup_epochs)
+        return self.lam * min(1.0, max(0.0, t_end - on_at) / self.lambda_warmup_epochs)
+
+
+@dataclasses.dataclass(frozen=True)
+class TermGate:
+    """Cross-entropy first: the CGC term stays off until the training top-1 reaches
+    ``threshold``, then its weight ramps up (:meth:`Schedule.lambda_at` from that position).
+
+    The top-1 is a moving average of the steps' training accuracy (an exponential one whose
+    window is about ``window`` steps), so one lucky batch does not open the gate. A gate, not a
+    number of epochs: it waits as long as the classifier needs, at any budget and on any
+    dataset, and a run that learns at once loses almost nothing. ``threshold`` 0: the term is on
+    from the first step. Once open, the gate stays open.
+    """
+
+    threshold: float = 0.0
+    window: int = 50
+
+    def first(self) -> float | None:
+        """Where a run starts: on at position 0 without a threshold, else off (None)."""
+        return 0.0 if self.threshold <= 0 else None
+
+    def observe(self, average: float | None, top1: float, on_at: float | None, position: float):
+        """``(average, on_at)`` after a step of training accuracy ``top1`` (a fraction) that
+        ended at ``position`` (in epochs): the updated moving average and where the term is on."""
+        alpha = 2 / (self.window + 1)
+        average = top1 if average is None else average + alpha * (top1 - average)
+        if on_at is None and average >= self.threshold:
+            on_at = position
+        return average, on_at

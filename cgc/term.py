@@ -69,6 +69,7 @@ def cgc_term(
     flip_p: float = 0.5,
     crop_sampler: str = "rrc",
     class_negatives: int = 0,
+    detach_target: bool = False,
     generator: torch.Generator | None = None,
     backend: str | None = None,
     reshape=None,
@@ -97,12 +98,15 @@ def cgc_term(
       respect to the hooked activations (``create_graph=True``).
     """
     if loss is None:
-        loss = CGCLoss(temperature, heatmap_size, kind=kind, backend=backend, mask_outside=crop_sampler == "uniform")
+        mask = crop_sampler == "uniform"
+        loss = CGCLoss(
+            temperature, heatmap_size, kind=kind, backend=backend, mask_outside=mask, detach_target=detach_target
+        )
     draw = dict(scale=tuple(crop_scale), ratio=tuple(ratio), flip_p=flip_p, generator=generator, sampler=crop_sampler)
     if isinstance(model_or_cam, CAM):
-        return _term(model_or_cam, x, theta, targets, extra, loss, draw, class_negatives, backend)
+        return _compute_term(model_or_cam, x, theta, targets, extra, loss, draw, class_negatives, backend)
     with CAM(model_or_cam, target_layer, method=method, backend=backend, reshape=reshape) as cam:
-        return _term(cam, x, theta, targets, extra, loss, draw, class_negatives, backend)
+        return _compute_term(cam, x, theta, targets, extra, loss, draw, class_negatives, backend)
 
 
 def _wide(cams: torch.Tensor) -> torch.Tensor:
@@ -118,7 +122,9 @@ def other_classes(logits: torch.Tensor, targets: torch.Tensor, k: int) -> torch.
     return scores.topk(k, dim=1).indices
 
 
-def _term(cam: CAM, x, theta, targets, extra, loss: CGCLoss, draw: dict, class_negatives: int, backend) -> CGCOutput:
+def _compute_term(
+    cam: CAM, x, theta, targets, extra, loss: CGCLoss, draw: dict, class_negatives: int, backend
+) -> CGCOutput:
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"cgc_term expects an image batch [B,C,H,W], got {getattr(x, 'shape', type(x).__name__)}")
     B, _, H, W = x.shape
@@ -186,14 +192,22 @@ class CGCTerm(nn.Module):
         reshape=None,
         crop_sampler: str = "rrc",
         class_negatives: int = 0,
+        detach_target: bool = False,
     ):
         super().__init__()
         self.cam = CAM(
             model, target_layer, method=method, backend=backend, channels_last=channels_last, reshape=reshape
         )
         if loss is None:
-            mask = crop_sampler == "uniform"
-            loss = CGCLoss(temperature, heatmap_size, kind=kind, backend=backend, gather=gather, mask_outside=mask)
+            loss = CGCLoss(
+                temperature,
+                heatmap_size,
+                kind=kind,
+                backend=backend,
+                gather=gather,
+                mask_outside=crop_sampler == "uniform",
+                detach_target=detach_target,
+            )
         self.loss = loss
         self.crop_scale, self.ratio, self.flip_p = tuple(crop_scale), tuple(ratio), flip_p
         self.crop_sampler, self.class_negatives = crop_sampler, class_negatives

@@ -37,7 +37,7 @@ from .engine import EpochPlan, RunState, StepOptions, batches, train_one_epoch, 
 from .errors import ConfigError, Preempted
 from .losses import CGCLoss
 from .runlog import RunLog
-from .schedule import Schedule
+from .schedule import Schedule, TermGate
 from .structure import to_channels_last
 from .term import CGCTerm
 
@@ -75,6 +75,7 @@ def build_data(config: TrainConfig, ctx: distributed.Context, out: Path) -> Trai
         strict=config.strict,
         ce_crop_scale=config.ce_crop_scale,
         classes=list(config.classes) if config.classes else None,
+        placement=config.placement,
     )
     from_training_set = config.unlabeled in ("rest", "all")
     unlabeled = (
@@ -177,6 +178,7 @@ def build_term(config: TrainConfig, model, ctx: distributed.Context) -> tuple[CA
         gather=gather,
         padding_mode=config.heatmap_padding,
         mask_outside=config.crop_sampler == "uniform",
+        detach_target=config.detach_target,
     )
     term = CGCTerm(
         net,
@@ -207,7 +209,8 @@ def build_plan(
     config: TrainConfig, opt: torch.optim.Optimizer, train_data: TrainData, ctx: distributed.Context, amp: str
 ) -> EpochPlan:
     """What every epoch's steps share: the learning-rate and lambda schedules, the step options
-    (crops, precision, backend, memory format) and the loader's habits."""
+    (crops, precision, backend, memory format, the CAMs' class), the loader's habits and the
+    CGC term's gate."""
     schedule = Schedule(
         config.lr,
         config.epochs,
@@ -227,6 +230,7 @@ def build_plan(
         runtime.channels_last(ctx.device),
         config.vflip,
         config.crop_sampler,
+        config.cam_target,
     )
     gathered = config.negatives == "global" and ctx.distributed
     return EpochPlan(
@@ -237,6 +241,7 @@ def build_plan(
         train_data.steps_per_epoch,
         min_images=2 if config.loss == "cgc" and not gathered else 1,
         may_drop=train_data.may_drop,
+        gate=TermGate(config.term_gate if config.loss != "ce" else 0.0),
     )
 
 
@@ -293,11 +298,7 @@ def fit(
 
         def on_step(values: dict[str, float], stopping: bool) -> None:
             if runlog is not None:
-                lam = plan.schedule.lambda_at(state.epoch, state.step - 1, plan.steps_per_epoch)
-                runlog.step(
-                    state.global_step,
-                    {"epoch": state.epoch + 1, "lr": opt.param_groups[0]["lr"], "lambda": lam, **values},
-                )
+                runlog.step(state.global_step, {"epoch": state.epoch + 1, "lr": opt.param_groups[0]["lr"], **values})
             if stopping:
                 saver.save(state)
                 raise Preempted(
@@ -410,7 +411,9 @@ def write_results(
         out / "curves.png",
         {
             "training loss": {
-                k.removeprefix("train_"): [(r["epoch"], r[k]) for r in history] for k in losses if k in history[0]
+                k.removeprefix("train_"): [(r["epoch"], r[k]) for r in history if k in r]
+                for k in losses
+                if any(k in r for r in history)
             },
             "accuracy (%)": {k: [(r["epoch"], r[k]) for r in history if k in r] for k in ("train_top1", "val_top1")},
         },
@@ -461,8 +464,11 @@ def run(config: TrainConfig, ctx: distributed.Context | None = None) -> dict:
         info["target_layer"] = cam.target_layer
         saver = CheckpointSaver(out, config, model, opt, ctx, info=info, every=config.checkpoint_every)
         source = resume_source(config.resume, out)
+        plan = build_plan(config, opt, train_data, ctx, amp)
         state = saver.resume(source)
-        if source is not None:
+        if source is None:
+            state.term_on_at = plan.gate.first()
+        else:
             where = f"epoch {state.epoch}, step {state.step}" if state.step else f"the end of epoch {state.epoch}"
             log.info(f"resumed from {source} at {where}")
         announce(config, train_data, ctx, amp, cam.target_layer)
@@ -471,7 +477,7 @@ def run(config: TrainConfig, ctx: distributed.Context | None = None) -> dict:
             runlog = stack.enter_context(
                 RunLog(out, history=state.history, global_step=state.global_step, tensorboard=config.tensorboard)
             )
-        fit(config, net, term, build_plan(config, opt, train_data, ctx, amp), train_data, saver, state, runlog)
+        fit(config, net, term, plan, train_data, saver, state, runlog)
         results = final_results(config, cam, bundle, state, ctx, amp=amp, wall_time_s=round(time.time() - started, 1))
         if ctx.primary:
             write_results(config, cam, bundle, state, runlog, results, ctx.device)

@@ -262,5 +262,13 @@ def test_readme_quick_start_is_what_ci_runs():
     assert ". .venv/bin/activate && python -m pytest tests" in bash
     ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.strip()]
     assert ci[-1] == "python -m pytest tests", "CI must run README's test command"
-    assert 'pip install --no-build-isolation -e ".[test]"' in ci  # the package as README builds it, plus its oracles
+    extras = ci.index(
+        'pip install --no-build-isolation -e ".[test]"'
+    )  # the package as README builds it, plus its oracles
+    # before any extra: README's quick-start environment, where the quick tier and the study's tests must pass
+    quick_start = ["pip install -r requirements.txt", "pip install --no-build-isolation -e ."]
+    assert all(ci.index(step) < extras for step in quick_start)
+    assert any(line.startswith('python -m pytest tests -m "not slow"') for line in ci[:extras])
+    assert any(line.startswith("python -m pytest tests/test_study.py") for line in ci[:extras])
+    assert not any("pip install" in line for line in ci[ci.index(quick_start[1]) + 1 : extras])
     assert "ruff check ." in ci and "ruff format --check ." in ci

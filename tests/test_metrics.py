@@ -71,6 +71,45 @@ def test_pointing_game_hit_miss_tolerance():
         metrics.pointing_game(heat, region[:2])
 
 
+def test_center_baseline_points_at_the_center_and_off_center_objects_are_the_far_ones():
+    center = metrics.center_heatmaps(3, (8, 10))
+    assert center.shape == (3, 8, 10) and torch.equal(center[0], center[2])
+    assert divmod(int(center[0].argmax()), 10) == (3, 4)  # the pixel above and left of the center
+    boxes = torch.tensor([[[3.0, 2.0, 6.0, 5.0]], [[0.0, 0.0, 3.0, 3.0]], [[6.0, 4.0, 10.0, 8.0]]])
+    hits = metrics.pointing_game(center, metrics.box_region(boxes, (8, 10)))
+    assert hits.tolist() == [True, False, False]
+    # box centers (4.5, 3.5), (1.5, 1.5), (8, 6) against the image's (5, 4): a quarter side is 2.5 x 2
+    assert metrics.off_center(boxes, (8, 10)).tolist() == [False, True, True]
+
+
+def test_class_specificity_is_zero_for_class_blind_heatmaps_and_one_minus_cosine_otherwise():
+    """A model whose every class score reads the same evidence has heatmaps that do not depend
+    on the class (class-specificity 0); the mask probe's class 0 and 1 read disjoint evidence."""
+    mask = torch.zeros(8, 8, dtype=torch.bool)
+    mask[2:6, 2:6] = True
+
+    class TwoReaders(nn.Module):
+        def __init__(self, same: bool):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 2, 1, bias=False)
+            nn.init.ones_(self.conv.weight)
+            self.register_buffer("m0", mask.float())
+            self.register_buffer("m1", mask.float() if same else (~mask).float())
+
+        def forward(self, x):
+            a = self.conv(x)
+            return torch.stack([(a[:, 0] * self.m0).mean((1, 2)), (a[:, 1] * self.m1).mean((1, 2))], 1)
+
+    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)) + 0.5
+    dataset = torch.utils.data.TensorDataset((x * 255 / 1.5).to(torch.uint8), torch.zeros(4, dtype=torch.long))
+    found = {}
+    for same in (True, False):
+        with GradCAM(TwoReaders(same), "conv", method="hirescam") as cam:  # element-wise: keeps the masks
+            chosen = metrics.select(["class_specificity"])
+            found[same] = metrics.explanation_metrics(cam, dataset, "cpu", metrics=chosen)["class_specificity"]
+    assert found[True] == pytest.approx(0, abs=1e-6) and found[False] == pytest.approx(1, abs=1e-6)
+
+
 def test_gaussian_blur_matches_2d_kernel():
     x = torch.randn(2, 3, 20, 17, generator=torch.Generator().manual_seed(1))
     t = torch.arange(11.0) - 5

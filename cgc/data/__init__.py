@@ -97,11 +97,12 @@ def build(
     ce_crop_scale: tuple[float, float] = (0.08, 1.0),
     everything: bool = False,
     classes: list[str] | None = None,
+    placement: str = "anywhere",
 ) -> DataBundle:
     """The train and val splits of dataset ``name``.
 
-    ``train_size``, ``val_size`` and ``num_classes`` (or the shape names ``classes``) shape
-    the synthetic dataset; ``root`` is
+    ``train_size``, ``val_size``, ``num_classes`` (or the shape names ``classes``) and
+    ``placement`` (:data:`cgc.data.synthetic.PLACEMENTS`) shape the synthetic dataset; ``root`` is
     the folder of a file dataset, ``strict`` makes an unreadable image an error, and
     ``ce_crop_scale`` is the area range of a file dataset's x_ce crop. ``everything``
     (evaluating a model trained elsewhere): a ``folder`` tree is not split, every image is a
@@ -109,7 +110,7 @@ def build(
     """
     if name == "synthetic":
         size = image_size or 64
-        kw = dict(seed=seed, num_classes=num_classes, image_size=size, classes=classes)
+        kw = dict(seed=seed, num_classes=num_classes, image_size=size, classes=classes, placement=placement)
         train = SyntheticShapes("train", train_size, **kw)
         val = SyntheticShapes("val", val_size, **kw)
         return DataBundle(train, val, train.classes, size, in_memory=True)
@@ -117,6 +118,10 @@ def build(
         raise UnknownName("dataset", name, DATASETS)
     if classes is not None:
         raise ConfigError(f"--classes picks shapes of the built-in dataset; {name} has the classes of its folders")
+    if placement != "anywhere":
+        raise ConfigError(
+            f"--placement places the built-in dataset's objects; {name}'s lie where they were photographed"
+        )
     read, layout = FILE_DATASETS[name]
     if root is None:
         raise LayoutError(f"{name}: give the dataset folder with --data ROOT; expected layout:\n{layout}")
@@ -137,7 +142,7 @@ def build(
 
 
 #: data settings taken from a run's config unless overridden (:func:`build_for_run`)
-RUN_DATA_ARGS = ("dataset", "data", "image_size", "train_size", "val_size", "num_classes", "seed")
+RUN_DATA_ARGS = ("dataset", "data", "image_size", "train_size", "val_size", "num_classes", "seed", "placement")
 
 
 def build_for_run(train_args: dict, overrides: dict | None = None, *, everything: bool = False) -> DataBundle:

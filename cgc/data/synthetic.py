@@ -285,13 +285,16 @@ class SyntheticShapes(torch.utils.data.Dataset):
         num_classes: int = 10,
         image_size: int = 64,
         classes=None,
+        placement: str = "anywhere",
     ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
         if size < 1:
             raise ValueError(f"a split needs at least one image, got size={size}")
         parts = [
-            generate_chunk(seed, split, c, num_classes=num_classes, image_size=image_size, classes=classes)
+            generate_chunk(
+                seed, split, c, num_classes=num_classes, image_size=image_size, classes=classes, placement=placement
+            )
             for c in range(math.ceil(size / CHUNK))
         ]
         images, labels, boxes, masks = (torch.cat(p)[:size] for p in zip(*parts))

@@ -22,7 +22,7 @@ from .common import box_region, eval_batches, eval_mode, topk_correct
 from .complexity import complexity, sparseness
 from .consistency import consistency
 from .faithfulness import REFERENCE_STEPS, auc, gaussian_blur, insertion_deletion
-from .localization import content_heatmap, pointing_game
+from .localization import center_heatmaps, content_heatmap, off_center, pointing_game
 from .randomization import (
     GRANULARITIES,
     by_max,
@@ -47,6 +47,7 @@ __all__ = [
     "auc",
     "box_region",
     "by_max",
+    "center_heatmaps",
     "complexity",
     "consistency",
     "content_heatmap",
@@ -59,6 +60,7 @@ __all__ = [
     "keyed_noise",
     "max_sensitivity",
     "model_randomization",
+    "off_center",
     "other_classes",
     "pointing_game",
     "random_logit",

@@ -28,7 +28,7 @@ from .common import box_region, eval_batches, eval_mode, topk_correct
 from .complexity import complexity, sparseness
 from .consistency import consistency
 from .faithfulness import insertion_deletion
-from .localization import content_heatmap, pointing_game
+from .localization import center_heatmaps, content_heatmap, off_center, pointing_game
 from .randomization import model_randomization, random_logit, randomization_steps
 from .robustness import keyed_noise, max_sensitivity
 
@@ -197,17 +197,18 @@ class _LabelHeatmaps(Metric):
     fmt = ".2f"
 
     @staticmethod
-    def label_heatmaps(batch: EvalBatch) -> torch.Tensor:
-        def make():
-            x, size = batch.x, batch.settings.cam_input_size
-            xin = (
-                x
-                if size is None
-                else F.interpolate(x, (size, size), mode="bilinear", align_corners=False, antialias=True)
-            )
-            return resize_heatmaps(batch.cam(xin, batch.labels).cams.float(), batch.size)
+    def heatmaps_for(batch: EvalBatch, targets: torch.Tensor) -> torch.Tensor:
+        """CAMs of ``targets`` on the batch's images resized to ``cam_input_size``, brought back
+        to the images' size."""
+        x, size = batch.x, batch.settings.cam_input_size
+        xin = (
+            x if size is None else F.interpolate(x, (size, size), mode="bilinear", align_corners=False, antialias=True)
+        )
+        return resize_heatmaps(batch.cam(xin, targets).cams.float(), batch.size)
 
-        return batch.get("label_heatmaps", make)
+    @staticmethod
+    def label_heatmaps(batch: EvalBatch) -> torch.Tensor:
+        return batch.get("label_heatmaps", lambda: _LabelHeatmaps.heatmaps_for(batch, batch.labels))
 
 
 @register_metric
@@ -229,6 +230,45 @@ class PointingGame(_LabelHeatmaps):
         has = batch.region.flatten(1).any(1)
         hits = pointing_game(self.label_heatmaps(batch), batch.region, batch.settings.tolerance)
         return self.mean_of(hits[has].double(), 100.0)
+
+
+@register_metric
+class PointingGameOffCenter(_LabelHeatmaps):
+    name, label = "pointing_game_off_center", "pointing game, off-center objects (%)"
+    about = "the same, on the objects whose center is more than a quarter side from the image's"
+
+    def update(self, batch):
+        keep = batch.region.flatten(1).any(1) & off_center(batch.boxes, batch.size).to(batch.x.device)
+        hits = pointing_game(self.label_heatmaps(batch), batch.region, batch.settings.tolerance)
+        return self.mean_of(hits[keep].double(), 100.0)
+
+
+@register_metric
+class PointingGameCenter(Metric):
+    name, label = "pointing_game_center", "pointing game, center baseline (%)"
+    needs = frozenset({"boxes"})
+    fmt = ".2f"
+    about = "a Gaussian at the image center, the same for every image: what knowing where objects tend to be scores"
+
+    def update(self, batch):
+        has = batch.region.flatten(1).any(1)
+        center = center_heatmaps(batch.x.shape[0], batch.size, batch.x.device)
+        return self.mean_of(pointing_game(center, batch.region, batch.settings.tolerance)[has].double(), 100.0)
+
+
+@register_metric
+class ClassSpecificity(Metric):
+    name, label, higher_is_better = "class_specificity", "class-specificity (1 - cos)", True
+    needs = frozenset({"labels"})
+    about = "1 - cosine of the label's heatmap and the runner-up class's, on the same image"
+
+    def update(self, batch):
+        runner_up = batch.logits.float().scatter(1, batch.labels[:, None], float("-inf")).argmax(1)
+        a = _LabelHeatmaps.label_heatmaps(batch).clamp_min(0).flatten(1).double()
+        b = _LabelHeatmaps.heatmaps_for(batch, runner_up).clamp_min(0).flatten(1).double()
+        norms = a.norm(dim=1) * b.norm(dim=1)
+        cos = torch.where(norms > 0, (a * b).sum(1) / norms.clamp_min(1e-300), torch.nan)  # a blank map: unscored
+        return self.mean_of(1 - cos)
 
 
 class _Causal(Metric):

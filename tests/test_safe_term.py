@@ -1,0 +1,168 @@
+"""The options that keep the CGC term from holding a network at chance: the gate (cross-entropy
+first, the term switched on once the training top-1 reaches a threshold), the CAMs of the
+label instead of the predicted class, and the stop-gradient on the warped original heatmap."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import cgc
+from cgc import CGCLoss, TermGate, checkpoint, files, train, transforms
+from cgc.config import TrainConfig
+from cgc.schedule import Schedule
+
+TOY = TrainConfig(train_size=96, val_size=40, batch_size=16, image_size=32, num_classes=4, overlays=0, epochs=2)
+
+
+def steps(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------- the gate
+def test_the_gate_opens_when_the_moving_top1_reaches_the_threshold_and_stays_open():
+    gate = TermGate(0.5, window=3)  # alpha = 0.5
+    average, on_at = None, gate.first()
+    assert on_at is None
+    seen = []
+    for i, top1 in enumerate([0.1, 0.9, 0.8, 0.1, 0.0]):
+        average, on_at = gate.observe(average, top1, on_at, position=(i + 1) / 10)
+        seen.append((round(average, 4), on_at))
+    # 0.1 -> 0.5 (= threshold: opens at the end of step 2) -> 0.65 -> 0.375 -> 0.1875 (stays open)
+    assert seen == [(0.1, None), (0.5, 0.2), (0.65, 0.2), (0.375, 0.2), (0.1875, 0.2)]
+    assert TermGate(0.0).first() == 0.0  # no threshold: on from the start
+
+
+def test_lambda_ramps_in_from_where_the_gate_opened():
+    s = Schedule(0.1, 10, lam=2.0, lambda_warmup_epochs=1.0)
+    assert s.lambda_at(0, 3, 10, None) == 0.0  # off
+    assert s.lambda_at(3, 4, 10, 3.0) == pytest.approx(2.0 * 0.5)  # half the ramp after it opened at epoch 3
+    assert s.lambda_at(4, 9, 10, 3.0) == 2.0
+    assert s.lambda_at(0, 4, 10) == s.lambda_at(0, 4, 10, 0.0) == pytest.approx(1.0)  # no gate: as before
+
+
+@pytest.mark.slow
+def test_a_closed_gate_trains_the_ce_baseline(tmp_path):
+    """While the gate is closed the step is the CE baseline's: same views, same losses, same
+    weights; the term starts when the threshold is reached and ramps in from there."""
+    ce = train.run(TOY.replace(loss="ce", epochs=1, out=str(tmp_path / "ce")))
+    closed = train.run(TOY.replace(term_gate=0.99, epochs=1, out=str(tmp_path / "closed")))
+    assert ce["val_top1"] == closed["val_top1"]
+    a, b = steps(tmp_path / "ce"), steps(tmp_path / "closed")
+    assert [s["loss"] for s in a] == [s["loss"] for s in b] and all(s["lambda"] == 0 for s in b)
+    assert "cgc" not in b[0]
+    opens = train.run(TOY.replace(term_gate=0.05, lambda_warmup_epochs=1.0, out=str(tmp_path / "opens")))
+    log = steps(tmp_path / "opens")
+    on = [s for s in log if s["lambda"] > 0]
+    assert on and "cgc" in on[0] and on[0]["step"] > 1 and log[-1]["lambda"] == pytest.approx(1.0)
+    state = checkpoint.load(tmp_path / "opens")["state"]
+    assert state["term_on_at"] is not None and 0 < state["term_on_at"] < 1
+    assert opens["val_top1"] >= 0
+    epochs = [json.loads(line) for line in (tmp_path / "opens" / "log.jsonl").read_text().splitlines()]
+    assert 0 < epochs[0]["train_lambda"] < 1  # the mean weight of the first epoch's steps
+
+
+@pytest.mark.slow
+def test_resume_across_the_gate_is_exact(tmp_path, monkeypatch):
+    """A run killed after the gate opened resumes with the same gate, weights and logs."""
+    config = TOY.replace(term_gate=0.05, cam_target="label", detach_target=True, checkpoint_every=3)
+    train.run(config.replace(out=str(tmp_path / "full")))
+    real_save = files.save_atomic
+
+    def save_then_die(payload, path):
+        real_save(payload, path)
+        if payload["state"]["global_step"] == 9:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(files, "save_atomic", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(config.replace(out=str(tmp_path / "cut")))
+    monkeypatch.undo()
+    train.run(config.replace(out=str(tmp_path / "cut"), resume="auto"))
+    assert steps(tmp_path / "full") == steps(tmp_path / "cut")
+    full, cut = (checkpoint.load(tmp_path / r) for r in ("full", "cut"))
+    assert all(torch.equal(full["model"][k], cut["model"][k]) for k in full["model"])
+    assert full["state"]["term_on_at"] == cut["state"]["term_on_at"] is not None
+
+
+# ----------------------------------------------------------------------------- the CAMs' class
+class TinyCNN(nn.Module):
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(6, classes)
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+def test_label_targets_reach_the_term(monkeypatch, rng):
+    """--cam-target label: the training step hands the labels to the term, whose CAMs explain
+    them; predicted: the term picks the classes predicted on x."""
+    from cgc import engine
+
+    model = TinyCNN()
+    x = torch.randn(4, 3, 8, 8, generator=rng)
+    y = torch.tensor([2, 0, 1, 2])
+    theta = transforms.random_crop_flip(4, 8, 8, generator=rng).theta()
+    seen = []
+    with cgc.CGCTerm(model, temperature=0.5) as term:
+        real = term.forward
+        monkeypatch.setattr(term, "forward", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+        for target in ("label", "predicted"):
+            engine.train_step(model, term, x, y, lam=1.0, theta=theta, ce_theta=theta, cam_target=target)
+    assert torch.equal(seen[0].targets, y)
+    assert torch.equal(seen[1].targets, seen[1].logits.argmax(1))
+
+
+# ----------------------------------------------------------------------------- the stop-gradient
+def test_detached_target_gets_no_gradient_and_the_anchor_the_same(rng):
+    cam_orig = torch.rand(4, 6, 6, generator=rng, dtype=torch.float64).requires_grad_()
+    cam_aug = torch.rand(4, 6, 6, generator=rng, dtype=torch.float64).requires_grad_()
+    theta = transforms.random_crop_flip(4, 6, 6, generator=rng).theta().double()
+    plain = CGCLoss(0.5, None, backend="reference")(cam_orig, cam_aug, theta, (6, 6))
+    detached = CGCLoss(0.5, None, backend="reference", detach_target=True)(cam_orig, cam_aug, theta, (6, 6))
+    assert plain.item() == detached.item()  # the same value
+    g_plain = torch.autograd.grad(plain, (cam_orig, cam_aug))
+    g_orig, g_aug = torch.autograd.grad(detached, (cam_orig, cam_aug), allow_unused=True)
+    assert g_orig is None or not g_orig.any()
+    torch.testing.assert_close(g_aug, g_plain[1])  # the anchor's gradient does not depend on it
+    assert g_plain[0].abs().sum() > 0
+
+
+def test_detached_loss_gradcheck(rng):
+    """float64 gradcheck of the detached loss as a function of what it differentiates: the
+    augmented heatmaps (the original ones held fixed)."""
+    cam_orig = torch.rand(3, 5, 5, generator=rng, dtype=torch.float64)
+    cam_aug = torch.rand(3, 5, 5, generator=rng, dtype=torch.float64).requires_grad_()
+    theta = transforms.random_crop_flip(3, 5, 5, generator=rng).theta().double()
+    loss = CGCLoss(0.5, None, backend="reference", detach_target=True)
+    assert torch.autograd.gradcheck(lambda a: loss(cam_orig, a, theta, (5, 5)), (cam_aug,), eps=1e-6, atol=1e-6)
+
+
+def test_term_with_the_safe_options_differentiates_the_augmented_side_only(rng):
+    """The whole term (second order through the head) with the label's CAMs and the detached
+    target has the gradient of the plain loss whose original heatmaps are constants."""
+    model = TinyCNN(4).double()
+    x = torch.randn(3, 3, 6, 6, generator=rng, dtype=torch.float64).requires_grad_()
+    theta = transforms.random_crop_flip(3, 6, 6, generator=rng).theta().double()
+    labels = torch.tensor([3, 1, 2])
+    kw = dict(theta=theta, targets=labels, temperature=0.5, backend="reference")
+    out = cgc.cgc_term(model, x, detach_target=True, **kw)
+    (got,) = torch.autograd.grad(out.loss, x)
+    plain = cgc.cgc_term(model, x, **kw)
+    want = CGCLoss(0.5, None, backend="reference")(plain.cams.detach(), plain.cams_aug, theta, (6, 6))
+    (expected,) = torch.autograd.grad(want, x, retain_graph=True)
+    assert torch.equal(out.targets, labels)
+    torch.testing.assert_close(got, expected)
+    (everything,) = torch.autograd.grad(plain.loss, x)
+    assert not torch.allclose(got, everything)  # the original's path did contribute before
+
+
+def test_safe_options_need_a_term():
+    problems = TrainConfig(loss="ce", term_gate=0.5).problems()
+    assert any("--term-gate, --detach-target and --cam-target shape the CGC term" in p for p in problems)
+    assert "--term-gate must be in [0, 1), got 1.5" in TrainConfig(term_gate=1.5).problems()[0]
