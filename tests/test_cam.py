@@ -219,18 +219,24 @@ def test_channels_last_changes_layout_only(dtype, tol):
 
 def test_bfloat16_autocast_matches_float32(rng):
     """Under CPU bfloat16 autocast (AMX where present) the heatmaps are bfloat16 and agree with
-    float32 ones to bfloat16 precision: within 5 % of the batch's largest value (measured:
-    at most 1.8 % over 12 seeds), the same targets given to both."""
+    float32 ones to bfloat16 precision, the same targets given to both. A heatmap is a sum of
+    signed terms (weight x activation per channel), so its rounding error scales with the sum
+    of the terms' sizes, not with the heatmap (which cancellation can make small): within 1 %
+    of each image's largest sum of |terms| (bfloat16 keeps 8 bits, 0.4 %; measured at most
+    0.2 % over 260 seeds, where 3 % of seeds exceeded a bound of 5 % of the heatmap's maximum)."""
     torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=rng)))  # the model's initial weights
     model = torchvision.models.resnet18(num_classes=6).eval()
     x = torch.randn(4, 3, 64, 64, generator=rng)
     target = torch.randint(0, 6, (4,), generator=rng)
     with GradCAM(model) as cam:
         ref = cam(x, target).cams
+        logits, acts = cam.forward(x)
+        (grads,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), acts)
+        terms = (grads.mean((2, 3)).abs()[:, :, None, None] * acts.detach().abs()).sum(1)  # Grad-CAM's terms
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = cam(x, target).cams
     assert out.dtype == torch.bfloat16 and ref.dtype == torch.float32
     big = resize_heatmaps(out, (64, 64))
     assert big.dtype == torch.bfloat16 and torch.isfinite(big).all()
-    assert ref.max() > 0
-    assert (out.float() - ref).abs().max() <= 0.05 * ref.max()
+    assert (terms.flatten(1).amax(1) > 0).all()  # a scale to compare with (a heatmap itself may be all 0)
+    assert ((out.float() - ref).abs() <= 0.01 * terms.amax((1, 2), keepdim=True)).all()
