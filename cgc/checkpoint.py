@@ -67,6 +67,7 @@ def _from_format_1(ckpt: dict, source: str) -> dict:
     from .config import TrainConfig
 
     args = dict(ckpt.get("args", {}))
+    args.setdefault("optimizer", "sgd")  # the only optimizer when the first format was written
     weighting = args.pop("cam_weighting", None)
     if not args.get("cam"):
         args["cam"] = {"elementwise": "hirescam"}.get(weighting, "gradcam")

@@ -128,19 +128,22 @@ class TrainConfig(Settings):
     cam: str = setting("gradcam", "CAM method of the CGC term and of the explanations", "model", choices=_cam_methods)
     # optimization
     optimizer: str = setting(
-        "sgd", "sgd (with --momentum) or adamw (betas (momentum, 0.999))", "optimization", choices=OPTIMIZERS
+        "adamw", "adamw (betas (momentum, 0.999)) or sgd (with --momentum)", "optimization", choices=OPTIMIZERS
     )
     epochs: int = setting(10, "training epochs", "optimization", check=at_least(1))
     batch_size: int = setting(
         32, "global batch: under torchrun each of N processes takes batch-size / N", "optimization", check=at_least(1)
     )
-    lr: float = setting(0.05, "learning rate", "optimization", check=positive)
+    lr: float = setting(3e-3, "learning rate", "optimization", check=positive)
     head_lr: float | None = setting(
         None, "learning rate of the classifier head (default: --lr)", "optimization", check=positive
     )
     momentum: float = setting(0.9, "SGD momentum (AdamW's beta1)", "optimization", check=unit_interval)
     weight_decay: float = setting(
-        5e-4, "weight decay (not on biases and norm parameters)", "optimization", check=non_negative
+        0.05,
+        "weight decay (not on biases and norm parameters; decoupled with adamw)",
+        "optimization",
+        check=non_negative,
     )
     schedule: str = setting(
         "cosine",

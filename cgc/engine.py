@@ -6,8 +6,10 @@ give ``x_ce`` from the loader, cut from the decoded image); every image's crops 
 drawn from a key of (seed, epoch, its index), so they are the same in any batch and on any
 number of processes. The three views go through the model in one batch with cross-entropy on
 each; the CGC term (:class:`cgc.CGCTerm`) takes the CAMs of ``x`` and ``x_aug`` for the class
-predicted on ``x`` with ``create_graph=True`` and adds ``lambda * CGC``. With unlabeled images
-the term comes from them instead (the semi-supervised recipe).
+predicted on ``x`` (or the label, ``cam_target``) with ``create_graph=True`` and adds ``lambda *
+CGC``. With unlabeled images the term comes from them instead (the semi-supervised recipe).
+The term's weight follows the schedule from the step its gate opened (:class:`cgc.TermGate`:
+cross-entropy first); until then the step is the CE baseline's.
 """
 
 from __future__ import annotations

@@ -341,7 +341,7 @@ def test_optimizer_groups_decay_weights_only_and_scale_the_head(tmp_path):
     """Weight decay on conv/linear weights only (biases and norm parameters: none); the head's
     groups carry --head-lr / --lr; AdamW takes betas (momentum, 0.999)."""
     model = train.models.build_model("compact", 4)
-    cfg = TOY.replace(weight_decay=1e-3, lr=0.1, head_lr=0.5)
+    cfg = TOY.replace(optimizer="sgd", weight_decay=1e-3, lr=0.1, head_lr=0.5)
     opt = train.build_optimizer(model, cfg)
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
     names = {id(p): n for n, p in model.named_parameters()}

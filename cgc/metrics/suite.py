@@ -248,12 +248,21 @@ class PointingGameCenter(Metric):
     name, label = "pointing_game_center", "pointing game, center baseline (%)"
     needs = frozenset({"boxes"})
     fmt = ".2f"
-    about = "a Gaussian at the image center, the same for every image: what knowing where objects tend to be scores"
+    about = "a Gaussian at the image center for every image: what knowing where objects tend to be scores"
 
     def update(self, batch):
         has = batch.region.flatten(1).any(1)
         center = center_heatmaps(batch.x.shape[0], batch.size, batch.x.device)
-        return self.mean_of(pointing_game(center, batch.region, batch.settings.tolerance)[has].double(), 100.0)
+        hits = pointing_game(center, batch.region, batch.settings.tolerance).double()
+        far = has & off_center(batch.boxes, batch.size).to(batch.x.device)
+        out = self.mean_of(hits[has], 100.0)
+        off = self.mean_of(hits[far], 100.0)
+        return out | {"off_sum": off["sum"], "off_n": off["n"]}
+
+    def finish(self, totals):
+        out = super().finish(totals)
+        n = totals.get("off_n", 0)
+        return out | {"pointing_game_center_off_center": totals["off_sum"] / n if n else None}
 
 
 @register_metric
