@@ -1,12 +1,18 @@
 """The package's structure stays what docs/architecture.md describes: no import cycle among
 cgc's modules (imports inside functions count), no function longer than 70 lines, command
-lines only through the settings machinery, and README's layout names every module."""
+lines only through the settings machinery, README's layout names every module, and the
+top-level kernels/ folder shadows no installed package."""
 
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import re
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "cgc"
@@ -113,3 +119,17 @@ def test_readme_layout_names_every_module():
         if name.count(".") == 1 and path.name != "__init__.py" and f"{path.stem}.py" not in layout
     ]
     assert not missing, f"README's layout section does not name: {missing}"
+
+
+def test_the_kernels_folder_does_not_shadow_an_installed_kernels_package():
+    """From the repository's root (where ``python -m`` and pytest run), ``import kernels`` is the
+    installed ``kernels`` distribution (Hugging Face's, which transformers imports), not this
+    repository's kernels/ folder; ``cgc.kernels`` is still the folder."""
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the 'kernels' distribution is not installed (transformers >= 5 installs it)")
+    code = "import kernels, cgc.kernels.common as c; print(kernels.__file__); print(c.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    theirs, ours = out.splitlines()
+    assert not theirs.startswith(str(ROOT / "kernels")) and ours.startswith(str(ROOT / "kernels"))
