@@ -60,7 +60,7 @@ def test_quick_study_runs_and_resumes(tmp_path, capsys):
 def test_each_part_gets_its_seeds_and_the_tuning_split_stays_apart():
     config = study.StudyConfig.parse(["--seeds", "0", "1", "2", "--transformer-seeds", "5", "6"]).validate()
     seeds: dict = {}
-    for run in study.plan(study.QUICK, study.PARTS, config):
+    for run in study.planned_runs(study.QUICK, study.PARTS, config):
         seeds.setdefault(run.part, set()).add(run.seed)
     assert seeds["transformers"] == {5, 6} and seeds["localization"] == seeds["placement"] == {0, 1, 2}
     assert seeds["tuning"] == {100, 101, 102, 103, 104} and seeds["transfer"] == {0, 1, 2}

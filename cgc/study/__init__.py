@@ -36,7 +36,7 @@ from .plan import (
     PlannedRun,
     Scale,
     StudyConfig,
-    plan,
+    planned_runs,
     run_key,
     runnable_parts,
 )
@@ -55,7 +55,7 @@ __all__ = [
     "evaluate_run",
     "main",
     "open_run",
-    "plan",
+    "planned_runs",
     "run_key",
     "runnable_parts",
     "summarize",
@@ -108,7 +108,7 @@ def main(argv=None) -> dict:
         parts, skipped = runnable_parts(study.parts)
         for line in skipped:
             print(line, file=sys.stderr)
-        runs = plan(scale, parts, study)
+        runs = planned_runs(scale, parts, study)
         already = sum(r.key in record["runs"] for r in runs)
         print(f"cgc.study: {len(runs)} runs ({already} already in {path})", file=sys.stderr)
         execute(out, runs, record)

@@ -212,7 +212,7 @@ class PlannedRun:
         return run_key(self.part, self.name, self.seed)
 
 
-def plan(scale: Scale, parts, study: StudyConfig) -> list[PlannedRun]:
+def planned_runs(scale: Scale, parts, study: StudyConfig) -> list[PlannedRun]:
     """Every run of ``parts``, those another run starts from first."""
     base = TrainConfig(
         train_size=scale.train_size, val_size=scale.val_size, image_size=scale.image_size, epochs=scale.epochs
