@@ -1,0 +1,1 @@
+"""Triton kernels of the CGC ops (see :mod:`cgc.ops.triton`)."""

@@ -1,1 +1,0 @@
-"""Triton kernels of the CGC ops, imported as ``cgc.kernels`` (see :mod:`cgc.ops.triton`)."""
