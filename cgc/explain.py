@@ -27,6 +27,7 @@ from .errors import BadFile, MissingFile
 from .metrics import eval_mode
 from .models import load_model
 from .settings import Settings, at_least, setting
+from .structure import logits_of
 
 
 def _cam_methods() -> tuple[str, ...]:
@@ -133,7 +134,7 @@ def run(config: ExplainConfig) -> list[Path]:
         for path, img in zip(config.images, images):
             x = data.normalize(img[None].to(device)).expand(k, -1, -1, -1)
             with torch.no_grad():
-                probs = model(x[:1]).softmax(1)[0]
+                probs = logits_of(model(x[:1])).softmax(1)[0]
             top = probs.topk(k)
             heat = resize_heatmaps(cam(x, top.indices).cams, (size, size)).cpu()
             titles = [f"{classes[int(c)]} ({100 * float(p):.1f}%)" for p, c in zip(top.values, top.indices)]
