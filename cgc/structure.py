@@ -216,7 +216,8 @@ def describe(model: nn.Module) -> Transformer | None:
     return info
 
 
-def _pair(size) -> tuple[int, int]:
+def size_pair(size) -> tuple[int, int]:
+    """``(H, W)`` of a size given as one side or as two."""
     return (int(size), int(size)) if isinstance(size, (int, float)) else (int(size[0]), int(size[1]))
 
 
@@ -234,7 +235,7 @@ def declared_size(model: nn.Module, info: Transformer | None = None) -> tuple[in
             size = tuple(cfg["input_size"][-2:])
     if size is None:
         size = getattr(model, "img_size", None)
-    return _pair(size) if size else None
+    return size_pair(size) if size else None
 
 
 def _norm_name(module: nn.Module, name: str) -> str | None:
@@ -331,7 +332,7 @@ def _huggingface(model: nn.Module) -> Transformer | None:
     parts = blocks.split(".")
     cascade = tuple(".".join(parts[: i + 1]) for i in range(len(parts)))
     embedding = f"{base}.embeddings" if base else "embeddings"
-    patch, size = _pair(config.patch_size), _pair(config.image_size)
+    patch, size = size_pair(config.patch_size), size_pair(config.image_size)
     if config.model_type in _HF_VITS:
         class_token, dynamic = (read(config) for read in _HF_VITS[config.model_type])
         emb = model.get_submodule(embedding)
