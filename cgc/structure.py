@@ -198,7 +198,7 @@ def logits_of(output) -> torch.Tensor:
         logits = output[0]
     if isinstance(logits, torch.Tensor):
         return logits
-    held = f" with {', '.join(map(str, output))}" if isinstance(output, Mapping) else ""
+    held = f" with {', '.join(map(repr, output))}" if isinstance(output, Mapping) else ""
     raise UnsupportedModel(
         f"the model's output is a {type(output).__name__}{held}, without logits: cgc reads a tensor, the "
         "'logits' of a Hugging Face ModelOutput or dict, or the first element of a tuple"
