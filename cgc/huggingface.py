@@ -148,7 +148,8 @@ def save_folder(model: nn.Module, path: str | Path, classes: list[str]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         set_classes(model, classes)
-        model.save_pretrained(tmp)
+        # contiguous copies: safetensors refuses the channels-last weights of a CPU run
+        model.save_pretrained(tmp, state_dict={k: v.contiguous() for k, v in model.state_dict().items()})
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

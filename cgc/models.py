@@ -373,15 +373,14 @@ def _hf_sized(arch: str, config, image_size: int):
     """A copy of a Hugging Face ``config`` for ``image_size`` images (see :func:`build_model`);
     a CNN's config only declares the size."""
     config = copy.deepcopy(config)
-    with torch.device("meta"):
-        info = structure.describe(huggingface.new_model(config))
-    if info is not None and info.family == "swin":
+    family = structure.hf_family(config)
+    if family == "swin":
         _check_swin(arch, image_size)
-        last = image_size // (info.tokens.stride[0] << (len(config.depths) - 1))
+        last = image_size // (structure.size_pair(config.patch_size)[0] << (len(config.depths) - 1))
         config.window_size = min(config.window_size, last)
-    elif info is not None:
-        config.patch_size = patch_size_for(arch, image_size, info.tokens.stride[0])
-    if info is not None or hasattr(config, "image_size"):
+    elif family == "vit":
+        config.patch_size = patch_size_for(arch, image_size, structure.size_pair(config.patch_size)[0])
+    if family is not None or hasattr(config, "image_size"):
         config.image_size = image_size
     return config
 
@@ -389,7 +388,8 @@ def _hf_sized(arch: str, config, image_size: int):
 def _fit_hf_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``state`` of a Hugging Face model made at another image, patch or window size, resampled
     to ``model``: absolute position embeddings (bicubic, prefix tokens kept), the patch kernel
-    (:func:`resample_patch_kernel`) and relative position tables (bicubic)."""
+    (:func:`resample_patch_kernel`) and relative position tables (bicubic; their index buffers,
+    which older transformers versions save, are the model's own)."""
     own = model.state_dict()
     config = model.config
     grid = tuple(s // p for s, p in zip(structure.size_pair(config.image_size), structure.size_pair(config.patch_size)))
@@ -404,6 +404,8 @@ def _fit_hf_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str,
             fitted[key] = resample_patch_kernel(value, tuple(want.shape[-2:]))
         elif key.endswith("relative_position_bias_table"):
             fitted[key] = _resize_relative_table(value, want.shape[0])
+        elif key.endswith("relative_position_index"):  # derived from the window: the model's own
+            fitted[key] = want
     return fitted
 
 

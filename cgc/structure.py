@@ -314,6 +314,13 @@ _HF_VITS = {
 }
 
 
+def hf_family(config) -> str | None:
+    """``vit`` or ``swin``: the transformer family of a Hugging Face config that cgc recognizes
+    (None: another model, a CNN for one)."""
+    model_type = getattr(config, "model_type", None)
+    return "vit" if model_type in _HF_VITS else "swin" if model_type == "swin" else None
+
+
 def _huggingface(model: nn.Module) -> Transformer | None:
     """The structure of a Hugging Face ``transformers`` ViT, DeiT (with or without its teacher
     head), BEiT, DINOv2 (with or without registers) or Swin image classifier, read from its
@@ -333,13 +340,13 @@ def _huggingface(model: nn.Module) -> Transformer | None:
     cascade = tuple(".".join(parts[: i + 1]) for i in range(len(parts)))
     embedding = f"{base}.embeddings" if base else "embeddings"
     patch, size = size_pair(config.patch_size), size_pair(config.image_size)
-    if config.model_type in _HF_VITS:
+    if hf_family(config) == "vit":
         class_token, dynamic = (read(config) for read in _HF_VITS[config.model_type])
         emb = model.get_submodule(embedding)
         prefix = sum(getattr(emb, a, None) is not None for a in ("cls_token", "distillation_token"))
         tokens = TokenMap("tokens", prefix + int(getattr(config, "num_register_tokens", 0) or 0), patch)
         return Transformer("vit", blocks, norm, embedding, tokens, class_token, size, dynamic, cascade)
-    if config.model_type == "swin":
+    if hf_family(config) == "swin":
         grids = []
         for k, (name, stage) in enumerate(model.get_submodule(blocks).named_children()):
             grids.append((f"{blocks}.{name}.blocks", (patch[0] << k, patch[1] << k)))

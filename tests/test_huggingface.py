@@ -10,7 +10,9 @@ Every model is built from a small config (a few blocks, small widths) at 64 px, 
 from __future__ import annotations
 
 import collections
+import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +24,11 @@ from cgc import evaluate, explain, models, train
 from cgc.errors import ConfigError, MissingDependency, MissingFile, UnsupportedModel
 from cgc.structure import TokenMap, declared_size, describe, find_target_layer, logits_of
 
-transformers = pytest.importorskip("transformers", reason="transformers is optional (pip install transformers)")
+transformers = pytest.importorskip(
+    "transformers",
+    minversion="5.0",
+    reason="transformers is optional (pip install transformers); these tests name the modules of its version 5",
+)
 
 SIZE = 64
 METHODS = ["gradcam", "hirescam", "gradcam++", "xgradcam", "layercam"]
@@ -402,6 +408,35 @@ def test_library_errors_are_typed(folders, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(MissingDependency, match="pip install transformers"):
         models.build_model(f"hf:{folders / 'vit'}", 3)
+
+
+# ----------------------------------------------------------------------------- the docs
+def doc_block(page: str, needle: str) -> str:
+    text = (Path(__file__).resolve().parents[1] / "docs" / page).read_text()
+    return next(b for b in re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M) if needle in b)
+
+
+def test_the_transformers_page_runs_as_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tiny("vit", size=224, patch=16).save_pretrained("path/to/folder")
+    scope: dict = {}
+    exec(compile(doc_block("transformers.md", "from transformers"), "transformers.md", "exec"), scope)  # noqa: S102
+    scope["term"].close()
+    assert scope["heat"].shape == (2, 14, 14)
+
+
+def test_a_runs_hf_model_loads_as_training_md_shows(tmp_path, monkeypatch):
+    """The run's hf_model folder and model.safetensors, written as a run writes them (channels-last
+    weights, as on CPUs), load into transformers as docs/training.md shows."""
+    monkeypatch.chdir(tmp_path)
+    model = cgc.structure.to_channels_last(tiny("swin"))
+    cgc.files.save_weights(model, "runs/cgc/model.safetensors")
+    models.huggingface.save_folder(model, "runs/cgc/hf_model", ["a", "b", "c"])
+    scope: dict = {}
+    exec(compile(doc_block("training.md", "hf_model"), "training.md", "exec"), scope)  # noqa: S102
+    for loaded in (scope["model"], scope["same"]):
+        assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    assert scope["model"].config.id2label == {0: "a", 1: "b", 2: "c"}
 
 
 # ----------------------------------------------------------------------------- command lines
