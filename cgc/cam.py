@@ -60,9 +60,10 @@ class CAM:
     blocks: hidden states first, then attention weights) is read by its first element, and the
     layers after it get the tuple with that element rebuilt.
 
-    The first call checks that the class scores depend on the map: when the map leaves tokens
-    out (a class token) and the gradient of the summed logits reaches those tokens but is zero
-    on every map position (the final norm of a class-token ViT), it raises
+    The first call checks that the class scores depend on the map: when no gradient of the
+    summed logits reaches the layer's output (the layers after it do not read it), or when the
+    map leaves tokens out (a class token) and the gradient reaches those tokens but is zero on
+    every map position (the final norm of a class-token ViT), it raises
     :class:`cgc.errors.UnsupportedModel`; later calls skip the check.
     """
 
@@ -179,16 +180,22 @@ class CAM:
             )
         if logits.dim() != 2:
             raise ValueError(f"model must return logits [B,classes], got shape {tuple(logits.shape)}")
-        if not self._checked and acts.numel() != out.numel():
+        if not self._checked:
             self._check_scores_reach(logits, acts, out)
         self._checked = True
         return logits, acts
 
     def _check_scores_reach(self, logits: torch.Tensor, acts: torch.Tensor, out: torch.Tensor) -> None:
-        """Refuse a map that the class scores do not depend on while the tokens it leaves out
-        (the class token) carry their whole gradient."""
+        """Refuse a layer whose output the class scores do not depend on (no gradient reaches
+        it: the layers after it do not read it), and a map that they do not depend on while the
+        tokens it leaves out (the class token) carry their whole gradient."""
         g_map, g_out = torch.autograd.grad(logits.sum(), (acts, out), retain_graph=True, allow_unused=True)
-        if (g_map is None or not g_map.any()) and g_out is not None and g_out.any():
+        if g_map is None and g_out is None:
+            raise UnsupportedModel(
+                f"the class scores do not depend on target layer {self.target_layer!r}: no gradient reaches its "
+                "output (the layers after it do not read it); pass target_layer= of a layer on the way to the head"
+            )
+        if acts.numel() != out.numel() and (g_map is None or not g_map.any()) and g_out is not None and g_out.any():
             raise UnsupportedModel(
                 f"the class scores do not depend on the patch tokens of target layer {self.target_layer!r} "
                 "(only the prefix tokens reach the head from there): pass target_layer= of an earlier layer, "

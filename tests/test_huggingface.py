@@ -216,6 +216,21 @@ def test_the_stem_is_refused_and_so_is_a_layer_without_gradient():
         cam(torch.randn(2, 3, SIZE, SIZE))
     with cgc.GradCAM(vit) as cam, pytest.raises(ConfigError, match="built for 64x64 px"):
         cam(torch.randn(2, 3, 32, 32))
+    with cgc.GradCAM(Sidetrack(), "unread") as cam, pytest.raises(UnsupportedModel, match="no gradient reaches"):
+        cam(torch.randn(2, 3, 16, 16))
+
+
+class Sidetrack(nn.Module):
+    """A classifier with a layer whose output nothing reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.features, self.unread, self.head = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 1), nn.Linear(4, 3)
+
+    def forward(self, x):
+        maps = self.features(x)
+        self.unread(maps)
+        return self.head(maps.mean((2, 3)))
 
 
 def test_randomization_cascade_runs_over_the_blocks():
