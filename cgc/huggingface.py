@@ -58,7 +58,7 @@ def _local_folder(name: str) -> Path | None:
     if not (path / "config.json").is_file():
         why = "no such folder" if not path.exists() else "no config.json in it"
         raise MissingFile(
-            f"hf:{name} holds no Hugging Face model ({why}); pass a folder written by "
+            f"{name} holds no Hugging Face model ({why}); pass a folder written by "
             "model.save_pretrained(folder), or a hub name"
         )
     return path

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -470,8 +471,10 @@ def one_line_error(call, argv) -> str:
 def _train_and_use(folders, kind, tmp_path):
     """``cgc.train --arch hf:DIR``, then evaluate and explain on the run; the save_pretrained
     folder and model.safetensors load back into transformers and into --weights."""
-    out = tmp_path / "run"
-    train.main([*TOY, "--arch", f"hf:{folders / kind}", "--pretrained", "--out", str(out)])
+    out, source = tmp_path / "run", tmp_path / "source"
+    shutil.copytree(folders / kind, source)
+    train.main([*TOY, "--arch", f"hf:{source}", "--pretrained", "--out", str(out)])
+    shutil.rmtree(source)  # the run's checkpoints rebuild the model without it
     auto = transformers.AutoModelForImageClassification
     saved = auto.from_pretrained(out / models.huggingface.FOLDER).eval()
     assert saved.config.id2label == {0: "circle", 1: "square", 2: "triangle"}
