@@ -421,14 +421,11 @@ def _resize_relative_table(table: torch.Tensor, rows: int) -> torch.Tensor:
     """A relative position table ``[(2a-1)^2 + extra, heads]`` with ``rows`` rows: its
     ``(2a-1) x (2a-1)`` part resized (bicubic), its ``extra`` rows (BEiT's 3 class-token
     entries) kept."""
-    extra = next(
-        (
-            e
-            for e in (0, 3)
-            if math.isqrt(table.shape[0] - e) ** 2 == table.shape[0] - e and math.isqrt(rows - e) ** 2 == rows - e
-        ),
-        None,
-    )
+
+    def square(n: int) -> bool:
+        return n > 0 and math.isqrt(n) ** 2 == n
+
+    extra = next((e for e in (0, 3) if square(table.shape[0] - e) and square(rows - e)), None)
     if extra is None:
         raise UnsupportedModel(f"cannot resample a relative position table of {table.shape[0]} rows to {rows}")
     old, new = math.isqrt(table.shape[0] - extra), math.isqrt(rows - extra)

@@ -5,7 +5,7 @@ are laid out in memory.
 - **Reading a layer as a map.** A CAM needs the layer's output as ``[B,C,h,w]``. A CNN's layers
   give one. A vision transformer's give tokens ``[B,T,C]`` (the prefix tokens first: class,
   distillation, registers; then the ``h*w`` patch tokens row by row), and Swin's stages give
-  channels-last maps ``[B,h,w,C]``. A :class:`TokenMap` names one of these layouts and reads it
+  channels-last maps ``[B,h,w,C]`` (Hugging Face's: tokens, each stage at its own stride). A :class:`TokenMap` names one of these layouts and reads it
   as a map with a slice, view and permute, so the map stays in the autograd graph (the CGC
   term differentiates through it twice); :class:`CustomReshape` does the same with a function
   the user writes, as pytorch-grad-cam's ``reshape_transform``.
@@ -13,12 +13,16 @@ are laid out in memory.
   shape alone (a ``[B,h,w,C]`` map with ``h == C`` reads either way): :func:`describe`
   recognizes timm's ``VisionTransformer`` (DeiT, distilled DeiT, register tokens), ``Eva``,
   ``Beit``, ``SwinTransformer`` (v1, v2) and torchvision's ``VisionTransformer`` and
-  ``SwinTransformer`` by their classes, and reads from their attributes where the blocks, the
-  final norm and the patch embedding are, how many prefix tokens there are, how many pixels
+  ``SwinTransformer`` by their classes, Hugging Face's ViT, DeiT, BEiT, DINOv2 and Swin image
+  classifiers by their configs' ``model_type``, and reads from their attributes and configs
+  where the blocks, the final norm and the patch embedding are, how many prefix tokens there are, how many pixels
   each patch token covers (so the grid follows the input of a ``dynamic_img_size`` model) and
   which tokens the head reads. :func:`layer_layout` gives one layer's layout.
 - **Finding the layer.** :func:`find_target_layer` applies a written rule to one traced
-  forward pass on the meta device (:func:`trace`).
+  forward pass on the meta device (:func:`trace`), at the size the model declares
+  (:func:`declared_size`).
+- **Reading the output.** :func:`logits_of` finds the class scores in whatever a model returns
+  (a tensor, a Hugging Face ``ModelOutput``, a tuple); :func:`first_tensor` reads a layer's.
 - **Memory format.** :func:`to_channels_last` stores a model's 4-D weights channels-last.
 
 Callers describe a model once (:func:`describe`) and pass the description on.
@@ -293,25 +297,23 @@ def _torchvision(model: nn.Module) -> Transformer | None:
     return None
 
 
-#: Hugging Face ``model_type``s of the ViT family, each with whether its head reads the class token
-#: (BEiT's reads the mean of the patch tokens unless its config says otherwise) and whether it
-#: takes other image sizes as built (DINOv2 interpolates its position embeddings on every call)
-_HF_VITS = {
-    "vit": (lambda config: True, lambda config: False),
-    "deit": (lambda config: True, lambda config: False),
-    "beit": (
-        lambda config: not config.use_mean_pooling,
-        lambda config: (
-            not (
-                config.use_absolute_position_embeddings
-                or config.use_relative_position_bias
-                or config.use_shared_relative_position_bias
-            )
-        ),
-    ),
-    "dinov2": (lambda config: True, lambda config: True),
-    "dinov2_with_registers": (lambda config: True, lambda config: True),
-}
+#: Hugging Face ``model_type``s of the ViT family
+_HF_VITS = ("vit", "deit", "beit", "dinov2", "dinov2_with_registers")
+
+
+def _hf_vit_reading(config) -> tuple[bool, bool]:
+    """``(class_token_head, dynamic)`` of a Hugging Face ViT-family config: BEiT's head reads the
+    mean of the patch tokens unless its config says otherwise, every other head the class
+    token; DINOv2 interpolates its position embeddings on every call, and a BEiT without
+    position embeddings or tables takes any multiple of its patch, the others their own size."""
+    if config.model_type == "beit":
+        tables = (
+            config.use_absolute_position_embeddings
+            or config.use_relative_position_bias
+            or config.use_shared_relative_position_bias
+        )
+        return not config.use_mean_pooling, not tables
+    return True, config.model_type.startswith("dinov2")
 
 
 def hf_family(config) -> str | None:
@@ -341,7 +343,7 @@ def _huggingface(model: nn.Module) -> Transformer | None:
     embedding = f"{base}.embeddings" if base else "embeddings"
     patch, size = size_pair(config.patch_size), size_pair(config.image_size)
     if hf_family(config) == "vit":
-        class_token, dynamic = (read(config) for read in _HF_VITS[config.model_type])
+        class_token, dynamic = _hf_vit_reading(config)
         emb = model.get_submodule(embedding)
         prefix = sum(getattr(emb, a, None) is not None for a in ("cls_token", "distillation_token"))
         tokens = TokenMap("tokens", prefix + int(getattr(config, "num_register_tokens", 0) or 0), patch)
@@ -352,7 +354,8 @@ def _huggingface(model: nn.Module) -> Transformer | None:
             grids.append((f"{blocks}.{name}.blocks", (patch[0] << k, patch[1] << k)))
             k += getattr(stage, "downsample", None) is not None
             grids.append((f"{blocks}.{name}", (patch[0] << k, patch[1] << k)))
-        grids.append((norm or blocks, grids[-1][1]))
+        if norm is not None:
+            grids.append((norm, grids[-1][1]))
         tokens = TokenMap("tokens", 0, patch, pad=True)
         return Transformer("swin", blocks, norm, embedding, tokens, False, size, False, cascade, tuple(grids))
     return None
@@ -409,13 +412,14 @@ def find_target_layer(model: nn.Module, input_size: int | tuple[int, int] | None
 
     The rule: for the vision transformers :func:`describe` recognizes, the end
     of the blocks, on the side the head reads. A class-token head (timm ``global_pool ==
-    'token'``: ViT, DeiT and distilled DeiT, register-token ViTs; torchvision's ViT) sees only
-    the prefix tokens after the last block, so the final norm's patch tokens get no gradient:
-    the layer is the last block's first norm, at the input side of the attention that mixes
-    the patch tokens into the class token (``blocks.11.norm1``,
-    ``encoder.layers.encoder_layer_11.ln_1``). A head that pools the patch tokens (Swin, timm
-    ViT/EVA/BEiT with ``global_pool='avg'``) reads the final norm (``norm``; the last block
-    when that norm is an ``nn.Identity``). For any other model: the last module to finish that
+    'token'``: ViT, DeiT and distilled DeiT, register-token ViTs; torchvision's ViT; Hugging
+    Face's ViT and DeiT) sees only the prefix tokens after the last block, so the final norm's
+    patch tokens get no gradient: the layer is the last block's first norm, at the input side
+    of the attention that mixes the patch tokens into the class token (``blocks.11.norm1``,
+    ``encoder.layers.encoder_layer_11.ln_1``, ``vit.layers.11.layernorm_before``); so does
+    DINOv2's, which adds the patch tokens' mean (the final norm would show only its share). A
+    head that pools the patch tokens (Swin, timm ViT/EVA/BEiT with ``global_pool='avg'``,
+    Hugging Face's BEiT) reads the final norm (the last block when it is an ``nn.Identity``). For any other model: the last module to finish that
     contains a convolution (or is a normalization or activation after one) and outputs a 4-D
     map with more than one pixel: ``layer4`` for ResNets, ``features`` for torchvision's
     VGG/DenseNet/MobileNet/EfficientNet/ConvNeXt, ``bn2`` (norm + activation after
@@ -428,8 +432,8 @@ def find_target_layer(model: nn.Module, input_size: int | tuple[int, int] | None
     for tokens, ``reshape=``).
 
     Runs one forward pass of ``input_size`` images (default: the size the model declares,
-    :func:`declared_size`, else 224) on the ``meta`` device through :func:`torch.func.functional_call` with meta
-    stand-ins for every parameter and buffer: nothing is copied or computed, and the real
+    :func:`declared_size`, else 224) on the ``meta`` device through
+    :func:`torch.func.functional_call` with meta stand-ins for every parameter and buffer: nothing is copied or computed, and the real
     model, its values and its mode are untouched. ``info``: the model's :func:`describe`, when
     the caller has it.
     """
