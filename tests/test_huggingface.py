@@ -348,6 +348,20 @@ def test_eager_attention_gives_the_same_gradients_as_sdpa(kind, rng):
     assert (eager - sdpa).norm() < 1e-5 * sdpa.norm() and (eager - sdpa).abs().max() < 1e-5 * sdpa.abs().max()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the fused attention kernels there)")
+def test_cgc_step_through_sdpa_attention_on_cuda_in_bfloat16():
+    """On CUDA under bfloat16 autocast transformers' sdpa attention runs the fused kernels before
+    the CAM layer and the math kernel after it: the term's second-order backward goes through
+    and every gradient is finite."""
+    model = tiny("vit").cuda().train()
+    x = torch.randn(8, 3, SIZE, SIZE, device="cuda")
+    with cgc.CGCTerm(model, temperature=0.5) as term, torch.autocast("cuda", dtype=torch.bfloat16):
+        out = term(x, generator=torch.Generator(device="cuda").manual_seed(0))
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert torch.isfinite(out.loss) and grads and all(torch.isfinite(g).all() for g in grads)
+
+
 # ----------------------------------------------------------------------------- building
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
