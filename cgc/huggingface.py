@@ -36,7 +36,7 @@ def require():
 
 def is_model(model: nn.Module) -> bool:
     """Whether ``model`` is a ``transformers`` model (never imports transformers)."""
-    if "transformers" not in sys.modules:
+    if sys.modules.get("transformers") is None:  # not imported, or blocked
         return False
     from transformers import PreTrainedModel
 

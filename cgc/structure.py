@@ -215,7 +215,7 @@ def describe(model: nn.Module) -> Transformer | None:
     info = _timm(model) if "timm" in sys.modules else None
     if info is None and "torchvision" in sys.modules:
         info = _torchvision(model)
-    if info is None and "transformers" in sys.modules:
+    if info is None and sys.modules.get("transformers") is not None:
         info = _huggingface(model)
     return info
 

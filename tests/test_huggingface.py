@@ -438,6 +438,8 @@ def test_library_errors_are_typed(folders, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(MissingDependency, match="pip install transformers"):
         models.build_model(f"hf:{folders / 'vit'}", 3)
+    with cgc.GradCAM(models.build_model("compact", 3)) as cam:  # everything else works without it
+        assert cam(torch.randn(2, 3, 32, 32)).cams.shape == (2, 4, 4)
 
 
 # ----------------------------------------------------------------------------- the docs
