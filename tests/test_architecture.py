@@ -14,7 +14,7 @@ MAX_LINES = 70
 
 
 def modules() -> dict[str, Path]:
-    """``{dotted name: file}`` of every module of the package ."""
+    """``{dotted name: file}`` of every module of the package (the kernels live in kernels/)."""
     found = {}
     for path in sorted(PACKAGE.rglob("*.py")):
         parts = path.with_suffix("").relative_to(ROOT).parts

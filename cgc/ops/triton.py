@@ -1,4 +1,4 @@
-"""Triton backend: the kernels of :mod:`cgc.kernels` as PyTorch ops.
+"""Triton backend: the kernels of ``kernels/`` (imported as :mod:`cgc.kernels`) as PyTorch ops.
 
 Every op is a ``torch.library.triton_op`` in the ``cgc_triton`` namespace, its kernels
 launched through ``wrap_triton``, so ``torch.compile`` traces into the kernels instead of

@@ -1,1 +1,0 @@
-"""Triton kernels of the CGC ops (see :mod:`cgc.ops.triton`)."""

@@ -1,0 +1,1 @@
+"""Triton kernels of the CGC ops, imported as ``cgc.kernels`` (see :mod:`cgc.ops.triton`)."""
