@@ -56,11 +56,14 @@ class CAM:
     :class:`cgc.structure.TokenMap`, or a function ``layer output -> [B,C,h,w]`` that only
     moves values (as pytorch-grad-cam's ``reshape_transform``); ``layout`` is the reader used.
     The layers after the hooked one read the layer's output rebuilt from that map (same
-    values), so the map is in the graph.
+    values), so the map is in the graph. A layer whose output is a tuple or list (Hugging Face's
+    blocks: hidden states first, then attention weights) is read by its first element, and the
+    layers after it get the tuple with that element rebuilt.
 
-    The first call checks that the class scores depend on the map: when the map leaves tokens
-    out (a class token) and the gradient of the summed logits reaches those tokens but is zero
-    on every map position (the final norm of a class-token ViT), it raises
+    The first call checks that the class scores depend on the map: when no gradient of the
+    summed logits reaches the layer's output (the layers after it do not read it), or when the
+    map leaves tokens out (a class token) and the gradient reaches those tokens but is zero on
+    every map position (the final norm of a class-token ViT), it raises
     :class:`cgc.errors.UnsupportedModel`; later calls skip the check.
     """
 
@@ -118,20 +121,25 @@ class CAM:
             # the fused attention kernels have no double backward, which the CGC term needs
             self._math_attention = sdpa_kernel(SDPBackend.MATH)
             self._math_attention.__enter__()
-        if not isinstance(out, torch.Tensor):
+        first = structure.first_tensor(out)
+        if first is None:
             raise UnsupportedModel(
-                f"target layer {self.target_layer!r} outputs a {type(out).__name__}, not a tensor; "
-                "pass target_layer= of another layer"
+                f"target layer {self.target_layer!r} outputs a {type(out).__name__}, not a tensor or a tuple "
+                "that starts with one; pass target_layer= of another layer"
             )
         try:
-            maps = self.layout.to_map(out, self._image_hw)
+            maps = self.layout.to_map(first, self._image_hw)
         except UnsupportedModel as err:
             raise UnsupportedModel(
                 f"target layer {self.target_layer!r} cannot be read as a [B,C,h,w] map: {err}; pass "
                 "target_layer= of another layer, or reshape= (layer output -> [B,C,h,w])"
             ) from None
-        self._activations, self._output = maps, out
-        return self.layout.from_map(maps, out)
+        self._activations, self._output = maps, first
+        rebuilt = self.layout.from_map(maps, first)
+        if rebuilt is None or first is out:
+            return rebuilt
+        rest = list(out[1:])  # the tuple's other elements, as they were
+        return type(out)(rebuilt, *rest) if hasattr(out, "_fields") else type(out)([rebuilt, *rest])
 
     # -- the two halves, usable separately by a training step that needs the logits first
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,7 +162,7 @@ class CAM:
         self._capturing = True
         try:
             with torch.enable_grad():
-                logits = self.model(x)
+                logits = structure.logits_of(self.model(x))
         finally:
             self._capturing = False
             if self._math_attention is not None:
@@ -172,16 +180,22 @@ class CAM:
             )
         if logits.dim() != 2:
             raise ValueError(f"model must return logits [B,classes], got shape {tuple(logits.shape)}")
-        if not self._checked and acts.numel() != out.numel():
+        if not self._checked:
             self._check_scores_reach(logits, acts, out)
         self._checked = True
         return logits, acts
 
     def _check_scores_reach(self, logits: torch.Tensor, acts: torch.Tensor, out: torch.Tensor) -> None:
-        """Refuse a map that the class scores do not depend on while the tokens it leaves out
-        (the class token) carry their whole gradient."""
+        """Refuse a layer whose output the class scores do not depend on (no gradient reaches
+        it: the layers after it do not read it), and a map that they do not depend on while the
+        tokens it leaves out (the class token) carry their whole gradient."""
         g_map, g_out = torch.autograd.grad(logits.sum(), (acts, out), retain_graph=True, allow_unused=True)
-        if (g_map is None or not g_map.any()) and g_out is not None and g_out.any():
+        if g_map is None and g_out is None:
+            raise UnsupportedModel(
+                f"the class scores do not depend on target layer {self.target_layer!r}: no gradient reaches its "
+                "output (the layers after it do not read it); pass target_layer= of a layer on the way to the head"
+            )
+        if acts.numel() != out.numel() and (g_map is None or not g_map.any()) and g_out is not None and g_out.any():
             raise UnsupportedModel(
                 f"the class scores do not depend on the patch tokens of target layer {self.target_layer!r} "
                 "(only the prefix tokens reach the head from there): pass target_layer= of an earlier layer, "

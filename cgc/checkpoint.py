@@ -18,7 +18,7 @@ import json
 import operator
 from pathlib import Path
 
-from . import files
+from . import files, huggingface
 from .engine import RunState
 from .errors import BadFile, ConfigError
 from .runtime import rng_state, set_rng_state
@@ -179,11 +179,15 @@ class CheckpointSaver:
             self.save(state)
 
     def save_weights(self) -> Path | None:
-        """The model's plain state dict as ``OUT/model.safetensors`` (first process)."""
+        """The model's plain state dict as ``OUT/model.safetensors`` and, for a Hugging Face
+        model, its ``save_pretrained`` folder ``OUT/hf_model`` naming the classes (first
+        process)."""
         if not self.ctx.primary:
             return None
         path = self.out / WEIGHTS_FILE
         files.save_weights(self.model, path, metadata={k: json.dumps(v) for k, v in self.info.items()})
+        if huggingface.is_model(self.model):
+            huggingface.save_folder(self.model, self.out / huggingface.FOLDER, self.info["classes"])
         return path
 
     def resume(self, source: Path | None) -> RunState:

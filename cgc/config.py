@@ -109,12 +109,21 @@ class TrainConfig(Settings):
     )
     # model
     arch: str = setting(
-        "compact", "compact (a small CNN for CPUs), a torchvision classifier name, or timm:NAME", "model"
+        "compact",
+        "compact (a small CNN for CPUs), a torchvision classifier name, timm:NAME, or hf:NAME_OR_PATH (a Hugging "
+        "Face image classifier: hub name or save_pretrained folder)",
+        "model",
     )
     norm: str = setting("batch", "compact model: BatchNorm, or GroupNorm (no batch statistics)", "model", choices=NORMS)
-    pretrained: bool = setting(False, "torchvision's / timm's ImageNet weights (needs the internet)", "model")
+    pretrained: bool = setting(
+        False,
+        "torchvision's / timm's ImageNet weights (needs the internet); hf:: the folder's or the hub model's weights",
+        "model",
+    )
     weights: str | None = setting(
-        None, "local weights to start from (.pth/.pt state dict, .safetensors, or a cgc checkpoint)", "model"
+        None,
+        "local weights to start from (.pth/.pt state dict, .safetensors, a cgc checkpoint, or a save_pretrained folder)",
+        "model",
     )
     new_head: bool = setting(
         False, "with --weights: a fresh classifier head even when the weights' head has the right size", "model"
@@ -328,8 +337,8 @@ class TrainConfig(Settings):
         )
         if self.new_head and not self.weights:
             found.append("--new-head goes with --weights")
-        if self.weights and not Path(self.weights).is_file():
-            found.append(f"--weights {self.weights}: no such file")
+        if self.weights and not Path(self.weights).exists():
+            found.append(f"--weights {self.weights}: no such file or folder")
         if self.arch == "compact" and self.image_size is not None and 8 <= self.image_size < 2 * self.compact_stride:
             found.append(
                 f"--image-size {self.image_size} is too small for the compact model: its CAM layer is "
@@ -382,6 +391,8 @@ def model_option_problems(arch: str, *, pretrained: bool, weights, norm: str, st
         found.append(f"--norm and --compact-stride are options of the compact model; {arch} keeps its own")
     if arch == "compact" and pretrained:
         found.append("the compact model has no pretrained weights; use --weights PATH")
+    if arch in ("hf:", "timm:"):
+        found.append(f"--arch {arch} needs a name after the colon")
     return found
 
 

@@ -26,6 +26,7 @@ from .errors import TrainingFailed
 from .progress import progress as progress_bar
 from .runtime import autocast
 from .schedule import Schedule, TermGate
+from .structure import logits_of
 from .term import CGCTerm
 
 
@@ -143,7 +144,7 @@ def train_step(
         views = torch.cat([x, x_aug, x_ce])
         if channels_last:
             views = views.contiguous(memory_format=torch.channels_last)
-        logits = model(views)
+        logits = logits_of(model(views))
     elif unlabeled is None:
         cgc = term(x, theta=theta, extra=[x_ce], targets=y if cam_target == "label" else None)
         logits = torch.cat([cgc.logits, cgc.logits_aug, cgc.extra_logits[0]])
@@ -360,7 +361,7 @@ def validate(model, loader, device, ctx: distributed.Context, amp: str = "off") 
             if not len(y):
                 continue
             x, y = data.normalize(x.to(device, non_blocking=True)), y.to(device)
-            for k, c in metrics.topk_correct(model(x), y).items():
+            for k, c in metrics.topk_correct(logits_of(model(x)), y).items():
                 counts[f"top{k}"] += c
             counts["n"] += y.shape[0]
     counts = ctx.sum_values(counts)

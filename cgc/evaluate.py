@@ -68,11 +68,15 @@ class EvalConfig(Settings):
         (), "cgc checkpoint file or run folder (its last.pt)", MODELS, nargs="append", metavar="PATH"
     )
     arch: tuple[str, ...] = setting(
-        (), "a torchvision model name or timm:NAME, with its --weights", MODELS, nargs="append", metavar="NAME"
+        (),
+        "a torchvision model name, timm:NAME or hf:NAME_OR_PATH, with its --weights",
+        MODELS,
+        nargs="append",
+        metavar="NAME",
     )
     weights: tuple[str, ...] = setting(
         (),
-        "local state dict of the --arch given in the same position (.pth, .pt, .safetensors)",
+        "local state dict of the --arch given in the same position (.pth, .pt, .safetensors, a save_pretrained folder)",
         MODELS,
         nargs="append",
         metavar="PATH",

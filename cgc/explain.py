@@ -1,9 +1,9 @@
 """``python -m cgc.explain IMAGE...``: CAMs of the top-k classes of image files, as PNGs.
 
 The model comes from a cgc checkpoint (``--checkpoint``, with its class names, image size,
-CAM layer and method) or from a torchvision or timm architecture (``--arch`` with ``--weights
-FILE`` or ``--pretrained``; ImageNet class names from torchvision's weight metadata when the
-head has its 1000 classes). Each image is resized (shorter side) and center-cropped to the
+CAM layer and method) or from a torchvision, timm or Hugging Face architecture (``--arch`` with
+``--weights FILE`` or ``--pretrained``; class names from a Hugging Face config, or ImageNet's
+from torchvision's weight metadata when the head has its 1000 classes). Each image is resized (shorter side) and center-cropped to the
 model's input size; one PNG per image shows it and the heatmap of each of the ``--top-k``
 classes, with ``--cam`` (default: the checkpoint's method, else Grad-CAM).
 """
@@ -27,6 +27,7 @@ from .errors import BadFile, MissingFile
 from .metrics import eval_mode
 from .models import load_model
 from .settings import Settings, at_least, setting
+from .structure import logits_of
 
 
 def _cam_methods() -> tuple[str, ...]:
@@ -47,15 +48,22 @@ class ExplainConfig(Settings):
     )
     checkpoint: str | None = setting(None, "cgc checkpoint file or run folder", "model", metavar="PATH")
     arch: str | None = setting(
-        None, "torchvision architecture or timm:NAME (with --weights or --pretrained)", "model", metavar="NAME"
+        None,
+        "torchvision architecture, timm:NAME or hf:NAME_OR_PATH (with --weights or --pretrained)",
+        "model",
+        metavar="NAME",
     )
-    weights: str | None = setting(None, "--arch: local state dict file", "model", metavar="PATH")
-    pretrained: bool = setting(False, "--arch: the library's ImageNet weights", "model")
+    weights: str | None = setting(
+        None, "--arch: local state dict file (or a save_pretrained folder)", "model", metavar="PATH"
+    )
+    pretrained: bool = setting(
+        False, "--arch: the library's ImageNet weights (hf:: the folder's or the hub model's)", "model"
+    )
     num_classes: int | None = setting(
         None, "--arch: classes of the head (default: read from --weights, else 1000)", "model", check=at_least(1)
     )
     image_size: int | None = setting(
-        None, "model input size (default: the checkpoint's, else 224)", "model", check=at_least(8)
+        None, "model input size (default: the checkpoint's, else the model's own, else 224)", "model", check=at_least(8)
     )
     target_layer: str | None = setting(None, "CAM layer (default: the checkpoint's / last conv stage)", "explanations")
     cam: str | None = setting(
@@ -133,7 +141,7 @@ def run(config: ExplainConfig) -> list[Path]:
         for path, img in zip(config.images, images):
             x = data.normalize(img[None].to(device)).expand(k, -1, -1, -1)
             with torch.no_grad():
-                probs = model(x[:1]).softmax(1)[0]
+                probs = logits_of(model(x[:1])).softmax(1)[0]
             top = probs.topk(k)
             heat = resize_heatmaps(cam(x, top.indices).cams, (size, size)).cpu()
             titles = [f"{classes[int(c)]} ({100 * float(p):.1f}%)" for p, c in zip(top.values, top.indices)]

@@ -1,7 +1,8 @@
 """Model factory: a compact CNN that trains on a CPU in minutes, any torchvision classifier by
-name, or any timm model (``timm:NAME``), with the classifier head sized for the dataset and
-optional weights. Vision transformers are built for the dataset's image size (see
-:func:`build_model`), their weights resampled to it.
+name, any timm model (``timm:NAME``) or any Hugging Face ``transformers`` image classifier
+(``hf:NAME_OR_PATH``, a hub name or a ``save_pretrained`` folder), with the classifier head
+sized for the dataset and optional weights. Vision transformers are built for the dataset's
+image size (see :func:`build_model`), their weights resampled to it.
 
 Order matters and is fixed here: build -> load ImageNet/local weights -> replace the head for
 the dataset's classes. The training script builds the optimizer and restores checkpoints only
@@ -11,7 +12,9 @@ reference script got both wrong).
 
 from __future__ import annotations
 
+import copy
 import inspect
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint, structure
+from . import checkpoint, huggingface, structure
 from .config import model_option_problems
 from .errors import BadFile, ConfigError, MissingDependency, MissingFile, UnknownName, UnsupportedModel
 from .files import safe_load
 
 COMPACT = "compact"
 TIMM_PREFIX = "timm:"
+HF_PREFIX = huggingface.PREFIX
 NORMS = ("batch", "group")
 #: a ViT built for an image size keeps at least this many patch tokens per side (see patch_size_for)
 MIN_GRID = 7
@@ -103,16 +107,19 @@ def classifier_head(model: nn.Module) -> tuple[str, nn.Module]:
 def head_names(model: nn.Module) -> list[str]:
     """Dotted names of the classification layers: :func:`classifier_head`'s, and for timm's
     distilled DeiT, which averages two heads, ``head`` (class token) and ``head_dist``
-    (distillation token)."""
+    (distillation token), and Hugging Face's (``cls_classifier``, ``distillation_classifier``)."""
     name, _ = classifier_head(model)
     if name == "head_dist" and isinstance(getattr(model, "head", None), nn.Linear):
         return ["head", name]
+    if name == "distillation_classifier" and isinstance(getattr(model, "cls_classifier", None), nn.Linear):
+        return ["cls_classifier", name]  # Hugging Face's DeiT with its teacher's head
     return [name]
 
 
 def replace_head(model: nn.Module, num_classes: int, *, fresh: bool = False) -> nn.Module:
     """Swap the classifier head(s) (:func:`head_names`) for freshly initialized ones with
-    ``num_classes`` outputs (kept when they already have that many, unless ``fresh``)."""
+    ``num_classes`` outputs (kept when they already have that many, unless ``fresh``); a
+    Hugging Face model's config counts the new classes too."""
     for name in head_names(model):
         old = model.get_submodule(name)
         out = old.out_features if isinstance(old, nn.Linear) else old.out_channels
@@ -126,15 +133,20 @@ def replace_head(model: nn.Module, num_classes: int, *, fresh: bool = False) -> 
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, new)
+    if huggingface.is_model(model):
+        huggingface.set_classes(model, num_classes)
     return model
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from a local file: a plain state dict, or a cgc checkpoint (its
     ``model``), or a ``{"state_dict": ...}`` wrapper, loaded with ``weights_only=True``; or a
-    ``.safetensors`` file (timm's and the Hugging Face hub's format). A ``module.`` prefix
-    (DataParallel / DDP) is stripped."""
+    ``.safetensors`` file (timm's and the Hugging Face hub's format); or a Hugging Face
+    ``save_pretrained`` folder (its model's state dict). A ``module.`` prefix (DataParallel /
+    DDP) is stripped."""
     path = Path(path)
+    if path.is_dir():
+        return huggingface.folder_state(path)
     if path.suffix == ".safetensors":
         if not path.is_file():
             raise MissingFile(f"weights file not found: {path}")
@@ -170,11 +182,14 @@ def build_model(
     """A classifier with ``num_classes`` outputs.
 
     ``arch`` is ``compact`` (with ``norm`` and ``stride``), any torchvision classification
-    model name, or ``timm:NAME`` for any timm model (``timm`` is optional). ``pretrained``
-    loads the library's default weights (downloaded: needs the internet or a filled cache).
-    ``weights`` loads a local state dict, whose head may have the architecture's original
-    class count (then it is replaced) or ``num_classes`` (then it is kept, unless
-    ``new_head``: fine-tuning on other classes).
+    model name, ``timm:NAME`` for any timm model, or ``hf:NAME_OR_PATH`` for a Hugging Face
+    image classifier (a hub name or a local ``save_pretrained`` folder; ``timm`` and
+    ``transformers`` are optional). ``pretrained`` loads the library's default weights
+    (downloaded: needs the internet or a filled cache; for ``hf:`` the folder's or the hub
+    model's weights, without it the architecture of its config with fresh weights).
+    ``weights`` loads a local state dict (or a ``save_pretrained`` folder), whose head may have
+    the architecture's original class count (then it is replaced) or ``num_classes`` (then it
+    is kept, unless ``new_head``: fine-tuning on other classes).
 
     ``image_size`` (the dataset's) builds a vision transformer for that size; CNNs ignore it.
     A ViT (timm's ViT/DeiT/EVA/BEiT, torchvision's ``vit_*``) keeps its patch size unless that
@@ -188,7 +203,11 @@ def build_model(
     ``weights``) are resampled to the model: timm's own ``checkpoint_filter_fn`` of the model's
     family (position embeddings, patch kernel, relative position tables), torchvision's
     ``interpolate_embeddings`` and a pseudo-inverse resize of the patch kernel (FlexiViT's) for
-    its ViTs. A size a model cannot take is a :class:`cgc.errors.ConfigError`.
+    its ViTs. A Hugging Face ViT, DeiT, BEiT or DINOv2 gets the same patch rule, a Swin the same
+    sizes with its window shrunk to its last stage's map when that is smaller (its stages must
+    each hold a whole window); their configs are rebuilt for the size and the weights resampled
+    (position embeddings, patch kernel, relative position tables). A size a model cannot take is
+    a :class:`cgc.errors.ConfigError`.
     """
     problems = model_option_problems(arch, pretrained=pretrained, weights=weights, norm=norm, stride=stride)
     if problems:
@@ -197,6 +216,8 @@ def build_model(
         model: nn.Module = CompactCNN(num_classes, norm=norm, stride=stride)
     elif arch.startswith(TIMM_PREFIX):
         model = _build_timm(arch[len(TIMM_PREFIX) :], pretrained, image_size)
+    elif arch.startswith(HF_PREFIX):
+        model = _build_hf(arch[len(HF_PREFIX) :], pretrained, image_size)
     else:
         model = _build_torchvision(arch, pretrained, image_size)
     if weights is not None:
@@ -335,12 +356,92 @@ def _timm_size_args(timm, name: str, image_size: int) -> dict:
     return args
 
 
+def _build_hf(name: str, pretrained: bool, image_size: int | None) -> nn.Module:
+    """The Hugging Face classifier ``name`` for ``image_size`` (None: the size of its config),
+    with its own head: fresh weights, or its pretrained ones resampled to the size."""
+    config = huggingface.load_config(name)
+    if image_size is not None:
+        config = _hf_sized(f"{HF_PREFIX}{name}", config, image_size)
+    model = huggingface.new_model(config)
+    if pretrained:
+        source = huggingface.pretrained_model(name)
+        _load(model, fit_state(model, source.state_dict()), f"{HF_PREFIX}{name}")
+    return model
+
+
+def _hf_sized(arch: str, config, image_size: int):
+    """A copy of a Hugging Face ``config`` for ``image_size`` images (see :func:`build_model`);
+    a CNN's config only declares the size."""
+    config = copy.deepcopy(config)
+    family = structure.hf_family(config)
+    if family == "swin":
+        _check_swin(arch, image_size)
+        last = image_size // (structure.size_pair(config.patch_size)[0] << (len(config.depths) - 1))
+        config.window_size = min(config.window_size, last)
+    elif family == "vit":
+        config.patch_size = patch_size_for(arch, image_size, structure.size_pair(config.patch_size)[0])
+    if family is not None or hasattr(config, "image_size"):
+        config.image_size = image_size
+    return config
+
+
+def _fit_hf_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` of a Hugging Face model made at another image, patch or window size, resampled
+    to ``model``: absolute position embeddings (bicubic, prefix tokens kept), the patch kernel
+    (:func:`resample_patch_kernel`) and relative position tables (bicubic; their index buffers,
+    which older transformers versions save, are the model's own)."""
+    own = model.state_dict()
+    config = model.config
+    grid = tuple(s // p for s, p in zip(structure.size_pair(config.image_size), structure.size_pair(config.patch_size)))
+    fitted = dict(state)
+    for key, value in state.items():
+        want = own.get(key)
+        if want is None or want.shape == value.shape:
+            continue
+        if key.endswith("position_embeddings") and value.dim() == 3:
+            fitted[key] = _resize_positions(value, want.shape[1] - grid[0] * grid[1], grid)
+        elif key.endswith("patch_embeddings.projection.weight"):
+            fitted[key] = resample_patch_kernel(value, tuple(want.shape[-2:]))
+        elif key.endswith("relative_position_bias_table"):
+            fitted[key] = _resize_relative_table(value, want.shape[0])
+        elif key.endswith("relative_position_index"):  # derived from the window: the model's own
+            fitted[key] = want
+    return fitted
+
+
+def _resize_positions(pos: torch.Tensor, prefix: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Position embeddings ``[1, prefix + n*n, C]`` for a ``grid`` of patches."""
+    side = math.isqrt(pos.shape[1] - prefix)
+    patches = pos[:, prefix:].reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
+    patches = F.interpolate(patches, size=grid, mode="bicubic", align_corners=False, antialias=True)
+    return torch.cat([pos[:, :prefix], patches.permute(0, 2, 3, 1).flatten(1, 2).to(pos.dtype)], 1)
+
+
+def _resize_relative_table(table: torch.Tensor, rows: int) -> torch.Tensor:
+    """A relative position table ``[(2a-1)^2 + extra, heads]`` with ``rows`` rows: its
+    ``(2a-1) x (2a-1)`` part resized (bicubic), its ``extra`` rows (BEiT's 3 class-token
+    entries) kept."""
+
+    def square(n: int) -> bool:
+        return n > 0 and math.isqrt(n) ** 2 == n
+
+    extra = next((e for e in (0, 3) if square(table.shape[0] - e) and square(rows - e)), None)
+    if extra is None:
+        raise UnsupportedModel(f"cannot resample a relative position table of {table.shape[0]} rows to {rows}")
+    old, new = math.isqrt(table.shape[0] - extra), math.isqrt(rows - extra)
+    grid = table[: old * old].T.reshape(1, -1, old, old).float()
+    grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
+    return torch.cat([grid.reshape(-1, new * new).T.to(table.dtype), table[old * old :]])
+
+
 def fit_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``state`` resampled to ``model``'s image and patch size where ``model`` is a vision
     transformer (:func:`cgc.structure.describe`); other models' states are returned as they are."""
     info = structure.describe(model)
     if info is None:
         return state
+    if huggingface.is_model(model):
+        return _fit_hf_state(model, state)
     family = next((c.__module__ for c in type(model).__mro__ if c.__module__.startswith("timm.")), None)
     if family is not None:
         fit = getattr(sys.modules[family], "checkpoint_filter_fn", None)
@@ -392,6 +493,8 @@ def imagenet_categories(arch: str, num_classes: int) -> list[str] | None:
     timm model with a 1000-class head: ImageNet-1k's, in the order timm uses too)."""
     import torchvision
 
+    if arch.startswith(HF_PREFIX):
+        return None
     if arch.startswith(TIMM_PREFIX):
         arch = "resnet50"
     try:
@@ -427,16 +530,47 @@ def load_model(
     image_size: int | None = None,
 ) -> LoadedModel:
     """A cgc checkpoint's model (its classes, image size, CAM layer and method; a transformer is
-    rebuilt for the image size stored with it), or ``arch`` with its local ``weights`` (head
-    size read from them unless ``num_classes``) or the library's ``pretrained`` ones (ImageNet
-    class names for 1000-class heads), built for ``image_size`` (default 224; see
-    :func:`build_model`)."""
+    rebuilt for the image size stored with it, a Hugging Face model from the config stored with
+    it), or ``arch`` with its local ``weights`` (head size read from them unless
+    ``num_classes``) or the library's ``pretrained`` ones (class names: a Hugging Face config's,
+    or ImageNet's for 1000-class heads), built for ``image_size`` (default: the size the model
+    declares, else 224; see :func:`build_model`)."""
     if checkpoint_path:
-        ckpt = checkpoint.load(checkpoint_path)
-        targs = ckpt["config"]
-        num = len(ckpt.get("classes") or []) or targs.get("num_classes")
-        classes = list(ckpt.get("classes") or [f"class {i}" for i in range(num)])
-        size = ckpt["image_size"]
+        return _from_checkpoint(checkpoint_path)
+    num = num_classes
+    if num is None and weights:
+        head, _ = classifier_head(build_model(arch, 1000))
+        w = load_state_dict_file(weights).get(f"{head}.weight")
+        num = w.shape[0] if w is not None else 1000
+    if num is None and pretrained and arch.startswith(HF_PREFIX):
+        num = huggingface.load_config(arch[len(HF_PREFIX) :]).num_labels
+    num = num or 1000
+    model = build_model(arch, num, image_size=image_size, pretrained=pretrained, weights=weights)
+    named = huggingface.class_names(model, num) if huggingface.is_model(model) else None
+    classes = named or imagenet_categories(arch, num) or [f"class {i}" for i in range(num)]
+    size = image_size or structure.declared_size(model) or (224, 224)
+    return LoadedModel(
+        model,
+        classes,
+        structure.size_pair(size)[0],
+        None,
+        "gradcam",
+        {"arch": arch},
+        str(weights or f"{arch} (pretrained)"),
+        False,
+    )
+
+
+def _from_checkpoint(path: str | Path) -> LoadedModel:
+    """The model of the cgc checkpoint ``path`` with what the checkpoint says of it."""
+    ckpt = checkpoint.load(path)
+    targs = ckpt["config"]
+    num = len(ckpt.get("classes") or []) or targs.get("num_classes")
+    classes = list(ckpt.get("classes") or [f"class {i}" for i in range(num)])
+    size = ckpt["image_size"]
+    if ckpt.get("hf_config"):  # rebuilt offline, as it trained, whatever became of its source
+        model = replace_head(huggingface.new_model(huggingface.config_from_json(ckpt["hf_config"])), num)
+    else:
         model = build_model(
             targs.get("arch", COMPACT),
             num,
@@ -444,37 +578,10 @@ def load_model(
             norm=targs.get("norm", "batch"),
             stride=targs.get("compact_stride", 8),
         )
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError as err:
-            raise UnsupportedModel(
-                f"the weights in {checkpoint_path} do not fit {targs.get('arch')}: {str(err).splitlines()[0]}"
-            ) from err
-        return LoadedModel(
-            model,
-            classes,
-            size,
-            ckpt.get("target_layer"),
-            ckpt["cam"],
-            targs,
-            str(checkpoint_path),
-            True,
-        )
-    num = num_classes
-    if num is None and weights:
-        head, _ = classifier_head(build_model(arch, 1000))
-        w = load_state_dict_file(weights).get(f"{head}.weight")
-        num = w.shape[0] if w is not None else 1000
-    num = num or 1000
-    model = build_model(arch, num, image_size=image_size, pretrained=pretrained, weights=weights)
-    classes = imagenet_categories(arch, num) or [f"class {i}" for i in range(num)]
-    return LoadedModel(
-        model,
-        classes,
-        image_size or 224,
-        None,
-        "gradcam",
-        {"arch": arch},
-        str(weights or f"{arch} (pretrained)"),
-        False,
-    )
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise UnsupportedModel(
+            f"the weights in {path} do not fit {targs.get('arch')}: {str(err).splitlines()[0]}"
+        ) from err
+    return LoadedModel(model, classes, size, ckpt.get("target_layer"), ckpt["cam"], targs, str(path), True)

@@ -5,7 +5,7 @@ are laid out in memory.
 - **Reading a layer as a map.** A CAM needs the layer's output as ``[B,C,h,w]``. A CNN's layers
   give one. A vision transformer's give tokens ``[B,T,C]`` (the prefix tokens first: class,
   distillation, registers; then the ``h*w`` patch tokens row by row), and Swin's stages give
-  channels-last maps ``[B,h,w,C]``. A :class:`TokenMap` names one of these layouts and reads it
+  channels-last maps ``[B,h,w,C]`` (Hugging Face's: tokens, each stage at its own stride). A :class:`TokenMap` names one of these layouts and reads it
   as a map with a slice, view and permute, so the map stays in the autograd graph (the CGC
   term differentiates through it twice); :class:`CustomReshape` does the same with a function
   the user writes, as pytorch-grad-cam's ``reshape_transform``.
@@ -13,12 +13,16 @@ are laid out in memory.
   shape alone (a ``[B,h,w,C]`` map with ``h == C`` reads either way): :func:`describe`
   recognizes timm's ``VisionTransformer`` (DeiT, distilled DeiT, register tokens), ``Eva``,
   ``Beit``, ``SwinTransformer`` (v1, v2) and torchvision's ``VisionTransformer`` and
-  ``SwinTransformer`` by their classes, and reads from their attributes where the blocks, the
-  final norm and the patch embedding are, how many prefix tokens there are, how many pixels
+  ``SwinTransformer`` by their classes, Hugging Face's ViT, DeiT, BEiT, DINOv2 and Swin image
+  classifiers by their configs' ``model_type``, and reads from their attributes and configs
+  where the blocks, the final norm and the patch embedding are, how many prefix tokens there are, how many pixels
   each patch token covers (so the grid follows the input of a ``dynamic_img_size`` model) and
   which tokens the head reads. :func:`layer_layout` gives one layer's layout.
 - **Finding the layer.** :func:`find_target_layer` applies a written rule to one traced
-  forward pass on the meta device (:func:`trace`).
+  forward pass on the meta device (:func:`trace`), at the size the model declares
+  (:func:`declared_size`).
+- **Reading the output.** :func:`logits_of` finds the class scores in whatever a model returns
+  (a tensor, a Hugging Face ``ModelOutput``, a tuple); :func:`first_tensor` reads a layer's.
 - **Memory format.** :func:`to_channels_last` stores a model's 4-D weights channels-last.
 
 Callers describe a model once (:func:`describe`) and pass the description on.
@@ -26,10 +30,11 @@ Callers describe a model once (:func:`describe`) and pass the description on.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -143,10 +148,13 @@ class Transformer:
     ``blocks``: the container of its blocks (Swin: of its stages), last child last;
     ``final_norm``: the norm after the last block (None when it is an ``nn.Identity``);
     ``embedding``: the patch embedding (the stem); ``tokens``: the layout of every layer after
-    the embedding; ``class_token_head``: the head reads only the prefix tokens;
+    the embedding; ``class_token_head``: the head reads the class token (alone, or beside the
+    mean of the patch tokens as DINOv2's does), not only pooled patch tokens;
     ``image_size``: the size it was built for (None: any), ``dynamic``: it takes other sizes
     (multiples of the stride) too; ``cascade``: containers whose children are its
-    randomization steps (from the head down: the blocks one by one)."""
+    randomization steps (from the head down: the blocks one by one); ``grids``: layers whose
+    token grid is coarser than ``tokens``' (Hugging Face's Swin, whose stages give tokens):
+    ``(dotted name, stride)``, for that layer and everything in it, the longest name wins."""
 
     family: str
     blocks: str
@@ -157,6 +165,14 @@ class Transformer:
     image_size: tuple[int, int] | None
     dynamic: bool
     cascade: tuple[str, ...]
+    grids: tuple[tuple[str, tuple[int, int]], ...] = ()
+
+    def layout(self, name: str) -> TokenMap:
+        """The layout of the output of layer ``name`` (one after the patch embedding)."""
+        found = [(n, s) for n, s in self.grids if name == n or name.startswith(n + ".")]
+        if not found:
+            return self.tokens
+        return dataclasses.replace(self.tokens, stride=max(found, key=lambda f: len(f[0]))[1])
 
     def last_block(self, model: nn.Module) -> tuple[str, nn.Module]:
         """``(dotted name, module)`` of the last block (Swin: the last stage)."""
@@ -175,13 +191,55 @@ class Transformer:
         return None
 
 
+def logits_of(output) -> torch.Tensor:
+    """The class scores in a model's ``output``: the output itself when it is a tensor, its
+    ``logits`` (a Hugging Face ``ModelOutput``, a dict), or the first element of a tuple or
+    list; :class:`cgc.errors.UnsupportedModel` naming what the output holds otherwise."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
+    if logits is None and isinstance(output, (tuple, list)) and output:
+        logits = output[0]
+    if isinstance(logits, torch.Tensor):
+        return logits
+    held = f" with {', '.join(map(repr, output))}" if isinstance(output, Mapping) else ""
+    raise UnsupportedModel(
+        f"the model's output is a {type(output).__name__}{held}, without logits: cgc reads a tensor, the "
+        "'logits' of a Hugging Face ModelOutput or dict, or the first element of a tuple"
+    )
+
+
 def describe(model: nn.Module) -> Transformer | None:
     """The :class:`Transformer` structure of a recognized vision transformer (an instance of
     a class the module docstring lists, or of a subclass), else None."""
     info = _timm(model) if "timm" in sys.modules else None
     if info is None and "torchvision" in sys.modules:
         info = _torchvision(model)
+    if info is None and sys.modules.get("transformers") is not None:
+        info = _huggingface(model)
     return info
+
+
+def size_pair(size) -> tuple[int, int]:
+    """``(H, W)`` of a size given as one side or as two."""
+    return (int(size), int(size)) if isinstance(size, (int, float)) else (int(size[0]), int(size[1]))
+
+
+def declared_size(model: nn.Module, info: Transformer | None = None) -> tuple[int, int] | None:
+    """The input size ``(H, W)`` ``model`` declares: a recognized transformer's (``info``), a
+    Hugging Face config's ``image_size``, timm's ``pretrained_cfg`` / ``default_cfg``
+    ``input_size`` or its ``img_size``; None when it declares none."""
+    if info is not None and info.image_size is not None:
+        return info.image_size
+    config = getattr(model, "config", None)
+    size = getattr(config, "image_size", None)
+    if size is None:
+        cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+        if isinstance(cfg, dict) and cfg.get("input_size"):
+            size = tuple(cfg["input_size"][-2:])
+    if size is None:
+        size = getattr(model, "img_size", None)
+    return size_pair(size) if size else None
 
 
 def _norm_name(module: nn.Module, name: str) -> str | None:
@@ -239,6 +297,70 @@ def _torchvision(model: nn.Module) -> Transformer | None:
     return None
 
 
+#: Hugging Face ``model_type``s of the ViT family
+_HF_VITS = ("vit", "deit", "beit", "dinov2", "dinov2_with_registers")
+
+
+def _hf_vit_reading(config) -> tuple[bool, bool]:
+    """``(class_token_head, dynamic)`` of a Hugging Face ViT-family config: BEiT's head reads the
+    mean of the patch tokens unless its config says otherwise, every other head the class
+    token; DINOv2 interpolates its position embeddings on every call, and a BEiT without
+    position embeddings or tables takes any multiple of its patch, the others their own size."""
+    if config.model_type == "beit":
+        tables = (
+            config.use_absolute_position_embeddings
+            or config.use_relative_position_bias
+            or config.use_shared_relative_position_bias
+        )
+        return not config.use_mean_pooling, not tables
+    return True, config.model_type.startswith("dinov2")
+
+
+def hf_family(config) -> str | None:
+    """``vit`` or ``swin``: the transformer family of a Hugging Face config that cgc recognizes
+    (None: another model, a CNN for one)."""
+    model_type = getattr(config, "model_type", None)
+    return "vit" if model_type in _HF_VITS else "swin" if model_type == "swin" else None
+
+
+def _huggingface(model: nn.Module) -> Transformer | None:
+    """The structure of a Hugging Face ``transformers`` ViT, DeiT (with or without its teacher
+    head), BEiT, DINOv2 (with or without registers) or Swin image classifier, read from its
+    config and attributes; where the blocks are is found, not named, since transformers renames
+    them between versions (``vit.encoder.layer`` became ``vit.layers``)."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        return None
+    config = model.config
+    base = model.base_model_prefix if isinstance(getattr(model, model.base_model_prefix, None), nn.Module) else ""
+    blocks = next((n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and n.startswith(base)), None)
+    if blocks is None or not hasattr(model.get_submodule(base), "layernorm"):
+        return None
+    norm = _norm_name(model, f"{base}.layernorm" if base else "layernorm")
+    parts = blocks.split(".")
+    cascade = tuple(".".join(parts[: i + 1]) for i in range(len(parts)))
+    embedding = f"{base}.embeddings" if base else "embeddings"
+    patch, size = size_pair(config.patch_size), size_pair(config.image_size)
+    if hf_family(config) == "vit":
+        class_token, dynamic = _hf_vit_reading(config)
+        emb = model.get_submodule(embedding)
+        prefix = sum(getattr(emb, a, None) is not None for a in ("cls_token", "distillation_token"))
+        tokens = TokenMap("tokens", prefix + int(getattr(config, "num_register_tokens", 0) or 0), patch)
+        return Transformer("vit", blocks, norm, embedding, tokens, class_token, size, dynamic, cascade)
+    if hf_family(config) == "swin":
+        grids = []
+        for k, (name, stage) in enumerate(model.get_submodule(blocks).named_children()):
+            grids.append((f"{blocks}.{name}.blocks", (patch[0] << k, patch[1] << k)))
+            k += getattr(stage, "downsample", None) is not None
+            grids.append((f"{blocks}.{name}", (patch[0] << k, patch[1] << k)))
+        if norm is not None:
+            grids.append((norm, grids[-1][1]))
+        tokens = TokenMap("tokens", 0, patch, pad=True)
+        return Transformer("swin", blocks, norm, embedding, tokens, False, size, False, cascade, tuple(grids))
+    return None
+
+
 def layer_layout(model: nn.Module, name: str, info: Transformer | None = None) -> TokenMap:
     """The layout of layer ``name``'s output: ``nchw`` for convolutions and for models
     :func:`describe` does not recognize, the transformer's token layout for every layer after
@@ -253,7 +375,7 @@ def layer_layout(model: nn.Module, name: str, info: Transformer | None = None) -
             f"layer {name!r} is part of {type(model).__name__}'s patch embedding (the stem: its maps are "
             "edge maps); pass target_layer= of a later layer, or reshape= (layer output -> [B,C,h,w])"
         )
-    return info.tokens
+    return info.layout(name)
 
 
 # ----------------------------------------------------------------------------- the CAM layer
@@ -290,13 +412,14 @@ def find_target_layer(model: nn.Module, input_size: int | tuple[int, int] | None
 
     The rule: for the vision transformers :func:`describe` recognizes, the end
     of the blocks, on the side the head reads. A class-token head (timm ``global_pool ==
-    'token'``: ViT, DeiT and distilled DeiT, register-token ViTs; torchvision's ViT) sees only
-    the prefix tokens after the last block, so the final norm's patch tokens get no gradient:
-    the layer is the last block's first norm, at the input side of the attention that mixes
-    the patch tokens into the class token (``blocks.11.norm1``,
-    ``encoder.layers.encoder_layer_11.ln_1``). A head that pools the patch tokens (Swin, timm
-    ViT/EVA/BEiT with ``global_pool='avg'``) reads the final norm (``norm``; the last block
-    when that norm is an ``nn.Identity``). For any other model: the last module to finish that
+    'token'``: ViT, DeiT and distilled DeiT, register-token ViTs; torchvision's ViT; Hugging
+    Face's ViT and DeiT) sees only the prefix tokens after the last block, so the final norm's
+    patch tokens get no gradient: the layer is the last block's first norm, at the input side
+    of the attention that mixes the patch tokens into the class token (``blocks.11.norm1``,
+    ``encoder.layers.encoder_layer_11.ln_1``, ``vit.layers.11.layernorm_before``); so does
+    DINOv2's, which adds the patch tokens' mean (the final norm would show only its share). A
+    head that pools the patch tokens (Swin, timm ViT/EVA/BEiT with ``global_pool='avg'``,
+    Hugging Face's BEiT) reads the final norm (the last block when it is an ``nn.Identity``). For any other model: the last module to finish that
     contains a convolution (or is a normalization or activation after one) and outputs a 4-D
     map with more than one pixel: ``layer4`` for ResNets, ``features`` for torchvision's
     VGG/DenseNet/MobileNet/EfficientNet/ConvNeXt, ``bn2`` (norm + activation after
@@ -308,16 +431,16 @@ def find_target_layer(model: nn.Module, input_size: int | tuple[int, int] | None
     this input size, with :class:`cgc.errors.UnsupportedModel` (pass ``target_layer=`` and,
     for tokens, ``reshape=``).
 
-    Runs one forward pass of ``input_size`` images (default: the size a transformer was built
-    for, else 224) on the ``meta`` device through :func:`torch.func.functional_call` with meta
-    stand-ins for every parameter and buffer: nothing is copied or computed, and the real
+    Runs one forward pass of ``input_size`` images (default: the size the model declares,
+    :func:`declared_size`, else 224) on the ``meta`` device through
+    :func:`torch.func.functional_call` with meta stand-ins for every parameter and buffer: nothing is copied or computed, and the real
     model, its values and its mode are untouched. ``info``: the model's :func:`describe`, when
     the caller has it.
     """
     inner, prefix = unwrap(model)
     if info is UNDESCRIBED:
         info = describe(inner)
-    size = input_size or (info.image_size if info is not None else None) or 224
+    size = input_size or declared_size(inner, info) or 224
     hw = (size, size) if isinstance(size, int) else tuple(size)
     runs = trace(inner, hw)
     if info is not None:
@@ -356,6 +479,14 @@ def find_target_layer(model: nn.Module, input_size: int | tuple[int, int] | None
     return prefix + found.name
 
 
+def first_tensor(out) -> torch.Tensor | None:
+    """A layer's output as cgc reads it: the tensor, or the first element of a tuple or list
+    (Hugging Face's blocks return ``(hidden states, attention weights, ...)``); None otherwise."""
+    if isinstance(out, (tuple, list)) and out:
+        out = out[0]
+    return out if isinstance(out, torch.Tensor) else None
+
+
 @dataclass
 class ModuleRun:
     """One module's run in the meta forward pass: event counts at its start and end, and the
@@ -387,7 +518,8 @@ def trace(inner: nn.Module, hw: tuple[int, int]) -> list[ModuleRun]:
 
     def after(name):
         def hook(_module, _inp, out):
-            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else ()
+            first = first_tensor(out)
+            shape = tuple(first.shape) if first is not None else ()
             runs.append(ModuleRun(name, started[name].pop(), next(clock), shape))
 
         return hook
@@ -434,7 +566,7 @@ def _transformer_layer(inner: nn.Module, info: Transformer, runs: list[ModuleRun
     if not shape:
         raise UnsupportedModel(f"{name!r} of {type(inner).__name__} did not run: pass target_layer=")
     try:
-        h, w = info.tokens.to_map(torch.empty(shape, device="meta"), hw).shape[-2:]
+        h, w = info.layout(name).to_map(torch.empty(shape, device="meta"), hw).shape[-2:]
     except UnsupportedModel as err:
         raise UnsupportedModel(
             f"{name!r} of {type(inner).__name__} cannot be read as a map: {err}; pass target_layer= and reshape="

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from . import cli, data, distributed, metrics, models, runtime, tables, viz
+from . import cli, data, distributed, huggingface, metrics, models, runtime, tables, viz
 from .cam import CAM
 from .checkpoint import WEIGHTS_FILE, CheckpointSaver
 from .config import TrainConfig, expected_world_size, parse
@@ -457,6 +457,8 @@ def run(config: TrainConfig, ctx: distributed.Context | None = None) -> dict:
         opt = build_optimizer(model, config)
         bundle = train_data.bundle
         info = {"classes": bundle.classes, "image_size": bundle.image_size, "cam": config.cam}
+        if huggingface.is_model(model):  # the checkpoints rebuild it without its source
+            info["hf_config"] = huggingface.config_json(model)
         cam, net, term = build_term(config, model, ctx)
         stack.callback(cam.close)
         if term is not None:
@@ -485,7 +487,8 @@ def run(config: TrainConfig, ctx: distributed.Context | None = None) -> dict:
     if ctx.primary:
         log.info(
             f"wrote {out}/: metrics.json, log.jsonl, steps.jsonl, last.pt, best.pt, {WEIGHTS_FILE}, "
-            "overlays.png, curves.png, config.yaml"
+            + (f"{huggingface.FOLDER}/, " if huggingface.is_model(model) else "")
+            + "overlays.png, curves.png, config.yaml"
         )
     return results
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cam import resize_heatmaps
+from ..structure import logits_of
 from .common import eval_mode
 
 #: RISE's reference: 224 * 8 pixels per step at 224 x 224, i.e. 28 steps (+ the start image)
@@ -83,14 +84,14 @@ def insertion_deletion(
     scores = torch.empty(B * (n + 1), device=images.device)
     with eval_mode(model), torch.no_grad():
         if targets is None:
-            targets = model(images).argmax(1)
+            targets = logits_of(model(images)).argmax(1)
         targets = targets.to(images.device).long()
         for p0 in range(0, B * (n + 1), batch_size):
             p = torch.arange(p0, min(p0 + batch_size, B * (n + 1)), device=images.device)
             b, i = p // (n + 1), p % (n + 1)
             changed = rank[b] < (i * step).view(-1, 1, 1, 1)
             x = torch.where(changed, finish[b], start[b])
-            probs = model(x).float().softmax(1)
+            probs = logits_of(model(x)).float().softmax(1)
             scores[p0 : p0 + p.shape[0]] = probs.gather(1, targets[b, None])[:, 0]
     curves = scores.view(B, n + 1)
     return auc(curves), curves

@@ -54,7 +54,7 @@ def _units(model: nn.Module, expand: tuple[str, ...]) -> dict[str, nn.Module]:
     return units
 
 
-def _execution_order(units: dict[str, nn.Module], model: nn.Module, input_size: int) -> list[str]:
+def _execution_order(units: dict[str, nn.Module], model: nn.Module, hw: tuple[int, int]) -> list[str]:
     """Names of ``units`` in the order their forward passes finish (one pass of ``model`` on the
     meta device, nothing copied); units that do not run are left out."""
     done: list[str] = []
@@ -64,7 +64,7 @@ def _execution_order(units: dict[str, nn.Module], model: nn.Module, input_size: 
         for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
     }
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    x = torch.empty(2, 3, input_size, input_size, dtype=dtype, device="meta")
+    x = torch.empty(2, 3, *hw, dtype=dtype, device="meta")
     try:
         with torch.no_grad():
             torch.func.functional_call(model, stand_ins, (x,))
@@ -75,7 +75,7 @@ def _execution_order(units: dict[str, nn.Module], model: nn.Module, input_size: 
 
 
 def randomization_steps(
-    model: nn.Module, granularity: str = "stage", input_size: int = 224
+    model: nn.Module, granularity: str = "stage", input_size: int | None = None
 ) -> list[tuple[str, list[nn.Module]]]:
     """``[(name, modules)]``: what each step of the cascade re-initializes, from the head down.
 
@@ -83,7 +83,9 @@ def randomization_steps(
     vision transformer (:func:`cgc.structure.describe`) its blocks one by one (a ViT's
     ``blocks``, torchvision's ``encoder.layers``, Swin's stages), after the head and final
     norm and before the patch embedding. Tensors the model or an expanded container holds
-    itself (class token, position embedding) are not randomized.
+    itself (class token, position embedding) are not randomized. The order comes from one
+    forward pass of ``input_size`` images on the meta device (default: the size the model
+    declares, :func:`cgc.structure.declared_size`, else 224).
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
@@ -92,7 +94,8 @@ def randomization_steps(
         return [(n, [m]) for n, m in reversed(found)]
     info = structure.describe(model)
     units = _units(model, info.cascade if info is not None else ())
-    order = [n for n in _execution_order(units, model, input_size) if any(True for _ in units[n].parameters())]
+    hw = (input_size, input_size) if input_size else structure.declared_size(model, info) or (224, 224)
+    order = [n for n in _execution_order(units, model, hw) if any(True for _ in units[n].parameters())]
     if not order:
         raise ValueError(f"{type(model).__name__} has no top-level block with parameters to randomize")
     return [(n, [units[n]]) for n in reversed(order)]

@@ -24,6 +24,7 @@ from .. import data, transforms
 from ..cam import CAM, resize_heatmaps
 from ..errors import UnknownName
 from ..progress import progress
+from ..structure import logits_of
 from .common import box_region, eval_batches, eval_mode, topk_correct
 from .complexity import complexity, sparseness
 from .consistency import consistency
@@ -73,7 +74,7 @@ class EvalBatch:
     def logits(self) -> torch.Tensor:
         def run():
             with torch.no_grad():
-                return self.cam.model(self.x)
+                return logits_of(self.cam.model(self.x))
 
         return self.get("logits", run)
 
