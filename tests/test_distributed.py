@@ -157,9 +157,11 @@ def one_and_two_processes(config: TrainConfig, tmp_path: Path) -> tuple[list[dic
 def assert_same_steps(one: list[dict], two: list[dict], count: int, rel: float) -> None:
     assert len(one) == len(two) == count
     for a, b in zip(one, two):
-        assert a["step"] == b["step"] and a["lr"] == b["lr"]
+        assert a["step"] == b["step"] and a["lr"] == b["lr"] and a.keys() == b.keys()
+        assert a.get("lambda") == b.get("lambda")
         for key in ("loss", "ce", "cgc"):
-            assert abs(a[key] - b[key]) <= rel * abs(a[key]), (a["step"], key, a[key], b[key])
+            if key in a:  # cgc: not before the term's gate opens
+                assert abs(a[key] - b[key]) <= rel * abs(a[key]), (a["step"], key, a[key], b[key])
 
 
 def test_two_processes_equal_one_with_uniform_crops_and_class_negatives(tmp_path):
@@ -167,6 +169,16 @@ def test_two_processes_equal_one_with_uniform_crops_and_class_negatives(tmp_path
     anchors, so two processes take the steps of one."""
     options = TOY.replace(epochs=1, crop_sampler="uniform", class_negatives=2)
     assert_same_steps(*one_and_two_processes(options, tmp_path), count=8, rel=1e-5)
+
+
+def test_two_processes_equal_one_with_the_safeguards(tmp_path):
+    """The term's gate opens on the global batch's training top-1 (all-reduced), so at the same
+    step on one and on two processes; the label's CAMs and the detached target change nothing
+    about the equality."""
+    options = TOY.replace(epochs=3, term_gate=0.45, cam_target="label", detach_target=True)
+    one, two = one_and_two_processes(options, tmp_path)
+    assert_same_steps(one, two, count=24, rel=1e-5)
+    assert one[0]["lambda"] == 0  # the gate starts closed
 
 
 def test_two_processes_equal_one_on_a_vision_transformer(tmp_path):
