@@ -28,6 +28,8 @@ NEGATIVES = ("global", "local")
 PADDINGS = ("border", "zeros")
 NORMS = ("batch", "group")
 CAM_TARGETS = ("predicted", "label")
+#: the settings that make the CGC term safe to turn on; meaningless (and refused when changed) for --loss ce
+TERM_SAFEGUARDS = ("cam_target", "term_gate", "detach_target")
 
 
 def _datasets() -> tuple[str, ...]:
@@ -196,14 +198,14 @@ class TrainConfig(Settings):
         metavar="K",
     )
     cam_target: str = setting(
-        "predicted",
+        "label",
         "the class the CGC term's CAMs explain on labeled images: the one predicted on the original view (the "
         "paper's), or the label; unlabeled images always use the predicted one",
         "CGC",
         choices=CAM_TARGETS,
     )
     term_gate: float = setting(
-        0.0,
+        0.5,
         "cross-entropy first: the CGC term waits until the training top-1 (a moving average over about 50 steps) "
         "reaches this fraction, then --lambda-warmup-epochs ramp it in (0: on from the first step)",
         "CGC",
@@ -317,7 +319,8 @@ class TrainConfig(Settings):
         cgc = self.loss != "ce"
         if cgc and self.batch_size < 2:
             found.append("--batch-size must be >= 2 for the CGC term (the other images are the negatives)")
-        if not cgc and (self.term_gate or self.detach_target or self.cam_target != "predicted"):
+        fields = {f.name: f.default for f in dataclasses.fields(self)}
+        if not cgc and any(getattr(self, name) != fields[name] for name in TERM_SAFEGUARDS):
             found.append("--term-gate, --detach-target and --cam-target shape the CGC term: use --loss cgc or mse")
         if self.crop_sampler != "rrc" and not cgc:
             found.append(f"--crop-sampler {self.crop_sampler} places the CGC term's crops: use --loss cgc or mse")

@@ -163,6 +163,6 @@ def test_term_with_the_safe_options_differentiates_the_augmented_side_only(rng):
 
 
 def test_safe_options_need_a_term():
-    problems = TrainConfig(loss="ce", term_gate=0.5).problems()
+    problems = TrainConfig(loss="ce", term_gate=0.3).problems()
     assert any("--term-gate, --detach-target and --cam-target shape the CGC term" in p for p in problems)
     assert "--term-gate must be in [0, 1), got 1.5" in TrainConfig(term_gate=1.5).problems()[0]
