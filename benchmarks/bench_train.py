@@ -69,10 +69,12 @@ def make_step(
     arch: str = "resnet18",
     crop_sampler: str = "rrc",
     class_negatives: int = 0,
+    cam_target: str = "predicted",
+    detach_target: bool = False,
 ):
     """One training step as ``cgc.train`` runs it (channels-last on CPU) with fixed inputs:
     a torchvision ResNet-18 (100 classes, CAM at layer4) or cgc's compact model (10 classes, the
-    built-in dataset's recipe), with the term's options."""
+    built-in dataset's recipe), with the term's options and safeguards."""
     from torchvision.models import resnet18
 
     from cgc.models import CompactCNN, build_model
@@ -93,7 +95,9 @@ def make_step(
     term = None
     if loss == "cgc":
         mask = crop_sampler == "uniform"
-        loss_fn = (LoopWarpLoss if loop_warp else cgc.CGCLoss)(0.5, size, backend=backend, mask_outside=mask)
+        loss_fn = (LoopWarpLoss if loop_warp else cgc.CGCLoss)(
+            0.5, size, backend=backend, mask_outside=mask, detach_target=detach_target
+        )
         term = cgc.CGCTerm(
             model, layer, method=method, loss=loss_fn, backend=backend, channels_last=channels_last,
             crop_sampler=crop_sampler, class_negatives=class_negatives,
@@ -110,8 +114,9 @@ def make_step(
 
     def step():
         losses = train_step(
-            model, term, x, y, lam=0.5, theta=theta, ce_theta=ce_theta, backend=backend, channels_last=channels_last
-        )
+            model, term, x, y, lam=0.5, theta=theta, ce_theta=ce_theta, backend=backend,
+            channels_last=channels_last, cam_target=cam_target,
+        )  # fmt: skip
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         opt.step()
@@ -167,6 +172,9 @@ OPTIONS = {
     "class negatives K=1": dict(class_negatives=1),
     "class negatives K=3": dict(class_negatives=3),
     "uniform crops + K=3": dict(crop_sampler="uniform", class_negatives=3),
+    "label's CAM": dict(cam_target="label"),
+    "detached target": dict(detach_target=True),
+    "label's CAM + detached target": dict(cam_target="label", detach_target=True),
 }
 
 
