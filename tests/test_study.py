@@ -71,6 +71,19 @@ def test_each_part_gets_its_seeds_and_the_tuning_split_stays_apart():
     assert study.StudyConfig().miniature().seeds == (0, 1)
 
 
+def test_configurations_select_runs_and_keep_what_they_start_from():
+    config = study.StudyConfig.parse(["--configurations", "cgc", "ce, then cgc fine-tuning"]).validate()
+    runs = study.planned_runs(study.Scale(), study.PARTS, config)
+    names = {(r.part, r.name) for r in runs}
+    assert ("localization", "cgc") in names and ("localization", "ce") not in names
+    assert ("transfer", "cgc, 5/class") in names and ("transfer", "ce, 5/class") not in names
+    # the fine-tuning runs start from CE's ViT and from the pretrained model: both are kept
+    assert ("transformers", "ce") in names and ("pretrain", "ce on six other shapes") in names
+    assert {r.after for r in runs if r.after} <= {r.key for r in runs}
+    with pytest.raises(ConfigError, match="no configuration named 'cgc, T 9'"):
+        study.StudyConfig.parse(["--configurations", "cgc, T 9"]).validate()
+
+
 def fake_run(name: str, seed: int, top1: float, consistency: float) -> dict:
     return {
         "part": "localization",

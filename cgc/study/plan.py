@@ -156,6 +156,13 @@ class StudyConfig(Settings):
     transformer_seeds: tuple[int, ...] = setting(
         TRANSFORMER_SEEDS, "seeds of the vision transformer's runs", "study", nargs="+"
     )
+    configurations: tuple[str, ...] = setting(
+        (),
+        "run only the configurations of these names (and the runs they start from); default: all of them",
+        "study",
+        nargs="+",
+        metavar="NAME",
+    )
     quick: bool = setting(
         False,
         "a miniature of the whole study: tiny runs, the first two of each list of seeds (about two minutes; CI)",
@@ -172,6 +179,10 @@ class StudyConfig(Settings):
         ):
             if len(seeds) < 2:
                 found.append(f"give at least two {flag}: one seed cannot tell an effect from noise")
+        known = {n for table in (TUNING, LOCALIZATION, PLACEMENT, TRANSFORMERS, SEMI, TRANSFER) for n in table}
+        unknown = [n for n in self.configurations if n not in known]
+        if unknown:
+            found.append(f"--configurations: no configuration named {', '.join(map(repr, unknown))}")
         if set(self.tuning_seeds) & set(self.seeds):
             found.append("--tuning-seeds and --seeds must differ: settings chosen on a split are not reported on it")
         return found
@@ -213,7 +224,22 @@ class PlannedRun:
 
 
 def planned_runs(scale: Scale, parts, study: StudyConfig) -> list[PlannedRun]:
-    """Every run of ``parts``, those another run starts from first."""
+    """Every run of ``parts`` (only the ``study.configurations`` if it names any, with the runs
+    they start from), those another run starts from first."""
+    runs = _all_runs(scale, parts, study)
+    if not study.configurations:
+        return runs
+    chosen = [r for r in runs if _configuration_of(r) in study.configurations]
+    keep = {r.key for r in chosen} | {r.after for r in chosen}
+    return [r for r in runs if r.key in keep]
+
+
+def _configuration_of(run: PlannedRun) -> str:
+    """A run's configuration name without the fine-tuning runs' ``, N/class``."""
+    return run.name.rsplit(", ", 1)[0] if run.name.endswith("/class") else run.name
+
+
+def _all_runs(scale: Scale, parts, study: StudyConfig) -> list[PlannedRun]:
     base = TrainConfig(
         train_size=scale.train_size, val_size=scale.val_size, image_size=scale.image_size, epochs=scale.epochs
     )
