@@ -83,6 +83,11 @@ def figures(out: Path, summary: dict, study: StudyConfig, scale: Scale) -> list[
             and (folder := out / "runs" / run_key("localization", name, seed)).is_dir()
         }
         written += [profile_figure(out, shown), coverage_figure(out, size=scale.image_size)]
+        pair = [out / "runs" / run_key("localization", name, seed) for name in ("ce", "cgc")]
+        if all(folder.is_dir() for folder in pair):
+            written.append(
+                overlay_figure(out / "localization-overlays.png", pair, [f"CE, seed {seed}", f"CGC, seed {seed}"])
+            )
     seed = study.transformer_seeds[0]
     vits = {
         name: out / "runs" / run_key("transformers", name, seed) for name in ("ce", "cgc", "ce, then cgc fine-tuning")
