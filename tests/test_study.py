@@ -41,7 +41,9 @@ def test_quick_study_runs_and_resumes(tmp_path, capsys):
     assert "| cgc, T 0.5 " in table and "stayed at chance" in table and "Δ top-1 vs CE" in table
     assert "Center baseline" in table
     pngs = ["tuning.png", "localization.png", "placement.png", "transfer-top1.png", "semi-top1.png"]
-    pngs += ["profiles.png", "coverage.png", "localization-overlays.png"] + (["transformers.png", "transformers-overlays.png"] if HAS_TIMM else [])
+    pngs += ["profiles.png", "coverage.png", "localization-overlays.png"] + (
+        ["transformers.png", "transformers-overlays.png"] if HAS_TIMM else []
+    )
     for png in pngs:
         with Image.open(out / png) as img:
             assert img.width > 300, png
