@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 
 import torch
 
@@ -75,9 +76,14 @@ def seed_sweep(request) -> int:
 def replay(nodeid: str, offset: int = 0) -> tuple[int, str]:
     """``(base seed, test id)`` that replay the test ``nodeid``: a swept test is the plain test
     run with its own base seed."""
-    if offset:
-        nodeid = nodeid.replace(f"-base+{offset}]", "]").replace(f"[base+{offset}]", "")
-    return BASE_SEED + offset, nodeid
+    return BASE_SEED + offset, unswept(nodeid)
+
+
+def unswept(nodeid: str) -> str:
+    """The plain test's id of a ``--seed-sweep`` test id (``base+N`` may come first or last
+    among the parameters, or be the only one)."""
+    nodeid = re.sub(r"\[base\+\d+\]$", "", nodeid)
+    return re.sub(r"\[base\+\d+-", "[", re.sub(r"-base\+\d+(?=[-\]])", "", nodeid))
 
 
 @pytest.fixture
