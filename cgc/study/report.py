@@ -31,7 +31,9 @@ GEOMETRY_COLUMNS = (
     ("offset_corr_x", "offset corr. x", 2),
     ("peaks_off_center", "peaks off center (%)", 0),
 )
-MEASURES = ("val_top1", *(k for k, _, _ in EXPLANATION_COLUMNS + GEOMETRY_COLUMNS))
+#: what a centered Gaussian scores in the pointing game (the same for every run on the same images)
+BASELINE_MEASURES = ("pointing_game_center", "pointing_game_center_off_center")
+MEASURES = ("val_top1", *(k for k, _, _ in EXPLANATION_COLUMNS + GEOMETRY_COLUMNS), *BASELINE_MEASURES)
 
 
 def classes_of(config: dict) -> int:
