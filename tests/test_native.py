@@ -160,7 +160,12 @@ def test_compile_fullgraph_info_nce_negatives(device, rng):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_cpu_separable_warp(mode, dtype, rng):
     """Crop/flip/resize maps take the CPU's two-pass path; a batch mixes it with the general
-    path, and crops reach outside the image."""
+    path, and crops reach outside the image.
+
+    The float64 oracle sees the inputs and output gradients rounded to ``dtype``, as the kernel
+    does, so the tolerance measures the kernel's arithmetic only. Compared with unrounded
+    inputs, bfloat16's input rounding (0.4 % per value) left one draw in 30 of a base-seed sweep
+    1.5 % off in the gradient, whose terms can nearly cancel."""
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
     for (B, Cc, H, W), size in [
         ((6, 1, 7, 7), (224, 224)),
@@ -171,12 +176,12 @@ def test_cpu_separable_warp(mode, dtype, rng):
         theta = crop_thetas(B, rng)
         theta[0] = torch.tensor([[-1.3, 0.0, 0.4], [0.0, 1.5, -0.5]])  # flipped, partly outside
         theta[-1, 0, 1] = 0.2  # sheared: general path in the same batch
-        x64 = randn(rng, B, Cc, H, W, grad=True)
+        x64 = randn(rng, B, Cc, H, W).to(dtype).double().requires_grad_()
         ref = reference.affine_warp(x64, theta.double(), size, mode)
         x = x64.detach().to(dtype).requires_grad_()
         out = ops.affine_warp(x, theta, size, padding_mode=mode, backend="native")
         assert rel_err(out, ref) < tol
-        go = torch.randn(ref.shape, generator=rng, dtype=ref.dtype)
+        go = torch.randn(ref.shape, generator=rng, dtype=ref.dtype).to(dtype).double()
         (want,) = torch.autograd.grad(ref, x64, go)
         (got,) = torch.autograd.grad(out, x, go.to(dtype))
         assert rel_err(got, want) < tol

@@ -351,6 +351,13 @@ def _neg_index(gen, kind: str, b: int, n: int, device="cpu"):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @against_reference(*ALL_DTYPES)
 def test_info_nce_negatives_matches_reference(backend_device, rng, reduction, dtype):
+    """Forward and gradients against the float64 reference, on inputs exact in ``dtype``.
+
+    The rows are L2-normalized, and the gradient through ``x / |x|`` is ``(g - (g.u) u) / |x|``:
+    exactly zero for 1-D rows (D = 1), where it comes out as rounding noise of size
+    ``eps * |g| / |x|``. So the absolute allowance scales with ``1 / (T * |x|)`` of the shortest
+    row (when it is shorter than 1). With ``1 / T`` alone, a base-seed sweep failed one draw in
+    30 (a 1-D row of norm 0.0008 in float32: noise 6e-5 against an allowance of 4e-5)."""
     backend, device = backend_device
     for b, N, D, kind in _neg_cases(interpreted(backend, device)):
         a64, p64, n64 = (randn(rng, r, D, exact_in=dtype).requires_grad_() for r in (b, b, N))
@@ -369,9 +376,10 @@ def test_info_nce_negatives_matches_reference(backend_device, rng, reduction, dt
         want = torch.autograd.grad(ref, (a64, p64, n64), gout)
         got = torch.autograd.grad(out, (a, p, n), gout.to(device, dtype))
         lows = torch.autograd.grad(low, (al, pl, nl), gout.to(dtype))
+        shortest = min(float(x.norm(dim=1).min()) for x in (a64, p64, n64))
         for g, w, lo, name in zip(got, want, lows, ("d anchors", "d positives", "d negatives")):
             assert g.shape == w.shape and g.dtype == dtype
-            assert_close(g, w, dtype, lo, f"{name} {case}", scale=1 / T)
+            assert_close(g, w, dtype, lo, f"{name} {case}", scale=1 / (T * min(1.0, shortest)))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
