@@ -135,10 +135,10 @@ def profile_figure(out: Path, runs: dict[str, Path]) -> Path:
         ax.set_xlabel(f"interior {100 * inside:.0f}%, outline {100 * outline:.0f}%, off {100 * off:.0f}%", fontsize=8)
         ax.set_xticks([0, 1])
         ax.set_yticks([0, 1])
-    fig.suptitle(
+    title = (
         "mean heatmap in the object's box frame (the box: 0-1); below: its mass on the object's interior, "
-        "on its 2-px outline and off the object",
-        fontsize=9,
+        "on its 2-px outline and off the object"
     )
+    fig.suptitle(textwrap.fill(title, 18 * len(runs) + 20), fontsize=9)
     fig.savefig(out / "profiles.png")
     return out / "profiles.png"
