@@ -25,6 +25,9 @@ from .runtime import rng_state, set_rng_state
 
 #: the checkpoint format written now; :func:`migrate` reads every earlier one
 FORMAT = 3
+#: settings added to the config (or whose default changed) after checkpoints were first written,
+#: with the value a run trained with before: a checkpoint whose config lacks one predates it
+PREDATED = {"optimizer": "sgd", "term_gate": 0.0, "cam_target": "predicted", "detach_target": False}
 #: the plain weights every run leaves next to its checkpoints (loadable without cgc)
 WEIGHTS_FILE = "model.safetensors"
 
@@ -51,7 +54,9 @@ def migrate(ckpt: dict, *, source: str = "checkpoint") -> dict:
     values), the CAM method as ``cam``, the RNG states as a list, and the position as
     ``progress`` with the best validation top-1 as ``best_top1`` (-1 before any). Format 3
     stores the position as ``state`` (:class:`cgc.engine.RunState`), whose ``best`` is the best
-    value of the metric ``best_metric`` that ranks checkpoints (None before any).
+    value of the metric ``best_metric`` that ranks checkpoints (None before any). A config
+    without a setting of :data:`PREDATED` gets the value the run trained with, not today's
+    default.
     """
     version = ckpt.get("format", 1)
     if version > FORMAT:
@@ -60,14 +65,15 @@ def migrate(ckpt: dict, *, source: str = "checkpoint") -> dict:
         ckpt = _from_format_1(ckpt, source)
     if ckpt["format"] == 2:
         ckpt = _from_format_2(ckpt)
+    if isinstance(ckpt.get("config"), dict):
+        ckpt = {**ckpt, "config": {**PREDATED, **ckpt["config"]}}
     return ckpt
 
 
 def _from_format_1(ckpt: dict, source: str) -> dict:
     from .config import TrainConfig
 
-    args = dict(ckpt.get("args", {}))
-    args.setdefault("optimizer", "sgd")  # the only optimizer when the first format was written
+    args = {**PREDATED, **ckpt.get("args", {})}
     weighting = args.pop("cam_weighting", None)
     if not args.get("cam"):
         args["cam"] = {"elementwise": "hirescam"}.get(weighting, "gradcam")

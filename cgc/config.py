@@ -28,8 +28,6 @@ NEGATIVES = ("global", "local")
 PADDINGS = ("border", "zeros")
 NORMS = ("batch", "group")
 CAM_TARGETS = ("predicted", "label")
-#: the settings that make the CGC term safe to turn on; meaningless (and refused when changed) for --loss ce
-TERM_SAFEGUARDS = ("cam_target", "term_gate", "detach_target")
 
 
 def _datasets() -> tuple[str, ...]:
@@ -319,9 +317,6 @@ class TrainConfig(Settings):
         cgc = self.loss != "ce"
         if cgc and self.batch_size < 2:
             found.append("--batch-size must be >= 2 for the CGC term (the other images are the negatives)")
-        fields = {f.name: f.default for f in dataclasses.fields(self)}
-        if not cgc and any(getattr(self, name) != fields[name] for name in TERM_SAFEGUARDS):
-            found.append("--term-gate, --detach-target and --cam-target shape the CGC term: use --loss cgc or mse")
         if self.crop_sampler != "rrc" and not cgc:
             found.append(f"--crop-sampler {self.crop_sampler} places the CGC term's crops: use --loss cgc or mse")
         if self.class_negatives:

@@ -58,7 +58,7 @@ def format_one_checkpoint(tmp_path, **args):
     from cgc.models import build_model
 
     model = build_model("compact", 3)
-    opt = train.build_optimizer(model, TrainConfig())
+    opt = train.build_optimizer(model, TrainConfig(optimizer="sgd"))  # the only optimizer then
     flags = {"arch": "compact", "dataset": "synthetic", "image_size": 32, "train_size": 48, "val_size": 12,
              "classes": "circle,square,ring", "lam": 0.5, "crop_scale": [0.2, 1.0], "cam_weighting": "elementwise",
              "epochs": 3, "out": str(tmp_path / "old")}  # fmt: skip
@@ -85,6 +85,13 @@ def test_checkpoints_of_the_first_format_still_load(tmp_path):
     config = TrainConfig.from_dict(ckpt["config"])
     assert config.classes == ("circle", "square", "ring") and config.lam == 0.5 and config.crop_scale == (0.2, 1.0)
     assert config.epochs == 3 and config.batch_size == TrainConfig().batch_size  # absent then: the default
+    # settings that did not exist then (or had another default): what the run trained with
+    assert (config.optimizer, config.term_gate, config.cam_target, config.detach_target) == (
+        "sgd",
+        0.0,
+        "predicted",
+        False,
+    )
     state = RunState(**ckpt["state"])
     assert (state.epoch, state.step, state.global_step, state.best, state.best_metric) == (1, 2, 5, 50.0, "val_top1")
     assert state.sums == {"loss": 3.0} and isinstance(ckpt["rng"], list) and len(ckpt["rng"]) == 1
@@ -120,6 +127,7 @@ def test_second_format_checkpoints_load_with_their_best_top1(tmp_path):
         ckpt = checkpoint.load(tmp_path / "last.pt")
         assert ckpt["format"] == checkpoint.FORMAT and "progress" not in ckpt
         assert RunState(**ckpt["state"]) == RunState(epoch=2, global_step=8, best=want, best_metric="val_top1")
+        assert ckpt["config"]["term_gate"] == 0.0 and ckpt["config"]["cam_target"] == "predicted"
 
 
 class _OneProcess:

@@ -17,7 +17,8 @@ from cgc.data import subsets
 
 #: (width, height) of the generated images: not square, so resize and crop both matter
 SIZE = (80, 60)
-TOY = TrainConfig(image_size=32, batch_size=4, epochs=1, workers=0, arch="compact", overlays=4)
+#: the term on from the first step (no gate): a one-epoch toy run would otherwise never reach it
+TOY = TrainConfig(image_size=32, batch_size=4, epochs=1, workers=0, arch="compact", overlays=4, term_gate=0.0)
 
 
 def jpeg(path, label: int, box=None, size=SIZE):

@@ -29,7 +29,8 @@ pytestmark = pytest.mark.slow  # torchrun processes and whole training runs: the
 
 TOY = TrainConfig(
     train_size=64, val_size=24, batch_size=8, image_size=32, num_classes=3, epochs=2, arch="compact", norm="group",
-    lr=0.01, overlays=2, checkpoint_every=3, workers=0, amp="off",
+    optimizer="sgd", lr=0.01, overlays=2, checkpoint_every=3, workers=0, amp="off",
+    term_gate=0.0, cam_target="predicted",  # the paper's term, on from the first step (step_one_terms)
 )  # fmt: skip
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 

@@ -159,6 +159,8 @@ def test_a_timm_model_trains_one_cgc_epoch(tmp_path, name):
             "1",
             "--overlays",
             "2",
+            "--term-gate",
+            "0",  # the term from the first step
             "--out",
             str(tmp_path),
         ]

@@ -162,7 +162,12 @@ def test_term_with_the_safe_options_differentiates_the_augmented_side_only(rng):
     assert not torch.allclose(got, everything)  # the original's path did contribute before
 
 
-def test_safe_options_need_a_term():
-    problems = TrainConfig(loss="ce", term_gate=0.3).problems()
-    assert any("--term-gate, --detach-target and --cam-target shape the CGC term" in p for p in problems)
+def test_the_gate_is_checked_and_the_ce_baseline_ignores_the_safeguards(tmp_path):
+    """The safeguards shape the term: a CE run ignores them (a CE checkpoint of any age loads,
+    whatever its config says), as it ignores T and λ."""
     assert "--term-gate must be in [0, 1), got 1.5" in TrainConfig(term_gate=1.5).problems()[0]
+    assert TrainConfig(loss="ce", term_gate=0.0, cam_target="predicted", detach_target=True).problems() == []
+    ce = TOY.replace(loss="ce", epochs=1, seed=3)
+    plain = train.run(ce.replace(out=str(tmp_path / "a")))
+    shaped = train.run(ce.replace(term_gate=0.0, cam_target="predicted", out=str(tmp_path / "b")))
+    assert plain["val_top1"] == shaped["val_top1"]
