@@ -16,7 +16,14 @@ from cgc.config import TrainConfig
 
 #: float32 (amp off): the evaluation, in float32, must reproduce the training's validation exactly
 TOY = TrainConfig(
-    train_size=96, val_size=40, batch_size=16, image_size=32, num_classes=4, overlays=4, epochs=1, amp="off",
+    train_size=96,
+    val_size=40,
+    batch_size=16,
+    image_size=32,
+    num_classes=4,
+    overlays=4,
+    epochs=1,
+    amp="off",
     term_gate=0.0,  # the term from the first step: a one-epoch toy run would otherwise never reach it
 )
 
