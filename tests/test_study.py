@@ -128,3 +128,18 @@ def test_without_timm_the_transformers_part_is_skipped_in_one_line(tmp_path, cap
     assert record["runs"] == {}
     err = capsys.readouterr().err
     assert err.count("is skipped") == 1 and skipped[0] in err
+
+
+def test_the_center_baseline_is_printed_even_when_no_run_learned():
+    """The centered Gaussian's pointing game depends on the images only: it is reported over
+    every run, those at chance included, and printed even when no explanation table is."""
+    runs = {}
+    for name in ("ce", "cgc"):
+        for seed in (0, 1):
+            run = fake_run(name, seed, top1=10.0, consistency=0.5)
+            run["evaluation"].update(pointing_game_center=60.0 + seed, pointing_game_center_off_center=0.0)
+            runs[f"localization/{name}/seed{seed}"] = run
+    summary = study.summarize({"runs": runs}, list(runs))
+    assert summary["localization"]["ce"]["mean"]["pointing_game_center"]["mean"] == 60.5
+    assert summary["localization"]["ce"]["mean"]["consistency"] is None  # no run learned
+    assert "Center baseline" in report.markdown(summary) and "pointing game 60.5" in report.markdown(summary)

@@ -78,7 +78,8 @@ def _configuration(part: str, name: str, configs: dict) -> dict:
         "vs_baseline": {},
     }
     for key in MEASURES:
-        pool = {s: m[key] for s, m in (learned.items() if key != "val_top1" else _all(runs)) if key in m}
+        every_run = key == "val_top1" or key in BASELINE_MEASURES  # the baseline is no model's
+        pool = {s: m[key] for s, m in (_all(runs) if every_run else learned.items()) if key in m}
         summary["mean"][key] = _interval(mean_interval(pool.values())) if pool else None
         if baseline is not None and baseline is not runs:
             base = {s: measures(r) for s, r in baseline.items() if key == "val_top1" or not at_chance(r)}
@@ -197,8 +198,8 @@ def markdown(summary: dict) -> str:
             lines += [explanation_table(configs), ""]
             if any(s["mean"].get("offset_corr_y") for s in configs.values()):
                 lines += [explanation_table(configs, GEOMETRY_COLUMNS), ""]
-            if baseline := center_baseline(configs):
-                lines += [baseline, ""]
+        if baseline := center_baseline(configs):  # the images' layout: there even when no run learned
+            lines += [baseline, ""]
     return "\n".join(lines)
 
 
