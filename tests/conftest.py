@@ -184,3 +184,26 @@ def backend_device(request):
     if why:
         pytest.skip(why)
     return backend, device
+
+
+def assert_equals_pytorch_grad_cam(ours, twin, layer: str, x, targets, method: str, reshape_transform=None):
+    """The CAM methods' oracle: pytorch-grad-cam's ``method`` on ``twin`` (a model with the same
+    weights as ours, left untouched by our hooks) at ``layer``. Our heatmaps ``ours``, scaled as
+    it scales its own (per-image min-max, resize to the input, min-max again as its layer
+    aggregation does), equal its output to 1e-5. Skipped without pytorch-grad-cam."""
+    pgc = pytest.importorskip("pytorch_grad_cam", reason="pytorch-grad-cam (pip install grad-cam) is the oracle")
+    from pytorch_grad_cam.utils.image import scale_cam_image
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    peers = {
+        "gradcam": pgc.GradCAM,
+        "hirescam": pgc.HiResCAM,
+        "gradcam++": pgc.GradCAMPlusPlus,
+        "xgradcam": pgc.XGradCAM,
+        "layercam": pgc.LayerCAM,
+    }
+    assert ours.abs().sum() > 0
+    peer = peers[method](model=twin, target_layers=[twin.get_submodule(layer)], reshape_transform=reshape_transform)
+    theirs = peer(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in targets])
+    scaled = scale_cam_image(scale_cam_image(ours.detach().numpy(), tuple(x.shape[-2:])))
+    assert abs(scaled - theirs).max() < 1e-5

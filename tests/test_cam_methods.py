@@ -14,6 +14,8 @@ from cgc import GradCAM, ops
 from cgc.cam_methods import CAM_METHODS, get_cam_method, register_cam_method
 from cgc.models import CompactCNN
 
+from .conftest import assert_equals_pytorch_grad_cam
+
 METHODS = ["gradcam", "hirescam", "gradcam++", "xgradcam", "layercam"]
 
 
@@ -62,17 +64,6 @@ def test_method_equals_pytorch_grad_cam(method, arch):
     its own (per-image min-max and resize to the input with its `scale_cam_image`, then min-max
     again as its layer aggregation does), equals its output to 1e-5 (float32 models; the maps
     span [0, 1])."""
-    pgc = pytest.importorskip("pytorch_grad_cam", reason="pytorch-grad-cam (pip install grad-cam) is the oracle")
-    from pytorch_grad_cam.utils.image import scale_cam_image
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
-    peers = {
-        "gradcam": pgc.GradCAM,
-        "hirescam": pgc.HiResCAM,
-        "gradcam++": pgc.GradCAMPlusPlus,
-        "xgradcam": pgc.XGradCAM,
-        "layercam": pgc.LayerCAM,
-    }
     torch.manual_seed(0)
     make, layer, size = (
         ((lambda: torchvision.models.resnet18(num_classes=5)), "layer4", 64)
@@ -86,11 +77,7 @@ def test_method_equals_pytorch_grad_cam(method, arch):
     targets = torch.tensor([0, 3, 4])
     with GradCAM(model, layer, method=method) as cam:
         ours = cam(x, targets).cams
-    assert ours.abs().sum() > 0
-    peer = peers[method](model=twin, target_layers=[dict(twin.named_modules())[layer]])
-    theirs = peer(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in targets])
-    scaled = scale_cam_image(scale_cam_image(ours.detach().numpy(), (size, size)))
-    assert abs(scaled - theirs).max() < 1e-5
+    assert_equals_pytorch_grad_cam(ours, twin, layer, x, targets, method)
 
 
 @pytest.mark.parametrize("method", METHODS)

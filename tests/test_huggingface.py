@@ -25,6 +25,8 @@ from cgc import evaluate, explain, models, train
 from cgc.errors import ConfigError, MissingDependency, MissingFile, UnsupportedModel
 from cgc.structure import TokenMap, declared_size, describe, find_target_layer, logits_of
 
+from .conftest import assert_equals_pytorch_grad_cam
+
 transformers = pytest.importorskip(
     "transformers",
     minversion="5.0",
@@ -268,29 +270,12 @@ def test_method_equals_pytorch_grad_cam(kind, method):
     """Same model, layer, input and targets; pytorch-grad-cam with its wrapper and the matching
     reshape_transform. Our heatmap scaled as it scales its own (min-max, resize, min-max) equals
     its output to 1e-5."""
-    pgc = pytest.importorskip("pytorch_grad_cam", reason="pytorch-grad-cam (pip install grad-cam) is the oracle")
-    from pytorch_grad_cam.utils.image import scale_cam_image
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
-    peers = {
-        "gradcam": pgc.GradCAM,
-        "hirescam": pgc.HiResCAM,
-        "gradcam++": pgc.GradCAMPlusPlus,
-        "xgradcam": pgc.XGradCAM,
-        "layercam": pgc.LayerCAM,
-    }
     model, twin = tiny(kind, classes=5).eval(), tiny(kind, classes=5).eval()
     x = torch.randn(3, 3, SIZE, SIZE)
     targets = torch.tensor([0, 3, 4])
     with cgc.GradCAM(model, method=method) as cam:
         ours, layer = cam(x, targets).cams, cam.target_layer
-    assert ours.abs().sum() > 0
-    peer = peers[method](
-        model=LogitsOnly(twin), target_layers=[twin.get_submodule(layer)], reshape_transform=_peer_reshape(kind)
-    )
-    theirs = peer(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in targets])
-    scaled = scale_cam_image(scale_cam_image(ours.detach().numpy(), (SIZE, SIZE)))
-    assert abs(scaled - theirs).max() < 1e-5
+    assert_equals_pytorch_grad_cam(ours, LogitsOnly(twin), f"model.{layer}", x, targets, method, _peer_reshape(kind))
 
 
 def tiny32(kind: str, attention: str) -> nn.Module:
