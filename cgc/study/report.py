@@ -81,7 +81,7 @@ def _configuration(part: str, name: str, configs: dict) -> dict:
         every_run = key == "val_top1" or key in BASELINE_MEASURES  # the baseline is no model's
         pool = {s: m[key] for s, m in (_all(runs) if every_run else learned.items()) if key in m}
         summary["mean"][key] = _interval(mean_interval(pool.values())) if pool else None
-        if baseline is not None and baseline is not runs:
+        if baseline is not None and baseline is not runs and key not in BASELINE_MEASURES:
             base = {s: measures(r) for s, r in baseline.items() if key == "val_top1" or not at_chance(r)}
             theirs = {s: m[key] for s, m in base.items() if key in m}
             summary["vs_baseline"][key] = _interval(paired_difference(theirs, pool))
