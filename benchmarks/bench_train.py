@@ -71,6 +71,7 @@ def make_step(
     class_negatives: int = 0,
     cam_target: str = "predicted",
     detach_target: bool = False,
+    grad_bound: float = 0.0,
 ):
     """One training step as ``cgc.train`` runs it (channels-last on CPU) with fixed inputs:
     a torchvision ResNet-18 (100 classes, CAM at layer4) or cgc's compact model (10 classes, the
@@ -115,7 +116,7 @@ def make_step(
     def step():
         losses = train_step(
             model, term, x, y, lam=0.5, theta=theta, ce_theta=ce_theta, backend=backend,
-            channels_last=channels_last, cam_target=cam_target,
+            channels_last=channels_last, cam_target=cam_target, grad_bound=grad_bound,
         )  # fmt: skip
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
@@ -175,6 +176,7 @@ OPTIONS = {
     "label's CAM": dict(cam_target="label"),
     "detached target": dict(detach_target=True),
     "label's CAM + detached target": dict(cam_target="label", detach_target=True),
+    "gradient bound 1": dict(grad_bound=1.0),
 }
 
 

@@ -24,7 +24,7 @@ from .cam_methods import CAM_METHODS, register_cam_method
 from .losses import CGCLoss
 from .schedule import TermGate
 from .structure import TokenMap, find_target_layer
-from .term import CGCOutput, CGCTerm, cgc_term
+from .term import CGCOutput, CGCTerm, bounded_lambda, cgc_term
 
 try:
     __version__ = _metadata.version("cgc")
@@ -39,6 +39,7 @@ __all__ = [
     "GradCAM",
     "TermGate",
     "TokenMap",
+    "bounded_lambda",
     "cgc_term",
     "find_target_layer",
     "ops",

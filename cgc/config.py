@@ -215,6 +215,14 @@ class TrainConfig(Settings):
         "stop the gradient through the warped original heatmap (the positive): only the augmented one moves",
         "CGC",
     )
+    grad_bound: float = setting(
+        0.0,
+        "an adaptive lambda: each step lambda becomes min(lambda, BOUND * |dCE/dA| / |dCGC/dA|), A the CAM "
+        "layer's activations, so the term's gradient there never exceeds BOUND times cross-entropy's (0: off)",
+        "CGC",
+        check=non_negative,
+        metavar="BOUND",
+    )
     vflip: bool = setting(False, "flip the augmented view vertically too, with probability 0.5", "CGC")
     heatmap_padding: str = setting(
         "border", "what the heatmap warp sees beyond the original's edge", "CGC", choices=PADDINGS

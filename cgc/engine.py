@@ -27,7 +27,7 @@ from .progress import progress as progress_bar
 from .runtime import autocast
 from .schedule import Schedule, TermGate
 from .structure import logits_of
-from .term import CGCTerm
+from .term import CGCTerm, bounded_lambda
 
 
 @dataclasses.dataclass
@@ -83,7 +83,9 @@ class StepOptions:
     crops of the augmented (``crop_scale``, placed by ``crop_sampler``; also flipped vertically
     with ``vflip``) and CE (``ce_crop_scale``) views, keyed by ``seed``; mixed precision (a
     resolved ``amp``); the ops backend; channels-last input batches; the class the labeled
-    images' CAMs explain (``cam_target``: ``predicted`` or ``label``)."""
+    images' CAMs explain (``cam_target``: ``predicted`` or ``label``); the bound on the term's
+    gradient relative to cross-entropy's at the CAM layer (``grad_bound``, 0: none;
+    :func:`cgc.bounded_lambda`)."""
 
     seed: int = 0
     crop_scale: tuple[float, float] = transforms.DEFAULT_SCALE
@@ -94,6 +96,7 @@ class StepOptions:
     vflip: bool = False
     crop_sampler: str = "rrc"
     cam_target: str = "predicted"
+    grad_bound: float = 0.0
 
 
 def batches(dataset, sampler, workers: int):
@@ -120,6 +123,8 @@ def train_step(
     channels_last: bool = False,
     image_padding: str = "border",
     cam_target: str = "predicted",
+    grad_bound: float = 0.0,
+    all_reduce_sum=None,
 ) -> dict[str, torch.Tensor]:
     """Losses of one batch: CE on three views (``x_ce``, ``x`` and ``x_aug`` = ``x`` warped by
     ``theta``) plus ``lam`` * the CGC term (:class:`cgc.CGCTerm`; None: the CE baseline on the
@@ -133,7 +138,10 @@ def train_step(
     (:func:`cgc.transforms.image_padding`; the term makes its own). ``cam_target``: the CAMs of
     labeled images explain the class ``predicted`` on ``x`` or their ``label``; unlabeled
     images' explain the predicted class. ``lam == 0`` skips the term (the CE baseline's
-    step, with the same views and the same gradients).
+    step, with the same views and the same gradients). ``grad_bound`` > 0 lowers ``lam`` where
+    the term's gradient at the CAM layer would exceed ``grad_bound`` times cross-entropy's
+    (:func:`cgc.bounded_lambda`, norms summed over processes by ``all_reduce_sum``) and returns
+    the weight it used as ``out["lambda"]``.
     """
     if x_ce is None:
         x_ce = transforms.apply(x, ce_theta, backend=backend)
@@ -156,7 +164,10 @@ def train_step(
         out["cgc_unlabeled"] = cgc.loss
     ce = sum(F.cross_entropy(logits[k * B : (k + 1) * B], y) for k in range(3))
     out["ce"] = ce
-    out["loss"] = ce + sum(lam * v for k, v in out.items() if k.startswith("cgc"))
+    term_loss = out.get("cgc", out.get("cgc_unlabeled"))
+    if term_loss is not None and grad_bound > 0:
+        lam = out["lambda"] = bounded_lambda(lam, ce, term_loss, cgc.activations, grad_bound, all_reduce_sum)
+    out["loss"] = ce if term_loss is None else ce + lam * term_loss
     out["top1"] = (logits[:B].detach().argmax(1) == y).float().mean()
     return out
 
@@ -273,6 +284,8 @@ def optimize(model, term: CGCTerm | None, inputs: StepInputs, plan: EpochPlan, l
             channels_last=options.channels_last,
             image_padding=transforms.image_padding(options.crop_sampler),
             cam_target=options.cam_target,
+            grad_bound=options.grad_bound,
+            all_reduce_sum=plan.ctx.all_reduce_sum if plan.ctx.distributed else None,
         )
     plan.opt.zero_grad(set_to_none=True)
     losses["loss"].backward()
@@ -334,7 +347,7 @@ def train_one_epoch(
                 f"the loss became {values['loss']} in epoch {epoch + 1}, step {step}; nothing was "
                 f"saved for this epoch. Lower --lr or --lambda."
             )
-        values["lambda"] = lam
+        values.setdefault("lambda", lam)  # the step's weight: the schedule's, or lower where bounded
         state.train_top1_average, state.term_on_at = plan.gate.observe(
             state.train_top1_average, values["top1"], state.term_on_at, epoch + (step + 1) / steps_per_epoch
         )

@@ -36,7 +36,8 @@ class CGCOutput:
     ``targets`` [B] the explained classes; ``extra_logits``: the logits of each ``extra``
     view passed in, in order (forwarded in the same batch); ``cams_other`` [B,K,h,w] the
     augmented view's heatmaps for its K most probable other classes (``class_negatives=K``;
-    None without).
+    None without); ``activations`` the hooked layer's activations of the whole batch (in the
+    graph), which :func:`bounded_lambda` differentiates.
     """
 
     loss: torch.Tensor
@@ -49,6 +50,37 @@ class CGCOutput:
     x_aug: torch.Tensor
     extra_logits: list[torch.Tensor] = field(default_factory=list)
     cams_other: torch.Tensor | None = None
+    activations: torch.Tensor | None = None
+
+
+def bounded_lambda(
+    lam: float,
+    ce: torch.Tensor,
+    term_loss: torch.Tensor,
+    activations: torch.Tensor,
+    bound: float,
+    all_reduce_sum=None,
+) -> torch.Tensor:
+    """The term's weight with its gradient bounded by cross-entropy's (an adaptive λ):
+    ``min(lam, bound * |dCE/dA| / |dterm/dA|)``, A the CAM layer's activations
+    (:attr:`CGCOutput.activations`, from which both losses were computed).
+
+    The norms are over the whole batch; ``all_reduce_sum`` (e.g.
+    :meth:`cgc.distributed.Context.all_reduce_sum`) sums their squares over the processes, so
+    every process gets the weight one process would. Each loss is a mean over this process's
+    images, so the ratio does not depend on how the batch is split. The weight is detached: it
+    scales the term's gradient and adds none of its own. Costs two gradients of the losses with
+    respect to A (the layers after the CAM layer, run backward twice more).
+    """
+    if bound <= 0:
+        raise ValueError(f"the gradient bound must be positive, got {bound}")
+    grads = [torch.autograd.grad(v, activations, retain_graph=True)[0] for v in (ce, term_loss)]
+    squares = torch.stack([g.detach().double().square().sum() for g in grads])
+    if all_reduce_sum is not None:
+        squares = all_reduce_sum(squares)
+    norm_ce, norm_term = squares.sqrt().unbind()
+    # a term without gradient at A keeps its full weight (the ratio is +inf, clamped to lam)
+    return (bound * norm_ce / norm_term.clamp_min(1e-300)).clamp(max=lam).to(term_loss.dtype)
 
 
 def cgc_term(
@@ -154,7 +186,7 @@ def _compute_term(
     value = loss(cams[:B], cams[B:], theta, size=(H, W), class_negatives=others)
     sizes = [B, B] + [e.shape[0] for e in extra]
     parts = list(logits.split(sizes))
-    return CGCOutput(value, parts[0], parts[1], cams[:B], cams[B:], theta, targets, x_aug, parts[2:], others)
+    return CGCOutput(value, parts[0], parts[1], cams[:B], cams[B:], theta, targets, x_aug, parts[2:], others, acts)
 
 
 class CGCTerm(nn.Module):

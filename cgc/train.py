@@ -231,6 +231,7 @@ def build_plan(
         config.vflip,
         config.crop_sampler,
         config.cam_target,
+        config.grad_bound,
     )
     gathered = config.negatives == "global" and ctx.distributed
     return EpochPlan(

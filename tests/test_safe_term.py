@@ -1,6 +1,7 @@
 """The options that keep the CGC term from holding a network at chance: the gate (cross-entropy
 first, the term switched on once the training top-1 reaches a threshold), the CAMs of the
-label instead of the predicted class, and the stop-gradient on the warped original heatmap."""
+label instead of the predicted class, the stop-gradient on the warped original heatmap and the
+bound on the term's gradient relative to cross-entropy's (an adaptive lambda)."""
 
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ def test_a_closed_gate_trains_the_ce_baseline(tmp_path):
 @pytest.mark.slow
 def test_resume_across_the_gate_is_exact(tmp_path, monkeypatch):
     """A run killed after the gate opened resumes with the same gate, weights and logs."""
-    config = TOY.replace(term_gate=0.05, cam_target="label", detach_target=True, checkpoint_every=3)
+    config = TOY.replace(term_gate=0.05, cam_target="label", detach_target=True, grad_bound=0.5, checkpoint_every=3)
     train.run(config.replace(out=str(tmp_path / "full")))
     real_save = files.save_atomic
 
@@ -116,6 +117,66 @@ def test_label_targets_reach_the_term(monkeypatch, rng):
             engine.train_step(model, term, x, y, lam=1.0, theta=theta, ce_theta=theta, cam_target=target)
     assert torch.equal(seen[0].targets, y)
     assert torch.equal(seen[1].targets, seen[1].logits.argmax(1))
+
+
+# ----------------------------------------------------------------------------- the gradient bound
+def norm_of_gradient(loss: torch.Tensor, at: torch.Tensor) -> float:
+    (g,) = torch.autograd.grad(loss, at, retain_graph=True)
+    return float(g.double().norm())
+
+
+@pytest.mark.parametrize("bound", [1e-3, 0.5, 1e3])
+def test_bounded_lambda_is_the_gradient_ratio_at_the_cam_layer(rng, bound):
+    """min(lam, bound * |dCE/dA| / |dterm/dA|), A the hooked activations of the whole batch."""
+    model = TinyCNN(4).double()
+    x = torch.randn(5, 3, 8, 8, generator=rng, dtype=torch.float64)
+    y = torch.randint(0, 4, (5,), generator=rng)
+    theta = transforms.random_crop_flip(5, 8, 8, generator=rng).theta().double()
+    out = cgc.cgc_term(model, x, theta=theta, targets=y, temperature=0.5, backend="reference")
+    ce = torch.nn.functional.cross_entropy(torch.cat([out.logits, out.logits_aug]), y.repeat(2))
+    acts = out.activations
+    assert acts.shape[0] == 10 and acts.requires_grad
+    ratio = norm_of_gradient(ce, acts) / norm_of_gradient(out.loss, acts)
+    got = cgc.bounded_lambda(2.0, ce, out.loss, acts, bound)
+    assert not got.requires_grad and got.dtype == out.loss.dtype
+    assert float(got) == pytest.approx(min(2.0, bound * ratio), rel=1e-12)
+    summed = cgc.bounded_lambda(2.0, ce, out.loss, acts, bound, all_reduce_sum=lambda t: 3 * t)
+    assert float(summed) == pytest.approx(float(got), rel=1e-12)  # both norms grow alike
+    with pytest.raises(ValueError, match="must be positive"):
+        cgc.bounded_lambda(2.0, ce, out.loss, acts, 0.0)
+
+
+def test_a_term_without_gradient_keeps_its_weight(rng):
+    acts = torch.randn(4, 3, generator=rng, dtype=torch.float64).requires_grad_()
+    ce = acts.square().sum()
+    flat = (acts * 0).sum()
+    assert float(cgc.bounded_lambda(1.5, ce, flat, acts, 1.0)) == 1.5
+    assert float(cgc.bounded_lambda(1.5, flat, ce, acts, 1.0)) == 0.0  # CE without gradient: no term
+
+
+def test_the_bound_scales_the_terms_gradient_and_adds_none(rng):
+    """The step's loss is CE + w * term with the bounded weight w held constant: its gradient
+    (float64, through the term's second order) is CE's plus w times the term's."""
+    from cgc import engine
+
+    model = TinyCNN(4).double()
+    x = torch.randn(4, 3, 8, 8, generator=rng, dtype=torch.float64)
+    y = torch.tensor([3, 1, 2, 0])
+    theta = transforms.random_crop_flip(4, 8, 8, generator=rng).theta().double()
+    with cgc.CGCTerm(model, temperature=0.5, backend="reference") as term:
+        out = engine.train_step(model, term, x, y, lam=1.0, theta=theta, ce_theta=theta, grad_bound=0.05)
+        params = list(model.parameters())
+        w = out["lambda"]
+        assert 0 < float(w) < 1.0  # the bound is active on this draw
+        total = torch.autograd.grad(out["loss"], params, retain_graph=True)
+        ce = torch.autograd.grad(out["ce"], params, retain_graph=True)
+        cgc_grads = torch.autograd.grad(out["cgc"], params, retain_graph=True, allow_unused=True)
+        for t, c, g in zip(total, ce, cgc_grads):  # None: the head's bias does not move a heatmap
+            torch.testing.assert_close(t, c if g is None else c + w * g, rtol=1e-12, atol=1e-14)
+        plain = engine.train_step(model, term, x, y, lam=1.0, theta=theta, ce_theta=theta)
+        assert "lambda" not in plain and float(plain["loss"].detach()) == pytest.approx(
+            float((plain["ce"] + plain["cgc"]).detach())
+        )
 
 
 # ----------------------------------------------------------------------------- the stop-gradient
@@ -166,7 +227,11 @@ def test_the_gate_is_checked_and_the_ce_baseline_ignores_the_safeguards(tmp_path
     """The safeguards shape the term: a CE run ignores them (a CE checkpoint of any age loads,
     whatever its config says), as it ignores T and λ."""
     assert "--term-gate must be in [0, 1), got 1.5" in TrainConfig(term_gate=1.5).problems()[0]
-    assert TrainConfig(loss="ce", term_gate=0.0, cam_target="predicted", detach_target=True).problems() == []
+    assert "--grad-bound must be a finite number >= 0, got -1.0" in TrainConfig(grad_bound=-1.0).problems()[0]
+    assert (
+        TrainConfig(loss="ce", term_gate=0.0, cam_target="predicted", detach_target=True, grad_bound=2.0).problems()
+        == []
+    )
     ce = TOY.replace(loss="ce", epochs=1, seed=3)
     plain = train.run(ce.replace(out=str(tmp_path / "a")))
     shaped = train.run(ce.replace(term_gate=0.0, cam_target="predicted", out=str(tmp_path / "b")))

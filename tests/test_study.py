@@ -88,6 +88,18 @@ def test_configurations_select_runs_and_keep_what_they_start_from():
         study.StudyConfig.parse(["--configurations", "cgc, T 9"]).validate()
 
 
+def test_a_setting_added_later_at_its_neutral_value_keeps_recorded_runs_the_same():
+    """A study folder recorded before a setting existed is not rerun: at the value that does
+    what runs without it did, the setting is not part of a run's identity."""
+    from cgc.config import TrainConfig
+    from cgc.study.plan import ADDED_LATER, identity
+
+    config = TrainConfig(seed=3)
+    recorded = json.loads(identity(config))
+    assert not set(ADDED_LATER) & set(recorded)
+    assert identity(config.replace(grad_bound=1.0)) != identity(config)
+
+
 def fake_run(name: str, seed: int, top1: float, consistency: float) -> dict:
     return {
         "part": "localization",

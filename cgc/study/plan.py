@@ -31,7 +31,7 @@ TRANSFORMER_SEEDS = (0, 1, 2)
 FINETUNE_SEEDS = (0, 1, 2)
 
 #: the term without any safeguard: CAMs of the predicted class, no gate, gradients through both sides
-UNGUARDED = {"term_gate": 0.0, "cam_target": "predicted", "detach_target": False}
+UNGUARDED = {"term_gate": 0.0, "cam_target": "predicted", "detach_target": False, "grad_bound": 0.0}
 #: the candidates for a term that is safe to turn on, screened on the tuning seeds against CE
 TUNING: dict[str, dict] = {
     "ce": {"loss": "ce"},
@@ -48,6 +48,7 @@ TUNING: dict[str, dict] = {
     },
     "cgc, no safeguard, T 0.5": {**UNGUARDED, "temperature": 0.5},
     "cgc, gate 0.5 + label's CAM, T 0.5": {**UNGUARDED, "term_gate": 0.5, "cam_target": "label", "temperature": 0.5},
+    "cgc, gradient bound 1": {**UNGUARDED, "grad_bound": 1.0},
 }
 #: the default term against CE, the term's settings and options, on the report seeds
 LOCALIZATION: dict[str, dict] = {
@@ -308,11 +309,19 @@ def _finetune_runs(part: str, base: TrainConfig, scale: Scale, shots, variants: 
     return runs
 
 
+#: settings added after study folders were recorded, with the value that does what runs
+#: without them did: left out of a run's identity at that value, so those runs are not redone
+ADDED_LATER = {"grad_bound": 0.0}
+
+
 def identity(config: TrainConfig, after: str | None = None) -> str:
     """What makes two planned runs the same run (everything but where they write)."""
     values = config.to_dict()
     for where in ("out", "weights"):
         values.pop(where)
+    for name, neutral in ADDED_LATER.items():
+        if values.get(name) == neutral:
+            values.pop(name)
     return json.dumps({**values, "after": after}, sort_keys=True)
 
 
