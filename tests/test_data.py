@@ -25,6 +25,19 @@ def test_deterministic_and_prefix_stable():
     assert not torch.equal(v.images, c.images)
 
 
+def test_chunks_made_in_threads_are_the_chunks_made_one_by_one(monkeypatch):
+    """The dataset makes its chunks in threads (each has its own generator): the same images,
+    labels, boxes and masks as made one at a time, in order."""
+    from cgc.data import synthetic
+
+    threaded = SyntheticShapes("train", 600, seed=5, image_size=24)
+    alone = [synthetic.generate_chunk(5, "train", c, image_size=24) for c in range(3)]
+    for got, parts in zip((threaded.images, threaded.labels, threaded.boxes[:, 0], threaded.masks), zip(*alone)):
+        assert torch.equal(got, torch.cat(parts)[:600])
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # one worker: the same again
+    assert torch.equal(SyntheticShapes("train", 600, seed=5, image_size=24).images, threaded.images)
+
+
 def test_ground_truth_is_consistent():
     ds = SyntheticShapes("val", 400, seed=1, num_classes=12, image_size=48)
     assert ds.images.shape == (400, 3, 48, 48) and ds.images.dtype == torch.uint8

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -291,12 +292,17 @@ class SyntheticShapes(torch.utils.data.Dataset):
             raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
         if size < 1:
             raise ValueError(f"a split needs at least one image, got size={size}")
-        parts = [
-            generate_chunk(
+        chunks = math.ceil(size / CHUNK)
+
+        def chunk(c: int):
+            return generate_chunk(
                 seed, split, c, num_classes=num_classes, image_size=image_size, classes=classes, placement=placement
             )
-            for c in range(math.ceil(size / CHUNK))
-        ]
+
+        # chunks have their own generators, so threads make the same images; the small tensor ops
+        # of one chunk leave the cores idle (on 2 cores: about twice as fast as one by one)
+        with ThreadPoolExecutor(max(1, min(chunks, torch.get_num_threads()))) as pool:
+            parts = list(pool.map(chunk, range(chunks)))
         images, labels, boxes, masks = (torch.cat(p)[:size] for p in zip(*parts))
         self.images, self.labels, self.masks = images, labels, masks
         self.boxes = boxes[:, None]
