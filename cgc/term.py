@@ -74,7 +74,10 @@ def bounded_lambda(
     """
     if bound <= 0:
         raise ValueError(f"the gradient bound must be positive, got {bound}")
-    grads = [torch.autograd.grad(v, activations, retain_graph=True)[0] for v in (ce, term_loss)]
+    # the backward runs in this thread on a CPU: outside autocast, so that each op's gradient keeps
+    # the dtypes its forward recorded
+    with torch.autocast(activations.device.type, enabled=False):
+        grads = [torch.autograd.grad(v, activations, retain_graph=True)[0] for v in (ce, term_loss)]
     squares = torch.stack([g.detach().double().square().sum() for g in grads])
     if all_reduce_sum is not None:
         squares = all_reduce_sum(squares)

@@ -16,6 +16,8 @@ from cgc import CGCLoss, TermGate, checkpoint, files, train, transforms
 from cgc.config import TrainConfig
 from cgc.schedule import Schedule
 
+from .conftest import backend_device_params
+
 TOY = TrainConfig(train_size=96, val_size=40, batch_size=16, image_size=32, num_classes=4, overlays=0, epochs=2)
 
 
@@ -144,6 +146,29 @@ def test_bounded_lambda_is_the_gradient_ratio_at_the_cam_layer(rng, bound):
     assert float(summed) == pytest.approx(float(got), rel=1e-12)  # both norms grow alike
     with pytest.raises(ValueError, match="must be positive"):
         cgc.bounded_lambda(2.0, ce, out.loss, acts, 0.0)
+
+
+@pytest.mark.parametrize(
+    "backend_device", backend_device_params(lambda b, d: d == "cpu" and b != "triton"), indirect=True
+)
+def test_the_bound_under_bfloat16_autocast(backend_device, rng):
+    """cgc.train computes the bound inside the step's autocast region: the two extra gradients
+    must run with the dtypes their forward recorded (a CPU backward runs in this thread, where
+    autocast would otherwise recast its ops)."""
+    from cgc import engine
+    from cgc.models import CompactCNN
+    from cgc.structure import to_channels_last
+
+    backend, _ = backend_device
+    model = to_channels_last(CompactCNN(4))
+    x = torch.randn(6, 3, 32, 32, generator=rng)
+    y = torch.randint(0, 4, (6,), generator=rng)
+    theta = transforms.random_crop_flip(6, 32, 32, generator=rng).theta()
+    with cgc.CGCTerm(model, "features", temperature=0.2, channels_last=True, backend=backend) as term:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = engine.train_step(model, term, x, y, lam=1.0, theta=theta, ce_theta=theta, grad_bound=1.0)
+        out["loss"].backward()
+    assert 0 < float(out["lambda"]) <= 1.0 and torch.isfinite(out["loss"])
 
 
 def test_a_term_without_gradient_keeps_its_weight(rng):
