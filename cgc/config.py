@@ -173,7 +173,7 @@ class TrainConfig(Settings):
     lambda_warmup_epochs: float = setting(
         3.0, "ramp lambda linearly from 0 over these epochs (0: full weight from the start)", "CGC", check=non_negative
     )
-    temperature: float = setting(0.2, "InfoNCE temperature (the paper's ImageNet recipe: 0.5)", "CGC", check=positive)
+    temperature: float = setting(0.5, "InfoNCE temperature (the paper's ImageNet recipe)", "CGC", check=positive)
     heatmap_size: int | None = setting(
         None, "resolution at which heatmaps are compared (default: the image size)", "CGC", check=at_least(2)
     )

@@ -40,7 +40,7 @@ def test_quick_study_runs_and_resumes(tmp_path, capsys):
     assert list(cgc["top1_by_seed"]) == [0, 1] and cgc["vs_baseline"]["val_top1"]["n"] == 2
     assert set(summary["transfer"]) == {"ce, 2/class", "cgc, 2/class", "ce, 4/class", "cgc, 4/class"}
     table = (out / "tables.md").read_text()
-    assert "| cgc, T 0.5 " in table and "stayed at chance" in table and "Δ top-1 vs CE" in table
+    assert "| cgc, T 0.2 " in table and "stayed at chance" in table and "Δ top-1 vs CE" in table
     assert "Center baseline" in table
     pngs = ["tuning.png", "localization.png", "placement.png", "transfer-top1.png", "semi-top1.png"]
     pngs += ["profiles.png", "coverage.png", "localization-overlays.png"] + (

@@ -61,7 +61,7 @@ __all__ = [
     "summarize",
 ]
 #: the configurations whose mean heatmap in the objects' box frame is drawn (profiles.png)
-PROFILED = ("ce", "cgc", "cgc, no safeguard", "cgc, uniform crops", "cgc, class negatives K=3")
+PROFILED = ("ce", "cgc", "cgc, T 0.2", "cgc, uniform crops", "cgc, class negatives K=3")
 
 
 def figures(out: Path, summary: dict, study: StudyConfig, scale: Scale) -> list[Path]:
