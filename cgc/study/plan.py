@@ -52,6 +52,13 @@ TUNING: dict[str, dict] = {
     "cgc, no safeguard, T 0.5": {**UNGUARDED, "temperature": 0.5},
     "cgc, gate 0.5 + label's CAM, T 0.5": {**UNGUARDED, "term_gate": 0.5, "cam_target": "label", "temperature": 0.5},
     "cgc, gradient bound 1, T 0.2": {**UNGUARDED, "grad_bound": 1.0},
+    "cgc, gate 0.5 + label's CAM, T 0.5, class negatives K=3": {
+        **UNGUARDED,
+        "term_gate": 0.5,
+        "cam_target": "label",
+        "temperature": 0.5,
+        "class_negatives": 3,
+    },
 }
 #: the options a user can turn on, each on top of the default term
 OPTIONS = {
