@@ -291,12 +291,14 @@ TRANSFER = {"ce": {"loss": "ce"}, "cgc": {}}
 
 
 def _transformer_runs(vit: TrainConfig, names, seeds) -> list[PlannedRun]:
-    """The ViT runs of ``names``; the fine-tuning ones start from the same seed's CE run."""
+    """The ViT runs of ``names`` (CE's always: the fine-tuning ones start from the same seed's)."""
     runs = []
     for seed in seeds:
         ce = PlannedRun("transformers", "ce", seed, vit.replace(seed=seed, **TRANSFORMERS["ce"]))
         runs.append(ce)
-        for name in names[1:]:
+        for name in names:
+            if name == "ce":
+                continue
             if name.startswith("ce, then"):
                 tuned = vit.replace(seed=seed, epochs=VIT_FINETUNE_EPOCHS, **TRANSFORMERS[name])
                 runs.append(PlannedRun("transformers", name, seed, tuned, after=ce.key))
