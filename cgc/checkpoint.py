@@ -22,6 +22,7 @@ from . import files, huggingface
 from .engine import RunState
 from .errors import BadFile, ConfigError
 from .runtime import rng_state, set_rng_state
+from .schedule import TermGate, TermOutcome
 
 #: the checkpoint format written now; :func:`migrate` reads every earlier one
 FORMAT = 3
@@ -30,6 +31,14 @@ FORMAT = 3
 PREDATED = {"optimizer": "sgd", "term_gate": 0.0, "cam_target": "predicted", "detach_target": False}
 #: the plain weights every run leaves next to its checkpoints (loadable without cgc)
 WEIGHTS_FILE = "model.safetensors"
+
+
+def term_outcome(state: dict | None, config: dict) -> TermOutcome | None:
+    """Whether the CGC term of the run that saved a checkpoint ran (its ``state`` and
+    ``config``, migrated); None for the CE baseline or without a run state."""
+    if state is None or config.get("loss") == "ce":
+        return None
+    return RunState(**state).term_outcome(TermGate(config.get("term_gate", PREDATED["term_gate"])))
 
 
 def load(path: str | Path, map_location="cpu") -> dict:

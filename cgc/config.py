@@ -215,6 +215,14 @@ class TrainConfig(Settings):
         "stop the gradient through the warped original heatmap (the positive): only the augmented one moves",
         "CGC",
     )
+    heatmap_floor: float = setting(
+        0.0,
+        "keeps the term well-conditioned on nearly empty heatmaps: every cell gets FLOOR times the heatmap's "
+        "magnitude before its ReLU added before the comparison (0: the paper's term)",
+        "CGC",
+        check=non_negative,
+        metavar="FLOOR",
+    )
     grad_bound: float = setting(
         0.0,
         "an adaptive lambda: each step lambda becomes min(lambda, BOUND * |dCE/dA| / |dCGC/dA|), A the CAM "

@@ -25,7 +25,7 @@ from . import data, distributed, metrics, transforms
 from .errors import TrainingFailed
 from .progress import progress as progress_bar
 from .runtime import autocast
-from .schedule import Schedule, TermGate
+from .schedule import Schedule, TermGate, TermOutcome
 from .structure import logits_of
 from .term import CGCTerm, bounded_lambda
 
@@ -38,8 +38,9 @@ class RunState:
     (``global_step``), the best value so far of the metric that ranks checkpoints
     (``best_metric``; None before any), every finished epoch's log record, and the CGC term's
     gate (:class:`cgc.schedule.TermGate`): the position in epochs where the term was switched on
-    (None: not yet) and the moving average of training top-1 that opens it. Saved in every
-    checkpoint, so a run resumed in the middle of an epoch logs the same numbers."""
+    (None: not yet), the first step (counted from 1) that ran it and the moving average of
+    training top-1 that opens it. Saved in every checkpoint, so a run resumed in the middle of an
+    epoch logs the same numbers."""
 
     epoch: int = 0
     step: int = 0
@@ -53,6 +54,7 @@ class RunState:
     history: list = dataclasses.field(default_factory=list)
     term_on_at: float | None = 0.0
     train_top1_average: float | None = None
+    term_first_step: int | None = None
 
     def add_step(self, values: dict[str, float]) -> None:
         """Count one optimizer step with its losses (global-batch means; a loss a step did not
@@ -72,6 +74,17 @@ class RunState:
         """Close the epoch with its log ``record``: the next one starts at its step 0."""
         self.history.append(record)
         self.epoch, self.step, self.sums, self.counts, self.steps, self.skipped = self.epoch + 1, 0, {}, {}, 0, 0
+
+    def start_term(self, gate: TermGate) -> None:
+        """A new run's gate: the term on from the first step, or off until the gate opens."""
+        self.term_on_at = gate.first()
+        self.term_first_step = 1 if self.term_on_at is not None else None
+
+    def term_outcome(self, gate: TermGate) -> TermOutcome:
+        """Whether the CGC term ran in this run, and from which step."""
+        return TermOutcome(
+            self.term_first_step, self.global_step, self.train_top1_average, gate.threshold, self.term_on_at
+        )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -157,11 +170,13 @@ def train_step(
         cgc = term(x, theta=theta, extra=[x_ce], targets=y if cam_target == "label" else None)
         logits = torch.cat([cgc.logits, cgc.logits_aug, cgc.extra_logits[0]])
         out["cgc"] = cgc.loss
+        out["cgc_floored"] = cgc.floored
     else:
         x_aug = transforms.apply(x, theta, padding_mode=image_padding, backend=backend)
         cgc = term(unlabeled, theta=unlabeled_theta, extra=[x, x_aug, x_ce])
         logits = torch.cat(cgc.extra_logits)
         out["cgc_unlabeled"] = cgc.loss
+        out["cgc_floored"] = cgc.floored
     ce = sum(F.cross_entropy(logits[k * B : (k + 1) * B], y) for k in range(3))
     out["ce"] = ce
     term_loss = out.get("cgc", out.get("cgc_unlabeled"))
@@ -348,11 +363,17 @@ def train_one_epoch(
                 f"saved for this epoch. Lower --lr or --lambda."
             )
         values.setdefault("lambda", lam)  # the step's weight: the schedule's, or lower where bounded
+        was_off = state.term_on_at is None
         state.train_top1_average, state.term_on_at = plan.gate.observe(
             state.train_top1_average, values["top1"], state.term_on_at, epoch + (step + 1) / steps_per_epoch
         )
+        if was_off and state.term_on_at is not None:
+            state.term_first_step = state.global_step + 2  # this step is global_step + 1; the term runs from the next
         state.add_step(values)
-        bar.set_postfix({k: f"{v:.4g}" for k, v in state.means().items() if k not in ("top1", "lambda")}, refresh=False)
+        bar.set_postfix(
+            {k: f"{v:.4g}" for k, v in state.means().items() if k not in ("top1", "lambda", "cgc_floored")},
+            refresh=False,
+        )
         if on_step is not None:
             on_step(values, stopping)
     if not state.steps:

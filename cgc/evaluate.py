@@ -23,7 +23,7 @@ from typing import ClassVar
 
 import torch
 
-from . import cli, data, distributed, metrics, runtime, tables, transforms, viz
+from . import checkpoint, cli, data, distributed, metrics, runtime, tables, transforms, viz
 from .cam import CAM
 from .cam_methods import CAM_METHODS
 from .data.synthetic import PLACEMENTS
@@ -252,6 +252,9 @@ def format_table(report: dict[str, dict], chosen: list[metrics.Metric]) -> str:
         ]
         for m in chosen
     ]
+    if any("term_summary" in report[n] for n in names):
+        ran = [report[n].get("term_summary", "no term (CE)") for n in names]
+        rows.append(["CGC term ran", *ran, "the first training step whose loss held the term"])
     table = tables.markdown(["metric", *names, "what it measures"], rows, "l" + "r" * len(names) + "l")
     return table + "\n\n↑ higher is better, ↓ lower is better; — not measured (no boxes, or nothing to score)."
 
@@ -361,6 +364,11 @@ def evaluate_model(config: EvalConfig, cam: CAM, loaded: LoadedModel, bundle, ch
         target_layer=cam.target_layer,
         cam=cam.method,
     )
+    term = checkpoint.term_outcome(loaded.run_state, loaded.train_args)
+    if term is not None:
+        result.update(term.to_dict(), term_summary=term.summary())
+        if term.warning():
+            result["term_warning"] = term.warning()
     return {**dict.fromkeys(metrics.METRICS), **result}
 
 
@@ -416,6 +424,9 @@ def write(
         written.append("randomization.png")
     print(table)
     log.info(f"wrote {', '.join(str(out / w) for w in written)}")
+    for name, r in report.items():
+        if r.get("term_warning"):
+            log.warning(f"warning: {name}: {r['term_warning']}")
 
 
 if __name__ == "__main__":

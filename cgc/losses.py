@@ -45,6 +45,16 @@ class CGCLoss(nn.Module):
     ``detach_target``: no gradient through the positive (the warped original heatmap), so the
     augmented view's heatmap moves towards it and the original's is shaped by cross-entropy
     alone (a stop-gradient, as self-training methods use against collapse).
+
+    ``floor`` keeps the term well-conditioned where a heatmap is nearly empty (not the paper's,
+    which has 0). Both sides are compared as directions, and the direction of a nearly empty
+    heatmap (a CAM whose ReLU removed almost everything: the label's CAM of an image the
+    classifier does not yet recognize) turns with the smallest change of the network: its
+    gradient grows as 1 / its mass, and a run's end depends on rounding. With a floor, every
+    cell of every heatmap gets ``floor`` times the batch's mean heatmap value (:meth:`reference`:
+    the anchors' and positives' cells, over every process with ``gather``; detached) added
+    before it is normalized: a heatmap far weaker than the batch's is compared as nearly
+    uniform, and no heatmap's gradient exceeds about ``1 / floor`` times that of a typical one.
     """
 
     def __init__(
@@ -57,12 +67,15 @@ class CGCLoss(nn.Module):
         padding_mode: str = "border",
         mask_outside: bool = False,
         detach_target: bool = False,
+        floor: float = 0.0,
     ):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not floor >= 0:
+            raise ValueError(f"floor must be >= 0, got {floor}")
         self.temperature = float(temperature)
         self.heatmap_size = heatmap_size
         self.kind = kind
@@ -71,6 +84,7 @@ class CGCLoss(nn.Module):
         self.padding_mode = padding_mode
         self.mask_outside = mask_outside
         self.detach_target = detach_target
+        self.floor = float(floor)
 
     def _size(self, size):
         size = self.heatmap_size or size
@@ -86,29 +100,48 @@ class CGCLoss(nn.Module):
         grid = F.affine_grid(theta.float(), [theta.shape[0], 1, h, w], align_corners=False)
         return (grid.abs() <= 1).all(-1).flatten(1).float()
 
-    def _prepare(self, cams: torch.Tensor, size, mask: torch.Tensor | None) -> torch.Tensor:
-        """Heatmaps [b,h,w] at the comparison size (identity warp), masked, sum-normalized [b, S*S]."""
+    def _normalize(self, rows: torch.Tensor, mask: torch.Tensor | None, floor: torch.Tensor | None) -> torch.Tensor:
+        """Warped heatmaps [b, S*S] -> the rows compared: ``floor`` added to every cell, masked,
+        sum-normalized."""
+        if floor is not None:
+            rows = rows + floor.to(rows.dtype)
+        if mask is not None:
+            rows = rows * mask
+        return rows / (rows.sum(1, keepdim=True) + HEATMAP_EPS) + HEATMAP_EPS
+
+    def _prepare(self, cams: torch.Tensor, size, mask: torch.Tensor | None, floor=None) -> torch.Tensor:
+        """Heatmaps [b,h,w] at the comparison size (identity warp), floored, masked, sum-normalized [b, S*S]."""
         ident = identity_theta(cams.shape[0], cams.device, torch.float32)
         q = ops.affine_warp(cams[:, None], ident, self._size(size), padding_mode="border", backend=self.backend)
-        q = q.flatten(1)
-        if mask is not None:
-            q = q * mask
-        return q / (q.sum(1, keepdim=True) + HEATMAP_EPS) + HEATMAP_EPS
+        return self._normalize(q.flatten(1), mask, floor)
 
-    def pair(self, cam_orig: torch.Tensor, cam_aug: torch.Tensor, theta: torch.Tensor, size=None):
-        """The flattened anchors ``q`` (augmented view) and positives ``p`` [B, S*S]."""
+    def reference(self, cam_orig: torch.Tensor, cam_aug: torch.Tensor) -> torch.Tensor:
+        """The floor's unit: the mean heatmap value of the batch (both views; with ``gather``,
+        of the whole global batch), detached, at least float32."""
+        wide = torch.promote_types(cam_orig.dtype, torch.float32)
+        means = torch.stack([cam_orig, cam_aug], 1).detach().to(wide).flatten(1).mean(1, keepdim=True)
+        if self.gather is not None:
+            means = self.gather(means)[0]  # every process has the same number of images
+        return means.mean()
+
+    def floor_value(self, cam_orig: torch.Tensor, cam_aug: torch.Tensor) -> torch.Tensor | None:
+        """What the floor adds to every cell (None without a floor)."""
+        return self.floor * self.reference(cam_orig, cam_aug) if self.floor > 0 else None
+
+    def pair(self, cam_orig: torch.Tensor, cam_aug: torch.Tensor, theta: torch.Tensor, size=None, cell_floor=None):
+        """The flattened anchors ``q`` (augmented view) and positives ``p`` [B, S*S]; ``cell_floor``:
+        the value added to every cell (default: :meth:`floor_value` of these heatmaps)."""
         if cam_orig.dim() != 3 or cam_orig.shape != cam_aug.shape:
             raise ValueError(
                 f"cam_orig and cam_aug must both be [B,h,w], got {tuple(cam_orig.shape)} and {tuple(cam_aug.shape)}"
             )
+        floor = self.floor_value(cam_orig, cam_aug) if cell_floor is None else cell_floor
         mask = self.coverage(theta, size) if self.mask_outside else None
-        q = self._prepare(cam_aug, size, mask)
+        q = self._prepare(cam_aug, size, mask, floor)
         p = ops.affine_warp(
             cam_orig[:, None], theta, self._size(size), padding_mode=self.padding_mode, backend=self.backend
         ).flatten(1)
-        if mask is not None:
-            p = p * mask
-        p = p / (p.sum(1, keepdim=True) + HEATMAP_EPS) + HEATMAP_EPS
+        p = self._normalize(p, mask, floor)
         return q, (p.detach() if self.detach_target else p)
 
     def forward(
@@ -118,8 +151,13 @@ class CGCLoss(nn.Module):
         theta: torch.Tensor,
         size=None,
         class_negatives: torch.Tensor | None = None,
+        *,
+        cell_floor: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        q, p = self.pair(cam_orig, cam_aug, theta, size)
+        """The loss (a scalar). ``cell_floor``: what the floor adds to every cell, when the
+        caller computed :meth:`floor_value` already (it gathers over the processes)."""
+        floor = self.floor_value(cam_orig, cam_aug) if cell_floor is None else cell_floor
+        q, p = self.pair(cam_orig, cam_aug, theta, size, floor)
         if class_negatives is not None:
             if self.kind != "infonce":
                 raise ValueError("class_negatives are negatives of the InfoNCE loss; kind='mse' has none")
@@ -130,7 +168,7 @@ class CGCLoss(nn.Module):
                     f"got {tuple(class_negatives.shape)}"
                 )
             mask = self.coverage(theta, size).repeat_interleave(k, 0) if self.mask_outside else None
-            extra = self._prepare(class_negatives.flatten(0, 1), size, mask)
+            extra = self._prepare(class_negatives.flatten(0, 1), size, mask, floor)
             rows = torch.cat([q, extra])  # the anchors first: anchor b's own row is b
             if self.gather is not None:
                 rows, offset = self.gather(rows)
@@ -150,7 +188,8 @@ class CGCLoss(nn.Module):
         negatives = ", negatives=gathered" if self.gather is not None else ""
         masked = ", mask_outside=True" if self.mask_outside else ""
         detached = ", detach_target=True" if self.detach_target else ""
+        floor = f", floor={self.floor}" if self.floor else ""
         return (
             f"kind={self.kind}, temperature={self.temperature}, heatmap_size={self.heatmap_size}"
-            f"{negatives}{masked}{detached}"
+            f"{negatives}{masked}{detached}{floor}"
         )

@@ -507,8 +507,9 @@ def imagenet_categories(arch: str, num_classes: int) -> list[str] | None:
 @dataclass
 class LoadedModel:
     """A model ready to explain: its class names, input size, CAM layer (None: find it), the
-    CAM method it was trained with, where it came from (for reports) and whether that was a
-    cgc checkpoint (whose classes must be the evaluation data's)."""
+    CAM method it was trained with, where it came from (for reports), whether that was a
+    cgc checkpoint (whose classes must be the evaluation data's) and a checkpoint's ``run_state``
+    (where its run stood: :class:`cgc.engine.RunState` as a dict; None for other models)."""
 
     model: nn.Module
     classes: list[str]
@@ -518,6 +519,7 @@ class LoadedModel:
     train_args: dict
     source: str
     from_checkpoint: bool
+    run_state: dict | None = None
 
 
 def load_model(
@@ -584,4 +586,6 @@ def _from_checkpoint(path: str | Path) -> LoadedModel:
         raise UnsupportedModel(
             f"the weights in {path} do not fit {targs.get('arch')}: {str(err).splitlines()[0]}"
         ) from err
-    return LoadedModel(model, classes, size, ckpt.get("target_layer"), ckpt["cam"], targs, str(path), True)
+    return LoadedModel(
+        model, classes, size, ckpt.get("target_layer"), ckpt["cam"], targs, str(path), True, ckpt.get("state")
+    )

@@ -90,3 +90,58 @@ class TermGate:
         if on_at is None and average >= self.threshold:
             on_at = position
         return average, on_at
+
+
+@dataclasses.dataclass(frozen=True)
+class TermOutcome:
+    """Whether a run's CGC term ran: ``first_step``, the first optimizer step (counted from 1)
+    whose loss held the term (None: none did); ``steps`` trained; ``top1``, the gate's moving
+    training top-1 at the end (a fraction); the gate's ``threshold``; ``opened_at``, where the
+    gate opened in epochs (None: never), which checkpoints written before ``first_step`` was
+    recorded carry alone.
+
+    A run whose gate never opened trained the CE baseline under the name of CGC: its results
+    table, ``metrics.json`` and one warning say so (:meth:`warning`)."""
+
+    first_step: int | None
+    steps: int
+    top1: float | None
+    threshold: float
+    opened_at: float | None = None
+
+    @property
+    def ran(self) -> bool:
+        if self.first_step is not None:
+            return self.first_step <= self.steps
+        return self.opened_at is not None  # an older checkpoint: where the gate opened is all it knows
+
+    def summary(self) -> str:
+        """One line: where the term ran from, or that it never did and why."""
+        if self.ran:
+            if self.first_step is None:
+                return f"from epoch {self.opened_at:.2f} of the run"
+            return f"from step {self.first_step} of {self.steps}"
+        return f"never: the gate stayed closed (training top-1 reached {self._top1()}, the gate {self.threshold:g})"
+
+    def warning(self) -> str | None:
+        """The line a run whose term never ran ends with: what happened and what to do."""
+        if self.ran:
+            return None
+        return (
+            f"the CGC term never ran: training top-1 reached {self._top1()} of the {self.threshold:g} that opens "
+            f"its gate, so this model is the CE baseline's. For a model that already predicts (fine-tuning) "
+            f"use --term-gate 0; otherwise train longer (--epochs) or lower --term-gate"
+        )
+
+    def _top1(self) -> str:
+        return "nothing" if self.top1 is None else f"{self.top1:.2f}"
+
+    def to_dict(self) -> dict:
+        """The fields ``metrics.json`` records: ``term_first_step`` (a step, or "never"),
+        ``term_gate``, ``term_train_top1``."""
+        return {
+            "term_first_step": self.first_step if self.ran else "never",
+            "term_opened_at_epoch": self.opened_at,
+            "term_gate": self.threshold,
+            "term_train_top1": self.top1,
+        }

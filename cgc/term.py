@@ -37,7 +37,9 @@ class CGCOutput:
     view passed in, in order (forwarded in the same batch); ``cams_other`` [B,K,h,w] the
     augmented view's heatmaps for its K most probable other classes (``class_negatives=K``;
     None without); ``activations`` the hooked layer's activations of the whole batch (in the
-    graph), which :func:`bounded_lambda` differentiates.
+    graph), which :func:`bounded_lambda` differentiates; ``floored``: the share of the 2B
+    heatmaps whose mean is at or below the loss's floor (:class:`cgc.CGCLoss`; without a floor:
+    the all-zero ones): the nearly empty heatmaps, which the floor compares as nearly uniform.
     """
 
     loss: torch.Tensor
@@ -51,6 +53,7 @@ class CGCOutput:
     extra_logits: list[torch.Tensor] = field(default_factory=list)
     cams_other: torch.Tensor | None = None
     activations: torch.Tensor | None = None
+    floored: torch.Tensor | None = None
 
 
 def bounded_lambda(
@@ -105,6 +108,7 @@ def cgc_term(
     crop_sampler: str = "rrc",
     class_negatives: int = 0,
     detach_target: bool = False,
+    floor: float = 0.0,
     generator: torch.Generator | None = None,
     backend: str | None = None,
     reshape=None,
@@ -135,7 +139,13 @@ def cgc_term(
     if loss is None:
         mask = crop_sampler == "uniform"
         loss = CGCLoss(
-            temperature, heatmap_size, kind=kind, backend=backend, mask_outside=mask, detach_target=detach_target
+            temperature,
+            heatmap_size,
+            kind=kind,
+            backend=backend,
+            mask_outside=mask,
+            detach_target=detach_target,
+            floor=floor,
         )
     draw = dict(scale=tuple(crop_scale), ratio=tuple(ratio), flip_p=flip_p, generator=generator, sampler=crop_sampler)
     if isinstance(model_or_cam, CAM):
@@ -186,10 +196,14 @@ def _compute_term(
                 1,
             )
         )
-    value = loss(cams[:B], cams[B:], theta, size=(H, W), class_negatives=others)
+    floor = loss.floor_value(cams[:B], cams[B:])
+    value = loss(cams[:B], cams[B:], theta, size=(H, W), class_negatives=others, cell_floor=floor)
+    floored = (cams.detach().mean((1, 2)) <= (0.0 if floor is None else floor)).float().mean()
     sizes = [B, B] + [e.shape[0] for e in extra]
     parts = list(logits.split(sizes))
-    return CGCOutput(value, parts[0], parts[1], cams[:B], cams[B:], theta, targets, x_aug, parts[2:], others, acts)
+    return CGCOutput(
+        value, parts[0], parts[1], cams[:B], cams[B:], theta, targets, x_aug, parts[2:], others, acts, floored
+    )
 
 
 class CGCTerm(nn.Module):
@@ -228,6 +242,7 @@ class CGCTerm(nn.Module):
         crop_sampler: str = "rrc",
         class_negatives: int = 0,
         detach_target: bool = False,
+        floor: float = 0.0,
     ):
         super().__init__()
         self.cam = CAM(
@@ -242,6 +257,7 @@ class CGCTerm(nn.Module):
                 gather=gather,
                 mask_outside=crop_sampler == "uniform",
                 detach_target=detach_target,
+                floor=floor,
             )
         self.loss = loss
         self.crop_scale, self.ratio, self.flip_p = tuple(crop_scale), tuple(ratio), flip_p

@@ -37,7 +37,7 @@ from .engine import EpochPlan, RunState, StepOptions, batches, train_one_epoch, 
 from .errors import ConfigError, Preempted
 from .losses import CGCLoss
 from .runlog import RunLog
-from .schedule import Schedule, TermGate
+from .schedule import Schedule, TermGate, TermOutcome
 from .structure import to_channels_last
 from .term import CGCTerm
 
@@ -179,6 +179,7 @@ def build_term(config: TrainConfig, model, ctx: distributed.Context) -> tuple[CA
         padding_mode=config.heatmap_padding,
         mask_outside=config.crop_sampler == "uniform",
         detach_target=config.detach_target,
+        floor=config.heatmap_floor,
     )
     term = CGCTerm(
         net,
@@ -356,12 +357,19 @@ def epoch_record(state: RunState, opt, seconds: float, *, files: bool) -> dict:
 
 # ----------------------------------------------------------------------------- the end
 def final_results(
-    config: TrainConfig, cam: CAM, bundle: data.DataBundle, state: RunState, ctx: distributed.Context, **facts
+    config: TrainConfig,
+    cam: CAM,
+    bundle: data.DataBundle,
+    state: RunState,
+    ctx: distributed.Context,
+    term: TermOutcome | None = None,
+    **facts,
 ) -> dict:
     """The run's results: last and best validation accuracy, the explanation metrics of
     :data:`cgc.metrics.TRAINING_METRICS` (the evaluation protocol's crops, 8-100 % of the image,
-    whatever ``--crop-scale`` trained with: comparable across recipes) and the run's ``facts``
-    (precision, wall time)."""
+    whatever ``--crop-scale`` trained with: comparable across recipes), whether and from which
+    step the CGC ``term`` ran (None: the CE baseline) and the run's ``facts`` (precision, wall
+    time)."""
     results = {k: state.history[-1][k] for k in ("val_top1", "val_top5")}
     results["best_val_top1"] = state.best
     chosen = metrics.select(list(metrics.TRAINING_METRICS), has_boxes=hasattr(bundle.val, "boxes"))
@@ -380,6 +388,10 @@ def final_results(
     results.update(
         loss=config.loss, arch=config.arch, dataset=config.dataset, epochs=config.epochs, processes=ctx.world_size
     )
+    if term is not None:
+        results.update(term.to_dict(), term_summary=term.summary())
+        if term.warning():
+            results["term_warning"] = term.warning()
     return results | facts
 
 
@@ -435,6 +447,8 @@ def results_table(results: dict) -> str:
             rows.append((m.label + m().arrow, results[name], m.fmt, m.about))
     rows.append(("wall time (s)", results["wall_time_s"], ".0f", f"{results['processes']} process(es)"))
     cells = [(label, None if v is None else format(v, fmt), about) for label, v, fmt, about in rows]
+    if "term_summary" in results:
+        cells.insert(3, ("CGC term ran", results["term_summary"], "the first step whose loss held the term"))
     return tables.markdown(["", "value", "what it is"], cells, "lrl") + "\n↑ higher is better, ↓ lower is better"
 
 
@@ -470,7 +484,7 @@ def run(config: TrainConfig, ctx: distributed.Context | None = None) -> dict:
         plan = build_plan(config, opt, train_data, ctx, amp)
         state = saver.resume(source)
         if source is None:
-            state.term_on_at = plan.gate.first()
+            state.start_term(plan.gate)
         else:
             where = f"epoch {state.epoch}, step {state.step}" if state.step else f"the end of epoch {state.epoch}"
             log.info(f"resumed from {source} at {where}")
@@ -481,7 +495,10 @@ def run(config: TrainConfig, ctx: distributed.Context | None = None) -> dict:
                 RunLog(out, history=state.history, global_step=state.global_step, tensorboard=config.tensorboard)
             )
         fit(config, net, term, plan, train_data, saver, state, runlog)
-        results = final_results(config, cam, bundle, state, ctx, amp=amp, wall_time_s=round(time.time() - started, 1))
+        outcome = state.term_outcome(plan.gate) if term is not None else None
+        results = final_results(
+            config, cam, bundle, state, ctx, outcome, amp=amp, wall_time_s=round(time.time() - started, 1)
+        )
         if ctx.primary:
             write_results(config, cam, bundle, state, runlog, results, ctx.device)
         saver.save_weights()
@@ -506,9 +523,14 @@ def announce(config: TrainConfig, train_data: TrainData, ctx: distributed.Contex
             " (--amp auto: this device has fast bfloat16)" if amp == "bf16" else " (--amp auto: no fast bfloat16 here)"
         )
     unlabeled = f", {len(train_data.unlabeled)} unlabeled images" if train_data.unlabeled is not None else ""
+    gate = (
+        f" (the term once training top-1 reaches {config.term_gate:g})"
+        if config.loss != "ce" and config.term_gate
+        else ""
+    )
     log.info(
         f"cgc.train: {config.arch} on {config.dataset} ({len(bundle.train)} train / {len(bundle.val)} val, "
-        f"{len(bundle.classes)} classes, {bundle.image_size}px), loss={config.loss}, device={ctx.device}{procs}, "
+        f"{len(bundle.classes)} classes, {bundle.image_size}px), loss={config.loss}{gate}, device={ctx.device}{procs}, "
         f"{precision}, {config.cam} at '{layer}'{unlabeled}"
     )
 
@@ -526,6 +548,8 @@ def main(argv: list[str] | None = None) -> dict:
             results = run(config, ctx)
             if ctx.primary:
                 print(results_table(results))
+                if "term_warning" in results:  # the last line a user sees
+                    log.warning(f"warning: {results['term_warning']}")
             return results
 
         return cli.run_in_job(command, config.device, strict=config.deterministic)

@@ -117,3 +117,90 @@ def test_errors():
         loss(torch.rand(2, 7, 7), torch.rand(2, 6, 7), transforms.identity_theta(2))
     with pytest.raises(ValueError, match="at least 2"):
         loss(torch.rand(1, 7, 7), torch.rand(1, 7, 7), transforms.identity_theta(1))
+
+
+# ----------------------------------------------------------------------------- the floor
+def _floored_by_hand(rows, value):
+    """The rows compared with a floor: ``value`` added to every cell, then sum-normalized
+    (+1e-8 each, as the recipe)."""
+    rows = rows + value
+    return rows / (rows.sum(1, keepdim=True) + 1e-8) + 1e-8
+
+
+def test_floor_equals_its_formula_by_hand(rng):
+    """With a floor, anchors and positives are the recipe's rows with ``floor`` times the batch's
+    mean heatmap value (both views, detached) added to every cell before the sum-normalization;
+    value and gradients equal the formula by hand."""
+    cam_orig, cam_aug, theta = _unrelated_pair(rng)
+    a, b = cam_orig.clone().requires_grad_(), cam_aug.clone().requires_grad_()
+    loss = CGCLoss(0.4, 16, floor=0.3)
+    value = 0.3 * (cam_orig.mean() + cam_aug.mean()) / 2
+    assert torch.allclose(loss.floor_value(a, b), value, rtol=1e-12) and not loss.floor_value(a, b).requires_grad
+    got_q, got_p = loss.pair(a, b, theta)
+    size = (16, 16)
+    q = F.interpolate(b[:, None], size, mode="bilinear", align_corners=False).flatten(1)
+    grid = F.affine_grid(theta, (5, 1, *size), align_corners=False)
+    p = F.grid_sample(a[:, None], grid, mode="bilinear", padding_mode="border", align_corners=False).flatten(1)
+    q, p = _floored_by_hand(q, value), _floored_by_hand(p, value)
+    assert torch.allclose(got_q, q, rtol=1e-10, atol=1e-14) and torch.allclose(got_p, p, rtol=1e-10, atol=1e-14)
+    got = loss(a, b, theta)
+    want = _info_nce_by_hand(q, p, 0.4)
+    assert torch.allclose(got, want, rtol=1e-10, atol=0)
+    g_got = torch.autograd.grad(got, (a, b), retain_graph=True)
+    g_want = torch.autograd.grad(want, (a, b))
+    for g, w in zip(g_got, g_want):
+        assert torch.allclose(g, w, rtol=1e-8, atol=1e-12)
+    assert CGCLoss(0.4, 16).floor_value(a, b) is None
+
+
+def test_floor_gradcheck(rng):
+    """float64 gradcheck of both kinds with a floor (its unit, the batch's mean, is detached:
+    a constant of the comparison, so the check holds it fixed as the loss does)."""
+    cam_orig, cam_aug, theta = _unrelated_pair(rng, b=3, h=4, w=5)
+    unit = 0.2 * torch.stack([cam_orig, cam_aug]).mean()
+    for kind in ("infonce", "mse"):
+        loss = CGCLoss(0.5, 6, kind, floor=0.2)
+        a, b = cam_orig.clone().requires_grad_(), cam_aug.clone().requires_grad_()
+        assert torch.autograd.gradcheck(lambda x, y, loss=loss: loss(x, y, theta, cell_floor=unit), (a, b))
+
+
+def test_floor_bounds_the_gradient_of_a_nearly_empty_heatmap(rng):
+    """Heatmaps are compared as directions, so a heatmap of mass t gets a gradient of order 1/t:
+    the term is ill-conditioned where a CAM is nearly empty (the label's CAM of an image the
+    classifier does not recognize yet). With a floor the gradient stays within about 1/floor of
+    a typical heatmap's, however small t gets."""
+    b, h = 6, 8
+    cams = torch.rand(2, b, h, h, generator=rng, dtype=torch.float64)
+    theta = transforms.random_crop_flip(b, h, h, generator=rng).theta().double()
+
+    def grad_of_row0(floor, t):
+        orig, aug = cams[0].clone(), cams[1].clone()
+        orig[0] *= t
+        aug[0] *= t
+        orig.requires_grad_()
+        loss = CGCLoss(0.5, h, floor=floor)(orig, aug, theta)
+        return torch.autograd.grad(loss, orig)[0][0].norm().item()
+
+    typical = grad_of_row0(0.0, 1.0)
+    for t in (1e-3, 1e-6):
+        assert grad_of_row0(0.0, t) > 100 * typical  # ~1/t without a floor
+        assert grad_of_row0(0.3, t) < typical / 0.3  # bounded with one
+
+
+def test_the_floor_is_the_global_batchs_under_gather(rng):
+    """With gathered negatives the floor's unit is the mean over every process's heatmaps, so
+    each process compares its rows as one process with the whole batch would."""
+    cam_orig, cam_aug, _ = _unrelated_pair(rng, b=6)
+    whole = CGCLoss(0.5, 10, floor=0.3).floor_value(cam_orig, cam_aug)
+    others = torch.stack([cam_orig[3:], cam_aug[3:]], 1).flatten(1).mean(1, keepdim=True)
+
+    def gather(rows):  # this process holds images 0-2, the other one 3-5
+        return torch.cat([rows, others]), 0
+
+    mine = CGCLoss(0.5, 10, floor=0.3, gather=gather).floor_value(cam_orig[:3], cam_aug[:3])
+    assert torch.allclose(mine, whole, rtol=1e-12)
+
+
+def test_floor_errors():
+    with pytest.raises(ValueError, match="floor"):
+        CGCLoss(floor=-0.1)

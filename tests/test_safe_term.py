@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 import cgc
-from cgc import CGCLoss, TermGate, checkpoint, files, train, transforms
+from cgc import CGCLoss, TermGate, checkpoint, evaluate, files, train, transforms
 from cgc.config import TrainConfig
-from cgc.schedule import Schedule
+from cgc.evaluate import EvalConfig
+from cgc.schedule import Schedule, TermOutcome
 
 from .conftest import backend_device_params
 
@@ -47,6 +48,25 @@ def test_lambda_ramps_in_from_where_the_gate_opened():
     assert s.lambda_at(0, 4, 10) == s.lambda_at(0, 4, 10, 0.0) == pytest.approx(1.0)  # no gate: as before
 
 
+def test_the_outcome_says_whether_and_from_which_step_the_term_ran():
+    never = TermOutcome(None, 120, 0.31, 0.5)
+    assert not never.ran and never.to_dict()["term_first_step"] == "never"
+    assert "never" in never.summary() and "0.31" in never.summary()
+    assert "--term-gate 0" in never.warning() and "--epochs" in never.warning()
+    opened = TermOutcome(41, 120, 0.8, 0.5, opened_at=1.3)
+    assert opened.ran and opened.warning() is None and opened.summary() == "from step 41 of 120"
+    assert opened.to_dict() == {
+        "term_first_step": 41,
+        "term_opened_at_epoch": 1.3,
+        "term_gate": 0.5,
+        "term_train_top1": 0.8,
+    }
+    # opened by the very last step: no step ran the term
+    assert not TermOutcome(121, 120, 0.5, 0.5, opened_at=10.0).ran
+    # a checkpoint from before the first step was recorded: where the gate opened is all it knows
+    assert TermOutcome(None, 120, 0.9, 0.5, opened_at=2.5).summary() == "from epoch 2.50 of the run"
+
+
 @pytest.mark.slow
 def test_a_closed_gate_trains_the_ce_baseline(tmp_path):
     """While the gate is closed the step is the CE baseline's: same views, same losses, same
@@ -57,10 +77,27 @@ def test_a_closed_gate_trains_the_ce_baseline(tmp_path):
     a, b = steps(tmp_path / "ce"), steps(tmp_path / "closed")
     assert [s["loss"] for s in a] == [s["loss"] for s in b] and all(s["lambda"] == 0 for s in b)
     assert "cgc" not in b[0]
+    # ... and says so: metrics.json, the results table, the warning, and the evaluation of its checkpoint
+    assert "term_first_step" not in ce
+    assert closed["term_first_step"] == "never" and closed["term_gate"] == 0.99
+    assert json.loads((tmp_path / "closed" / "metrics.json").read_text())["term_first_step"] == "never"
+    assert "| CGC term ran" in train.results_table(closed) and "never" in closed["term_summary"]
+    assert "--term-gate 0" in closed["term_warning"]
+    report = evaluate.run(
+        EvalConfig(
+            checkpoint=(str(tmp_path / "closed"), str(tmp_path / "ce")), metrics=("top1",), out=str(tmp_path / "e")
+        )
+    )
+    assert report["closed"]["term_first_step"] == "never" and "--term-gate 0" in report["closed"]["term_warning"]
+    assert "term_first_step" not in report["ce"]
+    table = (tmp_path / "e" / "report.md").read_text()
+    assert "| CGC term ran" in table and "no term (CE)" in table
     opens = train.run(TOY.replace(term_gate=0.05, lambda_warmup_epochs=1.0, out=str(tmp_path / "opens")))
     log = steps(tmp_path / "opens")
     on = [s for s in log if s["lambda"] > 0]
     assert on and "cgc" in on[0] and on[0]["step"] > 1 and log[-1]["lambda"] == pytest.approx(1.0)
+    assert opens["term_first_step"] == on[0]["step"] and "term_warning" not in opens
+    assert opens["term_summary"] == f"from step {on[0]['step']} of {len(log)}"
     state = checkpoint.load(tmp_path / "opens")["state"]
     assert state["term_on_at"] is not None and 0 < state["term_on_at"] < 1
     assert opens["val_top1"] >= 0
@@ -202,6 +239,61 @@ def test_the_bound_scales_the_terms_gradient_and_adds_none(rng):
         assert "lambda" not in plain and float(plain["loss"].detach()) == pytest.approx(
             float((plain["ce"] + plain["cgc"]).detach())
         )
+
+
+# ----------------------------------------------------------------------------- the floor
+def _amplification(seed: int, floor: float | None, steps: int = 8, batch: int = 16) -> float:
+    """How much ``steps`` SGD steps (float64, lr 0.05, a GroupNorm compact model from its
+    initialization, the term with the label's CAMs at full weight from the first step; ``floor``
+    None: CE alone) amplify a perturbation of 1e-9 of the weights: the relative size of the
+    difference at the end to the one at the start. Rounding (another thread count, another
+    machine) is such a perturbation."""
+    from cgc import data, engine
+    from cgc.models import CompactCNN
+
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    bundle = data.build("synthetic", seed=seed, image_size=32, train_size=batch * steps, val_size=8, num_classes=6)
+    images = data.normalize(bundle.train.images).double().reshape(steps, batch, 3, 32, 32)
+    labels = bundle.train.labels.reshape(steps, batch)
+    thetas = [transforms.random_crop_flip(batch, 32, 32, generator=gen).theta().double() for _ in range(steps)]
+    models = [CompactCNN(6, norm="group").double() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    with torch.no_grad():
+        for p in models[1].parameters():
+            p.add_(1e-9 * p.abs().mean() * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+
+    def flat(model):
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    start = (flat(models[1]) - flat(models[0])).norm()
+    for model in models:
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        term = None if floor is None else cgc.CGCTerm(model, floor=floor, backend="reference")
+        for k in range(steps):
+            out = engine.train_step(
+                model, term, images[k], labels[k], lam=1.0, theta=thetas[k], ce_theta=thetas[k], cam_target="label"
+            )
+            opt.zero_grad()
+            out["loss"].backward()
+            opt.step()
+        if term is not None:
+            term.close()
+    return float((flat(models[1]) - flat(models[0])).norm() / start)
+
+
+def test_the_floor_keeps_the_term_from_amplifying_rounding():
+    """The term on from the first step with the label's CAMs (fine-tuning's case) is
+    ill-conditioned without a floor: early on most label CAMs are nearly empty, and 8 steps
+    amplify a perturbation of the weights hundreds to many thousand times (the run's end then
+    depends on rounding: 1 vs 2 threads end 5 % apart). With a floor of 1 the term amplifies it
+    about as little as cross-entropy alone (measured on seeds 0-9: CE 1.01-1.06,
+    floor 1 1.02-1.15, no floor 22-670 000)."""
+    seed = 4
+    ce = _amplification(seed, None)
+    assert ce < 1.5
+    assert _amplification(seed, 1.0) < 2 * ce
+    assert _amplification(seed, 0.0) > 100 * ce
 
 
 # ----------------------------------------------------------------------------- the stop-gradient

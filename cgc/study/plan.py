@@ -33,8 +33,17 @@ FINETUNE_SEEDS = (0, 1, 2)
 #: the temperature of the study's first configurations: the default until the tuning seeds and
 #: seeds 0-9 showed T 0.5 behind the safeguards closer to the aim (docs/study.md)
 T_BEFORE = {"temperature": 0.2}
-#: the term without any safeguard: CAMs of the predicted class, no gate, gradients through both sides
-UNGUARDED = {"term_gate": 0.0, "cam_target": "predicted", "detach_target": False, "grad_bound": 0.0, **T_BEFORE}
+#: the term without any safeguard: CAMs of the predicted class, no gate, gradients through both sides, no floor
+UNGUARDED = {
+    "term_gate": 0.0,
+    "cam_target": "predicted",
+    "detach_target": False,
+    "grad_bound": 0.0,
+    "heatmap_floor": 0.0,
+    **T_BEFORE,
+}
+#: the safeguards of the T 0.5 default before the floor: the gate and the label's CAM
+GATED = {**UNGUARDED, "term_gate": 0.5, "cam_target": "label", "temperature": 0.5}
 #: the candidates for a term that is safe to turn on, screened on the tuning seeds against CE
 TUNING: dict[str, dict] = {
     "ce": {"loss": "ce"},
@@ -50,15 +59,11 @@ TUNING: dict[str, dict] = {
         "detach_target": True,
     },
     "cgc, no safeguard, T 0.5": {**UNGUARDED, "temperature": 0.5},
-    "cgc, gate 0.5 + label's CAM, T 0.5": {**UNGUARDED, "term_gate": 0.5, "cam_target": "label", "temperature": 0.5},
+    "cgc, gate 0.5 + label's CAM, T 0.5": GATED,
     "cgc, gradient bound 1, T 0.2": {**UNGUARDED, "grad_bound": 1.0},
-    "cgc, gate 0.5 + label's CAM, T 0.5, class negatives K=3": {
-        **UNGUARDED,
-        "term_gate": 0.5,
-        "cam_target": "label",
-        "temperature": 0.5,
-        "class_negatives": 3,
-    },
+    "cgc, gate 0.5 + label's CAM, T 0.5, class negatives K=3": {**GATED, "class_negatives": 3},
+    "cgc, gate 0.5 + label's CAM, T 0.5, floor 0.3": {**GATED, "heatmap_floor": 0.3},
+    "cgc, gate 0.5 + label's CAM, T 0.5, floor 1": {**GATED, "heatmap_floor": 1.0},
 }
 #: the options a user can turn on, each on top of the default term
 OPTIONS = {
@@ -115,7 +120,7 @@ TRANSFORMERS: dict[str, dict] = {
 }
 #: fine-tuning CE's ViT: epochs of the term after CE's own
 VIT_FINETUNE_EPOCHS = 3
-PARTS = ("tuning", "localization", "placement", "transfer", "semi", "transformers")
+PARTS = ("tuning", "tuning-finetune", "localization", "placement", "transfer", "semi", "transformers")
 #: the optional package each part needs beyond cgc's own dependencies
 PART_NEEDS = {"transformers": "timm"}
 #: the part whose first configuration is the baseline the others are compared with
@@ -135,6 +140,7 @@ class Scale:
     finetune_steps: int = 150
     shots: tuple[int, ...] = (5, 10, 20, 50)
     semi_shots: tuple[int, ...] = (5, 20)
+    tuning_shots: tuple[int, ...] = (10, 50)
     tuning: tuple[str, ...] = tuple(TUNING)
     localization: tuple[str, ...] = tuple(LOCALIZATION)
     transformers: tuple[str, ...] = tuple(TRANSFORMERS)
@@ -151,6 +157,7 @@ QUICK = Scale(
     finetune_steps=4,
     shots=(2, 4),
     semi_shots=(2,),
+    tuning_shots=(2,),
     tuning=("ce", "cgc, gate 0.5 + label's CAM, T 0.5"),
     localization=("ce", "cgc", "cgc, T 0.2", "cgc, uniform crops + class negatives K=3"),
     transformers=("ce", "cgc", "ce, then cgc fine-tuning"),
@@ -203,7 +210,8 @@ class StudyConfig(Settings):
         ):
             if len(seeds) < 2:
                 found.append(f"give at least two {flag}: one seed cannot tell an effect from noise")
-        known = {n for table in (TUNING, LOCALIZATION, PLACEMENT, TRANSFORMERS, SEMI, TRANSFER) for n in table}
+        tables = (TUNING, LOCALIZATION, PLACEMENT, TRANSFORMERS, SEMI, TRANSFER, FINETUNING_CANDIDATES)
+        known = {n for table in tables for n in table}
         unknown = [n for n in self.configurations if n not in known]
         if unknown:
             found.append(f"--configurations: no configuration named {', '.join(map(repr, unknown))}")
@@ -278,16 +286,27 @@ def _all_runs(scale: Scale, parts, study: StudyConfig) -> list[PlannedRun]:
     if "transformers" in parts:
         vit = base.replace(epochs=scale.vit_epochs, **VIT)
         runs += _transformer_runs(vit, scale.transformers, study.transformer_seeds)
-    if "transfer" in parts or "semi" in parts:
+    if {"transfer", "semi", "tuning-finetune"} & set(parts):
         runs.append(PlannedRun("pretrain", "ce on six other shapes", 100, base.replace(seed=100, **PRETRAIN)))
-    for part, shots, variants in (("transfer", scale.shots, TRANSFER), ("semi", scale.semi_shots, SEMI)):
+    for part, shots, variants, seeds in (
+        ("tuning-finetune", scale.tuning_shots, {"ce": TRANSFER["ce"], **FINETUNING_CANDIDATES}, study.tuning_seeds),
+        ("transfer", scale.shots, TRANSFER, study.finetune_seeds),
+        ("semi", scale.semi_shots, SEMI, study.finetune_seeds),
+    ):
         if part in parts:
-            runs += _finetune_runs(part, base, scale, shots, variants, study.finetune_seeds)
+            runs += _finetune_runs(part, base, scale, shots, variants, seeds)
     return runs
 
 
 PRETRAIN = {"loss": "ce", "classes": PRETRAIN_SHAPES}
 TRANSFER = {"ce": {"loss": "ce"}, "cgc": {}}
+#: the term's floor and gate when fine-tuning opens the term at step 0 (measured on tuning seeds)
+FINETUNING_CANDIDATES = {
+    "cgc, no floor": {"heatmap_floor": 0.0},
+    "cgc, floor 0.3": {"heatmap_floor": 0.3},
+    "cgc, floor 1": {"heatmap_floor": 1.0},
+    "cgc, floor 0.3, gate 0.5": {"heatmap_floor": 0.3, "term_gate": 0.5},
+}
 
 
 def _transformer_runs(vit: TrainConfig, names, seeds) -> list[PlannedRun]:
@@ -342,7 +361,7 @@ def _finetune_runs(part: str, base: TrainConfig, scale: Scale, shots, variants: 
 
 #: settings added after study folders were recorded, with the value that does what runs
 #: without them did: left out of a run's identity at that value, so those runs are not redone
-ADDED_LATER = {"grad_bound": 0.0}
+ADDED_LATER = {"grad_bound": 0.0, "heatmap_floor": 0.0}
 
 
 def identity(config: TrainConfig, after: str | None = None) -> str:

@@ -100,10 +100,8 @@ def _baseline_of(part: str, name: str) -> str | None:
     CE run with the same images per class."""
     if part in BASELINES:
         return BASELINES[part]
-    if part in ("transfer", "semi"):
-        return (
-            "ce, " + name.rsplit(", ", 1)[1] if part == "transfer" else "ce, labeled only, " + name.rsplit(", ", 1)[1]
-        )
+    if part in ("transfer", "semi", "tuning-finetune"):
+        return "ce, " + name.rsplit(", ", 1)[1] if part != "semi" else "ce, labeled only, " + name.rsplit(", ", 1)[1]
     return None
 
 
@@ -169,6 +167,7 @@ TITLES = {
     "localization": "Explanations: the default term and its options",
     "placement": "Objects near the center, as in photographs",
     "transformers": "A vision transformer",
+    "tuning-finetune": "Tuning split: the term when fine-tuning opens it at the first step",
     "transfer": "Limited data: fine-tuning on six new shapes",
     "semi": "Unlabeled data: N labeled images per class, the other training images unlabeled",
 }
@@ -191,7 +190,7 @@ def markdown(summary: dict) -> str:
         if part not in summary:
             continue
         configs = summary[part]
-        if part in ("transfer", "semi"):
+        if part in ("transfer", "semi", "tuning-finetune"):
             configs = dict(sorted(configs.items(), key=lambda item, part=part: _shots_then_variant(part, item[0])))
         lines += [f"### {title}", "", accuracy_table(configs), ""]
         if any(s["mean"].get("consistency") for s in configs.values()):
