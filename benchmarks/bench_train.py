@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import cgc
-from cgc.engine import train_step
+from cgc.engine import StepInputs, StepOptions, train_step
 from cgc.losses import HEATMAP_EPS
 from cgc.structure import to_channels_last
 
@@ -41,7 +41,7 @@ class LoopWarpLoss(cgc.CGCLoss):
     on integer pixel boxes (read back from ``theta``, which :func:`cgc.transforms.crop_flip_theta`
     built from the crop boxes and flips)."""
 
-    def pair(self, cam_orig, cam_aug, theta, size=None):
+    def pair(self, cam_orig, cam_aug, theta, size=None, cell_floor=None):
         S = self.heatmap_size
         q = F.interpolate(cam_aug[:, None], (S, S), mode="bilinear", align_corners=False).flatten(1)
         up = F.interpolate(cam_orig[:, None], (S, S), mode="bilinear", align_corners=False)
@@ -61,21 +61,16 @@ def make_step(
     device: str,
     backend: str,
     *,
-    method: str = "hirescam",
-    loss: str = "cgc",
     loop_warp: bool = False,
     batch: int = BATCH,
     size: int = SIZE,
     arch: str = "resnet18",
-    crop_sampler: str = "rrc",
-    class_negatives: int = 0,
-    cam_target: str = "predicted",
-    detach_target: bool = False,
-    grad_bound: float = 0.0,
+    **settings,
 ):
     """One training step as ``cgc.train`` runs it (channels-last on CPU) with fixed inputs:
     a torchvision ResNet-18 (100 classes, CAM at layer4) or cgc's compact model (10 classes, the
-    built-in dataset's recipe), with the term's options and safeguards."""
+    built-in dataset's recipe), with the term's ``settings`` (a :class:`cgc.TermConfig`'s, by
+    name; default HiResCAM of the predicted class at T 0.5, the term at full weight)."""
     from torchvision.models import resnet18
 
     from cgc.models import CompactCNN, build_model
@@ -93,31 +88,28 @@ def make_step(
     if channels_last:
         to_channels_last(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    config = cgc.TermConfig(cam="hirescam", cam_target="predicted", term_gate=0.0, heatmap_size=size).replace(
+        target_layer=layer, **settings
+    )
     term = None
-    if loss == "cgc":
-        mask = crop_sampler == "uniform"
-        loss_fn = (LoopWarpLoss if loop_warp else cgc.CGCLoss)(
-            0.5, size, backend=backend, mask_outside=mask, detach_target=detach_target
-        )
-        term = cgc.CGCTerm(
-            model, layer, method=method, loss=loss_fn, backend=backend, channels_last=channels_last,
-            crop_sampler=crop_sampler, class_negatives=class_negatives,
-        )  # fmt: skip
+    if config.enabled:
+        loss_fn = LoopWarpLoss(0.5, size, backend=backend) if loop_warp else None
+        term = cgc.CGCTerm.from_config(model, config, loss=loss_fn, backend=backend, channels_last=channels_last)
     gen = torch.Generator().manual_seed(1)
     x = torch.rand(batch, 3, size, size, generator=gen).to(device)
     y = torch.randint(0, classes, (batch,), generator=gen).to(device)
     theta = cgc.transforms.random_crop_flip(
-        batch, size, size, generator=gen, device=device, sampler=crop_sampler
+        batch, size, size, generator=gen, device=device, sampler=config.crop_sampler
     ).theta()
     ce_theta = cgc.transforms.random_crop_flip(
         batch, size, size, scale=(0.08, 1.0), generator=gen, device=device
     ).theta()
+    inputs = StepInputs(x, y, theta, None, ce_theta)
+    guard = cgc.Safeguards(config)
+    options = StepOptions(backend=backend, channels_last=channels_last)
 
     def step():
-        losses = train_step(
-            model, term, x, y, lam=0.5, theta=theta, ce_theta=ce_theta, backend=backend,
-            channels_last=channels_last, cam_target=cam_target, grad_bound=grad_bound,
-        )  # fmt: skip
+        losses = train_step(model, term, inputs, 0.5, guard=guard, options=options)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         opt.step()
@@ -146,7 +138,7 @@ def test_step_cost_of_each_cam_method(benchmark, device, method):
     step = make_step(
         device,
         backend,
-        method="hirescam" if method == "ce only" else method,
+        cam="hirescam" if method == "ce only" else method,
         loss="ce" if method == "ce only" else "cgc",
         batch=METHOD_BATCH,
         size=METHOD_SIZE,
@@ -177,6 +169,7 @@ OPTIONS = {
     "detached target": dict(detach_target=True),
     "label's CAM + detached target": dict(cam_target="label", detach_target=True),
     "gradient bound 1": dict(grad_bound=1.0),
+    "heatmap floor 1": dict(heatmap_floor=1.0),
 }
 
 
@@ -196,7 +189,7 @@ def test_step_cost_of_the_term_options(benchmark, device, arch, option):
         pytest.importorskip("timm", reason="timm is optional (pip install timm)")
     backend = "native" if "native" in backends_for(device) else "reference"
     batch, size = (METHOD_BATCH, METHOD_SIZE) if arch == "resnet18" else (32, 64)
-    step = make_step(device, backend, method="gradcam", batch=batch, size=size, arch=arch, **OPTIONS[option])
+    step = make_step(device, backend, cam="gradcam", batch=batch, size=size, arch=arch, **OPTIONS[option])
 
     def timed():
         step()

@@ -16,10 +16,10 @@ import time
 
 import torch
 
-from cgc import CGCLoss, CGCTerm, data, distributed, engine, train
-from cgc.config import TrainConfig
+from cgc import CGCTerm, Safeguards, TermConfig, data, distributed, engine, train
 from cgc.models import build_model
-from cgc.schedule import Schedule
+from cgc.optimization import OptimConfig, Schedule, build_optimizer
+from cgc.run_state import RunState
 from cgc.structure import to_channels_last
 
 
@@ -38,21 +38,17 @@ def main(argv=None) -> None:
     model = to_channels_last(build_model("compact", len(bundle.classes), norm=args.norm))
     net = train.distribute(model, ctx, sync_bn=False)
     prefix = "module." if net is not model else ""
-    term = CGCTerm(
-        net,
-        prefix + "features",
-        channels_last=True,
-        loss=CGCLoss(0.2, None, gather=ctx.gather if ctx.distributed else None),
-    )
-    opt = train.build_optimizer(model, TrainConfig())
+    config = TermConfig(temperature=0.2, cam_target="predicted", term_gate=0.0, lambda_warmup_epochs=0.0)
+    gather = ctx.gather if ctx.distributed else None
+    term = CGCTerm.from_config(net, config, target_layer=prefix + "features", channels_last=True, gather=gather)
+    opt = build_optimizer(model, OptimConfig(), ["fc"])
     loader = engine.batches(
         bundle.train, distributed.GlobalBatchSampler(n, args.batch_size, rank=ctx.rank, world_size=ctx.world_size), 0
     )
-    plan = engine.EpochPlan(opt, Schedule(0.05, 1, lam=1.0), engine.StepOptions(channels_last=True), ctx, len(loader))
+    options = engine.StepOptions(channels_last=True)
+    plan = engine.EpochPlan(opt, Schedule(0.05, 1), options, Safeguards(config), ctx, len(loader))
     stamps: list[float] = []
-    engine.train_one_epoch(
-        net, term, plan, loader, engine.RunState(), on_step=lambda *_: stamps.append(time.perf_counter())
-    )
+    engine.train_one_epoch(net, term, plan, loader, RunState(), on_step=lambda *_: stamps.append(time.perf_counter()))
     timed = stamps[args.warmup - 1 :]
     step_s = (timed[-1] - timed[0]) / (len(timed) - 1)
 

@@ -12,7 +12,9 @@ adding an InfoNCE loss over heatmaps to ordinary training (Pillai et al., CVPR 2
   :func:`cgc.find_target_layer` picks (:mod:`cgc.structure`: what cgc knows of models);
 - :class:`cgc.CGCTerm` / :func:`cgc.cgc_term`: the whole CGC term for any training loop;
 - :class:`cgc.CGCLoss`: the contrastive consistency loss of two heatmaps (and its MSE ablation);
-- :class:`cgc.TermGate`: cross-entropy first, the term switched on once the classifier predicts;
+- :class:`cgc.TermConfig`: the term's settings in one section (the CLI's, your loop's, the
+  trainers'); :class:`cgc.Safeguards`: what a training loop applies around the term (the gate
+  :class:`cgc.TermGate`: cross-entropy first; λ's ramp; the CAMs' class; the gradient bound);
 - :mod:`cgc.transforms`: random crop/flip as affine maps; ``python -m cgc.train``.
 """
 
@@ -21,10 +23,13 @@ from importlib import metadata as _metadata
 from . import ops, transforms
 from .cam import CAM, GradCAM, resize_heatmaps
 from .cam_methods import CAM_METHODS, register_cam_method
+from .gate import TermGate
 from .losses import CGCLoss
-from .schedule import TermGate
-from .structure import TokenMap, find_target_layer
-from .term import CGCOutput, CGCTerm, bounded_lambda, cgc_term
+from .models import find_target_layer
+from .safeguards import Safeguards, bounded_lambda
+from .structure import TokenMap
+from .term import CGCOutput, CGCTerm, cgc_term
+from .term_config import TermConfig
 
 try:
     __version__ = _metadata.version("cgc")
@@ -37,6 +42,8 @@ __all__ = [
     "CGCOutput",
     "CGCTerm",
     "GradCAM",
+    "Safeguards",
+    "TermConfig",
     "TermGate",
     "TokenMap",
     "bounded_lambda",

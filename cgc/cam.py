@@ -3,7 +3,7 @@ in the graph.
 
 ``CAM(model, method=...)`` (also ``GradCAM``, its familiar name: the default method is
 Grad-CAM) hooks one layer (given by dotted name, or found by
-:func:`cgc.structure.find_target_layer`: a CNN's last convolutional stage, a transformer's last
+:func:`cgc.find_target_layer`: a CNN's last convolutional stage, a transformer's last
 block). ``cam(x)`` runs the model, takes the gradient of the chosen class scores w.r.t. that
 layer's activations, read as a map ``[B,C,h,w]`` (a transformer's tokens or channels-last maps
 through :mod:`cgc.structure`), and turns the two into a heatmap with a registered CAM method
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import ops, structure
+from . import models, ops, structure, transforms
 from .cam_methods import get_cam_method
 from .errors import ConfigError, UnsupportedModel
 
@@ -82,13 +82,13 @@ class CAM:
         self.model = model
         self.method = method
         inner, prefix = structure.unwrap(model)
-        self._info = structure.describe(inner)  # once: the layer search and the layout read it
-        self.target_layer = target_layer or structure.find_target_layer(model, info=self._info)
+        self._info = models.describe(inner)  # once: the layer search and the layout read it
+        self.target_layer = target_layer or structure.target_layer_of(model, self._info)
         self.backend = backend
         self.channels_last = channels_last
         self.reshape = reshape
         module = structure.get_module(model, self.target_layer)
-        self.layout = structure.reader(reshape) or structure.layer_layout(
+        self.layout = structure.map_reader(reshape) or structure.layer_layout(
             inner, self.target_layer.removeprefix(prefix), self._info
         )
         if channels_last:
@@ -274,7 +274,5 @@ GradCAM = CAM
 def resize_heatmaps(cams: torch.Tensor, size, *, backend: str | None = None) -> torch.Tensor:
     """Bilinear resize of heatmaps [B,h,w] to ``size`` (int or (H, W)) -> [B,H,W]:
     an identity :func:`cgc.ops.affine_warp` with border padding, i.e. ``F.interpolate``."""
-    from .transforms import identity_theta
-
-    theta = identity_theta(cams.shape[0], cams.device, torch.float32)
+    theta = transforms.identity_theta(cams.shape[0], cams.device, torch.float32)
     return ops.affine_warp(cams[:, None], theta, size, padding_mode="border", backend=backend)[:, 0]

@@ -4,7 +4,6 @@ as one of torchrun's."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import sys
@@ -13,14 +12,6 @@ from collections.abc import Callable
 from . import distributed
 from .errors import CGCError, Preempted
 from .runtime import deterministic
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, with a bad flag reported like every other error: one ``error: ...`` line (and
-    where to read the flags), exit status 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (flags: {self.prog} --help)\n")
 
 
 @contextlib.contextmanager

@@ -14,11 +14,32 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
 
 from .errors import ConfigError
+from .settings import Settings, setting
+
+NEGATIVES = ("global", "local")
+GROUP = "distributed"
+
+
+@dataclass(frozen=True)
+class DistributedConfig(Settings):
+    """How a run spreads over torchrun's processes (see each setting's doc)."""
+
+    GROUPS: ClassVar[tuple[str, ...]] = (GROUP,)
+
+    negatives: str = setting(
+        "global",
+        "InfoNCE negatives under torchrun: the whole global batch, or each process's own share (the authors')",
+        GROUP,
+        choices=NEGATIVES,
+    )
+    sync_bn: bool = setting(False, "SyncBatchNorm over the processes (CUDA only)", GROUP)
+
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -189,6 +210,18 @@ def init(device: str = "auto", *, timeout_s: float = 600) -> Context:
         )
     group = dist.new_group(list(range(world))) if world > 1 else None
     return Context(dev, rank, world, local, group)
+
+
+def joined(device: torch.device) -> Context:
+    """This process's place in a process group another framework started (the Hugging Face
+    ``Trainer`` through accelerate, Lightning), with a gather group of its own for the CGC
+    term's negatives; one process without a group. Every process must call it (the gather group
+    is created collectively)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return Context(device)
+    world = dist.get_world_size()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return Context(device, dist.get_rank(), world, local, dist.new_group(list(range(world))))
 
 
 def _attempt_store(rank: int, world: int, timeout: timedelta):

@@ -8,8 +8,8 @@ number of processes. The three views go through the model in one batch with cros
 each; the CGC term (:class:`cgc.CGCTerm`) takes the CAMs of ``x`` and ``x_aug`` for the class
 predicted on ``x`` (or the label, ``cam_target``) with ``create_graph=True`` and adds ``lambda *
 CGC``. With unlabeled images the term comes from them instead (the semi-supervised recipe).
-The term's weight follows the schedule from the step its gate opened (:class:`cgc.TermGate`:
-cross-entropy first); until then the step is the CE baseline's.
+The term's weight, the class its CAMs explain and the gate (cross-entropy first) come from the
+run's :class:`cgc.safeguards.Safeguards`; until the gate opens the step is the CE baseline's.
 """
 
 from __future__ import annotations
@@ -23,93 +23,26 @@ import torch.nn.functional as F
 
 from . import data, distributed, metrics, transforms
 from .errors import TrainingFailed
+from .optimization import Schedule, set_learning_rate
 from .progress import progress as progress_bar
+from .run_state import RunState
 from .runtime import autocast
-from .schedule import Schedule, TermGate, TermOutcome
+from .safeguards import Safeguards
 from .structure import logits_of
-from .term import CGCTerm, bounded_lambda
-
-
-@dataclasses.dataclass
-class RunState:
-    """Where a run stands: the ``epoch`` in progress (or next to run) and its next ``step``, the
-    sums over that epoch's steps of the losses (means over the global batch), how many steps ran
-    and how many unreadable images were skipped; the optimizer steps taken in all
-    (``global_step``), the best value so far of the metric that ranks checkpoints
-    (``best_metric``; None before any), every finished epoch's log record, and the CGC term's
-    gate (:class:`cgc.schedule.TermGate`): the position in epochs where the term was switched on
-    (None: not yet), the first step (counted from 1) that ran it and the moving average of
-    training top-1 that opens it. Saved in every checkpoint, so a run resumed in the middle of an
-    epoch logs the same numbers."""
-
-    epoch: int = 0
-    step: int = 0
-    sums: dict = dataclasses.field(default_factory=dict)
-    counts: dict = dataclasses.field(default_factory=dict)
-    steps: int = 0
-    skipped: int = 0
-    global_step: int = 0
-    best: float | None = None
-    best_metric: str = "val_top1"
-    history: list = dataclasses.field(default_factory=list)
-    term_on_at: float | None = 0.0
-    train_top1_average: float | None = None
-    term_first_step: int | None = None
-
-    def add_step(self, values: dict[str, float]) -> None:
-        """Count one optimizer step with its losses (global-batch means; a loss a step did not
-        compute, the CGC term before its gate opened, is averaged over the steps that did)."""
-        for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-            self.counts[k] = self.counts.get(k, 0) + 1
-        self.steps += 1
-        self.step += 1
-        self.global_step += 1
-
-    def means(self) -> dict[str, float]:
-        """The epoch's step losses so far, each averaged over the steps that computed it."""
-        return {k: v / self.counts.get(k, self.steps) for k, v in self.sums.items()}
-
-    def end_epoch(self, record: dict) -> None:
-        """Close the epoch with its log ``record``: the next one starts at its step 0."""
-        self.history.append(record)
-        self.epoch, self.step, self.sums, self.counts, self.steps, self.skipped = self.epoch + 1, 0, {}, {}, 0, 0
-
-    def start_term(self, gate: TermGate) -> None:
-        """A new run's gate: the term on from the first step, or off until the gate opens."""
-        self.term_on_at = gate.first()
-        self.term_first_step = 1 if self.term_on_at is not None else None
-
-    def term_outcome(self, gate: TermGate) -> TermOutcome:
-        """Whether the CGC term ran in this run, and from which step."""
-        return TermOutcome(
-            self.term_first_step, self.global_step, self.train_top1_average, gate.threshold, self.term_on_at
-        )
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+from .term import CGCTerm
 
 
 @dataclasses.dataclass(frozen=True)
 class StepOptions:
-    """How every step makes its views and runs them, besides the model and the schedule: the
-    crops of the augmented (``crop_scale``, placed by ``crop_sampler``; also flipped vertically
-    with ``vflip``) and CE (``ce_crop_scale``) views, keyed by ``seed``; mixed precision (a
-    resolved ``amp``); the ops backend; channels-last input batches; the class the labeled
-    images' CAMs explain (``cam_target``: ``predicted`` or ``label``); the bound on the term's
-    gradient relative to cross-entropy's at the CAM layer (``grad_bound``, 0: none;
-    :func:`cgc.bounded_lambda`)."""
+    """How every step makes its views and runs them, besides the model and the term's settings:
+    the CE view's crops (``ce_crop_scale``), keyed by ``seed``; mixed precision (a resolved
+    ``amp``); the ops backend; channels-last input batches."""
 
     seed: int = 0
-    crop_scale: tuple[float, float] = transforms.DEFAULT_SCALE
     ce_crop_scale: tuple[float, float] = transforms.CE_SCALE
     amp: str = "off"
     backend: str | None = None
     channels_last: bool = False
-    vflip: bool = False
-    crop_sampler: str = "rrc"
-    cam_target: str = "predicted"
-    grad_bound: float = 0.0
 
 
 def batches(dataset, sampler, workers: int):
@@ -123,65 +56,53 @@ def batches(dataset, sampler, workers: int):
 def train_step(
     model,
     term: CGCTerm | None,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
+    inputs: StepInputs,
     lam: float,
-    theta: torch.Tensor,
-    ce_theta: torch.Tensor | None = None,
-    x_ce: torch.Tensor | None = None,
-    unlabeled: torch.Tensor | None = None,
-    unlabeled_theta: torch.Tensor | None = None,
-    backend: str | None = None,
-    channels_last: bool = False,
-    image_padding: str = "border",
-    cam_target: str = "predicted",
-    grad_bound: float = 0.0,
+    *,
+    guard: Safeguards,
+    options: StepOptions = StepOptions(),
     all_reduce_sum=None,
 ) -> dict[str, torch.Tensor]:
-    """Losses of one batch: CE on three views (``x_ce``, ``x`` and ``x_aug`` = ``x`` warped by
-    ``theta``) plus ``lam`` * the CGC term (:class:`cgc.CGCTerm`; None: the CE baseline on the
-    same views), all views in one forward pass.
+    """Losses of one batch (``inputs``): CE on three views (``x_ce``, ``x`` and ``x_aug`` =
+    ``x`` warped by ``theta``) plus ``lam`` * the CGC term (:class:`cgc.CGCTerm`; None: the CE
+    baseline on the same views), all views in one forward pass.
 
     ``x_ce`` is cut from ``x`` by ``ce_theta`` on the device unless the loader gave it. With
-    ``unlabeled`` images the CGC term is theirs (warped by ``unlabeled_theta``), the labeled
-    views get only CE: the semi-supervised recipe. ``channels_last``: feed the CE baseline's
-    batch in that memory format (the term's CAM does it for the CGC paths);
-    ``image_padding``: what ``x_aug`` shows beyond ``x``'s borders where this function makes it
-    (:func:`cgc.transforms.image_padding`; the term makes its own). ``cam_target``: the CAMs of
-    labeled images explain the class ``predicted`` on ``x`` or their ``label``; unlabeled
-    images' explain the predicted class. ``lam == 0`` skips the term (the CE baseline's
-    step, with the same views and the same gradients). ``grad_bound`` > 0 lowers ``lam`` where
-    the term's gradient at the CAM layer would exceed ``grad_bound`` times cross-entropy's
-    (:func:`cgc.bounded_lambda`, norms summed over processes by ``all_reduce_sum``) and returns
-    the weight it used as ``out["lambda"]``.
+    unlabeled images the CGC term is theirs (warped by ``unlabeled_theta``), the labeled views
+    get only CE: the semi-supervised recipe. ``guard`` (the run's
+    :class:`cgc.safeguards.Safeguards`) says which class the labeled images' CAMs explain (the
+    predicted one on ``x`` or the label; unlabeled images': the predicted one) and bounds
+    ``lam`` where the term's gradient at the CAM layer would exceed its bound times
+    cross-entropy's (norms summed over processes by ``all_reduce_sum``; the weight used is
+    returned as ``out["lambda"]``). ``lam == 0`` skips the term (the CE baseline's step, with
+    the same views and the same gradients). ``options.channels_last``: feed the CE baseline's
+    batch in that memory format (the term's CAM does it for the CGC paths).
     """
-    if x_ce is None:
-        x_ce = transforms.apply(x, ce_theta, backend=backend)
+    x, y, backend = inputs.x, inputs.y, options.backend
+    x_ce = inputs.x_ce if inputs.x_ce is not None else transforms.apply(x, inputs.ce_theta, backend=backend)
+    padding = transforms.image_padding(guard.config.crop_sampler)
     B = x.shape[0]
     out = {}
     if term is None or lam == 0:
-        x_aug = transforms.apply(x, theta, padding_mode=image_padding, backend=backend)
+        x_aug = transforms.apply(x, inputs.theta, padding_mode=padding, backend=backend)
         views = torch.cat([x, x_aug, x_ce])
-        if channels_last:
+        if options.channels_last:
             views = views.contiguous(memory_format=torch.channels_last)
         logits = logits_of(model(views))
-    elif unlabeled is None:
-        cgc = term(x, theta=theta, extra=[x_ce], targets=y if cam_target == "label" else None)
+    elif inputs.unlabeled is None:
+        cgc = term(x, theta=inputs.theta, extra=[x_ce], targets=guard.targets(y))
         logits = torch.cat([cgc.logits, cgc.logits_aug, cgc.extra_logits[0]])
-        out["cgc"] = cgc.loss
-        out["cgc_floored"] = cgc.floored
+        out["cgc"], out["cgc_floored"] = cgc.loss, cgc.floored
     else:
-        x_aug = transforms.apply(x, theta, padding_mode=image_padding, backend=backend)
-        cgc = term(unlabeled, theta=unlabeled_theta, extra=[x, x_aug, x_ce])
+        x_aug = transforms.apply(x, inputs.theta, padding_mode=padding, backend=backend)
+        cgc = term(inputs.unlabeled, theta=inputs.unlabeled_theta, extra=[x, x_aug, x_ce])
         logits = torch.cat(cgc.extra_logits)
-        out["cgc_unlabeled"] = cgc.loss
-        out["cgc_floored"] = cgc.floored
+        out["cgc_unlabeled"], out["cgc_floored"] = cgc.loss, cgc.floored
     ce = sum(F.cross_entropy(logits[k * B : (k + 1) * B], y) for k in range(3))
     out["ce"] = ce
     term_loss = out.get("cgc", out.get("cgc_unlabeled"))
-    if term_loss is not None and grad_bound > 0:
-        lam = out["lambda"] = bounded_lambda(lam, ce, term_loss, cgc.activations, grad_bound, all_reduce_sum)
+    if term_loss is not None and guard.config.grad_bound > 0:
+        lam = out["lambda"] = guard.bounded(lam, ce, term_loss, cgc.activations, all_reduce_sum)
     out["loss"] = ce if term_loss is None else ce + lam * term_loss
     out["top1"] = (logits[:B].detach().argmax(1) == y).float().mean()
     return out
@@ -209,18 +130,18 @@ def crop_thetas(
 @dataclasses.dataclass
 class EpochPlan:
     """What every epoch's steps share besides the model: the optimizer, the schedule, the step
-    options, this process's place in the job, the loader's habits (``may_drop``: batches
-    can lose unreadable images; a step left with fewer than ``min_images`` on some process is
-    skipped by all of them) and the CGC term's gate."""
+    options, the CGC term's safeguards (its crops, weight, gate and targets), this process's
+    place in the job and the loader's habits (``may_drop``: batches can lose unreadable images;
+    a step left with fewer than ``min_images`` on some process is skipped by all of them)."""
 
     opt: torch.optim.Optimizer
     schedule: Schedule
     options: StepOptions
+    guard: Safeguards
     ctx: distributed.Context
     steps_per_epoch: int
     min_images: int = 1
     may_drop: bool = False
-    gate: TermGate = dataclasses.field(default_factory=TermGate)
 
 
 @dataclasses.dataclass
@@ -259,16 +180,17 @@ def read_batch(batch, unlabeled, plan: EpochPlan, state: RunState):
     return x, y, x_ce[0] if x_ce else None, idx, images, u_idx
 
 
-def step_inputs(read, options: StepOptions, epoch: int, position: int, device) -> StepInputs:
-    """A batch from :func:`read_batch` on ``device``, normalized, with its keyed crops: each
-    image's from (seed, ``epoch``, its index), the unlabeled images' from (seed, the step's
+def step_inputs(read, plan: EpochPlan, epoch: int, position: int) -> StepInputs:
+    """A batch from :func:`read_batch` on the plan's device, normalized, with its keyed crops:
+    each image's from (seed, ``epoch``, its index), the unlabeled images' from (seed, the step's
     ``position`` in the run, their index)."""
     x, y, x_ce, idx, unlabeled, u_idx = read
+    options, term, device = plan.options, plan.guard.config, plan.ctx.device
     x, y = data.normalize(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
     x_ce = data.normalize(x_ce.to(device, non_blocking=True)) if x_ce is not None else None
     size, keys = tuple(x.shape[-2:]), idx.tolist()
-    seed, aug = options.seed, dict(vflip=options.vflip, sampler=options.crop_sampler)
-    theta = crop_thetas(transforms.sample_keys(seed, epoch, keys, "aug"), size, options.crop_scale, device, **aug)
+    seed, aug = options.seed, dict(vflip=term.vflip, sampler=term.crop_sampler)
+    theta = crop_thetas(transforms.sample_keys(seed, epoch, keys, "aug"), size, term.crop_scale, device, **aug)
     ce_theta = None
     if x_ce is None:
         ce_theta = crop_thetas(transforms.sample_keys(seed, epoch, keys, "ce"), size, options.ce_crop_scale, device)
@@ -276,32 +198,16 @@ def step_inputs(read, options: StepOptions, epoch: int, position: int, device) -
     if unlabeled is not None:
         inputs.unlabeled = data.normalize(unlabeled.to(device, non_blocking=True))
         u_keys = transforms.sample_keys(seed, position, u_idx.tolist(), "unlabeled")
-        inputs.unlabeled_theta = crop_thetas(u_keys, size, options.crop_scale, device, **aug)
+        inputs.unlabeled_theta = crop_thetas(u_keys, size, term.crop_scale, device, **aug)
     return inputs
 
 
 def optimize(model, term: CGCTerm | None, inputs: StepInputs, plan: EpochPlan, lam: float) -> dict[str, torch.Tensor]:
     """One optimizer step of :func:`train_step` on ``inputs``; its losses."""
     options = plan.options
+    reduce = plan.ctx.all_reduce_sum if plan.ctx.distributed else None
     with autocast(plan.ctx.device, options.amp):
-        losses = train_step(
-            model,
-            term,
-            inputs.x,
-            inputs.y,
-            lam=lam,
-            theta=inputs.theta,
-            ce_theta=inputs.ce_theta,
-            x_ce=inputs.x_ce,
-            unlabeled=inputs.unlabeled,
-            unlabeled_theta=inputs.unlabeled_theta,
-            backend=options.backend,
-            channels_last=options.channels_last,
-            image_padding=transforms.image_padding(options.crop_sampler),
-            cam_target=options.cam_target,
-            grad_bound=options.grad_bound,
-            all_reduce_sum=plan.ctx.all_reduce_sum if plan.ctx.distributed else None,
-        )
+        losses = train_step(model, term, inputs, lam, guard=plan.guard, options=options, all_reduce_sum=reduce)
     plan.opt.zero_grad(set_to_none=True)
     losses["loss"].backward()
     plan.opt.step()
@@ -318,12 +224,6 @@ def reduce_losses(losses: dict[str, torch.Tensor], stop: bool, ctx: distributed.
     )
     *means, stopping = (ctx.all_reduce_sum(local) / ctx.world_size).tolist()
     return dict(zip(names, means)), stopping > 0
-
-
-def set_learning_rate(opt: torch.optim.Optimizer, lr: float) -> None:
-    """Every group's rate: ``lr`` times the group's ``lr_scale`` (the head's --head-lr)."""
-    for group in opt.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def train_one_epoch(
@@ -353,8 +253,9 @@ def train_one_epoch(
         if read is None:
             state.step += 1
             continue
-        inputs = step_inputs(read, plan.options, epoch, epoch * steps_per_epoch + step, ctx.device)
-        lam = schedule.lambda_at(epoch, step, steps_per_epoch, state.term_on_at)
+        inputs = step_inputs(read, plan, epoch, epoch * steps_per_epoch + step)
+        end = epoch + (step + 1) / steps_per_epoch  # where this step ends, in epochs
+        lam = plan.guard.weight(end)
         losses = optimize(model, term, inputs, plan, lam)
         values, stopping = reduce_losses(losses, stop(), ctx)
         if not math.isfinite(values["loss"]):
@@ -363,13 +264,8 @@ def train_one_epoch(
                 f"saved for this epoch. Lower --lr or --lambda."
             )
         values.setdefault("lambda", lam)  # the step's weight: the schedule's, or lower where bounded
-        was_off = state.term_on_at is None
-        state.train_top1_average, state.term_on_at = plan.gate.observe(
-            state.train_top1_average, values["top1"], state.term_on_at, epoch + (step + 1) / steps_per_epoch
-        )
-        if was_off and state.term_on_at is not None:
-            state.term_first_step = state.global_step + 2  # this step is global_step + 1; the term runs from the next
         state.add_step(values)
+        plan.guard.observe(values["top1"], end, state.global_step)
         bar.set_postfix(
             {k: f"{v:.4g}" for k, v in state.means().items() if k not in ("top1", "lambda", "cgc_floored")},
             refresh=False,

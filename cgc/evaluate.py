@@ -23,14 +23,13 @@ from typing import ClassVar
 
 import torch
 
-from . import checkpoint, cli, data, distributed, metrics, runtime, tables, transforms, viz
+from . import cli, data, distributed, files, metrics, runtime, tables, viz
 from .cam import CAM
 from .cam_methods import CAM_METHODS
-from .data.synthetic import PLACEMENTS
+from .checkpoint import LoadedModel, load_model
 from .errors import ConfigError
-from .metrics.randomization import GRANULARITIES
-from .models import LoadedModel, load_model
-from .settings import Settings, area_range, at_least, non_negative, positive, setting
+from .metrics import MetricsConfig
+from .settings import Settings, at_least, overrides, section, setting
 
 log = logging.getLogger("cgc.evaluate")
 
@@ -51,6 +50,14 @@ def _metric_names() -> tuple[str, ...]:
 
 MODELS = "models (repeat to compare; checkpoints first, then --arch models)"
 DATA = "data (default: what the first checkpoint was trained on)"
+#: the data settings an evaluation may change, with their flags, docs and checks from the
+#: training's data section (each None: the first checkpoint's)
+DataOverrides = overrides(
+    data.DataConfig,
+    ("dataset", "root", "image_size", "train_size", "val_size", "num_classes", "placement", "workers"),
+    "DataOverrides",
+    DATA,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,20 +91,9 @@ class EvalConfig(Settings):
     name: tuple[str, ...] | None = setting(
         None, "column name of each model, in order (default: run folder or weights file name)", MODELS, nargs="append"
     )
-    dataset: str | None = setting(None, "the dataset", DATA, choices=_datasets)
-    data: str | None = setting(
-        None, "dataset root folder; for --arch models a 'folder' tree is evaluated whole", DATA, metavar="ROOT"
-    )
-    image_size: int | None = setting(None, "input size in pixels", DATA, check=at_least(8))
-    train_size: int | None = setting(None, "built-in dataset: training images", DATA, check=at_least(1))
-    val_size: int | None = setting(None, "built-in dataset: validation images", DATA, check=at_least(1))
-    num_classes: int | None = setting(None, "built-in dataset: number of classes", DATA, check=at_least(2))
+    data: DataOverrides = section(DataOverrides, "the data of the first checkpoint, changed where given")
     seed: int | None = setting(None, "dataset seed", DATA)
-    placement: str | None = setting(None, "built-in dataset: where the class objects lie", DATA, choices=PLACEMENTS)
     limit: int | None = setting(None, "evaluate only the first N images", DATA, check=at_least(1), metavar="N")
-    workers: int | None = setting(
-        None, "image decoding processes (default: 0 for in-memory datasets, else 4)", DATA, check=at_least(0)
-    )
     cam: str | None = setting(
         None,
         "CAM method (default: each checkpoint's training method; gradcam for --arch models)",
@@ -113,55 +109,7 @@ class EvalConfig(Settings):
     )
     no_causal: bool = setting(False, "leave out insertion/deletion", "metrics")
     batch_size: int = setting(64, "images per batch", "metrics", check=at_least(1))
-    pixels_per_step: int | None = setting(
-        None,
-        "insertion/deletion: pixels per step (default: H*W/28, RISE's 224*8 at 224 px)",
-        "metrics",
-        check=at_least(1),
-    )
-    causal_batch: int = setting(
-        256,
-        "insertion/deletion and max-sensitivity: images per forward pass (bounds memory)",
-        "metrics",
-        check=at_least(1),
-    )
-    tolerance: float = setting(
-        0.0,
-        "pointing game tolerance in pixels (the original game used 15 at 224 px)",
-        "metrics",
-        check=non_negative,
-    )
-    cam_input_size: int | None = setting(
-        None,
-        "content heatmap / pointing game: resize images to this size for the CAM and the heatmap back "
-        "(the ImageNet protocol: 448; default: no resizing)",
-        "metrics",
-        check=at_least(1),
-    )
-    crop_scale: tuple[float, float] = setting(
-        transforms.DEFAULT_SCALE,
-        "consistency: area range of the random crops",
-        "metrics",
-        check=area_range,
-        metavar=("MIN", "MAX"),
-    )
-    sensitivity_radius: float = setting(
-        0.2,
-        "max-sensitivity: uniform noise in [-r, r] per normalized input value (Quantus's default)",
-        "metrics",
-        check=positive,
-    )
-    sensitivity_samples: int = setting(10, "max-sensitivity: noise samples per image", "metrics", check=at_least(1))
-    randomization: str = setting(
-        "stage",
-        "MPRT steps: the model's top-level blocks from the head down (Adebayo et al.), or every module with "
-        "reset_parameters (Quantus)",
-        "metrics",
-        choices=GRANULARITIES,
-    )
-    metric_seed: int = setting(
-        12345, "seed of the metrics' random draws (crops, noise, classes, randomized weights)", "metrics"
-    )
+    protocol: MetricsConfig = section(MetricsConfig, "the metrics' protocols")
     device: str = setting("auto", "auto, cpu, cuda, cuda:1, ...", "run")
     backend: str | None = setting(None, "ops backend (default: $CGC_BACKEND or auto)", "run")
     out: str = setting("runs/eval", "output folder", "run", metavar="DIR")
@@ -173,7 +121,7 @@ class EvalConfig(Settings):
             found.append("give at least one --checkpoint or --arch NAME --weights PATH")
         if len(self.arch) != len(self.weights):
             found.append(f"give one --weights per --arch ({len(self.arch)} --arch, {len(self.weights)} --weights)")
-        if self.arch and not self.checkpoint and not self.dataset:
+        if self.arch and not self.checkpoint and not self.data.dataset:
             found.append("--arch models need --dataset (and --data for files): no checkpoint says what to evaluate on")
         models = len(self.checkpoint) + len(self.arch)
         if self.name is not None and len(self.name) != models:
@@ -181,20 +129,6 @@ class EvalConfig(Settings):
         elif self.name is not None and len(set(self.name)) != len(self.name):
             found.append(f"--name values must be distinct, got {list(self.name)}")
         return found
-
-    def settings(self) -> metrics.Settings:
-        """The metrics' protocol parameters."""
-        return metrics.Settings(
-            seed=self.metric_seed,
-            crop_scale=tuple(self.crop_scale),
-            tolerance=self.tolerance,
-            cam_input_size=self.cam_input_size,
-            pixels_per_step=self.pixels_per_step,
-            causal_batch=self.causal_batch,
-            sensitivity_radius=self.sensitivity_radius,
-            sensitivity_samples=self.sensitivity_samples,
-            randomization=self.randomization,
-        )
 
 
 def model_names(sources: list[str], names: list[str] | None) -> list[str]:
@@ -272,20 +206,19 @@ def load_models(config: EvalConfig) -> list[LoadedModel]:
     """The checkpoints' models, then the ``--arch`` models with their weights."""
     loaded = [load_model(checkpoint_path=c) for c in config.checkpoint]
     return loaded + [
-        load_model(arch=a, weights=w, image_size=config.image_size) for a, w in zip(config.arch, config.weights)
+        load_model(arch=a, weights=w, image_size=config.data.image_size) for a, w in zip(config.arch, config.weights)
     ]
 
 
 def evaluation_data(config: EvalConfig, loaded: list[LoadedModel]) -> data.DataBundle:
     """The images every model is evaluated on: the first checkpoint's dataset changed by the
     data flags given, or for ``--arch`` models alone the ``--dataset`` whole."""
+    changes = {**config.data.to_dict(), "seed": config.seed}
     if config.checkpoint:
-        first_args = loaded[0].train_args
-        if not (config.dataset or first_args.get("dataset")):
-            raise ConfigError(f"{config.checkpoint[0]} does not say its dataset; pass --dataset")
-        return data.build_for_run(first_args, dataclasses.asdict(config))
-    overrides = {**dataclasses.asdict(config), "image_size": config.image_size or loaded[0].image_size}
-    return data.build_for_run({}, overrides, everything=True)
+        run = loaded[0].config
+        return data.build_for_run(run.data, run.run.seed, changes)
+    changes["image_size"] = config.data.image_size or loaded[0].image_size
+    return data.build_for_run(data.DataConfig(dataset=config.data.dataset), 0, changes, everything=True)
 
 
 def chosen_metrics(config: EvalConfig, *, has_boxes: bool) -> list[metrics.Metric]:
@@ -310,7 +243,7 @@ def run(config: EvalConfig, ctx: distributed.Context | None = None) -> dict:
     n = len(bundle.val) if config.limit is None else min(config.limit, len(bundle.val))
     if ctx.primary:
         out.mkdir(parents=True, exist_ok=True)
-        config.save(out / "config.yaml")
+        files.write_text_atomic(config.to_yaml(), out / "config.yaml")
         procs = f" x {ctx.world_size} processes" if ctx.distributed else ""
         log.info(
             f"cgc.evaluate: {len(loaded)} model(s) on {bundle.val.__class__.__name__} val ({n} images, "
@@ -347,24 +280,23 @@ def evaluate_model(config: EvalConfig, cam: CAM, loaded: LoadedModel, bundle, ch
         bundle.val,
         ctx.device,
         metrics=chosen,
-        settings=config.settings(),
+        settings=config.protocol,
         batch_size=config.batch_size,
         limit=config.limit,
-        workers=runtime.loader_workers(config.workers, bundle.in_memory),
+        workers=runtime.loader_workers(config.data.workers, bundle.in_memory),
         desc=f"evaluate {name}",
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-        reduce=ctx.sum_values,
+        job=ctx,
         label_map=label_map(loaded, bundle.classes),
     )
+    run = loaded.config
     result.update(
         source=loaded.source,
-        arch=loaded.train_args.get("arch"),
-        loss=loaded.train_args.get("loss"),
+        arch=loaded.arch,
+        loss=run.term.loss if run is not None else None,
         target_layer=cam.target_layer,
         cam=cam.method,
     )
-    term = checkpoint.term_outcome(loaded.run_state, loaded.train_args)
+    term = loaded.term
     if term is not None:
         result.update(term.to_dict(), term_summary=term.summary())
         if term.warning():
@@ -385,7 +317,7 @@ def write(
     device,
 ) -> None:
     """The report, the table and the pictures."""
-    settings, overlays = config.settings(), config.overlays
+    settings, overlays = config.protocol, config.overlays
     table = format_table(report, chosen)
     info = {
         "dataset": bundle.val.__class__.__name__,
@@ -393,7 +325,7 @@ def write(
         "image_size": bundle.image_size,
         "classes": bundle.classes,
         "metrics": [m.name for m in chosen],
-        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(settings).items()},
+        "settings": settings.to_dict(),
     }
     (out / "report.json").write_text(json.dumps({"settings": info, "models": report}, indent=2) + "\n")
     (out / "report.md").write_text(table + "\n")

@@ -22,10 +22,10 @@ from PIL import Image, UnidentifiedImageError
 from . import cli, data, runtime, viz
 from .cam import CAM, resize_heatmaps
 from .cam_methods import CAM_METHODS
+from .checkpoint import load_model
 from .distributed import pick_device
 from .errors import BadFile, MissingFile
 from .metrics import eval_mode
-from .models import load_model
 from .settings import Settings, at_least, setting
 from .structure import logits_of
 

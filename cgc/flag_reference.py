@@ -14,26 +14,24 @@ from pathlib import Path
 from typing import ClassVar
 
 from . import cli
-from .config import TrainConfig
 from .errors import ConfigError
 from .evaluate import EvalConfig
 from .explain import ExplainConfig
 from .settings import Settings, flag_reference, reference_markers, setting, write_reference
-from .study import StudyConfig
+from .train_config import TrainConfig
 
 #: each command's settings and the page (relative to the repository) that holds its reference
 PAGES: dict[type[Settings], str] = {
     TrainConfig: "docs/training.md",
     EvalConfig: "docs/evaluation.md",
     ExplainConfig: "docs/evaluation.md",
-    StudyConfig: "docs/study.md",
 }
 
 
-def stale(root: Path) -> list[str]:
-    """The pages under ``root`` whose reference differs from the settings (or lacks markers)."""
+def stale(root: Path, pages: dict[type[Settings], str] = PAGES) -> list[str]:
+    """The ``pages`` under ``root`` whose reference differs from the settings (or lacks markers)."""
     found = []
-    for cls, page in PAGES.items():
+    for cls, page in pages.items():
         text = (root / page).read_text()
         start, end = reference_markers(cls)
         if text.count(start) != 1 or text.count(end) != 1:
@@ -61,21 +59,22 @@ class ReferenceConfig(Settings):
         return ["give --write or --check, not both"] if self.write and self.check else []
 
 
-def main(argv=None) -> None:
-    """``python -m cgc.flag_reference``: see :class:`ReferenceConfig`."""
+def main(argv=None, pages: dict[type[Settings], str] = PAGES) -> None:
+    """``python -m cgc.flag_reference``: see :class:`ReferenceConfig` (``pages``: the settings
+    and their pages; the study beside the library passes its own)."""
     with cli.exit_on_error():
         config = ReferenceConfig.parse(argv).validate()
         root = Path(config.root)
         if config.write:
-            for cls, page in PAGES.items():
+            for cls, page in pages.items():
                 changed = write_reference(root / page, cls)
                 print(f"{page} ({cls.PROG}): {'updated' if changed else 'already up to date'}", file=sys.stderr)
         elif config.check:
-            found = stale(root)
+            found = stale(root, pages)
             if found:
                 raise ConfigError("; ".join(found) + "; run `python -m cgc.flag_reference --write`")
         else:
-            for cls in PAGES:
+            for cls in pages:
                 print(f"## {cls.PROG}\n\n{flag_reference(cls)}")
 
 

@@ -5,13 +5,53 @@ checkpoint keeps, deterministic algorithms and SIGTERM."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import signal
+from typing import ClassVar
 
 import torch
 
 from .errors import ConfigError
+from .settings import Settings, at_least, setting
+
+AMP = ("auto", "off", "bf16")
+GROUP = "run"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig(Settings):
+    """Where and how a training run runs, and what it writes (see each setting's doc)."""
+
+    GROUPS: ClassVar[tuple[str, ...]] = (GROUP, "CGC")
+
+    seed: int = setting(0, "seed of the data, the crops, the initialization and the subsets", GROUP)
+    device: str = setting("auto", "auto (CUDA when visible), cpu, cuda, cuda:1, ...", GROUP)
+    amp: str = setting(
+        "auto",
+        "bf16: bfloat16 autocast (the CGC loss in float32); auto: bf16 where the device has fast bfloat16",
+        GROUP,
+        choices=AMP,
+    )
+    backend: str | None = setting(
+        None, "ops backend: auto, reference, native, triton (default: $CGC_BACKEND or auto)", "CGC"
+    )
+    tensorboard: bool = setting(False, "also log to OUT/tensorboard (needs tensorboard)", GROUP)
+    deterministic: bool = setting(False, "torch.use_deterministic_algorithms: bit-identical reruns on GPUs", GROUP)
+    out: str = setting("runs/cgc", "output folder", GROUP, metavar="DIR")
+    resume: str | None = setting(
+        None, "checkpoint or run folder to continue from; 'auto': OUT/last.pt if it exists", GROUP, metavar="PATH"
+    )
+    checkpoint_every: int = setting(
+        0,
+        "also write OUT/last.pt every N steps, mid-epoch (0: at epoch ends only)",
+        GROUP,
+        check=at_least(0),
+        metavar="N",
+    )
+    overlays: int = setting(16, "validation images in overlays.png", GROUP, check=at_least(0), metavar="N")
+    val_every: int = setting(1, "validate every K epochs and after the last", GROUP, check=at_least(1), metavar="K")
 
 
 def fast_bfloat16(device: torch.device) -> bool:

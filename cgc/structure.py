@@ -1,31 +1,29 @@
-"""What cgc knows of a model's structure, in one place: which layer explains it, how that
-layer's output is read as a map, which vision transformers it recognizes, and how its weights
-are laid out in memory.
+"""What cgc knows of a model's structure whatever its family: which layer explains it, how that
+layer's output is read as a map, and how its weights are laid out in memory. What is known of
+each family (which classes are transformers, where their blocks are) lives with the family, in
+:mod:`cgc.models`, and reaches here as a :class:`TransformerLayout`.
 
 - **Reading a layer as a map.** A CAM needs the layer's output as ``[B,C,h,w]``. A CNN's layers
   give one. A vision transformer's give tokens ``[B,T,C]`` (the prefix tokens first: class,
   distillation, registers; then the ``h*w`` patch tokens row by row), and Swin's stages give
-  channels-last maps ``[B,h,w,C]`` (Hugging Face's: tokens, each stage at its own stride). A :class:`TokenMap` names one of these layouts and reads it
-  as a map with a slice, view and permute, so the map stays in the autograd graph (the CGC
-  term differentiates through it twice); :class:`CustomReshape` does the same with a function
-  the user writes, as pytorch-grad-cam's ``reshape_transform``.
-- **Recognizing a transformer.** The layout is decided by the model's structure, never from a
-  shape alone (a ``[B,h,w,C]`` map with ``h == C`` reads either way): :func:`describe`
-  recognizes timm's ``VisionTransformer`` (DeiT, distilled DeiT, register tokens), ``Eva``,
-  ``Beit``, ``SwinTransformer`` (v1, v2) and torchvision's ``VisionTransformer`` and
-  ``SwinTransformer`` by their classes, Hugging Face's ViT, DeiT, BEiT, DINOv2 and Swin image
-  classifiers by their configs' ``model_type``, and reads from their attributes and configs
-  where the blocks, the final norm and the patch embedding are, how many prefix tokens there are, how many pixels
-  each patch token covers (so the grid follows the input of a ``dynamic_img_size`` model) and
-  which tokens the head reads. :func:`layer_layout` gives one layer's layout.
-- **Finding the layer.** :func:`find_target_layer` applies a written rule to one traced
-  forward pass on the meta device (:func:`trace`), at the size the model declares
+  channels-last maps ``[B,h,w,C]`` (Hugging Face's: tokens, each stage at its own stride). A
+  :class:`TokenMap` names one of these layouts and reads it as a map with a slice, view and
+  permute, so the map stays in the autograd graph (the CGC term differentiates through it
+  twice); :class:`CustomReshape` does the same with a function the user writes, as
+  pytorch-grad-cam's ``reshape_transform`` (:func:`map_reader` picks the one ``reshape=``
+  asks for).
+- **A transformer's layout.** The layout is decided by the model's structure, never from a shape
+  alone (a ``[B,h,w,C]`` map with ``h == C`` reads either way): a :class:`TransformerLayout`
+  (from :func:`cgc.models.describe`) says where the blocks, the final norm and the patch
+  embedding are, how many prefix tokens there are, how many pixels each patch token covers (so
+  the grid follows the input of a ``dynamic_img_size`` model) and which tokens the head reads.
+  :func:`layer_layout` gives one layer's layout.
+- **Finding the layer.** :func:`target_layer_of` applies a written rule to one traced forward
+  pass on the meta device (:func:`trace`), at the size the model declares
   (:func:`declared_size`).
 - **Reading the output.** :func:`logits_of` finds the class scores in whatever a model returns
   (a tensor, a Hugging Face ``ModelOutput``, a tuple); :func:`first_tensor` reads a layer's.
 - **Memory format.** :func:`to_channels_last` stores a model's 4-D weights channels-last.
-
-Callers describe a model once (:func:`describe`) and pass the description on.
 """
 
 from __future__ import annotations
@@ -33,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -132,7 +129,7 @@ class CustomReshape:
         return f"CustomReshape({self.fn!r})"
 
 
-def reader(reshape) -> TokenMap | CustomReshape | None:
+def map_reader(reshape) -> TokenMap | CustomReshape | None:
     """The reader of ``reshape=``: None, a :class:`TokenMap`, or a function (wrapped)."""
     if reshape is None or isinstance(reshape, (TokenMap, CustomReshape)):
         return reshape
@@ -142,7 +139,7 @@ def reader(reshape) -> TokenMap | CustomReshape | None:
 
 
 @dataclass(frozen=True)
-class Transformer:
+class TransformerLayout:
     """The structure of a recognized vision transformer (dotted module names of the model).
 
     ``blocks``: the container of its blocks (Swin: of its stages), last child last;
@@ -209,23 +206,12 @@ def logits_of(output) -> torch.Tensor:
     )
 
 
-def describe(model: nn.Module) -> Transformer | None:
-    """The :class:`Transformer` structure of a recognized vision transformer (an instance of
-    a class the module docstring lists, or of a subclass), else None."""
-    info = _timm(model) if "timm" in sys.modules else None
-    if info is None and "torchvision" in sys.modules:
-        info = _torchvision(model)
-    if info is None and sys.modules.get("transformers") is not None:
-        info = _huggingface(model)
-    return info
-
-
 def size_pair(size) -> tuple[int, int]:
     """``(H, W)`` of a size given as one side or as two."""
     return (int(size), int(size)) if isinstance(size, (int, float)) else (int(size[0]), int(size[1]))
 
 
-def declared_size(model: nn.Module, info: Transformer | None = None) -> tuple[int, int] | None:
+def declared_size(model: nn.Module, info: TransformerLayout | None = None) -> tuple[int, int] | None:
     """The input size ``(H, W)`` ``model`` declares: a recognized transformer's (``info``), a
     Hugging Face config's ``image_size``, timm's ``pretrained_cfg`` / ``default_cfg``
     ``input_size`` or its ``img_size``; None when it declares none."""
@@ -242,131 +228,16 @@ def declared_size(model: nn.Module, info: Transformer | None = None) -> tuple[in
     return size_pair(size) if size else None
 
 
-def _norm_name(module: nn.Module, name: str) -> str | None:
+def norm_name(module: nn.Module, name: str) -> str | None:
+    """``name``, or None when that module is an ``nn.Identity`` (a norm left out)."""
     return None if isinstance(module.get_submodule(name), nn.Identity) else name
 
 
-def _timm(model: nn.Module) -> Transformer | None:
-    import timm.models as tm
-
-    pe = getattr(model, "patch_embed", None)
-    if pe is None:
-        return None
-    size = tuple(pe.img_size) if getattr(pe, "img_size", None) is not None else None
-    dynamic = bool(getattr(model, "dynamic_img_size", False)) or size is None
-    if isinstance(model, (tm.VisionTransformer, tm.Eva, tm.Beit)):
-        stride = tuple(pe.feat_ratio(as_scalar=False)) if hasattr(pe, "feat_ratio") else tuple(pe.patch_size)
-        tokens = TokenMap("tokens", model.num_prefix_tokens, stride, bool(getattr(pe, "dynamic_img_pad", False)))
-        return Transformer(
-            "vit",
-            "blocks",
-            _norm_name(model, "norm"),
-            "patch_embed",
-            tokens,
-            model.global_pool == "token",
-            size,
-            dynamic,
-            ("blocks",),
-        )
-    if isinstance(model, (tm.SwinTransformer, tm.SwinTransformerV2)):
-        tokens = TokenMap("nhwc", stride=tuple(pe.patch_size))
-        return Transformer(
-            "swin", "layers", _norm_name(model, "norm"), "patch_embed", tokens, False, size, dynamic, ("layers",)
-        )
-    return None
-
-
-def _torchvision(model: nn.Module) -> Transformer | None:
-    from torchvision.models import SwinTransformer, VisionTransformer
-
-    if isinstance(model, VisionTransformer):
-        p, s = model.patch_size, model.image_size
-        return Transformer(
-            "vit",
-            "encoder.layers",
-            "encoder.ln",
-            "conv_proj",
-            TokenMap("tokens", 1, (p, p)),
-            True,
-            (s, s),
-            False,
-            ("encoder", "encoder.layers"),
-        )
-    if isinstance(model, SwinTransformer):
-        return Transformer("swin", "features", "norm", "features.0", TokenMap("nhwc"), False, None, True, ("features",))
-    return None
-
-
-#: Hugging Face ``model_type``s of the ViT family
-_HF_VITS = ("vit", "deit", "beit", "dinov2", "dinov2_with_registers")
-
-
-def _hf_vit_reading(config) -> tuple[bool, bool]:
-    """``(class_token_head, dynamic)`` of a Hugging Face ViT-family config: BEiT's head reads the
-    mean of the patch tokens unless its config says otherwise, every other head the class
-    token; DINOv2 interpolates its position embeddings on every call, and a BEiT without
-    position embeddings or tables takes any multiple of its patch, the others their own size."""
-    if config.model_type == "beit":
-        tables = (
-            config.use_absolute_position_embeddings
-            or config.use_relative_position_bias
-            or config.use_shared_relative_position_bias
-        )
-        return not config.use_mean_pooling, not tables
-    return True, config.model_type.startswith("dinov2")
-
-
-def hf_family(config) -> str | None:
-    """``vit`` or ``swin``: the transformer family of a Hugging Face config that cgc recognizes
-    (None: another model, a CNN for one)."""
-    model_type = getattr(config, "model_type", None)
-    return "vit" if model_type in _HF_VITS else "swin" if model_type == "swin" else None
-
-
-def _huggingface(model: nn.Module) -> Transformer | None:
-    """The structure of a Hugging Face ``transformers`` ViT, DeiT (with or without its teacher
-    head), BEiT, DINOv2 (with or without registers) or Swin image classifier, read from its
-    config and attributes; where the blocks are is found, not named, since transformers renames
-    them between versions (``vit.encoder.layer`` became ``vit.layers``)."""
-    from transformers import PreTrainedModel
-
-    if not isinstance(model, PreTrainedModel):
-        return None
-    config = model.config
-    base = model.base_model_prefix if isinstance(getattr(model, model.base_model_prefix, None), nn.Module) else ""
-    blocks = next((n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and n.startswith(base)), None)
-    if blocks is None or not hasattr(model.get_submodule(base), "layernorm"):
-        return None
-    norm = _norm_name(model, f"{base}.layernorm" if base else "layernorm")
-    parts = blocks.split(".")
-    cascade = tuple(".".join(parts[: i + 1]) for i in range(len(parts)))
-    embedding = f"{base}.embeddings" if base else "embeddings"
-    patch, size = size_pair(config.patch_size), size_pair(config.image_size)
-    if hf_family(config) == "vit":
-        class_token, dynamic = _hf_vit_reading(config)
-        emb = model.get_submodule(embedding)
-        prefix = sum(getattr(emb, a, None) is not None for a in ("cls_token", "distillation_token"))
-        tokens = TokenMap("tokens", prefix + int(getattr(config, "num_register_tokens", 0) or 0), patch)
-        return Transformer("vit", blocks, norm, embedding, tokens, class_token, size, dynamic, cascade)
-    if hf_family(config) == "swin":
-        grids = []
-        for k, (name, stage) in enumerate(model.get_submodule(blocks).named_children()):
-            grids.append((f"{blocks}.{name}.blocks", (patch[0] << k, patch[1] << k)))
-            k += getattr(stage, "downsample", None) is not None
-            grids.append((f"{blocks}.{name}", (patch[0] << k, patch[1] << k)))
-        if norm is not None:
-            grids.append((norm, grids[-1][1]))
-        tokens = TokenMap("tokens", 0, patch, pad=True)
-        return Transformer("swin", blocks, norm, embedding, tokens, False, size, False, cascade, tuple(grids))
-    return None
-
-
-def layer_layout(model: nn.Module, name: str, info: Transformer | None = None) -> TokenMap:
-    """The layout of layer ``name``'s output: ``nchw`` for convolutions and for models
-    :func:`describe` does not recognize, the transformer's token layout for every layer after
-    its patch embedding. Layers inside the patch embedding other than its convolution are
+def layer_layout(model: nn.Module, name: str, info: TransformerLayout | None) -> TokenMap:
+    """The layout of layer ``name``'s output: ``nchw`` for convolutions and for models that are
+    no recognized transformer (``info`` None), the transformer's token layout for every layer
+    after its patch embedding. Layers inside the patch embedding other than its convolution are
     refused (:class:`cgc.errors.UnsupportedModel`): the stem is no CAM layer."""
-    info = describe(model) if info is None else info
     module = model.get_submodule(name)
     if info is None or isinstance(module, nn.modules.conv._ConvNd):
         return TokenMap("nchw")
@@ -403,14 +274,13 @@ def unwrap(model: nn.Module) -> tuple[nn.Module, str]:
     return model, ""
 
 
-#: the default of ``info=``: the model has not been described yet
-UNDESCRIBED = object()
-
-
-def find_target_layer(model: nn.Module, input_size: int | tuple[int, int] | None = None, *, info=UNDESCRIBED) -> str:
+def target_layer_of(
+    model: nn.Module, info: TransformerLayout | None, input_size: int | tuple[int, int] | None = None
+) -> str:
     """Dotted name of the layer whose map explains ``model``'s class scores best.
 
-    The rule: for the vision transformers :func:`describe` recognizes, the end
+    The rule: for a recognized vision transformer (``info``, its layout:
+    :func:`cgc.models.describe`), the end
     of the blocks, on the side the head reads. A class-token head (timm ``global_pool ==
     'token'``: ViT, DeiT and distilled DeiT, register-token ViTs; torchvision's ViT; Hugging
     Face's ViT and DeiT) sees only the prefix tokens after the last block, so the final norm's
@@ -434,12 +304,9 @@ def find_target_layer(model: nn.Module, input_size: int | tuple[int, int] | None
     Runs one forward pass of ``input_size`` images (default: the size the model declares,
     :func:`declared_size`, else 224) on the ``meta`` device through
     :func:`torch.func.functional_call` with meta stand-ins for every parameter and buffer: nothing is copied or computed, and the real
-    model, its values and its mode are untouched. ``info``: the model's :func:`describe`, when
-    the caller has it.
+    model, its values and its mode are untouched.
     """
     inner, prefix = unwrap(model)
-    if info is UNDESCRIBED:
-        info = describe(inner)
     size = input_size or declared_size(inner, info) or 224
     hw = (size, size) if isinstance(size, int) else tuple(size)
     runs = trace(inner, hw)
@@ -549,8 +416,8 @@ def trace(inner: nn.Module, hw: tuple[int, int]) -> list[ModuleRun]:
     return runs
 
 
-def _transformer_layer(inner: nn.Module, info: Transformer, runs: list[ModuleRun], hw) -> str:
-    """The layer :func:`find_target_layer`'s rule picks in a recognized transformer, checked to
+def _transformer_layer(inner: nn.Module, info: TransformerLayout, runs: list[ModuleRun], hw) -> str:
+    """The layer :func:`target_layer_of`'s rule picks in a recognized transformer, checked to
     run and to give a map of more than one position at ``hw``."""
     last, block = info.last_block(inner)
     if info.class_token_head:

@@ -23,7 +23,9 @@ from torch import nn
 
 from . import transforms
 from .cam import CAM
+from .errors import ConfigError
 from .losses import CGCLoss
+from .term_config import KINDS, TermConfig
 
 
 @dataclass
@@ -56,73 +58,68 @@ class CGCOutput:
     floored: torch.Tensor | None = None
 
 
-def bounded_lambda(
-    lam: float,
-    ce: torch.Tensor,
-    term_loss: torch.Tensor,
-    activations: torch.Tensor,
-    bound: float,
-    all_reduce_sum=None,
-) -> torch.Tensor:
-    """The term's weight with its gradient bounded by cross-entropy's (an adaptive λ):
-    ``min(lam, bound * |dCE/dA| / |dterm/dA|)``, A the CAM layer's activations
-    (:attr:`CGCOutput.activations`, from which both losses were computed).
+#: keyword names the term took before its settings were one section, and the setting each means
+ALIASES = {"method": "cam", "kind": "loss", "floor": "heatmap_floor", "ratio": "crop_ratio"}
 
-    The norms are over the whole batch; ``all_reduce_sum`` (e.g.
-    :meth:`cgc.distributed.Context.all_reduce_sum`) sums their squares over the processes, so
-    every process gets the weight one process would. Each loss is a mean over this process's
-    images, so the ratio does not depend on how the batch is split. The weight is detached: it
-    scales the term's gradient and adds none of its own. Costs two gradients of the losses with
-    respect to A (the layers after the CAM layer, run backward twice more).
-    """
-    if bound <= 0:
-        raise ValueError(f"the gradient bound must be positive, got {bound}")
-    # the backward runs in this thread on a CPU: outside autocast, so that each op's gradient keeps
-    # the dtypes its forward recorded
-    with torch.autocast(activations.device.type, enabled=False):
-        grads = [torch.autograd.grad(v, activations, retain_graph=True)[0] for v in (ce, term_loss)]
-    squares = torch.stack([g.detach().double().square().sum() for g in grads])
-    if all_reduce_sum is not None:
-        squares = all_reduce_sum(squares)
-    norm_ce, norm_term = squares.sqrt().unbind()
-    # a term without gradient at A keeps its full weight (the ratio is +inf, clamped to lam)
-    return (bound * norm_ce / norm_term.clamp_min(1e-300)).clamp(max=lam).to(term_loss.dtype)
+
+def term_settings(config: TermConfig | None = None, **settings) -> TermConfig:
+    """``config`` (default: :class:`cgc.term_config.TermConfig`'s defaults) with ``settings``
+    changed by their names (also the :data:`ALIASES`; ``kind="infonce"`` is ``loss="cgc"``),
+    checked: a :class:`cgc.errors.ConfigError` names every bad value."""
+    changes = {ALIASES.get(k, k): v for k, v in settings.items()}
+    if changes.get("loss") == "infonce":
+        changes["loss"] = "cgc"
+    config = (config or TermConfig()).replace(**changes)
+    config.validate()
+    if not config.enabled:
+        raise ConfigError("loss='ce' is the baseline without a CGC term: there is no term to compute")
+    return config
+
+
+def cgc_loss(config: TermConfig, *, backend: str | None = None, gather=None) -> CGCLoss:
+    """The :class:`cgc.CGCLoss` of a term's settings (``gather``: the negatives of every
+    process)."""
+    if not config.enabled:
+        raise ConfigError("loss='ce' is the baseline without a CGC term: there is no loss to build")
+    return CGCLoss(
+        config.temperature,
+        config.heatmap_size,
+        kind=KINDS[config.loss],
+        backend=backend,
+        gather=gather,
+        padding_mode=config.heatmap_padding,
+        mask_outside=config.mask_outside,
+        detach_target=config.detach_target,
+        floor=config.heatmap_floor,
+    )
 
 
 def cgc_term(
     model_or_cam: nn.Module | CAM,
     x: torch.Tensor,
+    config: TermConfig | None = None,
     *,
     theta: torch.Tensor | None = None,
     targets: torch.Tensor | None = None,
     extra: Sequence[torch.Tensor] = (),
     loss: CGCLoss | None = None,
-    target_layer: str | None = None,
-    method: str = "gradcam",
-    temperature: float = 0.5,
-    heatmap_size: int | None = None,
-    kind: str = "infonce",
-    crop_scale: tuple[float, float] = transforms.DEFAULT_SCALE,
-    ratio: tuple[float, float] = transforms.DEFAULT_RATIO,
-    flip_p: float = 0.5,
-    crop_sampler: str = "rrc",
-    class_negatives: int = 0,
-    detach_target: bool = False,
-    floor: float = 0.0,
     generator: torch.Generator | None = None,
     backend: str | None = None,
     reshape=None,
+    **settings,
 ) -> CGCOutput:
-    """The CGC term of a batch of images ``x`` (normalized, on the model's device).
+    """The CGC term of a batch of images ``x`` (normalized, on the model's device), with the
+    term's settings ``config`` changed by ``settings`` (:func:`term_settings`: ``temperature=``,
+    ``cam=`` (or ``method=``), ``target_layer=``, ``crop_scale=``, ``crop_sampler=``, ...).
 
-    Draws a RandomResizedCrop + horizontal flip per image (``crop_scale``, ``ratio``,
+    Draws a RandomResizedCrop + horizontal flip per image (``crop_scale``, ``crop_ratio``,
     ``flip_p``, from ``generator``) unless ``theta`` [B,2,3] is given, warps ``x`` into
     ``x_aug`` on the device, runs the model once on ``[x, x_aug, *extra]``, takes the CAMs of
     ``x`` and ``x_aug`` for ``targets`` (default: the class predicted on ``x``, so unlabeled
-    images work) with ``create_graph=True``, and compares them with ``loss`` (default: a
-    :class:`cgc.CGCLoss` of ``kind``, ``temperature`` and ``heatmap_size``, the image size
-    when None). ``model_or_cam`` is a model (hooked for this call only, at ``target_layer``
-    with ``method``) or a :class:`cgc.CAM`.
+    images work) with ``create_graph=True``, and compares them with ``loss`` (default: the
+    :class:`cgc.CGCLoss` of the settings, :func:`cgc_loss`). ``model_or_cam`` is a
+    model (hooked for this call only, at the settings' ``target_layer`` with their CAM method)
+    or a :class:`cgc.CAM`.
 
     Two options against what a crop-consistency term may otherwise learn:
 
@@ -136,22 +133,38 @@ def cgc_term(
       same whatever the class is penalized. Each costs one more gradient of a class score with
       respect to the hooked activations (``create_graph=True``).
     """
-    if loss is None:
-        mask = crop_sampler == "uniform"
-        loss = CGCLoss(
-            temperature,
-            heatmap_size,
-            kind=kind,
-            backend=backend,
-            mask_outside=mask,
-            detach_target=detach_target,
-            floor=floor,
-        )
-    draw = dict(scale=tuple(crop_scale), ratio=tuple(ratio), flip_p=flip_p, generator=generator, sampler=crop_sampler)
+    config = term_settings(config, **settings)
+    loss = loss or cgc_loss(config, backend=backend)
+    draw = Draw(config, generator)
     if isinstance(model_or_cam, CAM):
-        return _compute_term(model_or_cam, x, theta, targets, extra, loss, draw, class_negatives, backend)
-    with CAM(model_or_cam, target_layer, method=method, backend=backend, reshape=reshape) as cam:
-        return _compute_term(cam, x, theta, targets, extra, loss, draw, class_negatives, backend)
+        return _compute_term(model_or_cam, x, theta, targets, extra, loss, draw, backend)
+    with CAM(model_or_cam, config.target_layer, method=config.cam, backend=backend, reshape=reshape) as cam:
+        return _compute_term(cam, x, theta, targets, extra, loss, draw, backend)
+
+
+@dataclass(frozen=True)
+class Draw:
+    """How the term draws each image's augmented view and how many other classes' heatmaps join
+    its negatives: the settings' crops and flips, from ``generator``."""
+
+    config: TermConfig
+    generator: torch.Generator | None = None
+
+    def theta(self, B: int, H: int, W: int, device) -> torch.Tensor:
+        c = self.config
+        crops = transforms.random_crop_flip(
+            B,
+            H,
+            W,
+            scale=tuple(c.crop_scale),
+            ratio=tuple(c.crop_ratio),
+            flip_p=c.flip_p,
+            vflip_p=0.5 if c.vflip else 0.0,
+            generator=self.generator,
+            device=device,
+            sampler=c.crop_sampler,
+        )
+        return crops.theta()
 
 
 def _wide(cams: torch.Tensor) -> torch.Tensor:
@@ -167,9 +180,7 @@ def other_classes(logits: torch.Tensor, targets: torch.Tensor, k: int) -> torch.
     return scores.topk(k, dim=1).indices
 
 
-def _compute_term(
-    cam: CAM, x, theta, targets, extra, loss: CGCLoss, draw: dict, class_negatives: int, backend
-) -> CGCOutput:
+def _compute_term(cam: CAM, x, theta, targets, extra, loss: CGCLoss, draw: Draw, backend) -> CGCOutput:
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"cgc_term expects an image batch [B,C,H,W], got {getattr(x, 'shape', type(x).__name__)}")
     B, _, H, W = x.shape
@@ -178,10 +189,11 @@ def _compute_term(
             f"the InfoNCE term needs a batch of at least 2 images (the other images are the negatives), got {B}"
         )
     if theta is None:
-        theta = transforms.random_crop_flip(B, H, W, device=x.device, **draw).theta()
+        theta = draw.theta(B, H, W, x.device)
     elif theta.shape != (B, 2, 3):
         raise ValueError(f"theta must be [{B},2,3] for a batch of {B}, got {tuple(theta.shape)}")
-    x_aug = transforms.apply(x, theta, padding_mode=transforms.image_padding(draw["sampler"]), backend=backend)
+    x_aug = transforms.apply(x, theta, padding_mode=transforms.image_padding(draw.config.crop_sampler), backend=backend)
+    class_negatives = draw.config.class_negatives
     logits, acts = cam.forward(torch.cat([x, x_aug, *extra]) if len(extra) else torch.cat([x, x_aug]))
     if targets is None:
         targets = logits[:B].detach().argmax(1)
@@ -208,9 +220,10 @@ def _compute_term(
 
 class CGCTerm(nn.Module):
     """The CGC term as a module: ``CGCTerm(model)(x)`` is :func:`cgc_term` with these settings
-    (a CAM ``method`` at ``target_layer``, read as a map with ``reshape``, the loss ``kind``
-    with ``temperature`` and ``heatmap_size``, the augmentation ``crop_scale`` / ``ratio`` /
-    ``flip_p``).
+    (``config``, a :class:`cgc.term_config.TermConfig`, changed by ``settings`` by name:
+    ``temperature=``, ``cam=`` (or ``method=``), ``crop_sampler=``, ``class_negatives=``, ...;
+    ``target_layer`` may also come first, by position). :meth:`from_config` builds it from a
+    run's term section, as ``python -m cgc.train`` and the trainers' integrations do.
 
     The model is hooked, not owned: it is not a submodule (``term.parameters()`` is empty and
     ``term.state_dict()`` holds nothing), so the optimizer and checkpoints stay the model's.
@@ -226,43 +239,35 @@ class CGCTerm(nn.Module):
         self,
         model: nn.Module,
         target_layer: str | None = None,
+        config: TermConfig | None = None,
         *,
-        method: str = "gradcam",
-        temperature: float = 0.5,
-        heatmap_size: int | None = None,
-        kind: str = "infonce",
-        crop_scale: tuple[float, float] = transforms.DEFAULT_SCALE,
-        ratio: tuple[float, float] = transforms.DEFAULT_RATIO,
-        flip_p: float = 0.5,
         loss: CGCLoss | None = None,
         gather=None,
         backend: str | None = None,
         channels_last: bool = False,
         reshape=None,
-        crop_sampler: str = "rrc",
-        class_negatives: int = 0,
-        detach_target: bool = False,
-        floor: float = 0.0,
+        **settings,
     ):
         super().__init__()
+        if target_layer is not None:
+            settings["target_layer"] = target_layer
+        self.config = term_settings(config, **settings)
         self.cam = CAM(
-            model, target_layer, method=method, backend=backend, channels_last=channels_last, reshape=reshape
+            model,
+            self.config.target_layer,
+            method=self.config.cam,
+            backend=backend,
+            channels_last=channels_last,
+            reshape=reshape,
         )
-        if loss is None:
-            loss = CGCLoss(
-                temperature,
-                heatmap_size,
-                kind=kind,
-                backend=backend,
-                gather=gather,
-                mask_outside=crop_sampler == "uniform",
-                detach_target=detach_target,
-                floor=floor,
-            )
-        self.loss = loss
-        self.crop_scale, self.ratio, self.flip_p = tuple(crop_scale), tuple(ratio), flip_p
-        self.crop_sampler, self.class_negatives = crop_sampler, class_negatives
+        self.loss = loss or cgc_loss(self.config, backend=backend, gather=gather)
         self.backend = backend
+
+    @classmethod
+    def from_config(cls, model: nn.Module, config: TermConfig, **kwargs) -> CGCTerm:
+        """The term of a run's term section on ``model`` (``kwargs``: ``target_layer``,
+        ``gather``, ``backend``, ``channels_last``, ``reshape``, ``loss``)."""
+        return cls(model, config=config, **kwargs)
 
     @property
     def target_layer(self) -> str:
@@ -278,21 +283,7 @@ class CGCTerm(nn.Module):
         generator: torch.Generator | None = None,
     ) -> CGCOutput:
         """See :func:`cgc_term`."""
-        return cgc_term(
-            self.cam,
-            x,
-            theta=theta,
-            targets=targets,
-            extra=extra,
-            loss=self.loss,
-            crop_scale=self.crop_scale,
-            ratio=self.ratio,
-            flip_p=self.flip_p,
-            crop_sampler=self.crop_sampler,
-            class_negatives=self.class_negatives,
-            generator=generator,
-            backend=self.backend,
-        )
+        return _compute_term(self.cam, x, theta, targets, extra, self.loss, Draw(self.config, generator), self.backend)
 
     def close(self) -> None:
         self.cam.close()
@@ -304,8 +295,9 @@ class CGCTerm(nn.Module):
         self.close()
 
     def extra_repr(self) -> str:
+        c = self.config
         return (
             f"method={self.cam.method}, target_layer={self.cam.target_layer!r}, "
-            f"crop_scale={self.crop_scale}, flip_p={self.flip_p}, crop_sampler={self.crop_sampler!r}, "
-            f"class_negatives={self.class_negatives}"
+            f"crop_scale={tuple(c.crop_scale)}, flip_p={c.flip_p}, crop_sampler={c.crop_sampler!r}, "
+            f"class_negatives={c.class_negatives}"
         )

@@ -1,6 +1,6 @@
 """``python -m cgc.train``: train a classifier with the CGC term (or the CE / MSE baselines).
 
-The recipe, as a list of factories: the config (:mod:`cgc.config`: flags, ``--config FILE``,
+The recipe, as a list of factories: the config (:mod:`cgc.train_config`: flags, ``--config FILE``,
 validated before anything is built) -> :func:`build_data` -> :func:`build_model` ->
 :func:`build_optimizer` -> :func:`build_term` -> :func:`fit` (epochs of
 :func:`cgc.engine.train_one_epoch` and :func:`cgc.engine.validate`, checkpoints by
@@ -29,17 +29,20 @@ from pathlib import Path
 
 import torch
 
-from . import cli, data, distributed, huggingface, metrics, models, runtime, tables, viz
+from . import cli, data, distributed, files, metrics, models, runtime, tables, viz
 from .cam import CAM
 from .checkpoint import WEIGHTS_FILE, CheckpointSaver
-from .config import TrainConfig, expected_world_size, parse
-from .engine import EpochPlan, RunState, StepOptions, batches, train_one_epoch, validate
+from .engine import EpochPlan, StepOptions, batches, train_one_epoch, validate
 from .errors import ConfigError, Preempted
-from .losses import CGCLoss
+from .gate import TermOutcome
+from .models import from_huggingface
+from .optimization import build_optimizer
+from .run_state import RunState
 from .runlog import RunLog
-from .schedule import Schedule, TermGate, TermOutcome
+from .safeguards import Safeguards
 from .structure import to_channels_last
 from .term import CGCTerm
+from .train_config import TrainConfig, expected_world_size, parse
 
 log = logging.getLogger("cgc.train")
 
@@ -64,40 +67,28 @@ class TrainData:
 def build_data(config: TrainConfig, ctx: distributed.Context, out: Path) -> TrainData:
     """The dataset of ``config``, its limited-data subset (listed in ``OUT/train_files.txt``)
     and its unlabeled stream."""
-    bundle = data.build(
-        config.dataset,
-        seed=config.seed,
-        image_size=config.image_size,
-        train_size=config.train_size,
-        val_size=config.val_size,
-        num_classes=config.num_classes,
-        root=config.data,
-        strict=config.strict,
-        ce_crop_scale=config.ce_crop_scale,
-        classes=list(config.classes) if config.classes else None,
-        placement=config.placement,
-    )
-    from_training_set = config.unlabeled in ("rest", "all")
+    section, seed = config.data, config.run.seed
+    bundle = data.build_from(section, seed=seed)
+    from_training_set = section.unlabeled in ("rest", "all")
     unlabeled = (
-        data.unlabeled_images(config.unlabeled, bundle.image_size, strict=config.strict)
-        if config.unlabeled is not None and not from_training_set
+        data.unlabeled_images(section.unlabeled, bundle.image_size, strict=section.strict)
+        if section.unlabeled is not None and not from_training_set
         else None
     )
     full = bundle.train
-    if config.samples_per_class or config.train_fraction:
-        bundle.train = data.limit(
-            full, per_class=config.samples_per_class, fraction=config.train_fraction, seed=config.seed
-        )
-        if config.unlabeled == "rest":
+    if section.limited:
+        bundle.train = data.limit(full, per_class=section.samples_per_class, fraction=section.train_fraction, seed=seed)
+        if section.unlabeled == "rest":
             rest = sorted(set(range(len(full))) - set(bundle.train.indices))
             unlabeled = data.WithoutLabels(data.take(full, rest))
         if ctx.primary:
             data.write_file_list(out / "train_files.txt", bundle.train)
-    if config.unlabeled == "all":
+    if section.unlabeled == "all":
         unlabeled = data.WithoutLabels(full)
-    steps = len(bundle.train) // config.batch_size
+    batch = config.optim.batch_size
+    steps = len(bundle.train) // batch
     if not steps:
-        raise ConfigError(f"--batch-size {config.batch_size} is larger than the {len(bundle.train)} training images")
+        raise ConfigError(f"--batch-size {batch} is larger than the {len(bundle.train)} training images")
     return TrainData(bundle, unlabeled, from_training_set and bundle.in_memory, steps)
 
 
@@ -105,45 +96,11 @@ def build_model(config: TrainConfig, train_data: TrainData, device: torch.device
     """The classifier of ``config`` with a head for the dataset's classes, built for the
     dataset's image size (transformers: their patch grid and position embeddings), on
     ``device`` (its 4-D weights channels-last on CPUs: :func:`cgc.runtime.channels_last`)."""
-    model = models.build_model(
-        config.arch,
-        len(train_data.bundle.classes),
-        image_size=train_data.bundle.image_size,
-        pretrained=config.pretrained,
-        weights=config.weights,
-        norm=config.norm,
-        new_head=config.new_head,
-        stride=config.compact_stride,
-    ).to(device)
+    bundle = train_data.bundle
+    model = models.build_from(config.model, len(bundle.classes), image_size=bundle.image_size).to(device)
     if runtime.channels_last(device):
         to_channels_last(model)
     return model
-
-
-def param_groups(model, *, weight_decay: float, head_lr_scale: float = 1.0) -> list[dict]:
-    """Optimizer groups: weight decay on weights only (not biases and norm parameters); the
-    classifier head's groups (both heads of a distilled DeiT) carry ``lr_scale`` (--head-lr / --lr), which the schedule
-    multiplies in."""
-    heads = tuple(name + "." for name in models.head_names(model))
-    groups = []
-    for in_head, scale in ((False, 1.0), (True, head_lr_scale)):
-        for decay in (True, False):
-            params = [
-                p for n, p in model.named_parameters() if n.startswith(heads) == in_head and (p.ndim > 1) == decay
-            ]
-            if params:
-                groups.append({"params": params, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale})
-    return groups
-
-
-def build_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
-    """SGD with momentum (the reference recipe) or AdamW (betas (momentum, 0.999)) over
-    :func:`param_groups`; built after the head has the dataset's class count."""
-    head_scale = (config.head_lr or config.lr) / config.lr
-    groups = param_groups(model, weight_decay=config.weight_decay, head_lr_scale=head_scale)
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.momentum, 0.999))
 
 
 def distribute(model, ctx: distributed.Context, *, sync_bn: bool):
@@ -164,32 +121,20 @@ def build_term(config: TrainConfig, model, ctx: distributed.Context) -> tuple[CA
     (None for ``--loss ce``), whose InfoNCE negatives are gathered from every process with
     ``--negatives global``."""
     channels_last = runtime.channels_last(ctx.device)
-    cam = CAM(model, config.target_layer, method=config.cam, backend=config.backend, channels_last=channels_last)
-    net = distribute(model, ctx, sync_bn=config.sync_bn)
-    if config.loss == "ce":
+    term_config, backend = config.term, config.run.backend
+    cam = CAM(model, term_config.target_layer, method=term_config.cam, backend=backend, channels_last=channels_last)
+    net = distribute(model, ctx, sync_bn=config.distributed.sync_bn)
+    if not term_config.enabled:
         return cam, net, None
     prefix = "module." if net is not model else ""
-    gather = ctx.gather if config.negatives == "global" and ctx.distributed else None
-    loss = CGCLoss(
-        config.temperature,
-        config.heatmap_size,
-        kind="infonce" if config.loss == "cgc" else "mse",
-        backend=config.backend,
-        gather=gather,
-        padding_mode=config.heatmap_padding,
-        mask_outside=config.crop_sampler == "uniform",
-        detach_target=config.detach_target,
-        floor=config.heatmap_floor,
-    )
-    term = CGCTerm(
+    gather = ctx.gather if config.distributed.negatives == "global" and ctx.distributed else None
+    term = CGCTerm.from_config(
         net,
-        prefix + cam.target_layer,
-        method=config.cam,
-        backend=config.backend,
+        term_config,
+        target_layer=prefix + cam.target_layer,
+        gather=gather,
+        backend=backend,
         channels_last=channels_last,
-        loss=loss,
-        crop_sampler=config.crop_sampler,
-        class_negatives=config.class_negatives,
     )
     return cam, net, term
 
@@ -209,41 +154,22 @@ def resume_source(resume: str | None, out: Path) -> Path | None:
 def build_plan(
     config: TrainConfig, opt: torch.optim.Optimizer, train_data: TrainData, ctx: distributed.Context, amp: str
 ) -> EpochPlan:
-    """What every epoch's steps share: the learning-rate and lambda schedules, the step options
-    (crops, precision, backend, memory format, the CAMs' class), the loader's habits and the
-    CGC term's gate."""
-    schedule = Schedule(
-        config.lr,
-        config.epochs,
-        config.schedule,
-        config.warmup_epochs,
-        config.lr_step,
-        config.lr_gamma,
-        config.lam,
-        config.lambda_warmup_epochs,
-    )
+    """What every epoch's steps share: the learning-rate schedule, the step options (the CE
+    view's crops, precision, backend, memory format), the term's safeguards (its weight, gate,
+    targets and crops), the loader's habits."""
     options = StepOptions(
-        config.seed,
-        config.crop_scale,
-        config.ce_crop_scale,
-        amp,
-        config.backend,
-        runtime.channels_last(ctx.device),
-        config.vflip,
-        config.crop_sampler,
-        config.cam_target,
-        config.grad_bound,
+        config.run.seed, config.data.ce_crop_scale, amp, config.run.backend, runtime.channels_last(ctx.device)
     )
-    gathered = config.negatives == "global" and ctx.distributed
+    gathered = config.distributed.negatives == "global" and ctx.distributed
     return EpochPlan(
         opt,
-        schedule,
+        config.optim.schedule_of(),
         options,
+        Safeguards(config.term),
         ctx,
         train_data.steps_per_epoch,
-        min_images=2 if config.loss == "cgc" and not gathered else 1,
+        min_images=2 if config.term.loss == "cgc" and not gathered else 1,
         may_drop=train_data.may_drop,
-        gate=TermGate(config.term_gate if config.loss != "ce" else 0.0),
     )
 
 
@@ -251,28 +177,28 @@ def epoch_batches(config: TrainConfig, train_data: TrainData, ctx: distributed.C
     """``(loader, unlabeled)``: this process's share of epoch ``epoch``'s global batches from
     step ``start`` on, and the unlabeled stream at the same position (None without one)."""
     bundle, steps_per_epoch = train_data.bundle, train_data.steps_per_epoch
-    data.set_epoch(bundle.train, epoch, config.seed)
+    data.set_epoch(bundle.train, epoch, config.run.seed)
     sampler = distributed.GlobalBatchSampler(
         len(bundle.train),
-        config.batch_size,
+        config.optim.batch_size,
         rank=ctx.rank,
         world_size=ctx.world_size,
-        seed=config.seed,
+        seed=config.run.seed,
         epoch=epoch,
         start=start,
     )
-    loader = batches(bundle.train, sampler, runtime.loader_workers(config.workers, bundle.in_memory))
+    loader = batches(bundle.train, sampler, runtime.loader_workers(config.data.workers, bundle.in_memory))
     if train_data.unlabeled is None:
         return loader, None
     u_sampler = data.CyclingBatchSampler(
         len(train_data.unlabeled),
-        config.seed + 1,
-        config.unlabeled_batch_size or config.batch_size,
+        config.run.seed + 1,
+        config.data.unlabeled_batch_size or config.optim.batch_size,
         rank=ctx.rank,
         world_size=ctx.world_size,
         start=epoch * steps_per_epoch + start,
     )
-    u_workers = runtime.loader_workers(config.workers, train_data.unlabeled_in_memory)
+    u_workers = runtime.loader_workers(config.data.workers, train_data.unlabeled_in_memory)
     return loader, iter(batches(train_data.unlabeled, u_sampler, u_workers))
 
 
@@ -292,9 +218,14 @@ def fit(
     :class:`cgc.errors.Preempted`."""
     ctx, opt, bundle = plan.ctx, plan.opt, train_data.bundle
     val_sampler = distributed.GlobalBatchSampler(
-        len(bundle.val), config.batch_size, rank=ctx.rank, world_size=ctx.world_size, shuffle=False, drop_last=False
+        len(bundle.val),
+        config.optim.batch_size,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        shuffle=False,
+        drop_last=False,
     )
-    val_loader = batches(bundle.val, val_sampler, runtime.loader_workers(config.workers, bundle.in_memory))
+    val_loader = batches(bundle.val, val_sampler, runtime.loader_workers(config.data.workers, bundle.in_memory))
     model = net.module if ctx.distributed else net
     with runtime.stop_on_sigterm() as sigterm:
 
@@ -309,7 +240,7 @@ def fit(
                 )
             saver.after_step(state, plan.steps_per_epoch)
 
-        for epoch in range(state.epoch, config.epochs):
+        for epoch in range(state.epoch, config.optim.epochs):
             loader, unlabeled = epoch_batches(config, train_data, ctx, epoch, state.step)
             t0 = time.time()
             train_one_epoch(
@@ -321,10 +252,10 @@ def fit(
                 unlabeled=unlabeled,
                 stop=lambda: sigterm["stop"],
                 on_step=on_step,
-                desc=f"epoch {epoch + 1}/{config.epochs}",
+                desc=f"epoch {epoch + 1}/{config.optim.epochs}",
             )
             record = epoch_record(state, opt, time.time() - t0, files=not bundle.in_memory)
-            if (epoch + 1) % config.val_every == 0 or epoch + 1 == config.epochs:
+            if (epoch + 1) % config.run.val_every == 0 or epoch + 1 == config.optim.epochs:
                 record.update(validate(model, val_loader, ctx.device, ctx, plan.options.amp))
             saver.end_epoch(state, record)
             if runlog is not None:
@@ -379,14 +310,16 @@ def final_results(
             bundle.val,
             ctx.device,
             metrics=chosen,
-            settings=metrics.Settings(),
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-            reduce=ctx.sum_values,
+            settings=metrics.MetricsConfig(),
+            job=ctx,
         )
     )
     results.update(
-        loss=config.loss, arch=config.arch, dataset=config.dataset, epochs=config.epochs, processes=ctx.world_size
+        loss=config.term.loss,
+        arch=config.model.arch,
+        dataset=config.data.dataset,
+        epochs=config.optim.epochs,
+        processes=ctx.world_size,
     )
     if term is not None:
         results.update(term.to_dict(), term_summary=term.summary())
@@ -406,15 +339,15 @@ def write_results(
 ) -> None:
     """``overlays.png`` (heatmaps of validation images with their boxes), ``curves.png`` (losses
     and accuracy per epoch) and ``metrics.json`` in the run folder (the first process calls it)."""
-    out, history = Path(config.out), state.history
-    if hasattr(bundle.val, "boxes") and config.overlays:
+    out, history = Path(config.run.out), state.history
+    if hasattr(bundle.val, "boxes") and config.run.overlays:
         viz.save_overlays(
             out / "overlays.png",
             [cam],
-            [f"{config.cam} (predicted class)"],
+            [f"{config.term.cam} (predicted class)"],
             bundle.val,
             device,
-            config.overlays,
+            config.run.overlays,
             bundle.classes,
         )
         if runlog is not None:
@@ -455,47 +388,48 @@ def results_table(results: dict) -> str:
 # ----------------------------------------------------------------------------- the command
 def run(config: TrainConfig, ctx: distributed.Context | None = None) -> dict:
     """Train and explain one run of ``config`` (validated here too) and write it to
-    ``config.out``: ``config.yaml``, the logs, checkpoints, ``model.safetensors``, the metrics
+    ``config.run.out``: ``config.yaml``, the logs, checkpoints, ``model.safetensors``, the metrics
     and the pictures (the first process writes). Returns the results of :func:`final_results`."""
     started = time.time()
-    ctx = ctx or distributed.Context(distributed.pick_device(config.device))
+    ctx = ctx or distributed.Context(distributed.pick_device(config.run.device))
     config.validate(world_size=ctx.world_size, device_type=ctx.device.type)
-    amp = runtime.resolve_amp(config.amp, ctx.device)
-    out = Path(config.out)
+    amp = runtime.resolve_amp(config.run.amp, ctx.device)
+    out = Path(config.run.out)
     out.mkdir(parents=True, exist_ok=True)
     if ctx.primary:
-        config.save(out / "config.yaml")
-    runtime.seed_everything(config.seed)
+        files.write_text_atomic(config.to_yaml(), out / "config.yaml")
+    runtime.seed_everything(config.run.seed)
     with contextlib.ExitStack() as stack:
         train_data = build_data(config, ctx, out)
         model = build_model(config, train_data, ctx.device)
-        opt = build_optimizer(model, config)
+        opt = build_optimizer(model, config.optim, models.head_names(model))
         bundle = train_data.bundle
-        info = {"classes": bundle.classes, "image_size": bundle.image_size, "cam": config.cam}
-        if huggingface.is_model(model):  # the checkpoints rebuild it without its source
-            info["hf_config"] = huggingface.config_json(model)
+        info = {"classes": bundle.classes, "image_size": bundle.image_size, "cam": config.term.cam}
+        if from_huggingface.is_model(model):  # the checkpoints rebuild it without its source
+            info["hf_config"] = from_huggingface.config_json(model)
         cam, net, term = build_term(config, model, ctx)
         stack.callback(cam.close)
         if term is not None:
             stack.callback(term.close)
         info["target_layer"] = cam.target_layer
-        saver = CheckpointSaver(out, config, model, opt, ctx, info=info, every=config.checkpoint_every)
-        source = resume_source(config.resume, out)
+        saver = CheckpointSaver(out, config, model, opt, ctx, info=info, every=config.run.checkpoint_every)
+        source = resume_source(config.run.resume, out)
         plan = build_plan(config, opt, train_data, ctx, amp)
         state = saver.resume(source)
-        if source is None:
-            state.start_term(plan.gate)
+        if state is None:
+            state = RunState(best_metric=saver.metric, gate=plan.guard.state)
         else:
+            plan.guard.state = state.gate
             where = f"epoch {state.epoch}, step {state.step}" if state.step else f"the end of epoch {state.epoch}"
             log.info(f"resumed from {source} at {where}")
         announce(config, train_data, ctx, amp, cam.target_layer)
         runlog = None
         if ctx.primary:
             runlog = stack.enter_context(
-                RunLog(out, history=state.history, global_step=state.global_step, tensorboard=config.tensorboard)
+                RunLog(out, history=state.history, global_step=state.global_step, tensorboard=config.run.tensorboard)
             )
         fit(config, net, term, plan, train_data, saver, state, runlog)
-        outcome = state.term_outcome(plan.gate) if term is not None else None
+        outcome = plan.guard.outcome(state.global_step)
         results = final_results(
             config, cam, bundle, state, ctx, outcome, amp=amp, wall_time_s=round(time.time() - started, 1)
         )
@@ -505,7 +439,7 @@ def run(config: TrainConfig, ctx: distributed.Context | None = None) -> dict:
     if ctx.primary:
         log.info(
             f"wrote {out}/: metrics.json, log.jsonl, steps.jsonl, last.pt, best.pt, {WEIGHTS_FILE}, "
-            + (f"{huggingface.FOLDER}/, " if huggingface.is_model(model) else "")
+            + (f"{from_huggingface.FOLDER}/, " if from_huggingface.is_model(model) else "")
             + "overlays.png, curves.png, config.yaml"
         )
     return results
@@ -516,22 +450,22 @@ def announce(config: TrainConfig, train_data: TrainData, ctx: distributed.Contex
     if not ctx.primary:
         return
     bundle = train_data.bundle
-    procs = f", {ctx.world_size} processes (global batch {config.batch_size})" if ctx.distributed else ""
+    procs = f", {ctx.world_size} processes (global batch {config.optim.batch_size})" if ctx.distributed else ""
     precision = "bfloat16 autocast" if amp == "bf16" else "float32"
-    if config.amp == "auto":
+    if config.run.amp == "auto":
         precision += (
             " (--amp auto: this device has fast bfloat16)" if amp == "bf16" else " (--amp auto: no fast bfloat16 here)"
         )
     unlabeled = f", {len(train_data.unlabeled)} unlabeled images" if train_data.unlabeled is not None else ""
     gate = (
-        f" (the term once training top-1 reaches {config.term_gate:g})"
-        if config.loss != "ce" and config.term_gate
+        f" (the term once training top-1 reaches {config.term.term_gate:g})"
+        if config.term.loss != "ce" and config.term.term_gate
         else ""
     )
     log.info(
-        f"cgc.train: {config.arch} on {config.dataset} ({len(bundle.train)} train / {len(bundle.val)} val, "
-        f"{len(bundle.classes)} classes, {bundle.image_size}px), loss={config.loss}{gate}, device={ctx.device}{procs}, "
-        f"{precision}, {config.cam} at '{layer}'{unlabeled}"
+        f"cgc.train: {config.model.arch} on {config.data.dataset} ({len(bundle.train)} train / {len(bundle.val)} val, "
+        f"{len(bundle.classes)} classes, {bundle.image_size}px), loss={config.term.loss}{gate}, device={ctx.device}{procs}, "
+        f"{precision}, {config.term.cam} at '{layer}'{unlabeled}"
     )
 
 
@@ -541,7 +475,7 @@ def main(argv: list[str] | None = None) -> dict:
     with one ``error: ...`` line, the results table goes to stdout."""
     with cli.exit_on_error():
         config = parse(argv)
-        config.validate(world_size=expected_world_size(), device_type=distributed.device_type(config.device))
+        config.validate(world_size=expected_world_size(), device_type=distributed.device_type(config.run.device))
         cli.setup_logging()
 
         def command(ctx: distributed.Context) -> dict:
@@ -552,7 +486,7 @@ def main(argv: list[str] | None = None) -> dict:
                     log.warning(f"warning: {results['term_warning']}")
             return results
 
-        return cli.run_in_job(command, config.device, strict=config.deterministic)
+        return cli.run_in_job(command, config.run.device, strict=config.run.deterministic)
 
 
 if __name__ == "__main__":

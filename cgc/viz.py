@@ -171,7 +171,7 @@ def save_randomization(path: str | Path, cams: Sequence, titles: Sequence[str], 
             first = cam(x)
             tiles = [("original", resize_heatmaps(first.cams.float(), size)[0].cpu())]
             steps = randomization_steps(cam.model, settings.randomization, size[0])
-            for name, twin in randomized_models(cam.model, steps, seed=settings.seed):
+            for name, twin in randomized_models(cam.model, steps, seed=settings.metric_seed):
                 with cam.with_model(twin) as moved:
                     tiles.append((name, resize_heatmaps(moved(x, first.targets).cams.float(), size)[0].cpu()))
         rows.append(tiles)

@@ -1,11 +1,14 @@
-"""The package's structure stays what docs/architecture.md describes: no import cycle among
-cgc's modules (imports inside functions count), no function longer than 70 lines, command
-lines only through the settings machinery, README's layout names every module, and the
-top-level kernels/ folder shadows no installed package."""
+"""The package's structure stays what docs/architecture.md describes: the layers of its module
+map, read from that page (no module imports from a layer above its own, every module is in a
+layer), no import cycle, no cgc import inside a function, no chain of imports longer than 7
+modules, no function longer than 70 lines or with more than 12 parameters, command lines only
+through the settings machinery, README's layout naming every module, and the top-level kernels/
+folder shadowing no installed package."""
 
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.metadata
 import re
 import subprocess
@@ -17,6 +20,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "cgc"
 MAX_LINES = 70
+MAX_PARAMETERS = 12
+MAX_CHAIN = 7
+#: the compiled extension setup.py builds: a submodule of the package, not one of its modules
+COMPILED = {"cgc._C"}
 
 
 def modules() -> dict[str, Path]:
@@ -28,20 +35,115 @@ def modules() -> dict[str, Path]:
     return found
 
 
-def imported(name: str, path: Path, known: dict[str, Path]) -> set[str]:
-    """The package's modules that module ``name`` imports, wherever the import statement is."""
+def _imports(name: str, path: Path, known: dict[str, Path], nodes) -> set[str]:
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in nodes:
         if isinstance(node, ast.ImportFrom):
             base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
             module = ".".join(base + ([node.module] if node.module else []))
             for alias in node.names:
                 child = f"{module}.{alias.name}"
-                found.add(child if child in known else module)
+                if child in known:
+                    found.add(child)
+                elif child not in COMPILED:
+                    found.add(module)
         elif isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
     return {m for m in found if m in known and m != name}
+
+
+def imported(name: str, path: Path, known: dict[str, Path]) -> set[str]:
+    """The package's modules that module ``name`` imports, wherever the import statement is
+    (a compiled extension, ``cgc._C``, is no module of the package)."""
+    return _imports(name, path, known, ast.walk(ast.parse(path.read_text())))
+
+
+def graph() -> dict[str, set[str]]:
+    """Every module's imports of the package's modules; a package's ``__init__`` importing its
+    own submodules is left out (it gathers them; it does not depend on them)."""
+    known = modules()
+    edges = {name: imported(name, path, known) for name, path in known.items()}
+    return {
+        name: {m for m in found if not (known[name].name == "__init__.py" and m.startswith(name + "."))}
+        for name, found in edges.items()
+    }
+
+
+def layers() -> dict[str, int]:
+    """``{module: layer}`` from docs/architecture.md's module map, 0 the lowest: each row names
+    its modules in backticks, a folder (``models/``) for every module in it."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    table = text[text.index("## The module map") :].split("\n## ")[0]
+    rows = [line.split("|")[2] for line in table.splitlines() if line.startswith("| ") and "`" in line.split("|")[2]]
+    known = modules()
+    found = {}
+    for level, cell in enumerate(reversed(rows)):
+        for item in re.findall(r"`([^`]+)`", cell):
+            if item.endswith("/"):
+                prefix = "cgc." + item.rstrip("/").replace("/", ".")
+                found.update({m: level for m in known if m == prefix or m.startswith(prefix + ".")})
+            elif item.endswith(".py"):
+                stem = item.removesuffix(".py").replace("/", ".")
+                found["cgc" if stem == "__init__" else f"cgc.{stem}"] = level
+    return found
+
+
+def test_every_module_is_in_a_layer_and_imports_only_downwards():
+    where = layers()
+    known = modules()
+    assert not sorted(set(known) - set(where)), "name these modules in docs/architecture.md's module map"
+    upward = [
+        f"{name} ({where[name]}) imports {m} ({where[m]})"
+        for name, found in graph().items()
+        for m in sorted(found)
+        if where[m] > where[name]
+    ]
+    assert not upward, "imports from a layer above (move the code down, or the module up):\n" + "\n".join(upward)
+
+
+def test_no_cgc_import_inside_a_function():
+    known = modules()
+    inside = []
+    for name, path in known.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                nodes = [n for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom))]
+                if _imports(name, path, known, nodes):
+                    inside.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
+    assert not inside, "import cgc's modules at the top of the module:\n" + "\n".join(inside)
+
+
+def longest_chain(edges: dict[str, set[str]]) -> list[str]:
+    """The longest path of imports (an acyclic graph)."""
+
+    @functools.cache
+    def from_(v: str) -> tuple[str, ...]:
+        return max(((v, *from_(w)) for w in edges[v]), key=len, default=(v,))
+
+    return list(max((from_(v) for v in edges), key=len))
+
+
+def test_no_chain_of_imports_is_longer_than_seven():
+    chain = longest_chain(graph())
+    assert len(chain) <= MAX_CHAIN, " > ".join(chain)
+    assert longest_chain({"a": {"b"}, "b": {"c"}, "c": set(), "d": {"c"}}) == ["a", "b", "c"]
+
+
+def test_no_function_takes_more_than_twelve_parameters():
+    """A public entry point with more takes a settings object (and keyword overrides)."""
+    many = []
+    for path in modules().values():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                names = [x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs)] + [
+                    x.arg for x in (a.vararg, a.kwarg) if x is not None
+                ]
+                count = len([n for n in names if n not in ("self", "cls")])
+                if count > MAX_PARAMETERS:
+                    many.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({count})")
+    assert not many, "\n".join(many)
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -78,9 +180,9 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_no_import_cycle():
     known = modules()
-    graph = {name: imported(name, path, known) for name, path in known.items()}
-    assert graph["cgc.train"] >= {"cgc.engine", "cgc.config"}  # the graph sees imports at all
-    assert cycles(graph) == []
+    edges = {name: imported(name, path, known) for name, path in known.items()}
+    assert edges["cgc.train"] >= {"cgc.engine", "cgc.train_config"}  # the graph sees imports at all
+    assert cycles(edges) == []
 
 
 def test_the_cycle_finder_finds_cycles():

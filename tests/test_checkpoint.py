@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from cgc import checkpoint, files, runtime
-from cgc.engine import RunState
+from cgc.gate import GateState
+from cgc.run_state import RunState
 
 
 def test_atomic_save_and_safe_load(tmp_path):
@@ -53,12 +54,11 @@ def format_one_checkpoint(tmp_path, **args):
     """A checkpoint as the first format wrote it: the command line's namespace as ``args``
     (``cam_weighting`` before CAM methods had names, ``classes`` comma-separated), one RNG
     state, the mid-epoch position as ``epoch_state``."""
-    from cgc import train
-    from cgc.config import TrainConfig
     from cgc.models import build_model
+    from cgc.optimization import OptimConfig, build_optimizer
 
     model = build_model("compact", 3)
-    opt = train.build_optimizer(model, TrainConfig(optimizer="sgd"))  # the only optimizer then
+    opt = build_optimizer(model, OptimConfig(optimizer="sgd"), ["fc"])  # the only optimizer then
     flags = {"arch": "compact", "dataset": "synthetic", "image_size": 32, "train_size": 48, "val_size": 12,
              "classes": "circle,square,ring", "lam": 0.5, "crop_scale": [0.2, 1.0], "cam_weighting": "elementwise",
              "epochs": 3, "out": str(tmp_path / "old")}  # fmt: skip
@@ -76,23 +76,26 @@ def format_one_checkpoint(tmp_path, **args):
 def test_checkpoints_of_the_first_format_still_load(tmp_path):
     """load() brings a first-format checkpoint to today's: its config, CAM method, position and
     RNG states, and the evaluation's model loader rebuilds the model from it."""
-    from cgc.config import TrainConfig
-    from cgc.models import load_model
+    from cgc.checkpoint import load_model
 
     model = format_one_checkpoint(tmp_path)
     ckpt = checkpoint.load(tmp_path / "old")
     assert ckpt["format"] == checkpoint.FORMAT and ckpt["cam"] == "hirescam"
-    config = TrainConfig.from_dict(ckpt["config"])
-    assert config.classes == ("circle", "square", "ring") and config.lam == 0.5 and config.crop_scale == (0.2, 1.0)
-    assert config.epochs == 3 and config.batch_size == TrainConfig().batch_size  # absent then: the default
+    config = checkpoint.config_of(ckpt)
+    assert config.data.classes == ("circle", "square", "ring") and config.term.lam == 0.5
+    assert config.term.crop_scale == (0.2, 1.0) and config.term.cam == "hirescam"
+    assert config.optim.epochs == 3 and config.optim.batch_size == 32  # absent then: the default
     # settings that did not exist then (or had another default): what the run trained with
-    assert (config.optimizer, config.term_gate, config.cam_target, config.detach_target) == (
+    term = config.term
+    assert (config.optim.optimizer, term.term_gate, term.cam_target, term.detach_target, term.heatmap_floor) == (
         "sgd",
         0.0,
         "predicted",
         False,
+        0.0,
     )
-    state = RunState(**ckpt["state"])
+    state = RunState.from_dict(ckpt["state"])
+    assert state.gate == GateState(on_at=0.0)  # no gate then: the term was on from the start
     assert (state.epoch, state.step, state.global_step, state.best, state.best_metric) == (1, 2, 5, 50.0, "val_top1")
     assert state.sums == {"loss": 3.0} and isinstance(ckpt["rng"], list) and len(ckpt["rng"]) == 1
     loaded = load_model(checkpoint_path=tmp_path / "old")
@@ -108,10 +111,9 @@ def test_checkpoints_of_the_first_format_still_load(tmp_path):
 def test_a_first_format_run_resumes(tmp_path):
     """python -m cgc.train --resume continues a first-format checkpoint where it stopped."""
     from cgc import train
-    from cgc.config import TrainConfig
 
     format_one_checkpoint(tmp_path)
-    cfg = TrainConfig.from_dict(checkpoint.load(tmp_path / "old")["config"])
+    cfg = checkpoint.config_of(checkpoint.load(tmp_path / "old"))
     results = train.run(cfg.replace(batch_size=16, resume=str(tmp_path / "old"), overlays=2, cam="hirescam"))
     history = checkpoint.load(tmp_path / "old")["state"]["history"]
     assert [r["epoch"] for r in history] == [1, 2, 3] and results["epochs"] == 3
@@ -126,8 +128,26 @@ def test_second_format_checkpoints_load_with_their_best_top1(tmp_path):
         files.save_atomic({"format": 2, "model": {}, "config": {}, "progress": progress}, tmp_path / "last.pt")
         ckpt = checkpoint.load(tmp_path / "last.pt")
         assert ckpt["format"] == checkpoint.FORMAT and "progress" not in ckpt
-        assert RunState(**ckpt["state"]) == RunState(epoch=2, global_step=8, best=want, best_metric="val_top1")
-        assert ckpt["config"]["term_gate"] == 0.0 and ckpt["config"]["cam_target"] == "predicted"
+        state = RunState.from_dict(ckpt["state"])
+        assert state == RunState(epoch=2, global_step=8, best=want, best_metric="val_top1", gate=GateState(0.0))
+        assert ckpt["config"]["term"]["term_gate"] == 0.0 and ckpt["config"]["term"]["cam_target"] == "predicted"
+
+
+def test_third_format_checkpoints_load_with_their_config_by_sections_and_their_gate(tmp_path):
+    """Format 3 kept the config as one flat mapping and the term's gate in three fields of the
+    state; format 4 keeps the config by sections and the gate as ``state["gate"]``."""
+    flat = {"arch": "compact", "epochs": 7, "temperature": 0.2, "term_gate": 0.5, "data": "/somewhere", "seed": 3}
+    state = {"epoch": 1, "step": 0, "sums": {}, "counts": {}, "steps": 0, "skipped": 0, "global_step": 40,
+             "best": None, "best_metric": "val_top1", "history": [], "term_on_at": 0.6, "train_top1_average": 0.7,
+             "term_first_step": 25}  # fmt: skip
+    files.save_atomic({"format": 3, "model": {}, "config": flat, "state": state}, tmp_path / "last.pt")
+    ckpt = checkpoint.load(tmp_path / "last.pt")
+    config = checkpoint.config_of(ckpt)
+    assert (config.optim.epochs, config.term.temperature, config.term.term_gate) == (7, 0.2, 0.5)
+    assert config.data.root == "/somewhere" and config.run.seed == 3  # 'data' was the root's name
+    assert config.term.heatmap_floor == 0.0  # absent then: the run had no floor
+    assert RunState.from_dict(ckpt["state"]).gate == GateState(0.6, 25, 0.7)
+    assert checkpoint.term_outcome(ckpt).summary() == "from step 25 of 40"
 
 
 class _OneProcess:
@@ -142,13 +162,14 @@ class _OneProcess:
 def test_the_saver_keeps_the_best_epoch_by_its_metric(tmp_path, metric, mode, best_epoch):
     """best.pt is the epoch whose record is best by the saver's metric and direction; epochs
     without that metric (not validated) never count."""
-    from cgc.config import TrainConfig
+    from cgc.train_config import TrainConfig
 
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     saver = checkpoint.CheckpointSaver(tmp_path, TrainConfig(), model, opt, _OneProcess(), info={},
                                        metric=metric, mode=mode)  # fmt: skip
-    state = saver.resume(None)
+    assert saver.resume(None) is None  # a new run
+    state = RunState(best_metric=metric)
     records = [{"val_top1": 50.0, "train_loss": 2.0}, {"val_top1": 80.0, "train_loss": 1.5},
                {"val_top1": 70.0, "train_loss": 1.0}, {"train_loss": 0.5}]  # fmt: skip
     for record in records:

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from cgc import evaluate, explain, train
-from cgc.config import TrainConfig
+from cgc.train_config import TrainConfig
 
 TOY = [
     "--train-size",
@@ -40,7 +40,7 @@ class RunsCode:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    train.run(TrainConfig(train_size=32, val_size=16, batch_size=8, image_size=32, num_classes=3, overlays=2,
+    train.run(TrainConfig().replace(train_size=32, val_size=16, batch_size=8, image_size=32, num_classes=3, overlays=2,
                           epochs=1, loss="ce", out=str(root / "run")))  # fmt: skip
     (root / "corrupt.pt").write_bytes(b"PK\x03\x04 cut short")
     torch.save({"conv1.weight": RunsCode()}, root / "code.pth")

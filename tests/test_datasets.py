@@ -12,13 +12,13 @@ import torch
 from PIL import Image, ImageDraw
 
 from cgc import data, train
-from cgc.config import TrainConfig
 from cgc.data import subsets
+from cgc.train_config import TrainConfig
 
 #: (width, height) of the generated images: not square, so resize and crop both matter
 SIZE = (80, 60)
 #: the term on from the first step (no gate): a one-epoch toy run would otherwise never reach it
-TOY = TrainConfig(image_size=32, batch_size=4, epochs=1, workers=0, arch="compact", overlays=4, term_gate=0.0)
+TOY = TrainConfig().replace(image_size=32, batch_size=4, epochs=1, workers=0, arch="compact", overlays=4, term_gate=0.0)
 
 
 def jpeg(path, label: int, box=None, size=SIZE):

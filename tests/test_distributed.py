@@ -22,12 +22,12 @@ import pytest
 import torch
 
 from cgc import CGCLoss, CGCTerm, checkpoint, data, distributed, engine, files, train, transforms
-from cgc.config import TrainConfig
 from cgc.models import build_model
+from cgc.train_config import TrainConfig
 
 pytestmark = pytest.mark.slow  # torchrun processes and whole training runs: the slow tier
 
-TOY = TrainConfig(
+TOY = TrainConfig().replace(
     train_size=64, val_size=24, batch_size=8, image_size=32, num_classes=3, epochs=2, arch="compact", norm="group",
     optimizer="sgd", lr=0.01, overlays=2, checkpoint_every=3, workers=0, amp="off",
     term_gate=0.0, cam_target="predicted",  # the paper's term, on from the first step (step_one_terms)
@@ -39,7 +39,7 @@ def config_file(config: TrainConfig, folder: Path) -> str:
     """``config`` as a YAML file for a command line (``--config``)."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.in.yaml"
-    config.save(path)
+    path.write_text(config.to_yaml())
     return str(path)
 
 
@@ -127,7 +127,7 @@ def step_one_terms(batch_rows: list[list[int]]) -> list[float]:
     model = build_model("compact", 3, norm="group")
     first = next(iter(distributed.GlobalBatchSampler(64, 8, seed=0, epoch=0)))
     values = []
-    with CGCTerm(model, loss=CGCLoss(TOY.temperature, None)) as term:
+    with CGCTerm(model, loss=CGCLoss(TOY.term.temperature, None)) as term:
         for rows in batch_rows:
             idx = [first[r] for r in rows]
             x = data.normalize(bundle.train.images[idx])

@@ -17,6 +17,7 @@ import torch
 import cgc
 from cgc import flag_reference
 from cgc.settings import reference_markers
+from study import flag_reference as study_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -157,15 +158,17 @@ def test_published_text_does_not_describe_how_it_was_developed():
 
 # ----------------------------------------------------------------------------- the flag reference
 def test_flag_references_are_generated_from_the_settings():
-    """Every command's flag reference in the docs is what its settings class generates."""
+    """Every command's flag reference in the docs is what its settings class generates (the
+    study's too, which lives beside the library)."""
     assert flag_reference.stale(ROOT) == [], "run `python -m cgc.flag_reference --write`"
+    assert flag_reference.stale(ROOT, study_reference.PAGES) == [], "run `python -m study.flag_reference --write`"
 
 
 def test_no_flag_table_is_written_by_hand():
     """Flag tables live between the generated references' markers; other pages link to them."""
     for page in PAGES:
         text = page.read_text()
-        for cls in flag_reference.PAGES:
+        for cls in {**flag_reference.PAGES, **study_reference.PAGES}:
             start, end = reference_markers(cls)
             if start in text:
                 text = text[: text.index(start)] + text[text.index(end) :]

@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 from cgc import evaluate, explain, train
-from cgc.config import TrainConfig
+from cgc.train_config import TrainConfig
 
 #: float32 (amp off): the evaluation, in float32, must reproduce the training's validation exactly
-TOY = TrainConfig(
+TOY = TrainConfig().replace(
     train_size=96,
     val_size=40,
     batch_size=16,
@@ -346,7 +346,7 @@ def test_evaluate_and_explain_reuse_the_checkpoints_cam_method_and_layer(tmp_pat
 
     run = tmp_path / "run"
     train.run(
-        TrainConfig(
+        TrainConfig().replace(
             train_size=32,
             val_size=16,
             batch_size=8,

@@ -224,7 +224,7 @@ def test_explanation_metrics_over_a_dataset(tmp_path):
     model.features[0].eval()  # a mixed state must come back as it was
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with GradCAM(model) as cam:
-        settings = metrics.Settings(sensitivity_samples=2)
+        settings = metrics.MetricsConfig(sensitivity_samples=2)
         res = metrics.explanation_metrics(cam, bundle.val, "cpu", batch_size=10, limit=20, settings=settings)
         again = metrics.explanation_metrics(cam, bundle.val, "cpu", batch_size=7, limit=20, settings=settings)
     assert model.training and not model.features[0].training and model.features[1].training
@@ -366,7 +366,7 @@ def test_every_metric_leaves_the_model_bit_identical():
     params = list(model.parameters())
     with GradCAM(model) as cam:
         result = metrics.explanation_metrics(
-            cam, bundle.val, "cpu", batch_size=5, settings=metrics.Settings(sensitivity_samples=2)
+            cam, bundle.val, "cpu", batch_size=5, settings=metrics.MetricsConfig(sensitivity_samples=2)
         )
     assert set(metrics.METRICS) <= set(result)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())

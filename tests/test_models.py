@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision
 
-from cgc import models
+from cgc import checkpoint, models
 
 
 @pytest.mark.parametrize(
@@ -267,7 +267,7 @@ def test_timm_swin_weights_of_another_size_are_resampled_as_timm_does(tmp_path):
     timm = pytest.importorskip("timm", reason="timm is an optional dependency (pip install timm)")
     name, small = "swin_tiny_patch4_window7_224", dict(depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 1, 2, 2))
     torch.save(timm.create_model(name, **small).state_dict(), tmp_path / "swin.pth")
-    args = models._timm_size_args(timm, name, 64)
+    args = models.from_timm.size_args(name, 64)
     ours = timm.create_model(name, **args, **small)
     ours.load_state_dict(models.fit_state(ours, torch.load(tmp_path / "swin.pth", weights_only=True)))
     theirs = timm.create_model(
@@ -302,15 +302,15 @@ def test_load_model_rebuilds_a_transformer_checkpoint_at_its_image_size(monkeypa
     pytest.importorskip("timm", reason="timm is an optional dependency (pip install timm)")
     trained = models.build_model("timm:vit_tiny_patch16_224", 3, image_size=64)
     ckpt = {
-        "config": {"arch": "timm:vit_tiny_patch16_224"},
+        "config": {"model": {"arch": "timm:vit_tiny_patch16_224"}},
         "classes": ["a", "b", "c"],
         "image_size": 64,
         "model": trained.state_dict(),
         "target_layer": "blocks.11.norm1",
         "cam": "gradcam",
     }
-    monkeypatch.setattr(models.checkpoint, "load", lambda path: ckpt)
-    loaded = models.load_model(checkpoint_path=tmp_path / "last.pt")
+    monkeypatch.setattr(checkpoint, "load", lambda path: ckpt)
+    loaded = checkpoint.load_model(checkpoint_path=tmp_path / "last.pt")
     assert loaded.image_size == 64 and loaded.model.patch_embed.patch_size == (8, 8)
     x = torch.randn(1, 3, 64, 64)
     assert torch.equal(loaded.model.eval()(x), trained.eval()(x))

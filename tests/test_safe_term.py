@@ -12,14 +12,16 @@ import torch
 from torch import nn
 
 import cgc
-from cgc import CGCLoss, TermGate, checkpoint, evaluate, files, train, transforms
-from cgc.config import TrainConfig
+from cgc import CGCLoss, Safeguards, TermConfig, TermGate, checkpoint, evaluate, files, train, transforms
 from cgc.evaluate import EvalConfig
-from cgc.schedule import Schedule, TermOutcome
+from cgc.gate import TermOutcome
+from cgc.train_config import TrainConfig
 
 from .conftest import backend_device_params
 
-TOY = TrainConfig(train_size=96, val_size=40, batch_size=16, image_size=32, num_classes=4, overlays=0, epochs=2)
+TOY = TrainConfig().replace(
+    train_size=96, val_size=40, batch_size=16, image_size=32, num_classes=4, overlays=0, epochs=2
+)
 
 
 def steps(out) -> list[dict]:
@@ -41,11 +43,17 @@ def test_the_gate_opens_when_the_moving_top1_reaches_the_threshold_and_stays_ope
 
 
 def test_lambda_ramps_in_from_where_the_gate_opened():
-    s = Schedule(0.1, 10, lam=2.0, lambda_warmup_epochs=1.0)
-    assert s.lambda_at(0, 3, 10, None) == 0.0  # off
-    assert s.lambda_at(3, 4, 10, 3.0) == pytest.approx(2.0 * 0.5)  # half the ramp after it opened at epoch 3
-    assert s.lambda_at(4, 9, 10, 3.0) == 2.0
-    assert s.lambda_at(0, 4, 10) == s.lambda_at(0, 4, 10, 0.0) == pytest.approx(1.0)  # no gate: as before
+    guard = Safeguards(TermConfig(lam=2.0, lambda_warmup_epochs=1.0, term_gate=0.5))
+    assert guard.state.on_at is None and guard.weight(0.4) == 0.0  # off
+    guard.observe(0.3, position=0.1, step=1)
+    assert guard.state.on_at is None and guard.state.top1 == 0.3
+    guard.state.top1 = 0.49
+    guard.observe(0.9, position=3.0, step=30)  # the moving top-1 reaches 0.5: the gate opens
+    assert guard.state.on_at == 3.0 and guard.state.first_step == 31
+    assert guard.weight(3.5) == pytest.approx(2.0 * 0.5)  # half the ramp after it opened
+    assert guard.weight(4.1) == 2.0
+    assert Safeguards(TermConfig(term_gate=0.0, lambda_warmup_epochs=0.0)).weight(0.5) == 1.0  # no gate, no ramp
+    assert Safeguards(TermConfig(loss="ce")).weight(5.0) == 0.0  # the baseline has no term
 
 
 def test_the_outcome_says_whether_and_from_which_step_the_term_ran():
@@ -99,7 +107,7 @@ def test_a_closed_gate_trains_the_ce_baseline(tmp_path):
     assert opens["term_first_step"] == on[0]["step"] and "term_warning" not in opens
     assert opens["term_summary"] == f"from step {on[0]['step']} of {len(log)}"
     state = checkpoint.load(tmp_path / "opens")["state"]
-    assert state["term_on_at"] is not None and 0 < state["term_on_at"] < 1
+    assert state["gate"]["on_at"] is not None and 0 < state["gate"]["on_at"] < 1
     assert opens["val_top1"] >= 0
     epochs = [json.loads(line) for line in (tmp_path / "opens" / "log.jsonl").read_text().splitlines()]
     assert 0 < epochs[0]["train_lambda"] < 1  # the mean weight of the first epoch's steps
@@ -125,7 +133,7 @@ def test_resume_across_the_gate_is_exact(tmp_path, monkeypatch):
     assert steps(tmp_path / "full") == steps(tmp_path / "cut")
     full, cut = (checkpoint.load(tmp_path / r) for r in ("full", "cut"))
     assert all(torch.equal(full["model"][k], cut["model"][k]) for k in full["model"])
-    assert full["state"]["term_on_at"] == cut["state"]["term_on_at"] is not None
+    assert full["state"]["gate"] == cut["state"]["gate"] and full["state"]["gate"]["on_at"] is not None
 
 
 # ----------------------------------------------------------------------------- the CAMs' class
@@ -153,7 +161,8 @@ def test_label_targets_reach_the_term(monkeypatch, rng):
         real = term.forward
         monkeypatch.setattr(term, "forward", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
         for target in ("label", "predicted"):
-            engine.train_step(model, term, x, y, lam=1.0, theta=theta, ce_theta=theta, cam_target=target)
+            guard = Safeguards(TermConfig(cam_target=target))
+            engine.train_step(model, term, engine.StepInputs(x, y, theta, None, theta), 1.0, guard=guard)
     assert torch.equal(seen[0].targets, y)
     assert torch.equal(seen[1].targets, seen[1].logits.argmax(1))
 
@@ -203,7 +212,8 @@ def test_the_bound_under_bfloat16_autocast(backend_device, rng):
     theta = transforms.random_crop_flip(6, 32, 32, generator=rng).theta()
     with cgc.CGCTerm(model, "features", temperature=0.2, channels_last=True, backend=backend) as term:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = engine.train_step(model, term, x, y, lam=1.0, theta=theta, ce_theta=theta, grad_bound=1.0)
+            guard = Safeguards(TermConfig(grad_bound=1.0, cam_target="predicted"))
+            out = engine.train_step(model, term, engine.StepInputs(x, y, theta, None, theta), 1.0, guard=guard)
         out["loss"].backward()
     assert 0 < float(out["lambda"]) <= 1.0 and torch.isfinite(out["loss"])
 
@@ -226,7 +236,9 @@ def test_the_bound_scales_the_terms_gradient_and_adds_none(rng):
     y = torch.tensor([3, 1, 2, 0])
     theta = transforms.random_crop_flip(4, 8, 8, generator=rng).theta().double()
     with cgc.CGCTerm(model, temperature=0.5, backend="reference") as term:
-        out = engine.train_step(model, term, x, y, lam=1.0, theta=theta, ce_theta=theta, grad_bound=0.05)
+        inputs = engine.StepInputs(x, y, theta, None, theta)
+        bounded = Safeguards(TermConfig(grad_bound=0.05, cam_target="predicted"))
+        out = engine.train_step(model, term, inputs, 1.0, guard=bounded)
         params = list(model.parameters())
         w = out["lambda"]
         assert 0 < float(w) < 1.0  # the bound is active on this draw
@@ -235,7 +247,7 @@ def test_the_bound_scales_the_terms_gradient_and_adds_none(rng):
         cgc_grads = torch.autograd.grad(out["cgc"], params, retain_graph=True, allow_unused=True)
         for t, c, g in zip(total, ce, cgc_grads):  # None: the head's bias does not move a heatmap
             torch.testing.assert_close(t, c if g is None else c + w * g, rtol=1e-12, atol=1e-14)
-        plain = engine.train_step(model, term, x, y, lam=1.0, theta=theta, ce_theta=theta)
+        plain = engine.train_step(model, term, inputs, 1.0, guard=Safeguards(TermConfig(cam_target="predicted")))
         assert "lambda" not in plain and float(plain["loss"].detach()) == pytest.approx(
             float((plain["ce"] + plain["cgc"]).detach())
         )
@@ -267,13 +279,13 @@ def _amplification(seed: int, floor: float | None, steps: int = 8, batch: int = 
         return torch.cat([p.detach().flatten() for p in model.parameters()])
 
     start = (flat(models[1]) - flat(models[0])).norm()
+    config = TermConfig(heatmap_floor=floor or 0.0, term_gate=0.0, cam_target="label")
     for model in models:
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        term = None if floor is None else cgc.CGCTerm(model, floor=floor, backend="reference")
+        term = None if floor is None else cgc.CGCTerm.from_config(model, config, backend="reference")
         for k in range(steps):
-            out = engine.train_step(
-                model, term, images[k], labels[k], lam=1.0, theta=thetas[k], ce_theta=thetas[k], cam_target="label"
-            )
+            inputs = engine.StepInputs(images[k], labels[k], thetas[k], None, thetas[k])
+            out = engine.train_step(model, term, inputs, 1.0, guard=Safeguards(config))
             opt.zero_grad()
             out["loss"].backward()
             opt.step()
@@ -332,7 +344,8 @@ def test_term_with_the_safe_options_differentiates_the_augmented_side_only(rng):
     out = cgc.cgc_term(model, x, detach_target=True, **kw)
     (got,) = torch.autograd.grad(out.loss, x)
     plain = cgc.cgc_term(model, x, **kw)
-    want = CGCLoss(0.5, None, backend="reference")(plain.cams.detach(), plain.cams_aug, theta, (6, 6))
+    floor = TermConfig().heatmap_floor  # the term's default
+    want = CGCLoss(0.5, None, backend="reference", floor=floor)(plain.cams.detach(), plain.cams_aug, theta, (6, 6))
     (expected,) = torch.autograd.grad(want, x, retain_graph=True)
     assert torch.equal(out.targets, labels)
     torch.testing.assert_close(got, expected)
@@ -343,10 +356,12 @@ def test_term_with_the_safe_options_differentiates_the_augmented_side_only(rng):
 def test_the_gate_is_checked_and_the_ce_baseline_ignores_the_safeguards(tmp_path):
     """The safeguards shape the term: a CE run ignores them (a CE checkpoint of any age loads,
     whatever its config says), as it ignores T and λ."""
-    assert "--term-gate must be in [0, 1), got 1.5" in TrainConfig(term_gate=1.5).problems()[0]
-    assert "--grad-bound must be a finite number >= 0, got -1.0" in TrainConfig(grad_bound=-1.0).problems()[0]
+    assert "--term-gate must be in [0, 1), got 1.5" in TrainConfig().replace(term_gate=1.5).problems()[0]
+    assert "--grad-bound must be a finite number >= 0, got -1.0" in TrainConfig().replace(grad_bound=-1.0).problems()[0]
     assert (
-        TrainConfig(loss="ce", term_gate=0.0, cam_target="predicted", detach_target=True, grad_bound=2.0).problems()
+        TrainConfig()
+        .replace(loss="ce", term_gate=0.0, cam_target="predicted", detach_target=True, grad_bound=2.0)
+        .problems()
         == []
     )
     ce = TOY.replace(loss="ce", epochs=1, seed=3)

@@ -1,4 +1,4 @@
-"""The learning-rate and lambda schedules, as properties over every step of many settings."""
+"""The learning-rate schedule and the CGC term's weight, as properties over every step of many settings."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from cgc.schedule import Schedule
+from cgc import Safeguards, TermConfig
+from cgc.optimization import Schedule
 
 #: steps per epoch, from one step (tiny fine-tuning sets) to many
 STEPS = (1, 2, 3, 7, 187)
@@ -81,9 +82,10 @@ def test_constant_is_constant_after_warmup():
 def test_lambda_ramp(spe):
     """lambda rises linearly by the position each step ends at, reaches lam exactly at the end of
     the ramp, and stays there; no ramp: lam from the first step."""
-    s = Schedule(0.05, 5, lam=2.0, lambda_warmup_epochs=3.0)
-    lams = every_step(s, spe, "lambda_at")
+    guard = Safeguards(TermConfig(lam=2.0, lambda_warmup_epochs=3.0, term_gate=0.0))
+    lams = [guard.weight(e + (k + 1) / spe) for e in range(5) for k in range(spe)]
     for k, lam in enumerate(lams):
         assert lam == pytest.approx(2.0 * min(1.0, (k + 1) / spe / 3.0))
     assert all(a <= b for a, b in itertools.pairwise(lams)) and lams[3 * spe - 1] == 2.0
-    assert set(every_step(Schedule(0.05, 2, lam=0.7), spe, "lambda_at")) == {0.7}
+    flat = Safeguards(TermConfig(lam=0.7, lambda_warmup_epochs=0.0, term_gate=0.0))
+    assert {flat.weight(e + (k + 1) / spe) for e in range(2) for k in range(spe)} == {0.7}

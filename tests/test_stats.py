@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from cgc import stats
+from study import stats
 
 
 def test_t_quantiles_against_scipy():

@@ -1,4 +1,4 @@
-"""python -m cgc.study --quick: the study that backs README's "Does it work?" runs end to end
+"""python -m study --quick: the study that backs README's "Does it work?" runs end to end
 (a miniature: every part, every kind of run, two seeds each), writes its record, tables and
 figures, and continues an interrupted study without repeating runs; its paired statistics and
 its plan (seeds per part, the tuning split apart) are what the docs say."""
@@ -12,9 +12,9 @@ import re
 import pytest
 from PIL import Image
 
-from cgc import study
+import study
 from cgc.errors import ConfigError
-from cgc.study import report
+from study import report
 
 HAS_TIMM = importlib.util.find_spec("timm") is not None
 
@@ -27,7 +27,7 @@ def test_quick_study_runs_and_resumes(tmp_path, capsys):
     record = study.main(["--quick", "--out", str(out)])
     runs = record["runs"]
     parts = {r["part"] for r in runs.values()}
-    expected = {"tuning", "localization", "placement", "pretrain", "transfer", "semi"}
+    expected = {"tuning", "tuning-finetune", "localization", "placement", "pretrain", "transfer", "semi"}
     assert parts == expected | ({"transformers"} if HAS_TIMM else set())
     skipped = "the transformers part is skipped: it needs the optional package 'timm'"
     first = capsys.readouterr()
@@ -50,7 +50,7 @@ def test_quick_study_runs_and_resumes(tmp_path, capsys):
         with Image.open(out / png) as img:
             assert img.width > 300, png
     if HAS_TIMM:  # CE's ViT fine-tuned with the term starts from CE's final weights
-        tuned = runs["transformers/ce--then-cgc-fine-tuning/seed0"]["config"]
+        tuned = runs["transformers/ce--then-cgc-fine-tuning--no-floor/seed0"]["config"]
         assert tuned["weights"].endswith("transformers/ce/seed0/last.pt") and tuned["loss"] == "cgc"
     # the semi-supervised CE runs are the transfer CE runs: run once, recorded twice
     assert runs["semi/ce--labeled-only--2-class/seed0"]["results"] == runs["transfer/ce--2-class/seed0"]["results"]
@@ -76,7 +76,7 @@ def test_each_part_gets_its_seeds_and_the_tuning_split_stays_apart():
 
 
 def test_configurations_select_runs_and_keep_what_they_start_from():
-    config = study.StudyConfig.parse(["--configurations", "cgc", "ce, then cgc fine-tuning"]).validate()
+    config = study.StudyConfig.parse(["--configurations", "cgc", "ce, then cgc fine-tuning, no floor"]).validate()
     runs = study.planned_runs(study.Scale(), study.PARTS, config)
     names = {(r.part, r.name) for r in runs}
     assert ("localization", "cgc") in names and ("localization", "ce") not in names
@@ -91,10 +91,10 @@ def test_configurations_select_runs_and_keep_what_they_start_from():
 def test_a_setting_added_later_at_its_neutral_value_keeps_recorded_runs_the_same():
     """A study folder recorded before a setting existed is not rerun: at the value that does
     what runs without it did, the setting is not part of a run's identity."""
-    from cgc.config import TrainConfig
-    from cgc.study.plan import ADDED_LATER, identity
+    from cgc.train_config import TrainConfig
+    from study.plan import ADDED_LATER, identity
 
-    config = TrainConfig(seed=3)
+    config = TrainConfig().replace(seed=3, heatmap_floor=0.0)  # each added setting at its neutral value
     recorded = json.loads(identity(config))
     assert not set(ADDED_LATER) & set(recorded)
     assert identity(config.replace(grad_bound=1.0)) != identity(config)
@@ -136,7 +136,7 @@ def test_without_timm_the_transformers_part_is_skipped_in_one_line(tmp_path, cap
     parts, skipped = study.runnable_parts(study.PARTS)
     assert parts == [p for p in study.PARTS if p != "transformers"]
     assert skipped == [
-        "cgc.study: the transformers part is skipped: it needs the optional package 'timm' (pip install timm)"
+        "study: the transformers part is skipped: it needs the optional package 'timm' (pip install timm)"
     ]
     record = study.main(["--quick", "--parts", "transformers", "--out", str(tmp_path)])
     assert record["runs"] == {}

@@ -38,7 +38,7 @@ def test_term_equals_its_pieces():
         out.logits_aug, aug.logits, atol=1e-12
     )
     assert torch.allclose(out.cams, orig.cams, atol=1e-12) and torch.allclose(out.cams_aug, aug.cams, atol=1e-12)
-    expected = cgc.CGCLoss(0.3, 24)(orig.cams, aug.cams, theta)
+    expected = cgc.CGCLoss(0.3, 24, floor=cgc.TermConfig().heatmap_floor)(orig.cams, aug.cams, theta)
     assert torch.allclose(out.loss, expected, atol=1e-12)
     # the gradient of the term reaches every layer (second order through the head)
     out.loss.backward()
@@ -85,8 +85,14 @@ def test_term_errors():
             term(torch.randn(3, 3, 32, 32), theta=torch.zeros(2, 2, 3))
         with pytest.raises(ValueError, match="image batch"):
             term(torch.randn(3, 32, 32))
-    with pytest.raises(ValueError, match="unknown CAM method"):
+    with pytest.raises(ValueError, match="unknown --cam 'gradcamm'; did you mean 'gradcam'"):
         cgc.CGCTerm(model, method="gradcamm")
+    with pytest.raises(ValueError, match="--temperature must be a finite number > 0, got 0"):
+        cgc.CGCTerm(model, temperature=0)
+    with pytest.raises(ValueError, match="baseline without a CGC term"):
+        cgc.CGCTerm(model, kind="ce")
+    with pytest.raises(ValueError, match="unknown setting 'temprature'; did you mean 'temperature'"):
+        cgc.cgc_term(model, torch.randn(2, 3, 32, 32), temprature=0.3)
 
 
 def test_the_model_runs_once_per_term_call(rng):

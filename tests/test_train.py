@@ -11,12 +11,12 @@ import sys
 import pytest
 import torch
 
-from cgc import checkpoint, data, engine, files, runtime, train
-from cgc.config import TrainConfig
+from cgc import CGCLoss, checkpoint, data, engine, files, runtime, train
 from cgc.metrics import topk_correct
+from cgc.train_config import TrainConfig
 
 #: toy runs with the term on from the first step (no gate): one epoch would otherwise never reach it
-TOY = TrainConfig(
+TOY = TrainConfig().replace(
     train_size=96, val_size=40, batch_size=16, image_size=32, num_classes=4, overlays=4, epochs=1, term_gate=0.0
 )
 TOY_FLAGS = ["--train-size", "96", "--val-size", "40", "--batch-size", "16", "--image-size", "32", "--num-classes", "4"]
@@ -78,9 +78,9 @@ def test_config_file_reruns_the_run_bit_for_bit(tmp_path):
     assert weights_equal(a["model"], b["model"])
     again = TrainConfig.load(tmp_path / "b" / "config.yaml")
     assert again == TrainConfig.load(tmp_path / "a" / "config.yaml").replace(out=str(tmp_path / "b"))
-    assert again.seed == 3 and again.train_size == 96
+    assert again.run.seed == 3 and again.data.train_size == 96
     train.main(["--config", str(tmp_path / "a" / "config.yaml"), "--epochs", "2", "--out", str(tmp_path / "c")])
-    assert TrainConfig.load(tmp_path / "c" / "config.yaml").epochs == 2
+    assert TrainConfig.load(tmp_path / "c" / "config.yaml").optim.epochs == 2
 
 
 @pytest.mark.slow
@@ -115,7 +115,7 @@ def test_bf16_autocast_run(tmp_path, monkeypatch):
     """--amp bf16: the step runs under bfloat16 autocast (the model's convolutions see it), the
     CGC loss gets float32 heatmaps, and the run ends with finite losses and its outputs."""
     seen = {"conv": set(), "cams": set()}
-    real_loss = train.CGCLoss.forward
+    real_loss = CGCLoss.forward
 
     def spy_loss(self, cam_orig, cam_aug, theta, **kwargs):
         seen["cams"].add(cam_orig.dtype)
@@ -128,7 +128,7 @@ def test_bf16_autocast_run(tmp_path, monkeypatch):
         seen["conv"].add(out.dtype)
         return out
 
-    monkeypatch.setattr(train.CGCLoss, "forward", spy_loss)
+    monkeypatch.setattr(CGCLoss, "forward", spy_loss)
     monkeypatch.setattr(torch.nn.Conv2d, "forward", spy_conv)
     results = run(tmp_path, amp="bf16")
     assert torch.bfloat16 in seen["conv"] and seen["cams"] == {torch.float32}
@@ -242,7 +242,7 @@ def test_deterministic_runs_repeat_bit_for_bit(tmp_path, monkeypatch):
     assert modes and all(modes)
     assert not torch.are_deterministic_algorithms_enabled()
     a, b = (checkpoint.load(tmp_path / name) for name in ("a", "b"))
-    assert a["config"]["deterministic"]
+    assert checkpoint.config_of(a).run.deterministic
     assert weights_equal(a["model"], b["model"])
 
 
@@ -346,7 +346,7 @@ def test_optimizer_groups_decay_weights_only_and_scale_the_head(tmp_path):
     groups carry --head-lr / --lr; AdamW takes betas (momentum, 0.999)."""
     model = train.models.build_model("compact", 4)
     cfg = TOY.replace(optimizer="sgd", weight_decay=1e-3, lr=0.1, head_lr=0.5)
-    opt = train.build_optimizer(model, cfg)
+    opt = train.build_optimizer(model, cfg.optim, ["fc"])
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
     names = {id(p): n for n, p in model.named_parameters()}
     seen = {}
@@ -363,7 +363,7 @@ def test_optimizer_groups_decay_weights_only_and_scale_the_head(tmp_path):
     for name, (decay, scale) in seen.items():
         assert decay == (1e-3 if name in weights else 0.0), name
         assert scale == (5.0 if name.startswith("fc.") else 1.0), name
-    adamw = train.build_optimizer(model, cfg.replace(optimizer="adamw", momentum=0.8))
+    adamw = train.build_optimizer(model, cfg.replace(optimizer="adamw", momentum=0.8).optim, ["fc"])
     assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["betas"] == (0.8, 0.999)
 
 
@@ -441,7 +441,7 @@ def test_semi_supervised_streams(tmp_path, caplog):
 @pytest.mark.slow
 def test_compact_stride_four_doubles_the_heatmap_resolution(tmp_path):
     run(tmp_path, compact_stride=4)
-    from cgc.models import load_model
+    from cgc.checkpoint import load_model
 
     loaded = load_model(checkpoint_path=tmp_path / "run")
     with torch.no_grad():

@@ -15,7 +15,8 @@ import cgc
 from cgc import GradCAM, find_target_layer
 from cgc.errors import ConfigError, UnsupportedModel
 from cgc.metrics import randomization_steps, randomized_models
-from cgc.structure import TokenMap, describe, layer_layout
+from cgc.models import describe
+from cgc.structure import TokenMap, layer_layout
 
 from .conftest import assert_equals_pytorch_grad_cam
 
@@ -148,7 +149,7 @@ def _assert_no_stem_and_readable(model, layer):
     info = describe(model)
     stems = {"conv1", "stem", "conv_stem", "features.0", "patch_embed", "conv_proj"}
     assert layer not in stems and not any(layer.startswith(s + ".") for s in stems)
-    layout = layer_layout(model, layer)
+    layout = layer_layout(model, layer, info)
     if info is None:
         assert layout.layout == "nchw"
     else:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .files import LayoutError
 from .folders import Listing
+from .image_files import LayoutError
 
 CUB_LAYOUT = """\
   ROOT/ (CUB_200_2011/ or its parent)

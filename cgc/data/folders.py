@@ -16,7 +16,7 @@ from pathlib import Path
 
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
-from .files import LayoutError
+from .image_files import LayoutError
 
 #: share of each class that goes to val when a ``folder`` root is a single tree
 VAL_FRACTION = 0.2

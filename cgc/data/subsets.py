@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .files import NO_LABEL
+from .image_files import NO_LABEL
 
 
 def targets_of(dataset) -> list[int]:

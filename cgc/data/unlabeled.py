@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
-from .files import NO_LABEL, ImageFiles, LayoutError
 from .folders import is_image
+from .image_files import NO_LABEL, ImageFiles, LayoutError
 
 
 def unlabeled_images(root: str | Path, image_size: int, *, strict: bool = False) -> ImageFiles:

@@ -34,7 +34,16 @@ from .randomization import (
 )
 from .robustness import keyed_noise, max_sensitivity
 from .similarity import cosine, spearman, ssim, topk_iou
-from .suite import METRICS, TRAINING_METRICS, EvalBatch, Metric, Settings, explanation_metrics, register_metric, select
+from .suite import (
+    METRICS,
+    TRAINING_METRICS,
+    EvalBatch,
+    Metric,
+    MetricsConfig,
+    explanation_metrics,
+    register_metric,
+    select,
+)
 
 __all__ = [
     "GRANULARITIES",
@@ -43,7 +52,7 @@ __all__ = [
     "TRAINING_METRICS",
     "EvalBatch",
     "Metric",
-    "Settings",
+    "MetricsConfig",
     "auc",
     "box_region",
     "by_max",

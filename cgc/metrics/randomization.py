@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .. import structure, transforms
+from .. import models, structure, transforms
 from .similarity import spearman, ssim
 
 #: an explanation of ``images`` by ``model`` for ``targets``: heatmaps [B,H,W]
@@ -80,7 +80,7 @@ def randomization_steps(
     """``[(name, modules)]``: what each step of the cascade re-initializes, from the head down.
 
     ``stage``: the top-level blocks that have parameters, in reverse order of execution; in a
-    vision transformer (:func:`cgc.structure.describe`) its blocks one by one (a ViT's
+    vision transformer (:func:`cgc.models.describe`) its blocks one by one (a ViT's
     ``blocks``, torchvision's ``encoder.layers``, Swin's stages), after the head and final
     norm and before the patch embedding. Tensors the model or an expanded container holds
     itself (class token, position embedding) are not randomized. The order comes from one
@@ -92,7 +92,7 @@ def randomization_steps(
     if granularity == "module":
         found = [(n, m) for n, m in model.named_modules() if hasattr(m, "reset_parameters")]
         return [(n, [m]) for n, m in reversed(found)]
-    info = structure.describe(model)
+    info = models.describe(model)
     units = _units(model, info.cascade if info is not None else ())
     hw = (input_size, input_size) if input_size else structure.declared_size(model, info) or (224, 224)
     order = [n for n in _execution_order(units, model, hw) if any(True for _ in units[n].parameters())]

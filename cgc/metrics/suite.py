@@ -24,29 +24,66 @@ from .. import data, transforms
 from ..cam import CAM, resize_heatmaps
 from ..errors import UnknownName
 from ..progress import progress
+from ..settings import Settings, area_range, at_least, non_negative, positive, setting
 from ..structure import logits_of
 from .common import box_region, eval_batches, eval_mode, topk_correct
 from .complexity import complexity, sparseness
 from .consistency import consistency
 from .faithfulness import insertion_deletion
 from .localization import center_heatmaps, content_heatmap, off_center, pointing_game
-from .randomization import model_randomization, random_logit, randomization_steps
+from .randomization import GRANULARITIES, model_randomization, random_logit, randomization_steps
 from .robustness import keyed_noise, max_sensitivity
+
+GROUP = "metrics"
 
 
 @dataclass(frozen=True)
-class Settings:
-    """The protocols' parameters (defaults: docs/method.md's and Quantus's, see docs/evaluation.md)."""
+class MetricsConfig(Settings):
+    """The protocols' parameters (defaults: docs/method.md's and Quantus's, see
+    docs/evaluation.md): the settings section of ``python -m cgc.evaluate``'s metrics."""
 
-    seed: int = 12345  # every random draw of the metrics is keyed by it
-    crop_scale: tuple[float, float] = transforms.DEFAULT_SCALE  # consistency crops
-    tolerance: float = 0.0  # pointing game, pixels
-    cam_input_size: int | None = None  # content heatmap / pointing game: resize first (448)
-    pixels_per_step: int | None = None  # insertion / deletion (default H*W / 28)
-    causal_batch: int = 256  # images per forward pass of the perturbation metrics
-    sensitivity_radius: float = 0.2  # max-sensitivity: L-inf radius, normalized input units
-    sensitivity_samples: int = 10  # max-sensitivity: noise samples per image
-    randomization: str = "stage"  # MPRT: "stage" (Adebayo) or "module" (Quantus)
+    GROUPS: ClassVar[tuple[str, ...]] = (GROUP,)
+
+    causal_batch: int = setting(
+        256, "insertion/deletion and max-sensitivity: images per forward pass (bounds memory)", GROUP, check=at_least(1)
+    )
+    pixels_per_step: int | None = setting(
+        None, "insertion/deletion: pixels per step (default: H*W/28, RISE's 224*8 at 224 px)", GROUP, check=at_least(1)
+    )
+    tolerance: float = setting(
+        0.0, "pointing game tolerance in pixels (the original game used 15 at 224 px)", GROUP, check=non_negative
+    )
+    cam_input_size: int | None = setting(
+        None,
+        "content heatmap / pointing game: resize images to this size for the CAM and the heatmap back "
+        "(the ImageNet protocol: 448; default: no resizing)",
+        GROUP,
+        check=at_least(1),
+    )
+    crop_scale: tuple[float, float] = setting(
+        transforms.DEFAULT_SCALE,
+        "consistency: area range of the random crops",
+        GROUP,
+        check=area_range,
+        metavar=("MIN", "MAX"),
+    )
+    sensitivity_radius: float = setting(
+        0.2,
+        "max-sensitivity: uniform noise in [-r, r] per normalized input value (Quantus's default)",
+        GROUP,
+        check=positive,
+    )
+    sensitivity_samples: int = setting(10, "max-sensitivity: noise samples per image", GROUP, check=at_least(1))
+    randomization: str = setting(
+        "stage",
+        "MPRT steps: the model's top-level blocks from the head down (Adebayo et al.), or every module with "
+        "reset_parameters (Quantus)",
+        GROUP,
+        choices=GRANULARITIES,
+    )
+    metric_seed: int = setting(
+        12345, "seed of the metrics' random draws (crops, noise, classes, randomized weights)", GROUP
+    )
 
 
 @dataclass
@@ -58,7 +95,7 @@ class EvalBatch:
     labels: torch.Tensor
     boxes: torch.Tensor | None
     indices: list[int]  # the images' positions in the dataset (their keys)
-    settings: Settings
+    settings: MetricsConfig
     cache: dict = field(default_factory=dict)
 
     def get(self, name: str, make):
@@ -103,7 +140,7 @@ class EvalBatch:
         return self.get("region", lambda: box_region(self.boxes.to(self.x.device).float(), self.size))
 
     def keys(self, purpose: str) -> list[int]:
-        return transforms.sample_keys(self.settings.seed, 0, self.indices, purpose)
+        return transforms.sample_keys(self.settings.metric_seed, 0, self.indices, purpose)
 
 
 class Metric(ABC):
@@ -357,7 +394,7 @@ class MaxSensitivity(Metric):
 
     def update(self, batch):
         s = batch.settings
-        noise = keyed_noise(s.seed, batch.indices, tuple(batch.x.shape[1:]), s.sensitivity_radius)
+        noise = keyed_noise(s.metric_seed, batch.indices, tuple(batch.x.shape[1:]), s.sensitivity_radius)
         worst = max_sensitivity(
             batch.explain, batch.x, batch.predicted, noise, samples=s.sensitivity_samples, batch_size=s.causal_batch
         )
@@ -414,7 +451,7 @@ class ModelRandomization(Metric):
         model = batch.cam.model
         steps = batch.get("mprt_steps", lambda: randomization_steps(model, s.randomization, batch.size[0]))
         self.step_names, rho, sim = model_randomization(
-            model, batch.explain_with, batch.x, batch.predicted, steps, seed=s.seed, original=batch.heatmaps
+            model, batch.explain_with, batch.x, batch.predicted, steps, seed=s.metric_seed, original=batch.heatmaps
         )
         out = self.mean_of(rho)
         for k in range(rho.shape[0]):
@@ -441,14 +478,12 @@ def explanation_metrics(
     device,
     *,
     metrics: list[Metric] | None = None,
-    settings: Settings = Settings(),
+    settings: MetricsConfig = MetricsConfig(),
     batch_size: int = 64,
     limit: int | None = None,
     workers: int = 0,
     desc: str | None = None,
-    rank: int = 0,
-    world_size: int = 1,
-    reduce=None,
+    job=None,
     label_map: torch.Tensor | None = None,
 ) -> dict:
     """Run ``metrics`` (default: every registered one) for the model of ``cam`` over
@@ -456,13 +491,14 @@ def explanation_metrics(
     ``{report key: value}``, None where a metric had nothing to score (the localization
     metrics on a dataset without boxes).
 
-    Process ``rank`` of ``world_size`` measures every ``world_size``-th image; ``reduce``
-    (:meth:`cgc.distributed.Context.sum_values`) sums the totals over the processes, so every
-    process returns the numbers of the whole dataset. Random draws (crops, noise, classes) are
-    keyed by ``settings.seed`` and each image's index: the same for every model and any split.
+    Under torchrun (``job``: the :class:`cgc.distributed.Context`) process ``rank`` of
+    ``world_size`` measures every ``world_size``-th image and the totals are summed over the
+    processes (``job.sum_values``), so every process returns the numbers of the whole dataset. Random draws (crops, noise, classes) are
+    keyed by ``settings.metric_seed`` and each image's index: the same for every model and any split.
     ``label_map`` turns the dataset's labels into the model's class indices (a model trained
     elsewhere, e.g. on ImageNet's 1000 classes).
     """
+    rank, world_size = (job.rank, job.world_size) if job is not None else (0, 1)
     has_boxes = hasattr(dataset, "boxes")
     metrics = select() if metrics is None else metrics
     unscored = [m.name for m in metrics if "boxes" in m.needs and not has_boxes]  # reported as None
@@ -492,8 +528,8 @@ def explanation_metrics(
             for m in metrics:
                 for k, v in m.update(batch).items():
                     totals[f"{m.name}/{k}"] = totals.get(f"{m.name}/{k}", 0.0) + v
-    if reduce is not None and world_size > 1:
-        totals = reduce(totals)
+    if world_size > 1:
+        totals = job.sum_values(totals)
     result = dict.fromkeys(unscored)
     for m in metrics:
         mine = {k.split("/", 1)[1]: v for k, v in totals.items() if k.startswith(m.name + "/")}

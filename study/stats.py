@@ -3,7 +3,7 @@
 Two configurations run on the same seeds share their initialization, data order and crops, so
 their difference on one seed cancels what the seed alone decides; the mean of the per-seed
 differences and its Student-t interval say whether an effect is larger than the seeds' noise
-(an interval that excludes 0). The study (:mod:`cgc.study`) reports every measure that way.
+(an interval that excludes 0). The study (:mod:`study`) reports every measure that way.
 """
 
 from __future__ import annotations

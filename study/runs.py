@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .. import data, metrics, train
-from ..cam import CAM, resize_heatmaps
-from ..models import LoadedModel, load_model
+from cgc import data, metrics, train
+from cgc.cam import CAM, resize_heatmaps
+from cgc.checkpoint import LoadedModel, load_model
+
 from .plan import PlannedRun, identity
 
 #: measured again on every explained run's final weights
@@ -75,13 +76,13 @@ def execute(out: Path, runs: list[PlannedRun], record: dict) -> None:
             continue
         folder = out / "runs" / run.key
         folder.mkdir(parents=True, exist_ok=True)
-        weights = str(out / "runs" / run.after / "last.pt") if run.after else run.config.weights
+        weights = str(out / "runs" / run.after / "last.pt") if run.after else run.config.model.weights
         config = run.config.replace(out=str(folder), weights=weights)
         t0 = time.time()
         with log_to(folder / "train.log"):
             results = train.run(config)
         entry = {"part": run.part, "name": run.name, "seed": run.seed, "identity": same}
-        record["runs"][run.key] = done[same] = entry | {"config": config.to_dict(), "results": results}
+        record["runs"][run.key] = done[same] = entry | {"config": config.flat(), "results": results}
         if run.part in EXPLAINED:
             record["runs"][run.key]["evaluation"] = evaluate_run(folder)
         (out / "study.json").write_text(json.dumps(record, indent=1) + "\n")
@@ -103,7 +104,7 @@ class TrainedRun:
 def open_run(folder: Path):
     """The :class:`TrainedRun` of a run folder's ``last.pt`` (its CAM closed on leaving)."""
     loaded = load_model(checkpoint_path=folder)
-    bundle = data.build_for_run(loaded.train_args, {"train_size": 1})
+    bundle = data.build_for_run(loaded.config.data, loaded.config.run.seed, {"train_size": 1})
     with CAM(loaded.model.eval(), loaded.target_layer, method=loaded.method) as cam:
         yield TrainedRun(loaded, bundle, cam)
 

@@ -8,9 +8,10 @@ difference from the baseline (CE) with its 95 % t-interval over the seeds where 
 
 from __future__ import annotations
 
-from .. import tables
-from ..stats import Interval, mean_interval, paired_difference
+from cgc import tables
+
 from .plan import BASELINES, SEMI
+from .stats import Interval, mean_interval, paired_difference
 
 #: a run whose final top-1 is below this many times chance never left chance
 CHANCE_FACTOR = 2.0
@@ -177,7 +178,7 @@ def markdown(summary: dict) -> str:
     """Markdown tables of every part: accuracy, then explanations (baseline: mean [95 % CI];
     the others: paired difference from it [95 % CI])."""
     lines = [
-        "## python -m cgc.study",
+        "## python -m study",
         "",
         "Every configuration run. Top-1: each seed's, how many runs stayed at chance (final top-1 below",
         "twice chance), the mean [95 % t-interval] and the paired difference from CE on the same seeds",

@@ -1,11 +1,13 @@
-"""``python -m cgc.study``: the runs behind docs/study.md ("Does it work?"), with seeds, paired
-statistics and figures.
+"""``python -m study`` (from the repository's root): the runs behind docs/study.md ("Does it
+work?"), with seeds, paired statistics and figures. The study lives beside the library, not in
+it: ``pip install`` installs ``cgc``, and the study uses it as any user would.
 
 The paper's claims, tested on the built-in dataset with ``python -m cgc.train`` itself, each
-configuration compared with CE on the same seeds (:mod:`cgc.study.plan`):
+configuration compared with CE on the same seeds (:mod:`study.plan`):
 
-1. **tuning**: the term's safeguards, screened against CE on the tuning seeds (data no reported
-   run uses): the default term was chosen here;
+1. **tuning** and **tuning-finetune**: the term's safeguards and its floor, screened against CE
+   on the tuning seeds (data no reported run uses), from scratch and when fine-tuning opens the
+   term at the first step: the default term was chosen here;
 2. **localization**: CE, the default term, the term without safeguards, its temperature and
    weight, and its options (uniform crops, class negatives), on the report seeds;
 3. **placement**: CE vs CGC with the objects near the image center, as in photographs;
@@ -14,8 +16,8 @@ configuration compared with CE on the same seeds (:mod:`cgc.study.plan`):
 5. **transformers**: timm's small test ViT on four shapes: CE, CGC, and CE fine-tuned with the term.
 
 Every run is recorded in ``OUT/study.json`` as it finishes (an interrupted study continues where
-it stopped); at the end ``OUT/tables.md`` (:mod:`cgc.study.report`) and the figures
-(:mod:`cgc.study.figures`). ``--quick`` runs a miniature of every part (CI checks that the study
+it stopped); at the end ``OUT/tables.md`` (:mod:`study.report`) and the figures
+(:mod:`study.figures`). ``--quick`` runs a miniature of every part (CI checks that the study
 runs).
 """
 
@@ -25,7 +27,8 @@ import json
 import sys
 from pathlib import Path
 
-from .. import cli
+from cgc import cli, files
+
 from .figures import coverage_figure, differences_figure, overlay_figure, profile_figure, shots_figure
 from .plan import (
     LOCALIZATION,
@@ -61,7 +64,14 @@ __all__ = [
     "summarize",
 ]
 #: the configurations whose mean heatmap in the objects' box frame is drawn (profiles.png)
-PROFILED = ("ce", "cgc", "cgc, T 0.2", "cgc, uniform crops", "cgc, class negatives K=3")
+PROFILED = (
+    "ce",
+    "cgc",
+    "cgc, no floor",
+    "cgc, T 0.2",
+    "cgc, no floor, uniform crops",
+    "cgc, no floor, class negatives K=3",
+)
 
 
 def figures(out: Path, summary: dict, study: StudyConfig, scale: Scale) -> list[Path]:
@@ -90,7 +100,8 @@ def figures(out: Path, summary: dict, study: StudyConfig, scale: Scale) -> list[
             )
     seed = study.transformer_seeds[0]
     vits = {
-        name: out / "runs" / run_key("transformers", name, seed) for name in ("ce", "cgc", "ce, then cgc fine-tuning")
+        name: out / "runs" / run_key("transformers", name, seed)
+        for name in ("ce", "cgc, no floor", "ce, then cgc fine-tuning, no floor")
     }
     if "transformers" in summary and all(folder.is_dir() for folder in vits.values()):
         names = [f"ViT, {name}" for name in vits]
@@ -99,14 +110,14 @@ def figures(out: Path, summary: dict, study: StudyConfig, scale: Scale) -> list[
 
 
 def main(argv=None) -> dict:
-    """``python -m cgc.study``: see :class:`StudyConfig`."""
+    """``python -m study``: see :class:`StudyConfig`."""
     with cli.exit_on_error():
         study = StudyConfig.parse(argv).validate()
         if study.quick:
             study = study.miniature()
         out = Path(study.out)
         out.mkdir(parents=True, exist_ok=True)
-        study.save(out / "config.yaml")
+        files.write_text_atomic(study.to_yaml(), out / "config.yaml")
         scale = QUICK if study.quick else Scale()
         path = out / "study.json"
         record = json.loads(path.read_text()) if path.is_file() else {"runs": {}}
@@ -115,7 +126,7 @@ def main(argv=None) -> dict:
             print(line, file=sys.stderr)
         runs = planned_runs(scale, parts, study)
         already = sum(r.key in record["runs"] for r in runs)
-        print(f"cgc.study: {len(runs)} runs ({already} already in {path})", file=sys.stderr)
+        print(f"study: {len(runs)} runs ({already} already in {path})", file=sys.stderr)
         execute(out, runs, record)
         summary = summarize(record, [r.key for r in runs])
         record["summary"] = summary

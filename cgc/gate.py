@@ -1,72 +1,17 @@
-"""The learning rate and the CGC weight at every step, as pure functions of the run's position.
-
-A step is identified by ``(epoch, step)`` with ``steps_per_epoch`` steps in an epoch; its
-position in epochs runs from ``t = epoch + step / steps_per_epoch`` (its start) to
-``t + 1 / steps_per_epoch`` (its end). Being functions of the position, the schedules of a
-resumed run are exactly those of an uninterrupted one.
-"""
+"""The CGC term's gate, as plain values: cross-entropy first, the term switched on once the
+training top-1 reaches a threshold (:class:`TermGate`); where a run's gate stands
+(:class:`GateState`, saved in checkpoints); and whether a finished run's term ran at all
+(:class:`TermOutcome`)."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
-
-KINDS = ("cosine", "step", "constant")
-
-
-@dataclasses.dataclass(frozen=True)
-class Schedule:
-    """Learning rate: linear warm-up to ``lr`` over ``warmup_epochs``, then ``kind``:
-
-    - ``cosine``: per step from ``lr`` down to 0 at the end of the last epoch;
-    - ``step``: ``lr`` times ``gamma`` every ``step_epochs`` epochs;
-    - ``constant``: ``lr``.
-
-    The warm-up gives each step the rate of the position it ends at, ``lr * t_end /
-    warmup_epochs``, capped at ``lr``: it rises to ``lr`` and never past it, however few steps
-    an epoch has (a warm-up shorter than one step is no warm-up: the first step gets ``lr``).
-
-    CGC weight: ``lam``, ramped up linearly over ``lambda_warmup_epochs`` (again by the position
-    each step ends at) from the position ``on_at`` where the term was switched on (0: the start
-    of training; None: not yet, the weight is 0: see :class:`TermGate`).
-    """
-
-    lr: float
-    epochs: int
-    kind: str = "cosine"
-    warmup_epochs: float = 0.0
-    step_epochs: int = 30
-    gamma: float = 0.1
-    lam: float = 1.0
-    lambda_warmup_epochs: float = 0.0
-
-    def lr_at(self, epoch: int, step: int, steps_per_epoch: int) -> float:
-        """The learning rate of step ``step`` of epoch ``epoch``."""
-        t = epoch + step / steps_per_epoch
-        if t < self.warmup_epochs:
-            return self.lr * min(1.0, (t + 1 / steps_per_epoch) / self.warmup_epochs)
-        if self.kind == "cosine":
-            span = max(self.epochs - self.warmup_epochs, 1e-8)
-            return 0.5 * self.lr * (1 + math.cos(math.pi * min((t - self.warmup_epochs) / span, 1.0)))
-        if self.kind == "step":
-            return self.lr * self.gamma ** (epoch // self.step_epochs)
-        return self.lr
-
-    def lambda_at(self, epoch: int, step: int, steps_per_epoch: int, on_at: float | None = 0.0) -> float:
-        """The weight of the CGC term in step ``step`` of epoch ``epoch`` when the term was
-        switched on at position ``on_at`` (in epochs; None: it is off)."""
-        if on_at is None:
-            return 0.0
-        if self.lambda_warmup_epochs <= 0:
-            return self.lam
-        t_end = epoch + (step + 1) / steps_per_epoch
-        return self.lam * min(1.0, max(0.0, t_end - on_at) / self.lambda_warmup_epochs)
 
 
 @dataclasses.dataclass(frozen=True)
 class TermGate:
     """Cross-entropy first: the CGC term stays off until the training top-1 reaches
-    ``threshold``, then its weight ramps up (:meth:`Schedule.lambda_at` from that position).
+    ``threshold``, then its weight ramps up (:meth:`Safeguards.weight` from that position).
 
     The top-1 is a moving average of the steps' training accuracy (an exponential one whose
     window is about ``window`` steps), so one lucky batch does not open the gate. A gate, not a
@@ -145,3 +90,14 @@ class TermOutcome:
             "term_gate": self.threshold,
             "term_train_top1": self.top1,
         }
+
+
+@dataclasses.dataclass
+class GateState:
+    """Where a run's gate stands: ``on_at``, the position in epochs where the term was switched
+    on (None: not yet); ``first_step``, the first optimizer step (counted from 1) that ran it;
+    ``top1``, the moving average of the training top-1 that opens it."""
+
+    on_at: float | None = None
+    first_step: int | None = None
+    top1: float | None = None

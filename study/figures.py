@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 
-from .. import viz
-from ..transforms import SAMPLERS, random_crop_flip
+from cgc import viz
+from cgc.transforms import SAMPLERS, random_crop_flip
+
 from .runs import box_geometry, open_run
 
 #: the measures of the localization figure: (key, label)

@@ -1,7 +1,7 @@
 """What the study runs: its parts, their configurations and seeds, and the settings of its
 command line (:class:`StudyConfig`).
 
-Every configuration is written out in full relative to :class:`cgc.config.TrainConfig`'s
+Every configuration is written out in full relative to :class:`cgc.train_config.TrainConfig`'s
 defaults where it names a setting, so a table row means the same run whatever the default
 becomes. Configurations compared in one part run on the same seeds: the same data, the same
 initialization, the same data order and crops (all keyed by the seed), so their differences are
@@ -17,8 +17,8 @@ import json
 import math
 from typing import ClassVar
 
-from ..config import TrainConfig
-from ..settings import Settings, setting
+from cgc.settings import Settings, setting
+from cgc.train_config import TrainConfig
 
 #: the seeds of every reported comparison (data, initialization, order and crops)
 REPORT_SEEDS = tuple(range(10))
@@ -30,9 +30,12 @@ TRANSFORMER_SEEDS = (0, 1, 2)
 #: the seeds of the fine-tuning runs (cheap: 150 steps each)
 FINETUNE_SEEDS = (0, 1, 2)
 
+#: the default before the floor (T 0.5 behind the gate and the label's CAM, no floor): the tuning
+#: seeds showed the term without a floor ill-conditioned where the term opens at the first step
+NO_FLOOR = {"heatmap_floor": 0.0}
 #: the temperature of the study's first configurations: the default until the tuning seeds and
-#: seeds 0-9 showed T 0.5 behind the safeguards closer to the aim (docs/study.md)
-T_BEFORE = {"temperature": 0.2}
+#: seeds 0-9 showed T 0.5 behind the safeguards closer to the aim (docs/study.md); no floor then
+T_BEFORE = {"temperature": 0.2, **NO_FLOOR}
 #: the term without any safeguard: CAMs of the predicted class, no gate, gradients through both sides, no floor
 UNGUARDED = {
     "term_gate": 0.0,
@@ -72,19 +75,20 @@ OPTIONS = {
     "class negatives K=3": {"class_negatives": 3},
     "uniform crops + class negatives K=3": {"crop_sampler": "uniform", "class_negatives": 3},
 }
-#: the default term against CE and the term's options, on the report seeds; then the same at the
-#: temperature the default had before
+#: the default term against CE, on the report seeds; the default before the floor and its options;
+#: then the same at the temperature the default had before that
 LOCALIZATION: dict[str, dict] = {
     "ce": {"loss": "ce"},
     "cgc": {},
-    **{f"cgc, {name}": changes for name, changes in OPTIONS.items()},
+    "cgc, no floor": NO_FLOOR,
+    **{f"cgc, no floor, {name}": {**NO_FLOOR, **changes} for name, changes in OPTIONS.items()},
     "cgc, T 0.2": T_BEFORE,
     **{f"cgc, T 0.2, {name}": {**T_BEFORE, **changes} for name, changes in OPTIONS.items()},
 }
 #: the same comparison with objects near the image center, as in photographs
 PLACEMENT: dict[str, dict] = {
     "ce, centered objects": {"loss": "ce", "placement": "centered"},
-    "cgc, centered objects": {"placement": "centered"},
+    "cgc, no floor, centered objects": {"placement": "centered", **NO_FLOOR},
     "cgc, T 0.2, centered objects": {"placement": "centered", **T_BEFORE},
 }
 #: the semi-supervised comparison (the first two are transfer runs: recorded again, not rerun)
@@ -113,8 +117,8 @@ VIT_FINETUNING = {"lr": 3e-4, "warmup_epochs": 0.0, "term_gate": 0.0, "lambda_wa
 #: names starting with "ce, then"); each CGC run also at the temperature the default had before
 TRANSFORMERS: dict[str, dict] = {
     "ce": {"loss": "ce"},
-    "cgc": {},
-    "ce, then cgc fine-tuning": VIT_FINETUNING,
+    "cgc, no floor": NO_FLOOR,
+    "ce, then cgc fine-tuning, no floor": {**VIT_FINETUNING, **NO_FLOOR},
     "cgc, T 0.2": T_BEFORE,
     "ce, then cgc fine-tuning, T 0.2": {**VIT_FINETUNING, **T_BEFORE},
 }
@@ -159,17 +163,17 @@ QUICK = Scale(
     semi_shots=(2,),
     tuning_shots=(2,),
     tuning=("ce", "cgc, gate 0.5 + label's CAM, T 0.5"),
-    localization=("ce", "cgc", "cgc, T 0.2", "cgc, uniform crops + class negatives K=3"),
-    transformers=("ce", "cgc", "ce, then cgc fine-tuning"),
+    localization=("ce", "cgc", "cgc, T 0.2", "cgc, no floor, uniform crops + class negatives K=3"),
+    transformers=("ce", "cgc, no floor", "ce, then cgc fine-tuning, no floor"),
     vit_epochs=1,
 )
 
 
 @dataclasses.dataclass(frozen=True)
 class StudyConfig(Settings):
-    """What ``python -m cgc.study`` runs (see each field's doc)."""
+    """What ``python -m study`` runs (see each field's doc)."""
 
-    PROG: ClassVar[str] = "python -m cgc.study"
+    PROG: ClassVar[str] = "python -m study"
     DESCRIPTION: ClassVar[str] = "The runs behind docs/study.md, with seeds, tables and figures."
     GROUPS: ClassVar[tuple[str, ...]] = ("study",)
 
@@ -232,7 +236,7 @@ def runnable_parts(parts) -> tuple[list[str], list[str]]:
         package = PART_NEEDS.get(part)
         if package is not None and importlib.util.find_spec(package) is None:
             skipped.append(
-                f"cgc.study: the {part} part is skipped: it needs the optional package {package!r} (pip install {package})"
+                f"study: the {part} part is skipped: it needs the optional package {package!r} (pip install {package})"
             )
         else:
             kept.append(part)
@@ -272,7 +276,7 @@ def _configuration_of(run: PlannedRun) -> str:
 
 
 def _all_runs(scale: Scale, parts, study: StudyConfig) -> list[PlannedRun]:
-    base = TrainConfig(
+    base = TrainConfig().replace(
         train_size=scale.train_size, val_size=scale.val_size, image_size=scale.image_size, epochs=scale.epochs
     )
     runs: list[PlannedRun] = []
@@ -361,12 +365,15 @@ def _finetune_runs(part: str, base: TrainConfig, scale: Scale, shots, variants: 
 
 #: settings added after study folders were recorded, with the value that does what runs
 #: without them did: left out of a run's identity at that value, so those runs are not redone
-ADDED_LATER = {"grad_bound": 0.0, "heatmap_floor": 0.0}
+ADDED_LATER = {"grad_bound": 0.0, "heatmap_floor": 0.0, "crop_ratio": [0.75, 4 / 3], "flip_p": 0.5}
 
 
 def identity(config: TrainConfig, after: str | None = None) -> str:
     """What makes two planned runs the same run (everything but where they write)."""
-    values = config.to_dict()
+    values = config.flat()
+    for name, (_, field, _) in TrainConfig.leaves().items():
+        for old in field.metadata["aliases"][:1]:  # the name recorded runs knew it by
+            values[old] = values.pop(name)
     for where in ("out", "weights"):
         values.pop(where)
     for name, neutral in ADDED_LATER.items():
