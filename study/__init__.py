@@ -16,7 +16,8 @@ configuration compared with CE on the same seeds (:mod:`study.plan`):
 5. **transformers**: timm's small test ViT on four shapes: CE, CGC, and CE fine-tuned with the term.
 
 Every run is recorded in ``OUT/study.json`` as it finishes (an interrupted study continues where
-it stopped); at the end ``OUT/tables.md`` (:mod:`study.report`) and the figures
+it stopped); at the end ``OUT/record.json`` (every number of every run of this command, small:
+what ``docs/study/*.json`` keep), ``OUT/tables.md`` (:mod:`study.report`) and the figures
 (:mod:`study.figures`). ``--quick`` runs a miniature of every part (CI checks that the study
 runs).
 """
@@ -44,7 +45,7 @@ from .plan import (
     runnable_parts,
 )
 from .report import TITLES, markdown, summarize
-from .runs import box_geometry, evaluate_run, execute, open_run
+from .runs import box_geometry, compact, evaluate_run, execute, open_run
 
 __all__ = [
     "LOCALIZATION",
@@ -131,6 +132,9 @@ def main(argv=None) -> dict:
         summary = summarize(record, [r.key for r in runs])
         record["summary"] = summary
         path.write_text(json.dumps(record, indent=1) + "\n")
+        planned = {r.key for r in runs}
+        kept = {"runs": {k: v for k, v in record["runs"].items() if k in planned}}
+        (out / "record.json").write_text(json.dumps(compact(kept), indent=1, sort_keys=True) + "\n")
         (out / "tables.md").write_text(markdown(summary) + "\n")
         written = figures(out, summary, study, scale)
         print(markdown(summary))

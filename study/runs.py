@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from cgc import data, metrics, train
 from cgc.cam import CAM, resize_heatmaps
 from cgc.checkpoint import LoadedModel, load_model
+from cgc.train_config import TrainConfig
 
 from .plan import PlannedRun, identity
 
@@ -88,6 +89,34 @@ def execute(out: Path, runs: list[PlannedRun], record: dict) -> None:
         (out / "study.json").write_text(json.dumps(record, indent=1) + "\n")
         shown = ", ".join(f"{k} {results[k]:.3f}" for k in SHOWN if isinstance(results.get(k), float))
         print(f"[{i}/{len(runs)}] {run.key}: {shown} ({time.time() - t0:.0f} s)", flush=True)
+
+
+def compact(record: dict) -> dict:
+    """``record`` (study.json) as the repository keeps it (``docs/study/*.json``): every run's
+    part, name, seed, the settings that differ from today's defaults (and the class count), and
+    every number of its results and of its explanations measured again; no curves or profiles.
+    :func:`study.report.summarize` recomputes every table from it."""
+    defaults = TrainConfig().flat()
+
+    def numbers(values: dict) -> dict:
+        return {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+    def settings(config: dict) -> dict:
+        kept = ("classes", "num_classes")
+        return {k: v for k, v in config.items() if k in kept or (k in defaults and defaults[k] != v and k != "out")}
+
+    runs = {
+        key: {
+            "part": run["part"],
+            "name": run["name"],
+            "seed": run["seed"],
+            "config": settings(run["config"]),
+            "results": numbers(run["results"]),
+            "evaluation": numbers(run.get("evaluation", {})),
+        }
+        for key, run in sorted(record["runs"].items())
+    }
+    return {"runs": runs}
 
 
 @dataclasses.dataclass

@@ -124,10 +124,12 @@ def test_hf_lambda_zero_is_the_plain_trainer_bit_for_bit(tmp_path):
 
 @HF
 def test_hf_gradient_accumulation_divides_as_the_trainer_does(tmp_path):
-    """Two micro-batches of 8 give the step of one batch of 16 (the MSE term: no negatives, so
-    the micro-batches' terms add up to the whole batch's)."""
-    whole = run(tmp_path, "whole", "hf", "--loss", "mse", "--batch", "16", "--steps", "2")
-    accumulated = run(tmp_path, "acc", "hf", "--loss", "mse", "--batch", "8", "--ga", "2", "--steps", "2")
+    """Two micro-batches of 8 give the step of one batch of 16 (the MSE term without the floor:
+    no negatives and no batch mean, so the micro-batches' terms add up to the whole batch's; the
+    floor's unit is each micro-batch's mean heatmap)."""
+    flags = ("--loss", "mse", "--floor", "0", "--steps", "2")
+    whole = run(tmp_path, "whole", "hf", *flags, "--batch", "16")
+    accumulated = run(tmp_path, "acc", "hf", *flags, "--batch", "8", "--ga", "2")
     close(whole["weights"], accumulated["weights"])
 
 

@@ -80,7 +80,7 @@ def run_hf(args) -> dict:
     else:
         term = dict(
             cgc_lambda=args.lam, cgc_loss=args.loss, cgc_term_gate=args.gate, cgc_lambda_warmup_epochs=args.ramp,
-            cgc_negatives=args.negatives, cgc_cam_target="label",
+            cgc_negatives=args.negatives, cgc_cam_target="label", cgc_heatmap_floor=args.floor,
         )  # fmt: skip
         trainer = CGCTrainer(model=model, args=CGCTrainingArguments(**common, **term), train_dataset=dataset)
     trainer.train(resume_from_checkpoint=args.resume)
@@ -99,7 +99,7 @@ def run_lightning(args) -> dict:
     net = CompactCNN(CLASSES, norm="group")
     module = CGCClassifier(
         net, lr=1e-3, lam=args.lam, loss=args.loss, term_gate=args.gate, lambda_warmup_epochs=args.ramp,
-        negatives=args.negatives, seed=args.seed, cam_target="label",
+        negatives=args.negatives, seed=args.seed, cam_target="label", heatmap_floor=args.floor,
     )  # fmt: skip
     dataset = Images(args.images, args.seed, as_dict=False)
 
@@ -138,6 +138,7 @@ def main(argv=None) -> None:
     p.add_argument("--lam", type=float, default=1.0)
     p.add_argument("--loss", default="cgc")
     p.add_argument("--gate", type=float, default=0.0)
+    p.add_argument("--floor", type=float, default=1.0)
     p.add_argument("--ramp", type=float, default=0.0)
     p.add_argument("--negatives", default="global")
     p.add_argument("--steps", type=int, default=4)

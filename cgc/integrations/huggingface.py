@@ -124,10 +124,14 @@ class _CGCCallback(TrainerCallback):
     def __init__(self, trainer: CGCTrainer):
         self.trainer = trainer
 
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        if train_dataloader is not None and hasattr(train_dataloader, "__len__"):
+            self.trainer._per_epoch = max(len(train_dataloader) // args.gradient_accumulation_steps, 1)
+
     def on_step_end(self, args, state, control, **kwargs):
         step = self.trainer.cgc
         if step is not None:
-            step.end_step(self.trainer.position(state.global_step), state.global_step)
+            step.end_step(state.global_step, self.trainer.steps_per_epoch())
 
     def on_save(self, args, state, control, **kwargs):
         step = self.trainer.cgc
@@ -152,7 +156,7 @@ class CGCTrainer(Trainer):
                 "CGCTrainer takes CGCTrainingArguments (TrainingArguments with the term's cgc_* settings)"
             )
         config = self.args.term_config()
-        self._per_epoch: int | None = None
+        self._per_epoch: float | None = None
         self.cgc = CGCStep(config, negatives=self.args.cgc_negatives, seed=self.args.seed) if config.lam > 0 else None
         if self.cgc is not None:
             self._refuse(config)
@@ -172,20 +176,19 @@ class CGCTrainer(Trainer):
                 f"{sorted(first)}: give them labels, or set cgc_cam_target 'predicted'"
             )
 
-    def position(self, step: int) -> float:
-        """Where optimizer step ``step`` (counted from 1) ends, in epochs: an epoch has the
-        training loader's batches over the accumulation steps, as the ``Trainer`` counts them."""
+    def steps_per_epoch(self) -> float:
+        """Optimizer steps in an epoch, as the ``Trainer`` counts them: the training loader's
+        batches over the accumulation steps (read when training begins; without a sized loader,
+        the planned steps over the planned epochs)."""
         if self._per_epoch is None:
-            batches = len(self.get_train_dataloader())
-            self._per_epoch = max(batches // self.args.gradient_accumulation_steps, 1)
-        return position(step, self._per_epoch)
+            state = self.state
+            self._per_epoch = state.max_steps / max(state.num_train_epochs, 1) if state.max_steps else 1.0
+        return self._per_epoch
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        lam = (
-            0.0
-            if self.cgc is None or not model.training
-            else self.cgc.guard.weight(self.position(self.state.global_step + 1))
-        )
+        step = self.state.global_step + 1
+        training = self.cgc is not None and model.training
+        lam = self.cgc.guard.weight(position(step, self.steps_per_epoch())) if training else 0.0
         if lam == 0:
             loss, outputs = super().compute_loss(
                 model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
@@ -194,7 +197,7 @@ class CGCTrainer(Trainer):
                 self.cgc.count(logits_of(outputs), inputs.get("labels"))
             return (loss, outputs) if return_outputs else loss
         labels = inputs["labels"]
-        out = self.cgc.term(model, inputs["pixel_values"], labels, self.state.global_step + 1)
+        out = self.cgc.term(model, inputs["pixel_values"], labels, step)
         loss = self._loss(out, labels, lam, num_items_in_batch)
         self.cgc.count(out.logits, labels)
         return (loss, {"logits": out.logits}) if return_outputs else loss

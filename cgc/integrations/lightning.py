@@ -82,7 +82,7 @@ class CGCClassifier(L.LightningModule):
         callback saves a checkpoint after the batch)."""
         super().optimizer_step(*args, **kwargs)
         if self.cgc is not None:
-            self.cgc.end_step(self.global_step / self.steps_per_epoch(), self.global_step)
+            self.cgc.end_step(self.global_step, self.steps_per_epoch())
 
     def validation_step(self, batch, batch_idx):
         images, labels = batch

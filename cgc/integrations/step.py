@@ -152,8 +152,8 @@ class CGCStep:
             total, n = self._logged.get(key, 0.0), self._logged.get(key + "/n", 0.0)
             self._logged[key], self._logged[key + "/n"] = total + value, n + 1
 
-    def end_step(self, position: float, step: int) -> None:
-        """After optimizer step ``step`` (counted from 1), which ended at ``position`` in epochs:
+    def end_step(self, step: int, per_epoch: float) -> None:
+        """After optimizer step ``step`` (counted from 1; an epoch has ``per_epoch`` of them):
         the step's training top-1 over every process opens the gate once it is high enough."""
         counts = torch.tensor([self._correct, self._count], dtype=torch.float64)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -164,7 +164,7 @@ class CGCStep:
         self._correct = self._count = 0.0
         self._micro = 0
         if count:
-            self.guard.observe(correct / count, position, step)
+            self.guard.observe(correct / count, position(step, per_epoch), step)
 
     def logs(self) -> dict[str, float]:
         """The means since the last call, over every process (each must call it), of the term
