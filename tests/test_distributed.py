@@ -127,7 +127,7 @@ def step_one_terms(batch_rows: list[list[int]]) -> list[float]:
     model = build_model("compact", 3, norm="group")
     first = next(iter(distributed.GlobalBatchSampler(64, 8, seed=0, epoch=0)))
     values = []
-    with CGCTerm(model, loss=CGCLoss(TOY.term.temperature, None)) as term:
+    with CGCTerm(model, loss=CGCLoss(TOY.term.temperature, None, floor=TOY.term.heatmap_floor)) as term:
         for rows in batch_rows:
             idx = [first[r] for r in rows]
             x = data.normalize(bundle.train.images[idx])
