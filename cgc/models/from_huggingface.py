@@ -206,13 +206,13 @@ def fit_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, tor
     which older transformers versions save, are the model's own)."""
     own = model.state_dict()
     config = model.config
-    grid = tuple(s // p for s, p in zip(size_pair(config.image_size), size_pair(config.patch_size)))
     fitted = dict(state)
     for key, value in state.items():
         want = own.get(key)
         if want is None or want.shape == value.shape:
             continue
-        if key.endswith("position_embeddings") and value.dim() == 3:
+        if key.endswith("position_embeddings") and value.dim() == 3:  # a ViT's: a patch grid, a CNN has none
+            grid = tuple(s // p for s, p in zip(size_pair(config.image_size), size_pair(config.patch_size)))
             fitted[key] = resize_positions(value, want.shape[1] - grid[0] * grid[1], grid)
         elif key.endswith("patch_embeddings.projection.weight"):
             fitted[key] = resample_patch_kernel(value, tuple(want.shape[-2:]))
