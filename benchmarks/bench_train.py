@@ -169,7 +169,7 @@ OPTIONS = {
     "detached target": dict(detach_target=True),
     "label's CAM + detached target": dict(cam_target="label", detach_target=True),
     "gradient bound 1": dict(grad_bound=1.0),
-    "heatmap floor 1": dict(heatmap_floor=1.0),
+    "no floor": dict(heatmap_floor=0.0),
 }
 
 

@@ -2,9 +2,8 @@
 
     python examples/hf_trainer.py --model runs/vit-base-shapes/hf_model --out runs/hf-cgc
 
-``--model``: a ``save_pretrained`` folder (docs/integrations.md pretrains one on six shapes with
-``python -m cgc.train``). It is fine-tuned on six other shapes from ``--per-class`` images each;
-``--lambda 0`` is the plain Trainer. Needs ``pip install "cgc[hf]"``.
+``--model``: a ``save_pretrained`` folder (docs/integrations.md pretrains one on six shapes),
+fine-tuned on six others. ``--lambda 0`` is the plain Trainer. Needs ``pip install "cgc[hf]"``.
 """
 
 import argparse
@@ -18,16 +17,9 @@ from cgc.integrations.huggingface import CGCTrainer, CGCTrainingArguments
 SHAPES = ("star", "tee", "crescent", "cross", "semicircle", "hexagon")
 
 
-class Shapes(torch.utils.data.Dataset):
-    def __init__(self, split):
-        self.split = split
-
-    def __len__(self):
-        return len(self.split)
-
-    def __getitem__(self, i):
-        image, label = self.split[i]
-        return {"pixel_values": data.normalize(image[None])[0], "labels": label}
+def as_dicts(split):  # the batches an image classifier takes: pixel_values and labels
+    pairs = (split[i] for i in range(len(split)))
+    return [{"pixel_values": data.normalize(x[None])[0], "labels": y} for x, y in pairs]
 
 
 def main(argv=None):
@@ -35,21 +27,25 @@ def main(argv=None):
     p.add_argument("--model", required=True, help="a save_pretrained folder")
     p.add_argument("--out", default="runs/hf-cgc")
     p.add_argument("--lambda", dest="lam", type=float, default=1.0, help="weight of the CGC term (0: plain Trainer)")
-    p.add_argument("--per-class", type=int, default=20)
-    p.add_argument("--epochs", type=float, default=20)
+    p.add_argument("--per-class", type=int, default=100)
+    p.add_argument("--epochs", type=float, default=10)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--val-size", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    bundle = data.build("synthetic", seed=a.seed, image_size=64, train_size=3000, val_size=600, classes=list(SHAPES))
+    bundle = data.build(
+        "synthetic", seed=a.seed, image_size=64, train_size=3000, val_size=a.val_size, classes=list(SHAPES)
+    )
     train = data.limit(bundle.train, per_class=a.per_class, seed=a.seed)
     model = AutoModelForImageClassification.from_pretrained(
         a.model, num_labels=len(SHAPES), ignore_mismatched_sizes=True
     )
     args = CGCTrainingArguments(
-        output_dir=a.out, num_train_epochs=a.epochs, per_device_train_batch_size=30, learning_rate=3e-4,
+        output_dir=a.out, num_train_epochs=a.epochs, per_device_train_batch_size=30, learning_rate=a.lr,
         seed=a.seed, use_cpu=not torch.cuda.is_available(), report_to=[], save_strategy="no", logging_steps=10,
-        cgc_lambda=a.lam, cgc_term_gate=0.0, cgc_lambda_warmup_epochs=0.0, cgc_heatmap_floor=1.0,
+        cgc_lambda=a.lam,  # every other cgc_* setting: the command line's default
     )  # fmt: skip
-    trainer = CGCTrainer(model=model, args=args, train_dataset=Shapes(train), eval_dataset=Shapes(bundle.val))
+    trainer = CGCTrainer(model=model, args=args, train_dataset=as_dicts(train))
     trainer.train()
     with CAM(model.eval()) as cam:
         chosen = metrics.select(["top1", "consistency", "consistency_iou", "content_heatmap"])

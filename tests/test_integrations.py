@@ -181,6 +181,9 @@ def test_hf_bad_input_is_refused_before_training(tmp_path):
         CGCTrainer(model=trainer_runs.tiny_vit(0), args=args, train_dataset=unlabeled)
     with pytest.raises(ConfigError, match="takes CGCTrainingArguments"):
         CGCTrainer(model=trainer_runs.tiny_vit(0), args=Trainer(model=nn.Linear(1, 1)).args, train_dataset=dataset)
+    sharded = CGCTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], fsdp=True)
+    with pytest.raises(ConfigError, match="does not run under FSDP"):
+        CGCTrainer(model=trainer_runs.tiny_vit(0), args=sharded, train_dataset=dataset)
 
 
 # ----------------------------------------------------------------------------- Lightning
@@ -246,3 +249,35 @@ def test_lightning_two_processes_train_the_model_one_process_trains(tmp_path):
 def test_lightning_bf16(tmp_path):
     out = run(tmp_path, "bf16", "lightning", "--steps", "2", "--bf16")
     assert all(torch.isfinite(v).all() for v in out["weights"].values()) and out["logs"]["cgc_loss"] > 0
+
+
+# ----------------------------------------------------------------------------- the examples
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def run_example(*args: str) -> str:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@HF
+@pytest.mark.slow  # a fresh Python process with transformers and a short fine-tune
+def test_the_trainer_example_runs_as_written(tmp_path):
+    import transformers
+
+    config = transformers.ViTConfig(image_size=64, patch_size=16, hidden_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2, intermediate_size=64, num_labels=6)  # fmt: skip
+    transformers.ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
+    out = run_example(str(EXAMPLES / "hf_trainer.py"), "--model", str(tmp_path / "vit"), "--out", str(tmp_path / "run"),
+                      "--per-class", "2", "--epochs", "2", "--val-size", "24")  # fmt: skip
+    assert "'consistency_iou'" in out and "term:" in out
+
+
+@LIGHTNING
+@pytest.mark.slow  # a fresh Python process with Lightning and an epoch of the compact model
+def test_the_lightning_example_runs_as_written():
+    out = run_example(str(EXAMPLES / "lightning_classifier.py"), "--epochs", "1")
+    assert "'consistency_iou'" in out and "term:" in out

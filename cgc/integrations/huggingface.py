@@ -149,25 +149,27 @@ class CGCTrainer(Trainer):
     Bad input is refused before training starts: a model without a CAM layer cgc can find, a
     dataset without labels while the CAMs explain the labels, FSDP or DeepSpeed."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if not isinstance(self.args, CGCTrainingArguments):
+    def __init__(self, model=None, args=None, *rest, **kwargs):
+        if not isinstance(args, CGCTrainingArguments):
             raise ConfigError(
                 "CGCTrainer takes CGCTrainingArguments (TrainingArguments with the term's cgc_* settings)"
             )
-        config = self.args.term_config()
+        config = args.term_config()
+        if config.lam > 0:  # before the Trainer's own checks, which would name something else
+            if args.fsdp:
+                raise ConfigError("the CGC term does not run under FSDP (sharded parameters): use DDP (torchrun)")
+            if args.deepspeed:
+                raise ConfigError("the CGC term does not run under DeepSpeed: use DDP (torchrun)")
+        super().__init__(model, args, *rest, **kwargs)
         self._per_epoch: float | None = None
-        self.cgc = CGCStep(config, negatives=self.args.cgc_negatives, seed=self.args.seed) if config.lam > 0 else None
+        self.cgc = CGCStep(config, negatives=args.cgc_negatives, seed=args.seed) if config.lam > 0 else None
         if self.cgc is not None:
-            self._refuse(config)
+            self._check(config)
             self.add_callback(_CGCCallback(self))
 
-    def _refuse(self, config: TermConfig) -> None:
-        if self.args.fsdp or (getattr(self.args, "fsdp_config", None) and self.args.fsdp_config.get("fsdp_version")):
-            raise ConfigError("the CGC term does not run under FSDP (sharded parameters): use DDP (torchrun)")
-        if self.args.deepspeed:
-            raise ConfigError("the CGC term does not run under DeepSpeed: use DDP (torchrun)")
-        with CAM(self.model, config.target_layer, method=config.cam):  # a CAM layer cgc can find, or an error
+    def _check(self, config: TermConfig) -> None:
+        """A CAM layer cgc can find, and labels where the CAMs explain them, or an error."""
+        with CAM(self.model, config.target_layer, method=config.cam):
             pass
         first = self.train_dataset[0] if self.train_dataset is not None and len(self.train_dataset) else None
         if config.cam_target == "label" and isinstance(first, dict) and not {"labels", "label"} & set(first):
