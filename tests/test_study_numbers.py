@@ -34,10 +34,10 @@ def by_seed(s: dict) -> str:
     return " / ".join(f"{v:.1f}" for v in s["top1_by_seed"].values())
 
 
-def table_rows(heading: str, first_column: str) -> dict[str, list[str]]:
-    """``{row label: cells}`` of the Markdown table under ``heading`` in docs/study.md whose
-    header starts with ``first_column``."""
-    text = STUDY[STUDY.index(heading) :]
+def rows_of(text: str, heading: str, first_column: str) -> dict[str, list[str]]:
+    """``{row label: cells}`` of the Markdown table under ``heading`` in ``text`` whose header
+    starts with ``first_column``."""
+    text = text[text.index(heading) :]
     text = text[text.index(f"| {first_column} |") :]
     rows = {}
     for line in text.splitlines()[2:]:
@@ -46,6 +46,10 @@ def table_rows(heading: str, first_column: str) -> dict[str, list[str]]:
         cells = [c.strip() for c in line.strip("|").split("|")]
         rows[cells[0]] = cells[1:]
     return rows
+
+
+def table_rows(heading: str, first_column: str) -> dict[str, list[str]]:
+    return rows_of(STUDY, heading, first_column)
 
 
 #: (row label in docs/study.md, configuration in the record)
@@ -101,3 +105,56 @@ def test_every_record_is_small_text_with_every_measure(record):
     runs = json.loads(path.read_text())["runs"]
     assert runs and all({"part", "name", "seed", "config", "results", "evaluation"} <= set(r) for r in runs.values())
     assert all("val_top1" in r["results"] for r in runs.values())
+
+
+README = (ROOT / "README.md").read_text()
+#: (row label in README's "Does it work?" table, measure, digits)
+README_ROWS = (
+    ("val top-1 (%)", "val_top1", 1),
+    ("consistency under crops/flips (top-20 % IoU) ↑", "consistency_iou", 3),
+    ("consistency (cosine) ↑", "consistency", 3),
+    ("content heatmap, energy in the box (%) ↑", "content_heatmap", 1),
+    ("pointing game (%) ↑", "pointing_game", 1),
+    ("pointing game, objects away from the center (%) ↑", "pointing_game_off_center", 1),
+    ("class-specificity (1 − cos, label vs runner-up) ↑", "class_specificity", 3),
+    ("random logit (SSIM) ↓", "random_logit", 3),
+)
+#: (row label in docs/study.md section 3's table, measure, digits)
+STUDY_ROWS = (
+    ("top-1 (%) ↑", "val_top1", 1),
+    ("consistency (cosine) ↑", "consistency", 3),
+    ("consistency (top-20 % IoU) ↑", "consistency_iou", 3),
+    ("content heatmap (%) ↑", "content_heatmap", 1),
+    ("pointing game (%) ↑", "pointing_game", 1),
+    ("pointing game, off-center objects (%) ↑", "pointing_game_off_center", 1),
+    ("class-specificity (1 − cos) ↑", "class_specificity", 3),
+    ("random logit (SSIM) ↓", "random_logit", 3),
+    ("MPRT (Spearman) ↓", "mprt", 3),
+    ("sparseness (Gini) ↑", "sparseness", 3),
+)
+
+
+def test_readme_does_it_work_is_the_record():
+    """README's table of the default against CE, every cell recomputed from seeds 0-9's runs."""
+    s = summary_of("report.json")["localization"]
+    ce, cgc = s["ce"], s["cgc"]
+    rows = rows_of(README, "## Does it work?", "measure")
+    assert len(rows) == len(README_ROWS)
+    for label, key, digits in README_ROWS:
+        mean, difference = rows[label][0], rows[label][1].replace("**", "")
+        assert mean == f"{ce['mean'][key]['mean']:.{digits}f}", label
+        want = cell(cgc["vs_baseline"][key], digits)
+        if key == "val_top1":
+            want += f"; worst seed {worst(cgc)}"
+        assert difference == want, label
+    assert f"{len(cgc['at_chance'])} of {len(cgc['top1_by_seed'])}" in README or not cgc["at_chance"]
+
+
+def test_study_section_3_is_the_record():
+    s = summary_of("report.json")["localization"]
+    ce, cgc = s["ce"], s["cgc"]
+    rows = rows_of(STUDY, "## 3. Explanations", "measure")
+    for label, key, digits in STUDY_ROWS:
+        assert rows[label] == [cell(ce["mean"][key], digits, sign=False), cell(cgc["vs_baseline"][key], digits)], label
+    assert f"CE: top-1 by seed (0, 1, 2, 3, 4, 5, 6, 7, 8, 9): {by_seed(ce)}" in STUDY
+    assert f"default CGC: top-1 by seed (0, 1, 2, 3, 4, 5, 6, 7, 8, 9): {by_seed(cgc)}" in STUDY
